@@ -1,0 +1,72 @@
+"""Typed job configuration: `load_job(path, overrides)` returns a validated `Job` or raises `ConfigError`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdray.config.loading import apply_overrides, build, flatten, parse_override, read_yaml, to_dict
+from kdray.config.schema import (
+    DataConfig,
+    Job,
+    LossConfig,
+    LossesConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TeacherConfig,
+    TrackingConfig,
+)
+from kdray.config.validation import validate
+
+__all__ = [
+    "DataConfig", "Job", "LossConfig", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig",
+    "TeacherConfig", "TrackingConfig", "apply_overrides", "build", "flatten", "job_from_dict", "job_hash",
+    "load_job", "parse_override", "read_yaml", "to_dict", "to_yaml", "validate",
+]
+
+# Paths a job names are resolved against the directory the command runs in, once, at load: Ray moves the
+# workers' working directory, so a relative path would mean something else there.
+_PATH_KEYS = (
+    ("data", "root"), ("teacher", "checkpoint"), ("teacher", "backbone_weights"),
+    ("student", "backbone_weights"), ("run", "output_dir"),
+)
+
+
+def job_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] = (), base: Path | None = None) -> Job:
+    """Build, resolve paths and validate a job from plain data plus `key=value` overrides."""
+    if not isinstance(overrides, dict):
+        overrides = dict(parse_override(o) for o in overrides)
+    job = build(Job, apply_overrides(data, overrides))
+    base = base or Path.cwd()
+    for section, key in _PATH_KEYS:
+        node = getattr(job, section)
+        value = getattr(node, key)
+        if value is not None and not Path(value).expanduser().is_absolute():
+            setattr(node, key, str((base / Path(value).expanduser()).resolve()))
+    return validate(job)
+
+
+def load_job(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Job:
+    """Read the YAML job at `path`, apply `key.sub=value` overrides, validate; ConfigError on any problem."""
+    data = read_yaml(path)
+    data.setdefault("name", Path(path).stem)
+    return job_from_dict(data, overrides)
+
+
+def to_yaml(job: Job) -> str:
+    return yaml.safe_dump(to_dict(job), sort_keys=False)
+
+
+# Keys that change where results go or how often they are printed, not what is trained.
+_NOT_HASHED = ("tracking", "run.output_dir", "optim.log_interval", "data.loader_workers")
+
+
+def job_hash(job: Job) -> str:
+    """A short digest of everything that determines the trained weights (a resume must match it)."""
+    flat = {k: v for k, v in flatten(to_dict(job)).items() if not any(k.startswith(p) for p in _NOT_HASHED)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,200 @@
+"""The job: what one distillation (or teacher) run trains, as typed dataclasses.
+
+Every field has the default of the published recipe (CIRKD / I2CKD, see shared/kd-losses.md) unless a comment
+says otherwise. The loss sections' option names are the constructor arguments of the loss modules in
+`kdray.losses`, so `losses.kd.temperature=4` reaches `PixelwiseKD(temperature=4)` unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DATASETS = ("synthetic",)
+
+
+@dataclass
+class NormalizeConfig:
+    """Input normalisation; part of the job so a teacher trained elsewhere sees the inputs it was trained on."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, on the 0..1 pixel scale
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    order: Literal["rgb", "bgr"] = "rgb"
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural dataset (kdray.data.synthetic); only read when `data.dataset` is synthetic."""
+
+    image_size: int = 64
+    train_length: int = 4096
+    val_length: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic"] = "synthetic"
+    root: str | None = None
+    num_classes: int = 8
+    ignore_index: int = 255
+    crop: tuple[int, int] = (64, 64)  # (height, width) of the training crop
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    batch_size: int = 16  # global batch: split evenly across run.workers
+    eval_batch_size: int = 1  # per worker; the papers evaluate whole images one at a time
+    loader_workers: int = 0  # DataLoader processes per training worker
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deeplabv3_resnet18"
+    width: float = 1.0  # channel multiplier; < 1 gives the small CPU variants of the same architecture
+    aux: bool = True  # auxiliary FCN head on layer3 (used by CE's aux term)
+    backbone_weights: str | None = None  # ImageNet backbone file; never downloaded
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "deeplabv3_resnet101"
+    width: float = 1.0
+    checkpoint: str | None = None  # trained teacher weights; `python -m kdray.teacher` writes here
+    backbone_weights: str | None = None  # only for training the teacher
+    iterations: int | None = None  # teacher training length; None: optim.iterations
+
+
+@dataclass
+class LossConfig:
+    enabled: bool = False
+    weight: float = 1.0
+
+
+@dataclass
+class CrossEntropyConfig(LossConfig):
+    enabled: bool = True
+    aux_weight: float = 0.4
+
+
+@dataclass
+class KDConfig(LossConfig):
+    temperature: float = 1.0
+    reduction: Literal["pixel_mean", "element_mean"] = "pixel_mean"
+    mask_ignore: bool = False
+
+
+@dataclass
+class CWDConfig(LossConfig):
+    weight: float = 3.0
+    temperature: float = 4.0
+    on: Literal["logits", "features", "both"] = "logits"
+    feature_scale: float = 50.0 / 3.0  # at weight 3 the feature term carries the published 50
+
+
+@dataclass
+class ACEConfig(LossConfig):
+    rule: Literal["replace", "average"] = "replace"
+    temperature: float = 1.0
+
+
+@dataclass
+class PairwiseConfig(LossConfig):
+    weight: float = 10.0
+    patch: int = 2
+
+
+@dataclass
+class AdversarialConfig(LossConfig):
+    weight: float = 0.001  # the student's adversarial term
+    conditioning: Literal["logits", "logits+image"] = "logits"
+    objective: Literal["hinge", "wgan_gp"] = "hinge"
+    d_weight: float = 0.1
+    gp_weight: float = 10.0
+    d_lr: float = 4e-4
+    d_betas: tuple[float, float] = (0.9, 0.99)
+
+
+@dataclass
+class IFVDConfig(LossConfig):
+    weight: float = 20.0
+
+
+@dataclass
+class CSCConfig(LossConfig):
+    weight: float = 10.0
+    patch: int = 2
+    gamma: float = 1.0
+
+
+@dataclass
+class I2CKDConfig(LossConfig):
+    margin: float = 0.5
+    scope: Literal["batch", "image"] = "batch"
+    negatives: Literal["student", "teacher"] = "student"
+    mining: Literal["all", "hardest"] = "all"
+    normalize: bool = True
+    distance: Literal["l2", "squared_l2"] = "l2"
+
+
+@dataclass
+class LossesConfig:
+    ce: CrossEntropyConfig = field(default_factory=CrossEntropyConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    cwd: CWDConfig = field(default_factory=CWDConfig)
+    ace: ACEConfig = field(default_factory=ACEConfig)
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    ifvd: IFVDConfig = field(default_factory=IFVDConfig)
+    csc: CSCConfig = field(default_factory=CSCConfig)
+    i2ckd: I2CKDConfig = field(default_factory=I2CKDConfig)
+
+    def enabled(self) -> dict[str, LossConfig]:
+        """The enabled losses by name, in declaration order."""
+        return {name: cfg for name, cfg in vars(self).items() if cfg.enabled}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    iterations: int = 40000
+    eval_interval: int = 4000
+    log_interval: int = 50
+
+
+@dataclass
+class RunConfig:
+    workers: int = 1  # data-parallel Ray Train workers (one process each)
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast for student and teacher (GPU runs)
+    channels_last: bool = False
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per worker; 0 leaves torch's default
+    output_dir: str = "runs"  # each run writes under <output_dir>/<job name>/...
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db, or $MLFLOW_TRACKING_URI when set
+    experiment: str | None = None  # None: the job's name
+
+
+@dataclass
+class Job:
+    name: str = "job"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    losses: LossesConfig = field(default_factory=LossesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def distills(self) -> bool:
+        """True when some enabled loss needs the teacher (anything but CE)."""
+        return any(name != "ce" for name in self.losses.enabled())

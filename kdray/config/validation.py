@@ -1,0 +1,108 @@
+"""Value checks that types alone cannot express; each failure names the key, the value and what is valid."""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+from kdray.config.schema import Job
+from kdray.errors import ConfigError
+
+# The largest image each dataset serves (height, width); a crop beyond it times the largest scale would be
+# mostly padding. The synthetic size comes from its own config.
+DATASET_IMAGE_SIZE = {"cityscapes": (1024, 2048), "camvid": (360, 480), "voc": (500, 500)}
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}; {allowed}")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0 and math.isfinite(value), key, value, "must be > 0")
+
+
+def validate(job: Job) -> Job:
+    """Check `job` as a whole; returns it unchanged so calls can chain."""
+    d, o, r = job.data, job.optim, job.run
+    _require(bool(job.name.strip()) and "/" not in job.name, "name", job.name, "a non-empty name without '/'")
+
+    _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
+    _require(d.ignore_index >= d.num_classes or d.ignore_index < 0, "data.ignore_index", d.ignore_index,
+             f"must not be a class id 0..{d.num_classes - 1}; 255 is usual")
+    for i, side in enumerate(d.crop):
+        _require(side >= 8, f"data.crop[{i}]", side, "must be >= 8 (output stride 8)")
+    lo, hi = d.scale_range
+    _require(0 < lo <= hi, "data.scale_range", list(d.scale_range), "needs 0 < low <= high")
+    if d.dataset == "synthetic":
+        _require(d.synthetic.image_size >= 16, "data.synthetic.image_size", d.synthetic.image_size, "must be >= 16")
+        _require(d.synthetic.train_length >= 1, "data.synthetic.train_length", d.synthetic.train_length,
+                 "must be >= 1")
+        _require(d.synthetic.val_length >= 1, "data.synthetic.val_length", d.synthetic.val_length, "must be >= 1")
+        max_h = max_w = d.synthetic.image_size
+    else:
+        _require(d.root is not None, "data.root", d.root, f"the {d.dataset} dataset needs the path of its tree")
+        max_h, max_w = DATASET_IMAGE_SIZE.get(d.dataset, (1 << 16, 1 << 16))
+    max_crop = (int(max_h * hi), int(max_w * hi))
+    _require(d.crop[0] <= max_crop[0] and d.crop[1] <= max_crop[1], "data.crop", list(d.crop),
+             f"the {d.dataset} images are at most {max_h}x{max_w}, {max_crop[0]}x{max_crop[1]} at scale {hi}: "
+             "the crop must fit in that")
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _require(d.batch_size % r.workers == 0, "data.batch_size", d.batch_size,
+             f"the global batch must split evenly over run.workers={r.workers}")
+    _require(d.batch_size // r.workers >= 2, "data.batch_size", d.batch_size,
+             f"each of the run.workers={r.workers} workers needs at least 2 images per step (BatchNorm)")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+    for i, s in enumerate(d.normalize.std):
+        _positive(f"data.normalize.std[{i}]", s)
+
+    from kdray.models import available_models  # plain torch, same layer; imported late to keep config light
+
+    archs = available_models()
+    for section in ("teacher", "student"):
+        cfg = getattr(job, section)
+        _positive(f"{section}.width", cfg.width)
+        if cfg.arch not in archs:
+            close = difflib.get_close_matches(cfg.arch, archs, n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"{section}.arch: got {cfg.arch!r}{hint}; valid: {', '.join(archs)}")
+    if job.teacher.iterations is not None:
+        _require(job.teacher.iterations >= 1, "teacher.iterations", job.teacher.iterations, "must be >= 1")
+
+    enabled = job.losses.enabled()
+    names = ", ".join(vars(job.losses))
+    _require(bool(enabled), "losses", "nothing enabled", f"enable at least one of {names}")
+    for name, cfg in vars(job.losses).items():
+        _require(cfg.weight >= 0 and math.isfinite(cfg.weight), f"losses.{name}.weight", cfg.weight, "must be >= 0")
+        temperature = getattr(cfg, "temperature", None)
+        if temperature is not None:
+            _positive(f"losses.{name}.temperature", temperature)
+        for knob in ("patch",):
+            if hasattr(cfg, knob):
+                _require(getattr(cfg, knob) >= 1, f"losses.{name}.{knob}", getattr(cfg, knob), "must be >= 1")
+    _require(job.losses.ce.aux_weight >= 0, "losses.ce.aux_weight", job.losses.ce.aux_weight, "must be >= 0")
+    _require(job.losses.i2ckd.margin >= 0, "losses.i2ckd.margin", job.losses.i2ckd.margin, "must be >= 0")
+    _require(job.losses.csc.gamma >= 0, "losses.csc.gamma", job.losses.csc.gamma, "must be >= 0")
+    adv = job.losses.adversarial
+    _positive("losses.adversarial.d_lr", adv.d_lr)
+    _require(all(0 <= b < 1 for b in adv.d_betas), "losses.adversarial.d_betas", list(adv.d_betas),
+             "each beta must be in [0, 1)")
+
+    _positive("optim.lr", o.lr)
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(o.poly_power >= 0, "optim.poly_power", o.poly_power, "must be >= 0")
+    _require(o.iterations >= 1, "optim.iterations", o.iterations, "must be >= 1")
+    _require(o.eval_interval >= 1, "optim.eval_interval", o.eval_interval, "must be >= 1")
+    _require(o.log_interval >= 1, "optim.log_interval", o.log_interval, "must be >= 1")
+
+    _require(r.workers >= 1, "run.workers", r.workers, "must be >= 1")
+    _require(r.gpus_per_worker >= 0, "run.gpus_per_worker", r.gpus_per_worker, "must be >= 0")
+    _positive("run.cpus_per_worker", r.cpus_per_worker)
+    _require(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0: torch's default)")
+    _require(r.amp == "none" or r.gpus_per_worker > 0, "run.amp", r.amp,
+             "mixed precision is for GPU runs: set run.gpus_per_worker > 0 or run.amp=none")
+    _require(not r.channels_last or r.gpus_per_worker > 0, "run.channels_last", r.channels_last,
+             "channels_last is for GPU runs: set run.gpus_per_worker > 0")
+    return job

@@ -1,0 +1,38 @@
+"""Evaluation as the papers do it: whole images, single scale, logits upsampled to the label size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from kdray.engine.distributed import RankContext
+from kdray.metrics import ConfusionMatrix
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, ctx: RankContext, workers: int = 0) -> DataLoader:
+    """Rank r evaluates items r, r+W, r+2W, ...: every item once, confusion matrices summed afterwards."""
+    indices = list(range(ctx.rank, len(dataset), ctx.world_size))  # type: ignore[arg-type]
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      generator=torch.Generator())  # not the global RNG: evaluating must not shift training
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, ignore_index: int, ctx: RankContext,
+             autocast: torch.autocast | None = None) -> dict[str, object]:
+    """`{"miou", "iou", "pixel_acc"}` over the whole split (all ranks)."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index, ctx.device)
+    for images, labels in loader:
+        images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+        if autocast is not None:
+            with autocast:
+                logits = model(images).logits
+        else:
+            logits = model(images).logits
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        cm.update(logits, labels)
+    model.train(was_training)
+    return cm.all_reduce().compute()

@@ -1,0 +1,303 @@
+"""The training loop for one run (a student distilled from a frozen teacher, or a teacher trained with CE),
+on one process or on every rank of a data-parallel group.
+
+    for i in start..iterations-1:
+        lr = lr0 * (1 - i/iterations)^power                    # poly schedule, per iteration
+        teacher forward (eval, no grad)   student forward      # same precision (autocast) for both
+        total = sum_k w_k * loss_k        backward, step        # adapters train with the student
+        discriminator step on detached logits (adversarial loss only)
+        every eval_interval: mIoU on the val split -> report(metrics, checkpoint_dir)
+
+The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log` callables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from kdray.config import Job, LossesConfig, job_hash
+from kdray.data import IterationBatchSampler, build_dataset, class_names
+from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdray.engine.distributed import RankContext, average_gradients, gather_objects
+from kdray.engine.evaluate import evaluate, evaluation_loader
+from kdray.engine.progress import Progress
+from kdray.errors import CheckpointError, KdrayError
+from kdray.losses.objective import DistillationObjective
+from kdray.models import Segmenter, build_model, load_segmenter_weights
+
+Report = Callable[[dict[str, float], "str | None"], None]
+Log = Callable[[dict[str, float]], None]
+
+
+class NonFiniteLossError(KdrayError):
+    """A loss term became NaN or infinite; the run stops at once rather than train on garbage."""
+
+    def __init__(self, term: str, iteration: int, value: float):
+        super().__init__(f"loss term {term!r} is {value} at iteration {iteration}")
+        self.term, self.iteration, self.value = term, iteration, value
+
+
+@dataclass
+class RunResult:
+    iterations: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
+    best_miou: float = float("nan")
+    best_iteration: int = -1
+    wall_s: float = 0.0
+    output_dir: Path | None = None
+    best_weights: Path | None = None  # the best evaluation's student (or teacher) state dict
+
+    @property
+    def final_miou(self) -> float:
+        return self.history[-1]["val/miou"] if self.history else float("nan")
+
+
+@dataclass
+class _Setup:
+    """What a role trains: the student of a distillation job, or its teacher with CE alone."""
+
+    model: Any
+    losses: LossesConfig
+    iterations: int
+    teacher: Segmenter | None
+
+
+def _autocast(job: Job, device: torch.device) -> contextlib.AbstractContextManager:
+    if job.run.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if job.run.amp == "bf16" else torch.float16)
+
+
+def load_teacher(job: Job, device: torch.device) -> Segmenter:
+    """The frozen teacher: eval mode, no gradients, weights from `teacher.checkpoint` (strict)."""
+    if job.teacher.checkpoint is None:
+        raise CheckpointError("teacher.checkpoint: distillation needs trained teacher weights; train them with "
+                              "`python -m kdray.teacher --job <job>` or name a checkpoint file")
+    teacher = build_model(job.teacher.arch, job.data.num_classes, aux=_has_aux_head(job.teacher.checkpoint),
+                          width=job.teacher.width)
+    load_segmenter_weights(teacher, job.teacher.checkpoint)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def _has_aux_head(path: str) -> bool:
+    # Teacher checkpoints come with or without the auxiliary head; build the model that matches, so that
+    # loading stays strict about everything else.
+    from kdray.models.weights import read_state_dict
+
+    return any(k.startswith("auxlayer.") for k in read_state_dict(path))
+
+
+def _setup(job: Job, role: str, device: torch.device) -> _Setup:
+    ce = job.losses.ce
+    if role == "teacher":
+        cfg = job.teacher
+        model = build_model(cfg.arch, job.data.num_classes, aux=ce.aux_weight > 0, width=cfg.width,
+                            backbone_weights=cfg.backbone_weights)
+        losses = LossesConfig(ce=replace(ce, enabled=True))
+        return _Setup(model, losses, cfg.iterations or job.optim.iterations, None)
+    cfg = job.student
+    model = build_model(cfg.arch, job.data.num_classes, aux=cfg.aux and ce.enabled and ce.aux_weight > 0,
+                        width=cfg.width, backbone_weights=cfg.backbone_weights)
+    teacher = load_teacher(job, device) if job.distills else None
+    return _Setup(model, job.losses, job.optim.iterations, teacher)
+
+
+def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankContext | None = None,
+          report: Report | None = None, log: Log | None = None, resume: str | Path | None = None,
+          progress: bool = True, stop_after: int | None = None) -> RunResult:
+    """Train one run of `job` and return its evaluation history.
+
+    `report(metrics, checkpoint_dir)` is called on every rank after each evaluation (the same number of times
+    on each, as Ray Train requires); `checkpoint_dir` is the directory of a resumable checkpoint on the main
+    rank and None elsewhere. `log(metrics)` is called on the main rank every `optim.log_interval` iterations.
+    `resume` names a checkpoint directory to continue from. `stop_after` ends the run early after that
+    iteration (a test's stand-in for an interruption).
+    """
+    t_start = time.perf_counter()
+    ctx = ctx or RankContext.current()
+    device = ctx.device
+    output_dir = Path(output_dir)
+    if job.run.threads:
+        torch.set_num_threads(job.run.threads)
+    torch.manual_seed(job.run.seed)  # identical initial weights on every rank
+
+    setup = _setup(job, role, device)
+    model = setup.model.to(device)
+    teacher = setup.teacher
+    if job.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    objective = DistillationObjective(
+        setup.losses, num_classes=job.data.num_classes, student_channels=model.feature_channels,
+        teacher_channels=teacher.feature_channels if teacher is not None else None,
+        ignore_index=job.data.ignore_index,
+    ).to(device)
+    adapters = objective.student_side_parameters()
+    d_params = objective.discriminator_parameters()
+
+    trained: nn.Module = model
+    if ctx.distributed:
+        if device.type == "cuda":  # the papers' 2 images per GPU need batch statistics over all GPUs
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    optim_cfg = job.optim
+    optimizer = torch.optim.SGD([p for p in [*model.parameters(), *adapters] if p.requires_grad], lr=optim_cfg.lr,
+                                momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+    d_optimizer = None
+    if d_params:
+        adv = job.losses.adversarial
+        d_optimizer = torch.optim.Adam(d_params, lr=adv.d_lr, betas=adv.d_betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=job.run.amp == "fp16")
+    autocast = _autocast(job, device)
+
+    digest = job_hash(job) + ("" if role == "student" else "-teacher")
+    start, best, history = 0, (float("-inf"), -1), []
+    if resume is not None:
+        state = load_checkpoint(resume, digest)
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        if d_optimizer is not None:
+            d_optimizer.load_state_dict(state["d_optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, history = state["iteration"], tuple(state["best"]), list(state["history"])
+        rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    else:
+        torch.manual_seed(job.run.seed * 1000 + ctx.rank)  # dropout differs across ranks, as in any DDP run
+
+    iterations = setup.iterations
+    stop = min(iterations, stop_after) if stop_after is not None else iterations
+    train_set, val_set = build_dataset(job.data, "train"), build_dataset(job.data, "val")
+    sampler = IterationBatchSampler(len(train_set), job.data.batch_size, ctx.rank, ctx.world_size,
+                                    job.run.seed, start, stop)
+    # The loaders get their own generators: creating an iterator draws a seed, and drawing it from the global
+    # RNG would shift dropout on a resumed run.
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=job.data.loader_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(job.run.seed))
+    val_loader = evaluation_loader(val_set, job.data.eval_batch_size, ctx, job.data.loader_workers)
+    names = class_names(job.data)
+
+    show = Progress(stop, start, enabled=progress and ctx.is_main)
+    if ctx.is_main and start == 0:
+        show.message(f"{role} {job.teacher.arch if role == 'teacher' else job.student.arch}: "
+                     f"{objective.formula()}, {iterations} iterations, global batch {job.data.batch_size} "
+                     f"over {ctx.world_size} worker(s)")
+    model.train()
+    window: dict[str, float] = {}
+    window_n, window_t, window_images = 0, time.perf_counter(), 0
+    checked = False
+    for i, (images, labels) in enumerate(loader, start=start):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if job.run.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        lr = optim_cfg.lr * (1 - i / iterations) ** optim_cfg.poly_power
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        with autocast:
+            student_out = trained(images)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = teacher(images)
+            else:
+                teacher_out = None
+        tensors = objective.step_tensors(student_out, teacher_out, labels, images)
+        if not checked:
+            objective.preflight(tensors)
+            checked = True
+        total, parts = objective(tensors)
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        average_gradients(adapters, ctx)
+        scaler.step(optimizer)
+        scaler.update()
+
+        if d_optimizer is not None:
+            d_optimizer.zero_grad(set_to_none=True)
+            d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(),
+                                                              images)
+            d_loss.backward()
+            average_gradients(d_params, ctx)
+            d_optimizer.step()
+            parts = {**parts, "discriminator": d_loss.detach()}
+
+        values = {k: float(v.detach()) for k, v in parts.items()}
+        values["total"] = float(total.detach())
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(name, i + 1, value)
+            window[name] = window.get(name, 0.0) + value
+        window_n += 1
+        window_images += images.shape[0] * ctx.world_size
+        done = i + 1
+
+        if done % optim_cfg.log_interval == 0 or done == stop:
+            elapsed = time.perf_counter() - window_t
+            metrics = {f"train/loss/{k}": v / window_n for k, v in window.items()}
+            metrics.update({"train/lr": lr, "train/images_per_s": window_images / max(elapsed, 1e-9),
+                            "iteration": done})
+            if ctx.is_main:
+                if log is not None:
+                    log(metrics)
+                terms = " ".join(f"{k} {v / window_n:.3f}" for k, v in window.items() if k != "total")
+                show.update(done, f"loss {metrics['train/loss/total']:.3f} ({terms}) "
+                                  f"{metrics['train/images_per_s']:.0f} img/s")
+            window, window_n, window_t, window_images = {}, 0, time.perf_counter(), 0
+
+        if done % optim_cfg.eval_interval == 0 or done == iterations:
+            result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
+                              _autocast(job, device) if job.run.amp != "none" else None)
+            metrics = {"iteration": done, "val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}
+            metrics.update({f"val/iou/{n}": v for n, v in zip(names, result["iou"])})
+            history.append(metrics)
+            improved = result["miou"] > best[0]
+            if improved:
+                best = (result["miou"], done)
+            rng_states = gather_objects(
+                {"cpu": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ctx)
+            checkpoint_dir = None
+            if ctx.is_main:
+                if improved:
+                    _save_weights(model, output_dir / f"best_{role}.pt")
+                checkpoint_dir = str(save_checkpoint(output_dir / "checkpoint", {
+                    "job_hash": digest, "role": role, "iteration": done,
+                    "model": model.state_dict(), "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "d_optimizer": d_optimizer.state_dict() if d_optimizer is not None else None,
+                    "scaler": scaler.state_dict(), "rng": rng_states, "best": list(best), "history": history,
+                }))
+                show.message(f"eval @ {done}: mIoU {100 * result['miou']:.2f}  "
+                             f"(best {100 * best[0]:.2f} @ {best[1]})")
+            if report is not None:
+                report(metrics, checkpoint_dir)
+
+    best_path = output_dir / f"best_{role}.pt"
+    return RunResult(stop, history, best[0] if best[1] >= 0 else float("nan"), best[1],
+                     time.perf_counter() - t_start, output_dir, best_path if best_path.exists() else None)
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """Plain state dict (loadable with `kdray.models.load_segmenter_weights`), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)

@@ -1,0 +1,67 @@
+"""Option and shape checks shared by the loss modules.
+
+Option checks run in `__init__` and raise `ConfigError` naming the loss, the option, the bad value and what
+would be valid, so a typo in a job file fails at construction, not at the first training step. Shape checks
+run in `forward` on Python ints only (no device sync) and raise `PreflightError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+from kdray.errors import ConfigError, PreflightError
+
+
+def choice(owner: str, option: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{owner}: {option}={value!r} is not valid; expected one of {valid}")
+    return value
+
+
+def number(owner: str, option: str, value: object, *, positive: bool = False) -> float:
+    """A real number, > 0 when `positive`, else >= 0 (bools are refused: `True` is not a temperature)."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and value == value  # value == value: not NaN
+    if ok:
+        ok = value > 0 if positive else value >= 0
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{owner}: {option}={value!r} is not valid; expected a real number {bound}")
+    return float(value)
+
+
+def positive_int(owner: str, option: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{owner}: {option}={value!r} is not valid; expected an integer >= 1")
+    return value
+
+
+def boolean(owner: str, option: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}: {option}={value!r} is not valid; expected true or false")
+    return value
+
+
+def integer(owner: str, option: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{owner}: {option}={value!r} is not valid; expected an integer")
+    return value
+
+
+def same_shape(owner: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise PreflightError(
+            f"{owner}: {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape"
+        )
+
+
+def same_grid(owner: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Same batch size and spatial size; channel counts may differ."""
+    if a.dim() != 4 or b.dim() != 4 or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise PreflightError(
+            f"{owner}: {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must be (N, C, h, w) "
+            "with the same N, h and w"
+        )

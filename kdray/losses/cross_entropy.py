@@ -1,0 +1,41 @@
+"""The supervised term: per-pixel cross-entropy at input resolution."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdray.losses import _checks
+
+
+def _pixel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    # Divide by max(#valid, 1) ourselves: F.cross_entropy's "mean" is 0/0 = NaN on an all-ignore crop.
+    valid = (labels != ignore_index).sum().clamp_min(1)
+    return total / valid
+
+
+class SegmentationCrossEntropy(nn.Module):
+    """`L_CE = CE(up(z_S), y) + aux_weight · CE(up(z_aux), y)`.
+
+    `CE(z, y) = -(1/|valid|) Σ_{i: y_i ≠ ignore} log softmax(z_i)[y_i]`, where `up` resizes logits bilinearly
+    (align_corners=False) to the labels' H×W. An all-ignore batch gives 0 with zero gradients.
+
+    Shapes: logits (N, K, h, w), labels (N, H, W) int64, aux_logits (N, K, h', w') or None (then no aux term).
+    The auxiliary FCN head on layer3 with weight 0.4 is the PSPNet recipe (Zhao et al., "Pyramid Scene Parsing
+    Network", CVPR 2017, arXiv:1612.01105) that the CIRKD benchmark (Yang et al., CVPR 2022, arXiv:2204.06986)
+    uses for its ResNet students.
+    """
+
+    def __init__(self, aux_weight: float = 0.4, ignore_index: int = 255) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.aux_weight = _checks.number(owner, "aux_weight", aux_weight)
+        self.ignore_index = _checks.integer(owner, "ignore_index", ignore_index)
+
+    def forward(self, logits: Tensor, labels: Tensor, aux_logits: Tensor | None = None) -> Tensor:
+        loss = _pixel_cross_entropy(logits, labels, self.ignore_index)
+        if aux_logits is not None and self.aux_weight > 0:
+            loss = loss + self.aux_weight * _pixel_cross_entropy(aux_logits, labels, self.ignore_index)
+        return loss

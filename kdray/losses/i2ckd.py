@@ -1,0 +1,175 @@
+"""I2CKD: class prototypes of teacher and student pulled together, other classes pushed past a margin."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdray.errors import PreflightError
+from kdray.losses import _checks
+from kdray.losses.adapter import FeatureAdapter
+from kdray.losses.labels import downsample_labels, one_hot_ignore
+
+SCOPES = ("batch", "image")
+NEGATIVES = ("student", "teacher")
+MININGS = ("all", "hardest")
+DISTANCES = ("l2", "squared_l2")
+
+
+def class_prototypes(
+    features: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255, scope: str = "batch"
+) -> tuple[Tensor, Tensor]:
+    """Mean feature of each class (eq. 1 of I2CKD): `P[k] = Σ_i 1[y↓_i = k] f_i / Σ_i 1[y↓_i = k]`.
+
+    features: (N, C, h, w); labels: (N, h, w) or (N, H, W) int64 (resized to `y↓` by nearest neighbour).
+    Returns `(prototypes, present)`:
+
+    - `scope="batch"`: sums over the whole batch: prototypes (K, C), present (K,) bool;
+    - `scope="image"`: one set per image: prototypes (N, K, C), present (N, K) bool.
+
+    Absent classes get a zero row and `present = False`. One `one_hot(y↓)ᵀ @ f` contraction, no loop.
+    """
+    _checks.choice("class_prototypes", "scope", scope, SCOPES)
+    labels = downsample_labels(labels, features.shape[-2:])
+    one_hot = one_hot_ignore(labels, num_classes, ignore_index, features.dtype).flatten(1, 2)  # (N, M, K)
+    flat = features.flatten(2)  # (N, C, M)
+    if scope == "batch":
+        sums, counts = torch.einsum("nmk,ncm->kc", one_hot, flat), one_hot.sum(dim=(0, 1))
+    else:
+        sums, counts = torch.einsum("nmk,ncm->nkc", one_hot, flat), one_hot.sum(dim=1)
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
+
+
+def _distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
+    squared = (a - b).pow(2).sum(dim=-1)
+    if distance == "squared_l2":
+        return squared
+    # d/dx sqrt(x) is infinite at 0, so two coinciding prototypes (a student that copies the teacher, two
+    # classes with identical features) would give NaN gradients (inf · 0). Take the root of a safe value
+    # where the distance is 0 and return an exact 0 there with a 0 gradient (the "double where"); a
+    # clamp_min(eps) would do too but shifts every zero distance by sqrt(eps).
+    positive = squared > 0
+    root = torch.where(positive, squared, torch.ones_like(squared)).sqrt()
+    return torch.where(positive, root, torch.zeros_like(squared))
+
+
+def triplet_prototype_loss(
+    teacher_protos: Tensor,
+    student_protos: Tensor,
+    present: Tensor,
+    margin: float = 0.5,
+    negatives: str = "student",
+    mining: str = "all",
+    distance: str = "l2",
+) -> Tensor:
+    """Eq. 3 of I2CKD: `mean_{k, j≠k} max(0, d(P_T[k], P_S[k]) − d(P_T[k], P_neg[j]) + m)`.
+
+    teacher_protos, student_protos: (K, C) or (B, K, C) (B independent groups, e.g. images); present: (K,)
+    or (B, K) bool. k and j run over the present classes of a group. `P_neg` is `student_protos`
+    (`negatives="student"`, as eq. 2 reads) or `teacher_protos`. `mining="all"`: mean over the K'(K'−1)
+    ordered pairs; `mining="hardest"`: for each anchor k only its closest negative j (largest term), mean over
+    the K' anchors. `distance`: `l2` (‖·‖₂) or `squared_l2`. Groups with fewer than two present classes are
+    left out; the result is the mean over the others, 0 when there are none (still a graph node, no NaN).
+    """
+    owner = "triplet_prototype_loss"
+    _checks.number(owner, "margin", margin)
+    _checks.choice(owner, "negatives", negatives, NEGATIVES)
+    _checks.choice(owner, "mining", mining, MININGS)
+    _checks.choice(owner, "distance", distance, DISTANCES)
+    if present.dim() == 1:
+        teacher_protos, student_protos, present = teacher_protos[None], student_protos[None], present[None]
+    # Distances of a few hundred prototypes are cheap: keep them in at least float32 under AMP.
+    dtype = torch.promote_types(student_protos.dtype, torch.float32)
+    teacher_protos, student_protos = teacher_protos.to(dtype), student_protos.to(dtype)
+    negative_protos = student_protos if negatives == "student" else teacher_protos
+
+    positive = _distance(teacher_protos, student_protos, distance)  # (B, K): d(P_T[k], P_S[k])
+    negative = _distance(teacher_protos.unsqueeze(-2), negative_protos.unsqueeze(-3), distance)  # (B, K, K)
+    hinge = (positive.unsqueeze(-1) - negative + margin).clamp_min(0)
+
+    num_classes = present.shape[-1]
+    not_self = ~torch.eye(num_classes, dtype=torch.bool, device=present.device)
+    pairs = present.unsqueeze(-1) & present.unsqueeze(-2) & not_self  # (B, K, K): anchor k, negative j
+    hinge = torch.where(pairs, hinge, torch.zeros_like(hinge))
+    if mining == "all":
+        per_group = hinge.sum(dim=(-2, -1)) / pairs.sum(dim=(-2, -1)).clamp_min(1)
+    else:
+        # The hinge is ≥ 0, so the masked zeros never beat a real pair's term in the max.
+        hardest = hinge.amax(dim=-1)  # (B, K)
+        per_group = hardest.sum(dim=-1) / pairs.any(dim=-1).sum(dim=-1).clamp_min(1)
+    groups = present.sum(dim=-1) >= 2
+    return per_group.sum() / groups.sum().clamp_min(1)
+
+
+class I2CKD(nn.Module):
+    """I2CKD: triplet loss between teacher and student class prototypes (eqs. 1-3 of the paper).
+
+    `L = mean_{k, j≠k} max(0, d(P_T[k], P_S[k]) − d(P_T[k], P_neg[j]) + m)` over the present classes, with
+    `P_X[k]` the mean of f_X over the pixels with `y↓ = k` (see `class_prototypes`), the student's feature
+    first mapped to C_T by the adapter (1×1 conv, owned here), and, with `normalize=True` (default), each
+    prototype L2-normalised so the margin m is scale-free. Options (defaults in brackets): `margin` [0.5],
+    `negatives` student|teacher [student], `mining` all|hardest [all], `distance` l2|squared_l2 [l2],
+    `scope` batch|image [batch]:
+
+    - `scope="batch"`: one prototype per class over the whole (per-rank) batch; the loss is the mean over
+      the ordered pairs (k, j) of classes present in the batch; 0 if fewer than two classes are present.
+    - `scope="image"`: prototypes per image; for each image n the loss above over the classes present in
+      image n; the result is the mean of these over the images with at least two present classes; 0 if none.
+
+    Because the adapter is linear without bias, `P_S = W · mean(f_S)`: the prototypes are taken on f_S and
+    then mapped by the adapter's weight, which equals averaging the adapted map but costs K·C_S·C_T instead
+    of N·h·w·C_S·C_T.
+
+    Shapes: student_features (N, C_S, h, w), teacher_features (N, C_T, h, w); labels (N, h, w) or
+    (N, H, W) int64. Returns a scalar. The full objective of the paper (eq. 4) is `CE + λ1·KD + λ2·I2CKD`.
+
+    Paper: Karine, Napoléon, Jridi, "I2CKD: Intra- and Inter-Class Knowledge Distillation for Semantic
+    Segmentation", arXiv:2403.18490 (2024).
+    """
+
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        num_classes: int,
+        margin: float = 0.5,
+        scope: str = "batch",
+        negatives: str = "student",
+        mining: str = "all",
+        normalize: bool = True,
+        distance: str = "l2",
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.num_classes = _checks.positive_int(owner, "num_classes", num_classes)
+        self.margin = _checks.number(owner, "margin", margin)
+        self.scope = _checks.choice(owner, "scope", scope, SCOPES)
+        self.negatives = _checks.choice(owner, "negatives", negatives, NEGATIVES)
+        self.mining = _checks.choice(owner, "mining", mining, MININGS)
+        self.normalize = _checks.boolean(owner, "normalize", normalize)
+        self.distance = _checks.choice(owner, "distance", distance, DISTANCES)
+        self.ignore_index = _checks.integer(owner, "ignore_index", ignore_index)
+        self.adapter = FeatureAdapter(student_channels, teacher_channels)
+
+    def forward(self, student_features: Tensor, teacher_features: Tensor, labels: Tensor) -> Tensor:
+        owner = type(self).__name__
+        _checks.same_grid(owner, "student_features", student_features, "teacher_features", teacher_features)
+        expected = (self.adapter.student_channels, self.adapter.teacher_channels)
+        if (student_features.shape[1], teacher_features.shape[1]) != expected:
+            raise PreflightError(
+                f"{owner}: student_features {tuple(student_features.shape)} and teacher_features "
+                f"{tuple(teacher_features.shape)} must have {expected[0]} and {expected[1]} channels"
+            )
+        labels = downsample_labels(labels, student_features.shape[-2:])
+        options = {"num_classes": self.num_classes, "ignore_index": self.ignore_index, "scope": self.scope}
+        student_protos, present = class_prototypes(student_features, labels, **options)
+        teacher_protos, _ = class_prototypes(teacher_features.detach(), labels, **options)
+        student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1))
+        if self.normalize:
+            student_protos = F.normalize(student_protos, dim=-1)
+            teacher_protos = F.normalize(teacher_protos, dim=-1)
+        return triplet_prototype_loss(
+            teacher_protos, student_protos, present, self.margin, self.negatives, self.mining, self.distance
+        )

@@ -1,0 +1,192 @@
+"""The training loop on tiny jobs: teacher and student runs, exact resume, frozen teacher, failure modes, DDP."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kdray.config import job_from_dict
+from kdray.engine import NonFiniteLossError, RankContext, load_checkpoint, train
+from kdray.errors import CheckpointError, PreflightError
+from kdray.losses.objective import DistillationObjective
+from kdray.models import build_model
+
+TINY = {
+    "name": "tiny",
+    "data": {"num_classes": 8, "crop": [32, 32], "batch_size": 4, "eval_batch_size": 8,
+             "synthetic": {"image_size": 32, "train_length": 32, "val_length": 8}},
+    "teacher": {"arch": "deeplabv3_resnet18", "width": 0.125},
+    "student": {"arch": "deeplabv3_resnet18", "width": 0.125},
+    "optim": {"iterations": 6, "eval_interval": 3, "log_interval": 2},
+    "run": {"threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """Random teacher weights in the layout `kdray.teacher` writes (no training needed to test the loop)."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(123)
+    torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
+    return str(path)
+
+
+def tiny_job(tmp_path, teacher_file=None, **overrides):
+    data = {**TINY, "run": {**TINY["run"], "output_dir": str(tmp_path / "runs")}}
+    if teacher_file:
+        data["teacher"] = {**TINY["teacher"], "checkpoint": teacher_file}
+    return job_from_dict(data, overrides)
+
+
+def test_teacher_role_trains_with_ce_and_saves_best_weights(tmp_path):
+    job = tiny_job(tmp_path, **{"losses.kd.enabled": True})  # the teacher ignores distillation terms
+    result = train(job, tmp_path / "t", role="teacher", progress=False)
+    assert [h["iteration"] for h in result.history] == [3, 6]
+    assert result.best_weights is not None and result.best_weights.name == "best_teacher.pt"
+    model = build_model("deeplabv3_resnet18", 8, width=0.125)
+    model.load_state_dict(torch.load(result.best_weights, weights_only=True))
+
+
+def test_distillation_reports_metrics_and_checkpoints(tmp_path, teacher_file):
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "losses.i2ckd.enabled": True})
+    reports, logs = [], []
+    result = train(job, tmp_path / "s", report=lambda m, c: reports.append((m, c)), log=logs.append,
+                   progress=False)
+    assert [m["iteration"] for m, _ in reports] == [3, 6]
+    metrics, ckpt = reports[-1]
+    assert 0.0 <= metrics["val/miou"] <= 1.0 and "val/iou/boat" in metrics and "val/pixel_acc" in metrics
+    assert load_checkpoint(ckpt)["iteration"] == 6
+    assert [m["iteration"] for m in logs] == [2, 4, 6]
+    assert {"train/loss/ce", "train/loss/kd", "train/loss/i2ckd", "train/loss/total", "train/lr",
+            "train/images_per_s"} <= set(logs[0])
+    assert logs[0]["train/lr"] > logs[-1]["train/lr"]  # poly decay
+    assert result.final_miou == metrics["val/miou"]
+
+
+def test_teacher_stays_frozen(tmp_path, teacher_file):
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True})
+    before = torch.load(teacher_file, weights_only=True)
+    train(job, tmp_path / "s", progress=False)
+    after = torch.load(teacher_file, weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    from kdray.engine import load_teacher
+
+    teacher = load_teacher(job, torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def _final_state(path):
+    return load_checkpoint(path)
+
+
+def test_interrupted_and_resumed_run_reaches_the_same_weights(tmp_path, teacher_file):
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "losses.i2ckd.enabled": True,
+                                              "losses.adversarial.enabled": True})
+    saved = tmp_path / "at3"
+
+    def keep_first(metrics, ckpt):
+        if metrics["iteration"] == 3:
+            shutil.copytree(ckpt, saved)
+
+    train(job, tmp_path / "full", report=keep_first, progress=False)
+    train(job, tmp_path / "cut", progress=False, stop_after=3)  # interrupted before iteration 4
+    resumed = tmp_path / "cut"
+    shutil.rmtree(resumed / "checkpoint")
+    shutil.copytree(saved, resumed / "checkpoint")
+    train(job, resumed, resume=resumed / "checkpoint", progress=False)
+
+    full, again = _final_state(tmp_path / "full" / "checkpoint"), _final_state(resumed / "checkpoint")
+    assert full["iteration"] == again["iteration"] == 6
+    for part in ("model", "objective"):
+        for key, value in full[part].items():
+            assert torch.equal(value, again[part][key]), (part, key)
+    assert full["history"] == again["history"]
+    assert any(k.startswith("terms.adversarial.discriminator") for k in full["objective"])
+    assert full["d_optimizer"] is not None
+
+
+def test_resume_with_another_job_is_refused_with_both_hashes(tmp_path, teacher_file):
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "optim.iterations": 3})
+    train(job, tmp_path / "a", progress=False)
+    other = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "optim.iterations": 3,
+                                                "losses.kd.temperature": 2.0})
+    with pytest.raises(CheckpointError, match=r"written for job hash \w+, this job hashes to \w+"):
+        train(other, tmp_path / "a", resume=tmp_path / "a" / "checkpoint", progress=False)
+    with pytest.raises(CheckpointError, match="no run checkpoint here"):
+        train(job, tmp_path / "b", resume=tmp_path / "nowhere", progress=False)
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    job = tiny_job(tmp_path, **{"losses.kd.enabled": True})
+    with pytest.raises(CheckpointError, match="teacher.checkpoint"):
+        train(job, tmp_path / "s", progress=False)
+    job = tiny_job(tmp_path, str(tmp_path / "absent.pt"), **{"losses.kd.enabled": True})
+    with pytest.raises(CheckpointError, match="absent.pt"):
+        train(job, tmp_path / "s", progress=False)
+
+
+def test_non_finite_loss_stops_at_once_naming_the_term(tmp_path):
+    job = tiny_job(tmp_path, **{"optim.lr": 1e30, "optim.momentum": 0.0, "losses.ce.aux_weight": 0.0})
+    with pytest.raises(NonFiniteLossError) as err:
+        train(job, tmp_path / "s", progress=False)
+    assert err.value.term in {"ce", "total"} and 1 <= err.value.iteration <= 6
+    assert f"iteration {err.value.iteration}" in str(err.value)
+
+
+def test_preflight_names_the_loss_and_both_shapes():
+    from kdray.config import LossesConfig
+    from kdray.config.schema import KDConfig
+    from kdray.models import SegmenterOutput
+
+    losses = LossesConfig(kd=KDConfig(enabled=True))
+    objective = DistillationObjective(losses, num_classes=8, student_channels=16, teacher_channels=32)
+    s = SegmenterOutput(torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4), None)
+    t = SegmenterOutput(torch.randn(2, 19, 4, 4), torch.randn(2, 32, 4, 4), None)
+    tensors = objective.step_tensors(s, t, torch.zeros(2, 32, 32, dtype=torch.long), torch.zeros(2, 3, 32, 32))
+    with pytest.raises(PreflightError, match=r"losses.kd: student logits \(2, 8, 4, 4\) and teacher logits "
+                                             r"\(2, 19, 4, 4\)"):
+        objective.preflight(tensors)
+
+
+def test_objective_formula_and_breakdown():
+    from kdray.config import job_from_dict as jd
+
+    job = jd({}, ["losses.kd.enabled=true", "losses.i2ckd.enabled=true", "losses.i2ckd.weight=0.5"])
+    objective = DistillationObjective(job.losses, num_classes=8, student_channels=16, teacher_channels=32)
+    assert objective.formula() == "Loss = 1 * CE + 1 * KD + 0.5 * I2CKD"
+    assert str(objective) == objective.formula()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, job, out_dir, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        reports = []
+        train(job, out_dir, ctx=RankContext.current(), report=lambda m, c: reports.append(c), progress=False)
+        model_state = {k: v.clone() for k, v in load_checkpoint(f"{out_dir}/checkpoint")["model"].items()} \
+            if rank == 0 else None
+        results[rank] = {"reports": reports, "model": model_state}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_one_model(tmp_path, teacher_file):
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "losses.i2ckd.enabled": True,
+                                              "run.workers": 2, "optim.iterations": 4, "optim.eval_interval": 2})
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(_free_port(), job, str(tmp_path / "ddp"), results), nprocs=2, join=True)
+    assert len(results[0]["reports"]) == len(results[1]["reports"]) == 2  # every rank reports alike
+    assert all(c is not None for c in results[0]["reports"]) and all(c is None for c in results[1]["reports"])
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoint")
+    assert state["iteration"] == 4 and len(state["rng"]) == 2  # each rank's RNG is kept for a resume

@@ -1,0 +1,407 @@
+"""Properties of the losses that the reference comparison does not pin down.
+
+Zero where it must be zero; gradients reach the student and its adapters but never the teacher (and the
+discriminator and the student never reach each other); `gradcheck` in float64; KD's T² scaling; the label
+resize; and option validation (`ConfigError` naming the option).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+from torch.func import functional_call
+
+from kdray.errors import ConfigError, PreflightError
+from kdray.losses import (
+    I2CKD,
+    AdaptiveCrossEntropy,
+    AdversarialDistillation,
+    ChannelSpatialCorrelation,
+    ChannelWiseDistillation,
+    FeatureAdapter,
+    IntraClassFeatureVariation,
+    PairwiseAffinity,
+    PixelwiseKD,
+    SegmentationCrossEntropy,
+    class_prototypes,
+    downsample_labels,
+    triplet_prototype_loss,
+)
+
+IGNORE = 255
+N, K, H, W = 2, 5, 6, 8  # maps are h×w = 6×8, labels at full size 24×32
+C_S, C_T = 4, 6
+
+
+def make_inputs(c_s: int = C_S, c_t: int = C_T, seed: int = 0, dtype=torch.float64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, K, (N, 4 * H, 4 * W), generator=g)
+    labels[:, :4] = IGNORE
+    return {
+        "zs": torch.randn(N, K, H, W, generator=g, dtype=dtype),
+        "zt": torch.randn(N, K, H, W, generator=g, dtype=dtype),
+        "fs": torch.randn(N, c_s, H, W, generator=g, dtype=dtype),
+        "ft": torch.randn(N, c_t, H, W, generator=g, dtype=dtype),
+        "labels": labels,
+        "images": torch.rand(N, 3, 4 * H, 4 * W, generator=g, dtype=dtype),
+    }
+
+
+def identity_adapters(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, FeatureAdapter):
+                sub.conv.weight.copy_(torch.eye(sub.teacher_channels)[:, :, None, None])
+
+
+# name -> (build(c_s, c_t), call(module, inputs)); the student-side tensors are zs and fs
+LOSSES = {
+    "kd": (lambda cs, ct: PixelwiseKD(), lambda m, x: m(x["zs"], x["zt"])),
+    "kd_element_masked": (
+        lambda cs, ct: PixelwiseKD(temperature=4.0, reduction="element_mean", mask_ignore=True),
+        lambda m, x: m(x["zs"], x["zt"], x["labels"]),
+    ),
+    "cwd_logits": (lambda cs, ct: ChannelWiseDistillation(), lambda m, x: m(x["zs"], x["zt"])),
+    "cwd_both": (
+        lambda cs, ct: ChannelWiseDistillation(on="both", student_channels=cs, teacher_channels=ct),
+        lambda m, x: m(x["zs"], x["zt"], x["fs"], x["ft"]),
+    ),
+    "ace": (lambda cs, ct: AdaptiveCrossEntropy(rule="average"), lambda m, x: m(x["zs"], x["zt"], x["labels"])),
+    "pairwise": (lambda cs, ct: PairwiseAffinity(), lambda m, x: m(x["fs"], x["ft"])),
+    "ifvd": (lambda cs, ct: IntraClassFeatureVariation(), lambda m, x: m(x["fs"], x["ft"], x["labels"])),
+    "csc": (lambda cs, ct: ChannelSpatialCorrelation(cs, ct), lambda m, x: m(x["fs"], x["ft"])),
+    "i2ckd": (lambda cs, ct: I2CKD(cs, ct, K), lambda m, x: m(x["fs"], x["ft"], x["labels"])),
+    "i2ckd_image_hardest": (
+        lambda cs, ct: I2CKD(cs, ct, K, scope="image", mining="hardest", negatives="teacher"),
+        lambda m, x: m(x["fs"], x["ft"], x["labels"]),
+    ),
+}
+ZERO_WHEN_EQUAL = ["kd", "kd_element_masked", "cwd_logits", "cwd_both", "pairwise", "ifvd", "csc"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------------------
+def test_downsample_labels_returns_the_input_at_its_own_size():
+    labels = torch.randint(0, 5, (2, 6, 8))
+    assert downsample_labels(labels, (6, 8)) is labels
+
+
+@pytest.mark.parametrize("full,small", [((512, 1024), (64, 128)), ((11, 16), (5, 7)), ((64, 64), (8, 8))])
+def test_downsample_labels_is_torch_nearest(full, small):
+    labels = torch.randint(0, 19, (2, *full))
+    labels[:, ::7] = IGNORE
+    expected = F.interpolate(labels[:, None].float(), size=small, mode="nearest")[:, 0].long()
+    actual = downsample_labels(labels, small)
+    assert actual.dtype == torch.int64
+    assert torch.equal(actual, expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zero where it must be zero
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ZERO_WHEN_EQUAL)
+def test_zero_when_student_equals_teacher(name):
+    build, call = LOSSES[name]
+    x = make_inputs(c_s=C_T, c_t=C_T)
+    x["zs"], x["fs"] = x["zt"].clone(), x["ft"].clone()
+    module = build(C_T, C_T).double()
+    identity_adapters(module)
+    assert abs(call(module, x).item()) < 1e-12
+
+
+def separated_features(scale: float = 3.0):
+    """Each class's pixels carry a fixed feature vector along its own axis: prototypes exactly orthogonal."""
+    labels = torch.arange(4).repeat_interleave(6).view(1, 4, 6).repeat(2, 1, 1)  # classes 0..3, 6 pixels each
+    features = scale * F.one_hot(labels, 4).permute(0, 3, 1, 2).double()  # (2, 4, 4, 6)
+    return features, labels
+
+
+@pytest.mark.parametrize("scope", ["batch", "image"])
+@pytest.mark.parametrize("mining", ["all", "hardest"])
+@pytest.mark.parametrize("distance", ["l2", "squared_l2"])
+def test_i2ckd_vanishes_when_prototypes_are_separated_by_more_than_the_margin(scope, mining, distance):
+    features, labels = separated_features()
+    # Normalised prototypes are orthonormal: d(P_T[k], P_S[k]) = 0, d(P_T[k], P_S[j]) = √2 (l2) or 2.
+    module = I2CKD(4, 4, 4, margin=1.0, scope=scope, mining=mining, distance=distance).double()
+    identity_adapters(module)
+    assert module(features.clone(), features, labels).item() == 0.0
+    # With a margin beyond the separation every term is active: m − √2 (l2) or m − 2 (squared).
+    module.margin = 3.0
+    expected = 3.0 - (2**0.5 if distance == "l2" else 2.0)
+    torch.testing.assert_close(module(features.clone(), features, labels).item(), expected)
+
+
+def test_i2ckd_with_fewer_than_two_classes_is_zero_with_a_finite_gradient():
+    features = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.full((2, 4, 5), 1)
+    labels[0, 0] = IGNORE
+    for scope in ("batch", "image"):
+        module = I2CKD(3, 3, 4, scope=scope).double()
+        loss = module(features, features.detach() + 1, labels)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.isfinite(features.grad).all()
+        features.grad = None
+
+
+def test_i2ckd_l2_gradient_is_finite_when_prototypes_coincide():
+    teacher = torch.randn(3, 4, dtype=torch.float64)
+    student = teacher.clone().requires_grad_(True)  # d(P_T[k], P_S[k]) = 0 exactly
+    student_same = torch.stack([teacher[0], teacher[0], teacher[2]]).requires_grad_(True)  # two negatives at 0
+    present = torch.tensor([True, True, True])
+    for s in (student, student_same):
+        loss = triplet_prototype_loss(teacher, s, present, margin=0.5, distance="l2")
+        loss.backward()
+        assert torch.isfinite(s.grad).all()
+
+
+def test_kd_masked_with_all_pixels_ignored_is_zero():
+    x = make_inputs()
+    x["zs"].requires_grad_(True)
+    labels = torch.full_like(x["labels"], IGNORE)
+    loss = PixelwiseKD(mask_ignore=True)(x["zs"], x["zt"], labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x["zs"].grad).all()
+
+
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_cross_entropy_all_ignore_is_zero_with_finite_gradients(with_aux):
+    x = make_inputs()
+    logits = x["zs"].requires_grad_(True)
+    labels = torch.full_like(x["labels"], IGNORE)
+    loss = SegmentationCrossEntropy()(logits, labels, logits * 2 if with_aux else None)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_ace_and_ifvd_with_all_pixels_ignored_are_zero():
+    x = make_inputs()
+    labels = torch.full_like(x["labels"], IGNORE)
+    assert AdaptiveCrossEntropy()(x["zs"], x["zt"], labels).item() == 0.0
+    assert IntraClassFeatureVariation()(x["fs"], x["ft"], labels).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradients: student and adapter yes, teacher never
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_gradients_reach_student_and_adapter_but_never_the_teacher(name):
+    build, call = LOSSES[name]
+    x = make_inputs(dtype=torch.float32)
+    for key in ("zs", "zt", "fs", "ft"):
+        x[key].requires_grad_(True)
+    module = build(C_S, C_T)
+    loss = call(module, x)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert x["zt"].grad is None and x["ft"].grad is None
+    student = [x[key].grad for key in ("zs", "fs") if x[key].grad is not None]
+    assert student, "no gradient reached the student's tensors"
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in student)
+    for pname, param in module.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), pname
+        assert param.grad.abs().sum() > 0, pname
+
+
+def test_adversarial_student_term_leaves_the_discriminator_alone():
+    x = make_inputs(dtype=torch.float32)
+    module = AdversarialDistillation(K, conditioning="logits+image")
+    zs = x["zs"].requires_grad_(True)
+    loss = module(zs, x["images"])
+    loss.backward()
+    assert zs.grad is not None and zs.grad.abs().sum() > 0
+    assert all(p.grad is None for p in module.parameters())
+    assert all(p.requires_grad for p in module.parameters())  # restored after the call
+
+
+@pytest.mark.parametrize("objective", ["hinge", "wgan_gp"])
+def test_discriminator_loss_leaves_the_student_alone(objective):
+    x = make_inputs(dtype=torch.float32)
+    module = AdversarialDistillation(K, objective=objective)
+    zs, zt = x["zs"].requires_grad_(True), x["zt"].requires_grad_(True)
+    loss = module.discriminator_loss(zt, zs)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert zs.grad is None and zt.grad is None
+    grads = [p.grad for p in module.discriminator.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 128), (8, 8), (2, 2), (5, 7)])
+def test_discriminator_runs_on_large_and_small_maps(size):
+    module = AdversarialDistillation(3)
+    out = module.discriminator(torch.randn(2, 3, *size))
+    assert out.shape[:2] == (2, 1) and min(out.shape[-2:]) >= 1
+    assert module.score(torch.randn(2, 3, *size)).shape == (2,)
+
+
+def test_discriminator_refuses_maps_below_two_pixels():
+    with pytest.raises(PreflightError, match="h, w >= 2"):
+        AdversarialDistillation(3)(torch.randn(2, 3, 1, 8))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gradcheck (float64) on the smooth losses, w.r.t. the student tensors and the adapter weight
+# --------------------------------------------------------------------------------------------------------------
+def small_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([[[0, 0, 1, 2], [0, 1, 1, 2], [IGNORE, 1, 2, 2]], [[2, 2, 0, 0], [2, 0, 0, 1], [1, 1, 1, 0]]])
+    return {
+        "zs": torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64),
+        "zt": torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64),
+        "fs": torch.randn(2, 2, 3, 4, generator=g, dtype=torch.float64),
+        "ft": torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64),
+        "labels": labels,
+    }
+
+
+def check_with_adapter(module, student_fn):
+    """gradcheck over the student tensor(s) and the adapter weight together."""
+    weight = module.adapter.conv.weight.detach().clone().requires_grad_(True)
+
+    def fn(w, *student):
+        return functional_call(module, {"adapter.conv.weight": w}, student_fn(*student))
+
+    return fn, weight
+
+
+GRADCHECK = {
+    "kd_pixel_T3": (lambda: PixelwiseKD(temperature=3.0), ["zs"], lambda x: (x["zt"],)),
+    "kd_element_masked": (
+        lambda: PixelwiseKD(reduction="element_mean", mask_ignore=True),
+        ["zs"],
+        lambda x: (x["zt"], x["labels"]),
+    ),
+    "ace_average": (lambda: AdaptiveCrossEntropy(rule="average", temperature=2.0), ["zs"], lambda x: (x["zt"], x["labels"])),
+    "pairwise_patch1": (lambda: PairwiseAffinity(patch=1), ["fs"], lambda x: (x["ft"],)),
+    "ifvd": (lambda: IntraClassFeatureVariation(), ["fs"], lambda x: (x["ft"], x["labels"])),
+}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK))
+def test_gradcheck_plain(name):
+    build, student_keys, rest = GRADCHECK[name]
+    x = small_inputs()
+    module = build().double()
+    student = [x[k].requires_grad_(True) for k in student_keys]
+    assert gradcheck(lambda *s: module(*s, *rest(x)), student)
+
+
+def test_gradcheck_cwd_both_with_adapter():
+    x = small_inputs()
+    module = ChannelWiseDistillation(on="both", student_channels=2, teacher_channels=3).double()
+    weight = module.adapter.conv.weight.detach().clone().requires_grad_(True)
+
+    def fn(w, zs, fs):
+        return functional_call(module, {"adapter.conv.weight": w}, (zs, x["zt"], fs, x["ft"]))
+
+    assert gradcheck(fn, (weight, x["zs"].requires_grad_(True), x["fs"].requires_grad_(True)))
+
+
+def test_gradcheck_csc_with_adapter():
+    x = small_inputs()
+    module = ChannelSpatialCorrelation(2, 3, patch=1, gamma=0.7).double()
+    weight = module.adapter.conv.weight.detach().clone().requires_grad_(True)
+
+    def fn(w, fs):
+        return functional_call(module, {"adapter.conv.weight": w}, (fs, x["ft"]))
+
+    assert gradcheck(fn, (weight, x["fs"].requires_grad_(True)))
+
+
+@pytest.mark.parametrize("scope", ["batch", "image"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("negatives", ["student", "teacher"])
+def test_gradcheck_i2ckd_squared_l2(scope, normalize, negatives):
+    x = small_inputs()
+    # A margin larger than any squared distance of these inputs keeps every hinge term active and away from
+    # its kink, where a finite difference would not match the one-sided derivative.
+    module = I2CKD(2, 3, 3, margin=50.0, scope=scope, normalize=normalize, negatives=negatives, distance="squared_l2")
+    module.double()
+    weight = module.adapter.conv.weight.detach().clone().requires_grad_(True)
+
+    def fn(w, fs):
+        return functional_call(module, {"adapter.conv.weight": w}, (fs, x["ft"], x["labels"]))
+
+    assert gradcheck(fn, (weight, x["fs"].requires_grad_(True)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KD's T² scaling
+# --------------------------------------------------------------------------------------------------------------
+def test_kd_gradient_magnitude_is_stable_across_temperatures():
+    g = torch.Generator().manual_seed(0)
+    zt = 3 * torch.randn(2, 19, 8, 8, generator=g)
+    zs0 = 3 * torch.randn(2, 19, 8, 8, generator=g)
+    norms = []
+    for temperature in (1.0, 2.0, 4.0, 8.0):
+        zs = zs0.clone().requires_grad_(True)
+        PixelwiseKD(temperature=temperature)(zs, zt).backward()
+        norms.append(zs.grad.norm().item())
+    assert max(norms) / min(norms) < 4, norms
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Option validation
+# --------------------------------------------------------------------------------------------------------------
+BAD_OPTIONS = [
+    (lambda: PixelwiseKD(temperature=0), "temperature", "0"),
+    (lambda: PixelwiseKD(temperature=True), "temperature", "True"),
+    (lambda: PixelwiseKD(reduction="mean"), "reduction", "'mean'"),
+    (lambda: PixelwiseKD(mask_ignore="yes"), "mask_ignore", "'yes'"),
+    (lambda: ChannelWiseDistillation(temperature=-1.0), "temperature", "-1.0"),
+    (lambda: ChannelWiseDistillation(on="feature"), "on", "'feature'"),
+    (lambda: ChannelWiseDistillation(on="features"), "student_channels", "None"),
+    (lambda: ChannelWiseDistillation(feature_scale=-2), "feature_scale", "-2"),
+    (lambda: AdaptiveCrossEntropy(rule="mix"), "rule", "'mix'"),
+    (lambda: AdaptiveCrossEntropy(temperature=float("nan")), "temperature", "nan"),
+    (lambda: PairwiseAffinity(patch=0), "patch", "0"),
+    (lambda: PairwiseAffinity(patch=2.0), "patch", "2.0"),
+    (lambda: AdversarialDistillation(8, conditioning="image"), "conditioning", "'image'"),
+    (lambda: AdversarialDistillation(8, objective="wgan"), "objective", "'wgan'"),
+    (lambda: AdversarialDistillation(8, d_weight=0), "d_weight", "0"),
+    (lambda: AdversarialDistillation(8, gp_weight=-1), "gp_weight", "-1"),
+    (lambda: AdversarialDistillation(0), "num_classes", "0"),
+    (lambda: IntraClassFeatureVariation(num_classes=0), "num_classes", "0"),
+    (lambda: IntraClassFeatureVariation(ignore_index="255"), "ignore_index", "'255'"),
+    (lambda: ChannelSpatialCorrelation(4, 6, gamma=-0.5), "gamma", "-0.5"),
+    (lambda: ChannelSpatialCorrelation(4, 6, patch=-1), "patch", "-1"),
+    (lambda: I2CKD(4, 6, 5, margin=-0.1), "margin", "-0.1"),
+    (lambda: I2CKD(4, 6, 5, scope="dataset"), "scope", "'dataset'"),
+    (lambda: I2CKD(4, 6, 5, negatives="both"), "negatives", "'both'"),
+    (lambda: I2CKD(4, 6, 5, mining="semi"), "mining", "'semi'"),
+    (lambda: I2CKD(4, 6, 5, normalize="true"), "normalize", "'true'"),
+    (lambda: I2CKD(4, 6, 5, distance="l1"), "distance", "'l1'"),
+    (lambda: I2CKD(0, 6, 5), "student_channels", "0"),
+    (lambda: FeatureAdapter(4, 0), "teacher_channels", "0"),
+    (lambda: SegmentationCrossEntropy(aux_weight=-0.4), "aux_weight", "-0.4"),
+    (lambda: class_prototypes(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), 3, scope="x"), "scope", "'x'"),
+    (lambda: triplet_prototype_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, dtype=torch.bool), mining="x"), "mining", "'x'"),
+]
+
+
+@pytest.mark.parametrize("build,option,value", BAD_OPTIONS)
+def test_bad_option_raises_config_error_naming_it(build, option, value):
+    with pytest.raises(ConfigError) as info:
+        build()
+    message = str(info.value)
+    assert f"{option}=" in message or option in message
+    assert value in message
+
+
+def test_valid_choices_are_listed_in_the_message():
+    with pytest.raises(ConfigError, match="'pixel_mean', 'element_mean'"):
+        PixelwiseKD(reduction="sum")
+
+
+def test_shape_mismatch_raises_preflight_error():
+    x = make_inputs()
+    with pytest.raises(PreflightError, match="student_logits"):
+        PixelwiseKD()(x["zs"], x["zt"][:, :3])
+    with pytest.raises(PreflightError, match="student_features"):
+        PairwiseAffinity()(x["fs"], x["ft"][..., :4])
+    with pytest.raises(PreflightError, match="channels"):
+        I2CKD(C_T, C_T, K)(x["fs"], x["ft"], x["labels"])
