@@ -423,7 +423,9 @@ def test_ifvd_matches_reference(case, num_classes):
 
 
 I2CKD_OPTIONS = list(
-    itertools.product(["batch", "image"], ["student", "teacher"], ["all", "hardest"], [True, False], ["l2", "squared_l2"])
+    itertools.product(
+        ["batch", "image"], ["student", "teacher"], ["all", "hardest"], [True, False], ["l2", "squared_l2"]
+    )
 )
 
 
@@ -435,7 +437,9 @@ def test_i2ckd_matches_reference(case, scope, negatives, mining, normalize, dist
     options = {"scope": scope, "negatives": negatives, "mining": mining, "normalize": normalize}
     loss = I2CKD(C_S, C_T, c["K"], margin=0.5, distance=distance, **options).double()
     weight = loss.adapter.conv.weight.detach()[:, :, 0, 0].numpy()
-    expected = ref_i2ckd(a["fs"], a["ft"], a["labels"], weight, c["K"], 0.5, scope, negatives, mining, normalize, distance)
+    expected = ref_i2ckd(
+        a["fs"], a["ft"], a["labels"], weight, c["K"], 0.5, scope, negatives, mining, normalize, distance
+    )
     close(loss(c["fs"], c["ft"], c["labels"]), expected)
 
 

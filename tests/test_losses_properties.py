@@ -275,7 +275,11 @@ GRADCHECK = {
         ["zs"],
         lambda x: (x["zt"], x["labels"]),
     ),
-    "ace_average": (lambda: AdaptiveCrossEntropy(rule="average", temperature=2.0), ["zs"], lambda x: (x["zt"], x["labels"])),
+    "ace_average": (
+        lambda: AdaptiveCrossEntropy(rule="average", temperature=2.0),
+        ["zs"],
+        lambda x: (x["zt"], x["labels"]),
+    ),
     "pairwise_patch1": (lambda: PairwiseAffinity(patch=1), ["fs"], lambda x: (x["ft"],)),
     "ifvd": (lambda: IntraClassFeatureVariation(), ["fs"], lambda x: (x["ft"], x["labels"])),
 }
@@ -378,8 +382,18 @@ BAD_OPTIONS = [
     (lambda: I2CKD(0, 6, 5), "student_channels", "0"),
     (lambda: FeatureAdapter(4, 0), "teacher_channels", "0"),
     (lambda: SegmentationCrossEntropy(aux_weight=-0.4), "aux_weight", "-0.4"),
-    (lambda: class_prototypes(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), 3, scope="x"), "scope", "'x'"),
-    (lambda: triplet_prototype_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, dtype=torch.bool), mining="x"), "mining", "'x'"),
+    (
+        lambda: class_prototypes(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), 3, scope="x"),
+        "scope",
+        "'x'",
+    ),
+    (
+        lambda: triplet_prototype_loss(
+            torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, dtype=torch.bool), mining="x"
+        ),
+        "mining",
+        "'x'",
+    ),
 ]
 
 

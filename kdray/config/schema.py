@@ -10,12 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "cityscapes", "voc", "camvid", "folder")
+# The (train, evaluation) splits the papers use, taken when data.train_split / data.val_split are not set.
+# CamVid is reported on its test split.
+PAPER_SPLITS = {"synthetic": ("train", "val"), "cityscapes": ("train", "val"), "voc": ("train_aug", "val"),
+                "camvid": ("train", "test"), "folder": ("train", "val")}
 
 
 @dataclass
 class NormalizeConfig:
-    """Input normalisation; part of the job so a teacher trained elsewhere sees the inputs it was trained on."""
+    """Input normalisation; part of the job so a teacher trained elsewhere sees the inputs it was trained on.
+
+    The image is scaled to 0..1, put in `order`, then `(x - mean) / std` per channel (in that order). A model
+    trained on `x_255 - m_255` (0..255 pixels, mean subtraction only, as CIRKD's checkpoints) is served exactly
+    by `mean = m_255 / 255` and `std = 1 / 255`; `kdray.models.public` lists the numbers of each public file.
+    """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, on the 0..1 pixel scale
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -33,9 +42,22 @@ class SyntheticConfig:
 
 
 @dataclass
+class FolderConfig:
+    """A user's own data (kdray.data.folder): `<root>/<split>/images/<stem>.<ext>` paired with
+    `<root>/<split>/masks/<stem>.png` holding class ids 0..K-1 and `data.ignore_index`. Only read when
+    `data.dataset` is folder."""
+
+    class_names: tuple[str, ...] | None = None  # one name per class id, in id order; sets K = data.num_classes
+
+
+@dataclass
 class DataConfig:
-    dataset: Literal["synthetic"] = "synthetic"
+    dataset: Literal["synthetic", "cityscapes", "voc", "camvid", "folder"] = "synthetic"
     root: str | None = None
+    # The splits trained on and evaluated on; None takes the papers' choice (PAPER_SPLITS above):
+    # cityscapes train/val, voc train_aug/val, camvid train/test, folder train/val.
+    train_split: str | None = None
+    val_split: str | None = None
     num_classes: int = 8
     ignore_index: int = 255
     crop: tuple[int, int] = (64, 64)  # (height, width) of the training crop
@@ -44,8 +66,14 @@ class DataConfig:
     batch_size: int = 16  # global batch: split evenly across run.workers
     eval_batch_size: int = 1  # per worker; the papers evaluate whole images one at a time
     loader_workers: int = 0  # DataLoader processes per training worker
+    # Evaluation: `whole` runs each full-resolution image at once (the papers); `slide` runs overlapping
+    # eval_crop windows every eval_stride pixels and averages their logits (for GPUs short of memory).
+    eval_mode: Literal["whole", "slide"] = "whole"
+    eval_crop: tuple[int, int] | None = None  # (height, width) of a window; None: data.crop
+    eval_stride: tuple[int, int] | None = None  # None: two thirds of the window
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
 
 
 @dataclass

@@ -11,6 +11,12 @@ from kdray.errors import ConfigError
 # The largest image each dataset serves (height, width); a crop beyond it times the largest scale would be
 # mostly padding. The synthetic size comes from its own config.
 DATASET_IMAGE_SIZE = {"cityscapes": (1024, 2048), "camvid": (360, 480), "voc": (500, 500)}
+# Class counts of the fixed-label datasets; a folder dataset's comes from data.folder.class_names.
+DATASET_CLASSES = {"cityscapes": 19, "voc": 21, "camvid": 11}
+# Split names each loader knows; VOC takes any ImageSets/Segmentation/<split>.txt and a folder any <root>/<split>.
+# Cityscapes test labels are not public, so only train and val can be trained or evaluated on.
+DATASET_SPLITS = {"synthetic": ("train", "val"), "cityscapes": ("train", "val"),
+                  "camvid": ("train", "val", "test", "trainval")}
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -20,6 +26,41 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
 
 def _positive(key: str, value: float) -> None:
     _require(value > 0 and math.isfinite(value), key, value, "must be > 0")
+
+
+def _validate_dataset(job: Job) -> None:
+    """The data rules that depend on which dataset is read: classes, split names, folder names, eval windows."""
+    d = job.data
+    if d.dataset in DATASET_CLASSES:
+        k = DATASET_CLASSES[d.dataset]
+        _require(d.num_classes == k, "data.num_classes", d.num_classes, f"the {d.dataset} dataset has {k} classes")
+    if d.dataset == "folder":
+        names = d.folder.class_names
+        shown = list(names) if names is not None else None
+        _require(names is not None and len(names) >= 2, "data.folder.class_names", shown,
+                 "the folder dataset needs one name per class id, in id order (at least 2)")
+        _require(len(set(names)) == len(names) and all(n.strip() for n in names), "data.folder.class_names", shown,
+                 "names must be non-empty and distinct")
+        _require(d.num_classes == len(names), "data.num_classes", d.num_classes,
+                 f"data.folder.class_names lists {len(names)} classes")
+    for key in ("train_split", "val_split"):
+        split = getattr(d, key)
+        if split is None:
+            continue
+        known = DATASET_SPLITS.get(d.dataset)
+        if known is not None:
+            _require(split in known, f"data.{key}", split, f"the {d.dataset} splits are {', '.join(known)}")
+        else:
+            _require(bool(split.strip()) and not any(c in split for c in "/\\") and split not in (".", ".."),
+                     f"data.{key}", split, "a split name (a list file or folder name), not a path")
+    if d.eval_mode == "slide":
+        window = d.eval_crop or d.crop
+        key = "data.eval_crop" if d.eval_crop is not None else "data.crop"
+        for i, side in enumerate(window):
+            _require(side >= 8, f"{key}[{i}]", side, "a sliding window side must be >= 8 (output stride 8)")
+        for i, side in enumerate(d.eval_stride or ()):
+            _require(1 <= side <= window[i], f"data.eval_stride[{i}]", side,
+                     f"must be 1..{window[i]} (the window side), or the windows would leave gaps")
 
 
 def validate(job: Job) -> Job:
@@ -53,6 +94,9 @@ def validate(job: Job) -> Job:
     _require(d.batch_size // r.workers >= 2, "data.batch_size", d.batch_size,
              f"each of the run.workers={r.workers} workers needs at least 2 images per step (BatchNorm)")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    _require(d.dataset != "voc" or d.eval_batch_size == 1, "data.eval_batch_size", d.eval_batch_size,
+             "VOC images differ in size, so they are evaluated one at a time: set 1")
+    _validate_dataset(job)
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     for i, s in enumerate(d.normalize.std):
         _positive(f"data.normalize.std[{i}]", s)

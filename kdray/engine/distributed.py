@@ -57,3 +57,16 @@ def gather_objects(obj: object, ctx: RankContext) -> list[object]:
     out: list[object] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor], ctx: RankContext) -> dict[str, float]:
+    """Scalar losses averaged over the ranks, as floats: one small all-reduce per step.
+
+    Every rank then logs the same numbers and sees a NaN at the same iteration, so a stop for a non-finite
+    loss happens on all ranks together instead of leaving some waiting in a collective.
+    """
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if ctx.distributed:
+        dist.all_reduce(stacked)
+        stacked /= ctx.world_size
+    return dict(zip(values, stacked.tolist()))

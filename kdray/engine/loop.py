@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from kdray.config import Job, LossesConfig, job_hash
 from kdray.data import IterationBatchSampler, build_dataset, class_names
 from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdray.engine.distributed import RankContext, average_gradients, gather_objects
+from kdray.engine.distributed import RankContext, average_gradients, gather_objects, mean_over_ranks
 from kdray.engine.evaluate import evaluate, evaluation_loader
 from kdray.engine.progress import Progress
 from kdray.errors import CheckpointError, KdrayError
@@ -239,8 +239,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             d_optimizer.step()
             parts = {**parts, "discriminator": d_loss.detach()}
 
-        values = {k: float(v.detach()) for k, v in parts.items()}
-        values["total"] = float(total.detach())
+        values = mean_over_ranks({**parts, "total": total}, ctx)
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(name, i + 1, value)

@@ -30,9 +30,7 @@ class ChannelSpatialCorrelation(nn.Module):
     Correlations and Adaptive Cross Entropy", Sensors 20(16):4616, 2020, doi:10.3390/s20164616.
     """
 
-    def __init__(
-        self, student_channels: int, teacher_channels: int, patch: int = 2, gamma: float = 1.0
-    ) -> None:
+    def __init__(self, student_channels: int, teacher_channels: int, patch: int = 2, gamma: float = 1.0) -> None:
         super().__init__()
         owner = type(self).__name__
         self.patch = _checks.positive_int(owner, "patch", patch)

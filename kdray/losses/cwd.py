@@ -83,9 +83,7 @@ class ChannelWiseDistillation(nn.Module):
                 raise ValueError(f"{owner}: on={self.on!r} needs student_features and teacher_features")
             projected = self.adapter(student_features)
             teacher_features = teacher_features.detach()
-            _checks.same_shape(
-                owner, "adapter(student_features)", projected, "teacher_features", teacher_features
-            )
+            _checks.same_shape(owner, "adapter(student_features)", projected, "teacher_features", teacher_features)
             term = self.feature_scale * channel_wise_kl(projected, teacher_features, self.temperature)
             loss = term if loss is None else loss + term
         return loss

@@ -94,9 +94,7 @@ class AdversarialDistillation(nn.Module):
             return logits
         if images is None or images.dim() != 4 or images.shape[:2] != (logits.shape[0], 3):
             shape = None if images is None else tuple(images.shape)
-            raise PreflightError(
-                f"{owner}: conditioning='logits+image' needs images (N, 3, H, W), got {shape}"
-            )
+            raise PreflightError(f"{owner}: conditioning='logits+image' needs images (N, 3, H, W), got {shape}")
         resized = F.interpolate(images.detach(), size=logits.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([logits, resized.to(logits.dtype)], dim=1)
 

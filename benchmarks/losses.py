@@ -1,0 +1,398 @@
+"""Cost of each distillation loss: forward+backward time and peak memory, next to a naive loop version of the
+same loss and next to the student network's own forward+backward.
+
+    python benchmarks/losses.py                      # CPU, paper and demo shapes
+    python benchmarks/losses.py --device cuda
+    python benchmarks/losses.py --shapes demo --no-student --repeats 10
+
+Shapes (what is measured):
+- paper: N=2, teacher C=256, student C=128, K=19, maps 64×128 (output stride 8 of a 512×1024 crop), labels
+  512×1024; student = deeplabv3_resnet18 (width 1) forward+backward on a 2×3×512×1024 batch.
+- demo: N=8, C_T=64, C_S=32, K=8, maps 16×16, labels 128×128; student = deeplabv3_resnet18 at width 0.25
+  (32 feature channels) on 8×3×128×128.
+
+The loop versions are written here, deliberately naive in the way public code often is: a Python loop over
+the images and/or classes (and for I2CKD the adapter on the whole map and a loop over class pairs). Each is
+checked against the kdray module's value before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kdray.losses import (  # noqa: E402
+    I2CKD,
+    AdaptiveCrossEntropy,
+    AdversarialDistillation,
+    ChannelSpatialCorrelation,
+    ChannelWiseDistillation,
+    IntraClassFeatureVariation,
+    PairwiseAffinity,
+    PixelwiseKD,
+    SegmentationCrossEntropy,
+    downsample_labels,
+)
+
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    c_t: int
+    c_s: int
+    k: int
+    h: int
+    w: int
+    height: int
+    width: int
+    student_width: float
+
+    def describe(self) -> str:
+        return (
+            f"N={self.n}, C_T={self.c_t}, C_S={self.c_s}, K={self.k}, maps {self.h}×{self.w}, "
+            f"labels {self.height}×{self.width}; student deeplabv3_resnet18 (width {self.student_width}) "
+            f"fwd+bwd on {self.n}×3×{self.height}×{self.width}"
+        )
+
+
+SHAPES = {
+    "paper": Shape(n=2, c_t=256, c_s=128, k=19, h=64, w=128, height=512, width=1024, student_width=1.0),
+    "demo": Shape(n=8, c_t=64, c_s=32, k=8, h=16, w=16, height=128, width=128, student_width=0.25),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Naive loop versions
+# --------------------------------------------------------------------------------------------------------------
+def kd_loop(zs, zt, labels, temperature=1.0):
+    n, k, h, w = zs.shape
+    total = zs.new_zeros(())
+    for b in range(n):
+        log_s = F.log_softmax(zs[b] / temperature, dim=0)
+        log_t = F.log_softmax(zt[b] / temperature, dim=0)
+        for c in range(k):
+            total = total + (log_t[c].exp() * (log_t[c] - log_s[c])).sum()
+    return total / (n * h * w) * temperature**2
+
+
+def cwd_loop(zs, zt, labels, temperature=4.0):
+    n, k = zs.shape[:2]
+    total = zs.new_zeros(())
+    for b in range(n):
+        for c in range(k):
+            log_s = F.log_softmax(zs[b, c].flatten() / temperature, dim=0)
+            log_t = F.log_softmax(zt[b, c].flatten() / temperature, dim=0)
+            total = total + (log_t.exp() * (log_t - log_s)).sum()
+    return total * temperature**2 / (n * k)
+
+
+def ace_loop(zs, zt, labels, temperature=1.0):
+    n, k, h, w = zs.shape
+    y = downsample_labels(labels, (h, w))
+    total = zs.new_zeros(())
+    for b in range(n):
+        log_s = F.log_softmax(zs[b] / temperature, dim=0)
+        p_t = F.softmax(zt[b] / temperature, dim=0)
+        pred = zt[b].argmax(dim=0)
+        for c in range(k):
+            mask = y[b] == c
+            right = mask & (pred == c)
+            total = total - (p_t[:, right] * log_s[:, right]).sum() - log_s[c][mask & ~right].sum()
+    return total / (y != IGNORE).sum().clamp_min(1)
+
+
+def _affinity(f):
+    nodes = F.normalize(F.max_pool2d(f, 2, 2, ceil_mode=True).flatten(1), dim=0)
+    return nodes.t() @ nodes
+
+
+def pairwise_loop(fs, ft, labels):
+    total, count = fs.new_zeros(()), 0
+    for b in range(fs.shape[0]):
+        a_s, a_t = _affinity(fs[b]), _affinity(ft[b])
+        total = total + ((a_s - a_t) ** 2).sum()
+        count += a_s.numel()
+    return total / count
+
+
+def ifvd_loop(num_classes):
+    def loss(fs, ft, labels):
+        n, _, h, w = fs.shape
+        y = downsample_labels(labels, (h, w))
+        total = fs.new_zeros(())
+        for b in range(n):
+            sims = []
+            for f in (fs[b], ft[b]):
+                centre = f  # ignored pixels keep their own feature: cosine 1
+                for c in range(num_classes):
+                    mask = y[b] == c
+                    if mask.any():
+                        proto = f[:, mask].mean(dim=1)
+                        centre = torch.where(mask, proto[:, None, None], centre)
+                sims.append(F.cosine_similarity(f, centre, dim=0))
+            total = total + ((sims[0] - sims[1]) ** 2).sum()
+        return total / (n * h * w)
+
+    return loss
+
+
+def csc_loop(module):
+    def loss(fs, ft, labels):
+        total_sp, count_sp, total_ch, count_ch = fs.new_zeros(()), 0, fs.new_zeros(()), 0
+        projected = module.adapter(fs)
+        for b in range(fs.shape[0]):
+            ns = F.max_pool2d(projected[b], 2, 2, ceil_mode=True).flatten(1)
+            nt = F.max_pool2d(ft[b], 2, 2, ceil_mode=True).flatten(1)
+            sp_s, sp_t = F.normalize(ns, dim=0), F.normalize(nt, dim=0)
+            ch_s, ch_t = F.normalize(ns, dim=1), F.normalize(nt, dim=1)
+            d_sp = sp_s.t() @ sp_s - sp_t.t() @ sp_t
+            d_ch = ch_s @ ch_s.t() - ch_t @ ch_t.t()
+            total_sp, count_sp = total_sp + (d_sp**2).sum(), count_sp + d_sp.numel()
+            total_ch, count_ch = total_ch + (d_ch**2).sum(), count_ch + d_ch.numel()
+        return total_sp / count_sp + total_ch / count_ch
+
+    return loss
+
+
+def i2ckd_loop(module, num_classes, margin=0.5):
+    def loss(fs, ft, labels):
+        projected = module.adapter(fs)
+        y = downsample_labels(labels, fs.shape[-2:])
+        p_s, p_t = [], []
+        for c in range(num_classes):
+            mask = y == c
+            if mask.any():
+                p_s.append(F.normalize(projected.permute(1, 0, 2, 3)[:, mask].mean(dim=1), dim=0))
+                p_t.append(F.normalize(ft.permute(1, 0, 2, 3)[:, mask].mean(dim=1), dim=0))
+        terms = []
+        for a in range(len(p_s)):
+            for b in range(len(p_s)):
+                if a != b:
+                    pos = (p_t[a] - p_s[a]).norm()
+                    neg = (p_t[a] - p_s[b]).norm()
+                    terms.append(F.relu(pos - neg + margin))
+        return torch.stack(terms).mean() if terms else projected.sum() * 0
+
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def peak_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Peak of the bytes allocated during one step, above what was allocated before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    # On CPU: replay the profiler's allocation/free events ("[memory]", signed byte counts) in time order.
+    activity = torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+MEMORY_METHOD = {
+    "cpu": "torch.profiler(profile_memory=True) allocation events, peak of live bytes within the step",
+    "cuda": "torch.cuda.max_memory_allocated() minus memory_allocated() before the step",
+}
+
+
+@dataclass
+class Row:
+    loss: str
+    shape: str
+    ms: float
+    loop_ms: float | None
+    peak: float
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = shape
+    labels = torch.randint(0, s.k, (s.n, s.height, s.width), generator=g)
+    labels[torch.rand(s.n, s.height, s.width, generator=g) < 0.1] = IGNORE
+    tensors = {
+        "zs": torch.randn(s.n, s.k, s.h, s.w, generator=g),
+        "zt": torch.randn(s.n, s.k, s.h, s.w, generator=g),
+        "fs": torch.randn(s.n, s.c_s, s.h, s.w, generator=g).relu(),
+        "ft": torch.randn(s.n, s.c_t, s.h, s.w, generator=g).relu(),
+        "labels": labels,
+    }
+    tensors = {key: value.to(device) for key, value in tensors.items()}
+    tensors["zs"].requires_grad_(True)
+    tensors["fs"].requires_grad_(True)
+    return tensors
+
+
+def loss_table(shape: Shape, device: torch.device):
+    """[(name, call(x), loop version or None, the keys of x the loop version takes)], and the modules."""
+    s = shape
+    csc = ChannelSpatialCorrelation(s.c_s, s.c_t).to(device)
+    i2ckd = I2CKD(s.c_s, s.c_t, s.k).to(device)
+    adversarial = AdversarialDistillation(s.k).to(device)
+    kd, cwd, ace = PixelwiseKD(), ChannelWiseDistillation(), AdaptiveCrossEntropy()
+    pairwise, ifvd, ce = PairwiseAffinity(), IntraClassFeatureVariation(num_classes=s.k), SegmentationCrossEntropy()
+    logits = ("zs", "zt", "labels")
+    features = ("fs", "ft", "labels")
+    return [
+        ("CE", lambda x: ce(x["zs"], x["labels"]), None, logits),
+        ("KD", lambda x: kd(x["zs"], x["zt"]), kd_loop, logits),
+        ("CWD (logits)", lambda x: cwd(x["zs"], x["zt"]), cwd_loop, logits),
+        ("ACE", lambda x: ace(x["zs"], x["zt"], x["labels"]), ace_loop, logits),
+        ("SKD pair-wise", lambda x: pairwise(x["fs"], x["ft"]), pairwise_loop, features),
+        ("SKD holistic: student term", lambda x: adversarial(x["zs"]), None, logits),
+        ("SKD holistic: D step (hinge)", lambda x: adversarial.discriminator_loss(x["zt"], x["zs"]), None, logits),
+        ("IFVD", lambda x: ifvd(x["fs"], x["ft"], x["labels"]), ifvd_loop(s.k), features),
+        ("CSC", lambda x: csc(x["fs"], x["ft"]), csc_loop(csc), features),
+        ("I2CKD", lambda x: i2ckd(x["fs"], x["ft"], x["labels"]), i2ckd_loop(i2ckd, s.k), features),
+    ], [csc, i2ckd, adversarial]
+
+
+def clear_grads(x: dict, modules) -> None:
+    for value in x.values():
+        value.grad = None
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+
+
+def student_step(shape: Shape, device: torch.device):
+    try:
+        from kdray.models import build_model
+    except ImportError as err:  # the models package is written separately; the table still prints
+        print(f"(student skipped: kdray.models is not importable: {err})")
+        return None
+    model = build_model("deeplabv3_resnet18", shape.k, width=shape.student_width).to(device).train()
+    images = torch.randn(shape.n, 3, shape.height, shape.width, device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(images)
+        loss = out.logits.mean() + (out.aux_logits.mean() if out.aux_logits is not None else 0)
+        loss.backward()
+
+    return step
+
+
+def run(args) -> list[tuple[Row, float | None]]:
+    device = torch.device(args.device)
+    results = []
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        student_ms = student_peak = None
+        if args.student:
+            step = student_step(shape, device)
+            if step is not None:
+                student_ms = median_ms(step, device, warmup=1, repeats=args.student_repeats)
+                student_peak = peak_mb(step, device)
+                del step
+                print(f"[{shape_name}] student fwd+bwd {student_ms:.0f} ms", file=sys.stderr)
+        x = make_inputs(shape, device)
+        table, modules = loss_table(shape, device)
+        if student_ms is not None:
+            results.append((Row("student fwd+bwd", shape_name, student_ms, None, student_peak), student_ms))
+        for name, fn, loop, keys in table:
+
+            def step(fn=fn, x=x, modules=modules):
+                clear_grads(x, modules)
+                fn(x).backward()
+
+            def loop_step(loop=loop, keys=keys, x=x, modules=modules):
+                clear_grads(x, modules)
+                loop(*(x[k] for k in keys)).backward()
+
+            ms = median_ms(step, device, args.warmup, args.repeats)
+            loop_ms = None
+            if loop is not None:
+                expected, got = fn(x).item(), loop(*(x[k] for k in keys)).item()
+                if abs(expected - got) > 1e-4 * max(abs(expected), 1e-3):
+                    raise SystemExit(f"{name} at {shape_name}: loop version gives {got}, module {expected}")
+                loop_ms = median_ms(loop_step, device, args.warmup, args.repeats)
+            results.append((Row(name, shape_name, ms, loop_ms, peak_mb(step, device)), student_ms))
+            print(f"[{shape_name}] {name}: {ms:.2f} ms", file=sys.stderr)
+    return results
+
+
+def render(results, args) -> str:
+    lines = [
+        f"# Distillation losses, forward+backward, device {args.device} "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        f"# time: median of {args.repeats} runs after {args.warmup} warm-up "
+        f"(student: median of {args.student_repeats} after 1)",
+        f"# peak memory: {MEMORY_METHOD['cuda' if args.device.startswith('cuda') else 'cpu']}",
+    ]
+    lines += [f"# {name}: {SHAPES[name].describe()}" for name in args.shapes]
+    header = ("loss", "shape", "time ms", "% of student fwd+bwd", "loop time ms", "speed-up", "peak MB")
+    rows = [header]
+    for row, student_ms in results:
+        share = f"{100 * row.ms / student_ms:.2f}" if student_ms else "-"
+        loop = f"{row.loop_ms:.2f}" if row.loop_ms is not None else "-"
+        speedup = f"{row.loop_ms / row.ms:.1f}×" if row.loop_ms is not None else "-"
+        rows.append((row.loss, row.shape, f"{row.ms:.2f}", share, loop, speedup, f"{row.peak:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        cells = [c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(r, widths, strict=True))]
+        lines.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (wd + 2) for wd in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--student-repeats", type=int, default=3)
+    parser.add_argument("--no-student", dest="student", action="store_false", help="skip the student's timing")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    print(render(run(args), args))
+
+
+if __name__ == "__main__":
+    main()

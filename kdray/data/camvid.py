@@ -1,0 +1,56 @@
+"""CamVid in the SegNet version: 11 classes, 360x480 images (367 train, 101 val, 233 test).
+
+    <root>/{train,val,test}/<seq>_<frame>.png            e.g. 0001TP_006690.png
+    <root>/{trainannot,valannot,testannot}/<seq>_<frame>.png
+
+An annotation has the image's file name in the split's `annot` folder and holds indices 0..10 (the classes
+below) or 11 (void, read as the ignore value). `trainval` is train and val together. The papers train on
+train and report the test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdray.data.files import (
+    SAMPLE_MASKS,
+    FileSegmentation,
+    LabelCodec,
+    Sample,
+    existing_dir,
+    existing_root,
+    unpaired,
+)
+from kdray.errors import DataError
+
+CLASS_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+               "bicyclist")
+VOID = 11
+LAYOUT = "train/, trainannot/, val/, valannot/, test/ and testannot/"
+
+
+class CamVid(FileSegmentation):
+    dataset = "camvid"
+
+    def __init__(self, root: str | Path, split: str = "train", ignore_index: int = 255,
+                 sample_check: int = SAMPLE_MASKS):
+        root = existing_root(root, self.dataset, LAYOUT)
+        codec = LabelCodec({**{k: k for k in range(len(CLASS_NAMES))}, VOID: ignore_index},
+                           f"CamVid labels (0..{VOID}, {VOID} = void)")
+        samples = []
+        for part in ("train", "val") if split == "trainval" else (split,):
+            image_dir = existing_dir(root / part, f"the CamVid {part} images")
+            mask_dir = existing_dir(root / f"{part}annot", f"the CamVid {part} labels")
+            images = sorted(image_dir.glob("*.png"))
+            if not images:
+                raise DataError(f"{image_dir}: no *.png images: the CamVid {part} split is empty")
+            masks = {p.name: p for p in mask_dir.glob("*.png")}
+            names = {p.name for p in images}
+            missing = [p for p in images if p.name not in masks]
+            if missing:
+                raise unpaired(missing, len(images), "image", "label", lambda p, d=mask_dir: str(d / p.name))
+            orphans = sorted(p for name, p in masks.items() if name not in names)
+            if orphans:
+                raise unpaired(orphans, len(masks), "label", "image", lambda p, d=image_dir: str(d / p.name))
+            samples += [Sample(p, masks[p.name], codec) for p in images]
+        super().__init__(samples, split, CLASS_NAMES, ignore_index, sample_check)

@@ -1,0 +1,88 @@
+"""Cityscapes, fine annotations, 19 classes (2975 train, 500 val images of 1024x2048).
+
+    <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelTrainIds.png   (if the user generated them)
+    <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+
+Per image, the `labelTrainIds` file is read when it exists (values 0..18, 255), else the `labelIds` file
+(values 0..33) is mapped to train ids here with the official table (cityscapesScripts `labels.py`); every
+other id is ignored. Test labels are not public, so the splits are train and val.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdray.data.files import (
+    SAMPLE_MASKS,
+    FileSegmentation,
+    LabelCodec,
+    Sample,
+    existing_dir,
+    existing_root,
+    unpaired,
+)
+from kdray.errors import DataError
+
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+# labelId -> trainId for the 19 evaluated classes; the other ids 0..33 (void, ground, parking, rail track,
+# guard rail, bridge, tunnel, polegroup, caravan, trailer, ...) are ignored.
+LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+NUM_LABEL_IDS = 34
+_IMAGE_END, _TRAIN_IDS_END, _IDS_END = "_leftImg8bit.png", "_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"
+LAYOUT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"
+
+
+class Cityscapes(FileSegmentation):
+    dataset = "cityscapes"
+
+    def __init__(self, root: str | Path, split: str = "train", ignore_index: int = 255,
+                 sample_check: int = SAMPLE_MASKS):
+        root = existing_root(root, self.dataset, LAYOUT)
+        image_dir = existing_dir(root / "leftImg8bit" / split, f"the Cityscapes {split} images")
+        label_dir = existing_dir(root / "gtFine" / split, f"the Cityscapes {split} labels")
+        images = sorted(image_dir.glob(f"*/*{_IMAGE_END}"))
+        if not images:
+            raise DataError(f"{image_dir}: no <city>/*{_IMAGE_END} images: the Cityscapes {split} split is empty")
+        train_ids = LabelCodec({**{k: k for k in range(len(CLASS_NAMES))}, 255: ignore_index},
+                               "Cityscapes labelTrainIds (0..18, 255)")
+        label_ids = LabelCodec({i: LABEL_TO_TRAIN_ID.get(i, ignore_index) for i in range(NUM_LABEL_IDS)},
+                               f"Cityscapes labelIds (0..{NUM_LABEL_IDS - 1})")
+
+        labels = {p for p in label_dir.glob("*/*_gtFine_label*Ids.png") if p.name.endswith((_TRAIN_IDS_END, _IDS_END))}
+        samples, missing, bases = [], [], set()
+        for image in images:
+            base = image.parent.name, image.name[: -len(_IMAGE_END)]
+            bases.add(base)
+            preferred, fallback = _label(label_dir, base, _TRAIN_IDS_END), _label(label_dir, base, _IDS_END)
+            if preferred in labels:
+                samples.append(Sample(image, preferred, train_ids))
+            elif fallback in labels:
+                samples.append(Sample(image, fallback, label_ids))
+            else:
+                missing.append(image)
+        if missing:
+            def expected_label(p: Path) -> str:
+                ids = _label(label_dir, (p.parent.name, p.name[: -len(_IMAGE_END)]), _IDS_END)
+                return f"{ids} or its {_TRAIN_IDS_END[1:]}"
+
+            raise unpaired(missing, len(images), "image", "label file", expected_label)
+        orphans = sorted(p for p in labels if (p.parent.name, _base(p)) not in bases)
+        if orphans:
+            raise unpaired(orphans, len(labels), "label file", "image",
+                           lambda p: str(image_dir / p.parent.name / f"{_base(p)}{_IMAGE_END}"))
+        super().__init__(samples, split, CLASS_NAMES, ignore_index, sample_check)
+
+
+def _label(label_dir: Path, base: tuple[str, str], ending: str) -> Path:
+    city, stem = base
+    return label_dir / city / f"{stem}{ending}"
+
+
+def _base(label: Path) -> str:
+    ending = _TRAIN_IDS_END if label.name.endswith(_TRAIN_IDS_END) else _IDS_END
+    return label.name[: -len(ending)]

@@ -1,0 +1,67 @@
+"""A user's own data: one folder per split, images and masks paired by file stem.
+
+    <root>/<split>/images/<stem>.{jpg,jpeg,png,webp,bmp,tif,tiff}
+    <root>/<split>/masks/<stem>.{png,bmp,tif,tiff}
+
+A mask is a single-channel (grey or palette) image of the same size as its image, holding class ids
+0..K-1, where K is the number of names in `data.folder.class_names`, and `data.ignore_index` (usually 255)
+for pixels that count nowhere. Lossless formats only: JPEG would blur the ids. The job names the splits
+(`data.train_split`, `data.val_split`; train and val unless set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from kdray.data.files import (
+    SAMPLE_MASKS,
+    FileSegmentation,
+    LabelCodec,
+    Sample,
+    existing_dir,
+    existing_root,
+    ranges,
+    unpaired,
+)
+from kdray.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+LAYOUT = "<split>/images/ and <split>/masks/ with matching file stems"
+
+
+class FolderSegmentation(FileSegmentation):
+    dataset = "folder"
+
+    def __init__(self, root: str | Path, split: str, class_names: Sequence[str], ignore_index: int = 255,
+                 sample_check: int = SAMPLE_MASKS):
+        root = existing_root(root, self.dataset, LAYOUT)
+        image_dir = existing_dir(root / split / "images", f"the {split} images")
+        mask_dir = existing_dir(root / split / "masks", f"the {split} masks")
+        images = _by_stem(image_dir, IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}): the {split} split is empty")
+        masks = _by_stem(mask_dir, MASK_SUFFIXES)
+        missing = [p for stem, p in images.items() if stem not in masks]
+        if missing:
+            raise unpaired(missing, len(images), "image", "mask", lambda p: f"{mask_dir / p.stem}.png")
+        orphans = [p for stem, p in masks.items() if stem not in images]
+        if orphans:
+            raise unpaired(orphans, len(masks), "mask", "image", lambda p: f"{image_dir / p.stem}.<jpg|png|...>")
+        k = len(class_names)
+        valid = {**{c: c for c in range(k)}, **({ignore_index: ignore_index} if ignore_index >= 0 else {})}
+        codec = LabelCodec(valid, f"class ids and ignore value ({ranges(valid)})")
+        samples = [Sample(images[stem], masks[stem], codec) for stem in sorted(images)]
+        super().__init__(samples, split, class_names, ignore_index, sample_check)
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in suffixes:
+            continue
+        if path.stem in found:
+            raise DataError(f"{path}: {found[path.stem].name} has the same stem; each stem must name one file")
+        found[path.stem] = path
+    return found

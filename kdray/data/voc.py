@@ -1,0 +1,68 @@
+"""Pascal VOC 2012 with the SBD augmentation, 21 classes with background (10582 train_aug, 1449 val images).
+
+    <root>/JPEGImages/<id>.jpg
+    <root>/SegmentationClassAug/<id>.png       grey index PNGs (SBD + VOC), for the *_aug splits
+    <root>/SegmentationClass/<id>.png          palette PNGs, the original VOC labels, for every other split
+    <root>/ImageSets/Segmentation/<split>.txt  one id per line (train_aug.txt, val.txt, train.txt, trainval.txt)
+
+A split is the list file of its name. Lines may also be `"/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"`
+(the form some train_aug.txt copies use): the first word's stem is the id. Labels are read as indices with PIL,
+which serves grey and palette PNGs alike; 255 marks object boundaries and is ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdray.data.files import (
+    SAMPLE_MASKS,
+    FileSegmentation,
+    LabelCodec,
+    Sample,
+    existing_dir,
+    existing_root,
+    unpaired,
+)
+from kdray.errors import DataError
+
+CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+LAYOUT = "JPEGImages/, SegmentationClassAug/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt"
+
+
+def mask_folder(split: str) -> str:
+    """SBD's index PNGs for the augmented splits, the original palette PNGs otherwise."""
+    return "SegmentationClassAug" if split.endswith("_aug") else "SegmentationClass"
+
+
+class VOCAug(FileSegmentation):
+    dataset = "voc"
+
+    def __init__(self, root: str | Path, split: str = "train_aug", ignore_index: int = 255,
+                 sample_check: int = SAMPLE_MASKS):
+        root = existing_root(root, self.dataset, LAYOUT)
+        list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not list_file.is_file():
+            raise DataError(f"{list_file}: no such file; the VOC {split} split is the list of its image ids")
+        ids = [Path(line.split()[0]).stem for line in list_file.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise DataError(f"{list_file}: lists no image ids: the VOC {split} split is empty")
+        image_dir = existing_dir(root / "JPEGImages", "the VOC images")
+        mask_dir = existing_dir(root / mask_folder(split), f"the VOC labels of the {split} split")
+        images = {p.stem for p in image_dir.glob("*.jpg")}
+        masks = {p.stem for p in mask_dir.glob("*.png")}
+
+        without_image = [image_dir / f"{i}.jpg" for i in ids if i not in images]
+        if without_image:
+            raise DataError(f"{without_image[0]}: no such image, but {list_file} lists it; "
+                            f"{len(without_image)} of {len(ids)} listed ids have no image")
+        without_mask = [image_dir / f"{i}.jpg" for i in ids if i not in masks]
+        if without_mask:
+            raise unpaired(without_mask, len(ids), "image", "label",
+                           lambda p: str(mask_dir / f"{p.stem}.png"))
+        codec = LabelCodec({**{k: k for k in range(len(CLASS_NAMES))}, 255: ignore_index},
+                           "VOC labels (0..20, 255)")
+        samples = [Sample(image_dir / f"{i}.jpg", mask_dir / f"{i}.png", codec) for i in ids]
+        super().__init__(samples, split, CLASS_NAMES, ignore_index, sample_check)

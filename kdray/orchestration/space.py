@@ -1,0 +1,364 @@
+"""Search spaces (`search_spaces/*.yaml`): what a sweep varies, validated against the job before anything runs.
+
+A **search** space samples trials with Optuna:
+
+    name: i2ckd-weights
+    metric: val/miou
+    mode: max
+    num_samples: 24
+    seed: 0                                   # the sampler's seed
+    scheduler: {kind: asha, grace_period: 2, reduction_factor: 3}   # grace period in evaluations
+    overrides: {optim.iterations: 2000}       # fixed for every trial
+    space:
+      losses.kd.weight:      {loguniform: [0.1, 10.0]}
+      losses.kd.temperature: {uniform: [1.0, 8.0]}
+      losses.i2ckd.enabled:  {choice: [true, false]}
+      losses.i2ckd.weight:   {loguniform: [0.01, 1.0], if: losses.i2ckd.enabled}
+      run.seed: 0                             # a plain value: fixed
+    points_to_evaluate:                        # tried first, e.g. the published defaults
+      - {losses.kd.weight: 1.0, losses.kd.temperature: 1.0, losses.i2ckd.enabled: true, losses.i2ckd.weight: 1.0}
+
+An **ablation** space runs every row x seed, no sampling:
+
+    name: i2ckd-ablation
+    seeds: [0, 1, 2]
+    rows:
+      - {name: Student (CE)}
+      - {name: +KD, set: {losses.kd.enabled: true}}
+
+Distributions: `uniform: [low, high]`, `loguniform: [low, high]` (low > 0), `int: [low, high]` (inclusive;
+`step`, `log` optional), `choice: [...]`. `if: KEY` makes a knob conditional on an earlier boolean choice
+(`if: {KEY: VALUE}` on a given value): when the toggle is off, the knob is never sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kdray.config import Job, apply_overrides, flatten, job_from_dict, read_yaml, to_dict
+from kdray.errors import ConfigError
+
+_DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+_SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
+                "points_to_evaluate", "max_concurrent_trials", "description"}
+_ABLATION_KEYS = {"name", "kind", "metric", "mode", "seeds", "rows", "overrides", "max_concurrent_trials",
+                  "description"}
+_SCHEDULER_KEYS = {"kind", "grace_period", "reduction_factor"}
+SEED_KEY = "run.seed"
+ROW_KEY = "kdray.row"  # the config key under which an ablation trial carries its row's name
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: a distribution, or a fixed value, optionally conditional on an earlier toggle."""
+
+    key: str
+    kind: str  # uniform | loguniform | int | choice | fixed
+    args: tuple = ()
+    step: int | None = None
+    log: bool = False
+    condition: tuple[str, Any] | None = None  # (toggle key, value it must have)
+
+
+@dataclass
+class Scheduler:
+    kind: str = "none"  # asha | none
+    grace_period: int = 1  # evaluations a trial gets before it can be stopped
+    reduction_factor: float = 3.0
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    kind: str  # search | ablation
+    metric: str = "val/miou"
+    mode: str = "max"
+    num_samples: int = 1
+    seed: int = 0
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dimensions: tuple[Dimension, ...] = ()
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    seeds: tuple[int, ...] = ()
+    rows: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, overrides)
+    max_concurrent_trials: int | None = None
+    source: str = ""  # the YAML text, logged with the sweep
+
+    @property
+    def trial_count(self) -> int:
+        return len(self.rows) * len(self.seeds) if self.kind == "ablation" else self.num_samples
+
+    def row_overrides(self, row: str) -> dict[str, Any]:
+        return dict(self.rows)[row]
+
+    def trial_overrides(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The job overrides of one trial, from the config Tune hands the trial."""
+        if self.kind == "ablation":
+            return {**self.overrides, **self.row_overrides(config[ROW_KEY]), SEED_KEY: config[SEED_KEY]}
+        return {**self.overrides, **{k: v for k, v in config.items() if k != ROW_KEY}}
+
+    def define_by_run(self) -> partial:
+        """The Optuna define-by-run function (module-level + partial: Ray pickles the searcher)."""
+        return partial(sample_config, dimensions=self.dimensions)
+
+
+def sample_config(trial: Any, dimensions: tuple[Dimension, ...]) -> dict[str, Any]:
+    """Ask `trial` (an Optuna trial) for each dimension in order; conditional knobs only when their toggle is on.
+
+    Returns the fixed values; Ray's OptunaSearch adds the sampled ones.
+    """
+    chosen: dict[str, Any] = {}
+    fixed: dict[str, Any] = {}
+    for d in dimensions:
+        if d.condition is not None and chosen.get(d.condition[0]) != d.condition[1]:
+            continue
+        if d.kind == "fixed":
+            value = fixed[d.key] = d.args[0]
+        elif d.kind == "uniform":
+            value = trial.suggest_float(d.key, d.args[0], d.args[1])
+        elif d.kind == "loguniform":
+            value = trial.suggest_float(d.key, d.args[0], d.args[1], log=True)
+        elif d.kind == "int":
+            value = trial.suggest_int(d.key, d.args[0], d.args[1], step=d.step or 1, log=d.log)
+        else:
+            value = trial.suggest_categorical(d.key, list(d.args))
+        chosen[d.key] = value
+    return fixed
+
+
+def _err(where: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {message}")
+
+
+def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(where, f"got {value!r}; expected a finite number")
+    return value
+
+
+def _parse_dimension(key: str, spec: Any, earlier: dict[str, Dimension], where: str) -> Dimension:
+    if not isinstance(spec, dict):
+        return Dimension(key, "fixed", (spec,))
+    kinds = [k for k in spec if k in _DISTRIBUTIONS]
+    extra = set(spec) - set(_DISTRIBUTIONS) - {"if", "step", "log"}
+    if len(kinds) != 1 or extra:
+        raise _err(where, f"got {spec!r}; expected exactly one of {', '.join(_DISTRIBUTIONS)} "
+                          "(plus optional if/step/log)")
+    kind, args = kinds[0], spec[kinds[0]]
+    condition = None
+    if "if" in spec:
+        cond = spec["if"]
+        toggle, value = (next(iter(cond.items())) if isinstance(cond, dict) and len(cond) == 1 else (cond, True))
+        if not isinstance(toggle, str) or toggle not in earlier:
+            raise _err(where, f"if: {cond!r} must name a key listed earlier in the space")
+        parent = earlier[toggle]
+        if parent.kind != "choice" or value not in parent.args:
+            raise _err(where, f"if: {toggle} is {value!r} can never hold: {toggle} is not a choice that includes it")
+        condition = (toggle, value)
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise _err(where, f"choice: got {args!r}; expected a non-empty list of values")
+        return Dimension(key, "choice", tuple(args), condition=condition)
+    if not isinstance(args, list) or len(args) != 2:
+        raise _err(where, f"{kind}: got {args!r}; expected [low, high]")
+    low, high = (_number(f"{where}.{kind}[{i}]", v) for i, v in enumerate(args))
+    if low >= high:
+        raise _err(where, f"{kind}: low {low} must be < high {high}")
+    if kind == "loguniform" and low <= 0:
+        raise _err(where, f"loguniform: low {low} must be > 0 (a log scale has no zero)")
+    if kind == "int":
+        if not all(isinstance(v, int) for v in (low, high)):
+            raise _err(where, f"int: got {args!r}; expected integer bounds")
+        step, log = spec.get("step"), bool(spec.get("log", False))
+        if step is not None and (not isinstance(step, int) or step < 1):
+            raise _err(where, f"step: got {step!r}; expected an integer >= 1")
+        if log and low <= 0:
+            raise _err(where, f"int with log: low {low} must be > 0")
+        return Dimension(key, "int", (low, high), step=step, log=log, condition=condition)
+    return Dimension(key, kind, (float(low), float(high)), condition=condition)
+
+
+def _check_key(key: str, job_keys: set[str], where: str) -> None:
+    if key not in job_keys:
+        import difflib
+
+        close = difflib.get_close_matches(key, sorted(job_keys), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise _err(where, f"the job has no key {key!r}{hint}")
+
+
+def _probe_values(d: Dimension) -> list[Any]:
+    if d.kind in ("fixed", "choice"):
+        return list(d.args)
+    return [d.args[0], d.args[1]]
+
+
+def _check_values(job_data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+    """Build the job with these overrides: a value the job would refuse is refused here, before any trial."""
+    try:
+        job_from_dict(apply_overrides(job_data, base), overrides)
+    except ConfigError as err:
+        raise _err(where, f"gives an invalid job: {err}") from None
+
+
+def load_space(path: str | Path, job: Job, job_data: dict[str, Any]) -> SearchSpace:
+    """Read and validate a space file against `job` (built from `job_data`); ConfigError on the first problem."""
+    path = Path(path)
+    data = read_yaml(path)
+    source = path.read_text()
+    where = path.name
+    kind = data.get("kind", "ablation" if "rows" in data else "search")
+    if kind not in ("search", "ablation"):
+        raise _err(f"{where}: kind", f"got {kind!r}; expected search or ablation")
+    allowed = _SEARCH_KEYS if kind == "search" else _ABLATION_KEYS
+    for key in data:
+        if key not in allowed:
+            raise _err(f"{where}: {key}", f"unknown key for a {kind} space; valid: {', '.join(sorted(allowed))}")
+    name = data.get("name", path.stem)
+    metric, mode = data.get("metric", "val/miou"), data.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise _err(f"{where}: mode", f"got {mode!r}; expected max or min")
+    if not isinstance(metric, str) or not metric.startswith(("val/", "train/")):
+        raise _err(f"{where}: metric", f"got {metric!r}; expected a reported metric such as val/miou")
+    job_keys = set(flatten(to_dict(job)))
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise _err(f"{where}: overrides", f"got {overrides!r}; expected a mapping of job keys to values")
+    for key in overrides:
+        _check_key(key, job_keys, f"{where}: overrides.{key}")
+    _check_values(job_data, {}, overrides, f"{where}: overrides")
+    concurrent = data.get("max_concurrent_trials")
+    if concurrent is not None and (not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1):
+        raise _err(f"{where}: max_concurrent_trials", f"got {concurrent!r}; expected an integer >= 1")
+    common = {"name": name, "kind": kind, "metric": metric, "mode": mode, "overrides": overrides,
+              "max_concurrent_trials": concurrent, "source": source}
+    if kind == "ablation":
+        return _load_ablation(data, where, job_keys, job_data, common)
+    return _load_search(data, where, job_keys, job_data, common)
+
+
+def _load_ablation(data, where, job_keys, job_data, common) -> SearchSpace:
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise _err(f"{where}: seeds", f"got {seeds!r}; expected a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise _err(f"{where}: seeds", f"got {seeds!r}; each seed once")
+    rows_data = data.get("rows")
+    if not isinstance(rows_data, list) or not rows_data:
+        raise _err(f"{where}: rows", "expected a non-empty list of {name, set} rows")
+    rows = []
+    for i, row in enumerate(rows_data):
+        at = f"{where}: rows[{i}]"
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or set(row) - {"name", "set"}:
+            raise _err(at, f"got {row!r}; expected {{name: TEXT, set: {{key: value}}}}")
+        settings = row.get("set") or {}
+        if not isinstance(settings, dict):
+            raise _err(f"{at}.set", f"got {settings!r}; expected a mapping of job keys to values")
+        for key in settings:
+            _check_key(key, job_keys, f"{at}.set.{key}")
+        _check_values(job_data, common["overrides"], settings, f"{at} ({row['name']})")
+        rows.append((row["name"], settings))
+    names = [r[0] for r in rows]
+    if len(set(names)) != len(names):
+        raise _err(f"{where}: rows", f"row names must be unique, got {names}")
+    return SearchSpace(**common, seeds=tuple(seeds), rows=tuple(rows))
+
+
+def _load_search(data, where, job_keys, job_data, common) -> SearchSpace:
+    num_samples = data.get("num_samples", 1)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise _err(f"{where}: num_samples", f"got {num_samples!r}; expected an integer >= 1")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _err(f"{where}: seed", f"got {seed!r}; expected an integer")
+    space = data.get("space")
+    if not isinstance(space, dict) or not space:
+        raise _err(f"{where}: space", "expected a non-empty mapping of job keys to distributions")
+    dims: dict[str, Dimension] = {}
+    for key, spec in space.items():
+        at = f"{where}: space.{key}"
+        _check_key(key, job_keys, at)
+        dims[key] = d = _parse_dimension(key, spec, dims, at)
+        for value in _probe_values(d):
+            probe = {key: value}
+            if d.condition is not None:
+                probe[d.condition[0]] = d.condition[1]
+            _check_values(job_data, common["overrides"], probe, f"{at} = {value!r}")
+    if not any(d.kind != "fixed" for d in dims.values()):
+        raise _err(f"{where}: space", "nothing to search: every key is fixed (use overrides, or an ablation)")
+    points = data.get("points_to_evaluate") or []
+    if not isinstance(points, list):
+        raise _err(f"{where}: points_to_evaluate", "expected a list of mappings")
+    for i, point in enumerate(points):
+        _check_point(point, dims, f"{where}: points_to_evaluate[{i}]")
+    scheduler = _parse_scheduler(data.get("scheduler"), f"{where}: scheduler")
+    return SearchSpace(**common, num_samples=num_samples, seed=seed, scheduler=scheduler,
+                       dimensions=tuple(dims.values()), points_to_evaluate=points)
+
+
+def _check_point(point: Any, dims: dict[str, Dimension], where: str) -> None:
+    if not isinstance(point, dict):
+        raise _err(where, f"got {point!r}; expected a mapping of searched keys to values")
+    for key, value in point.items():
+        d = dims.get(key)
+        if d is None or d.kind == "fixed":
+            raise _err(where, f"{key} is not a searched key of this space")
+        if d.condition is not None and point.get(d.condition[0]) != d.condition[1]:
+            raise _err(where, f"{key} is set but its toggle {d.condition[0]} is not {d.condition[1]!r} here")
+        if d.kind == "choice":
+            ok = value in d.args
+        else:
+            ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+                  and d.args[0] <= value <= d.args[1])
+        if not ok:
+            raise _err(where, f"{key}={value!r} lies outside its distribution {d.kind} {list(d.args)}")
+    for key, d in dims.items():
+        needed = d.kind != "fixed" and (d.condition is None or point.get(d.condition[0]) == d.condition[1])
+        if needed and key not in point:
+            raise _err(where, f"missing {key}: a point names a value for every knob it activates")
+
+
+def _parse_scheduler(spec: Any, where: str) -> Scheduler:
+    if spec is None:
+        return Scheduler()
+    if not isinstance(spec, dict) or set(spec) - _SCHEDULER_KEYS:
+        raise _err(where, f"got {spec!r}; expected {{kind: asha|none, grace_period: N, reduction_factor: R}}")
+    kind = spec.get("kind", "asha")
+    if kind not in ("asha", "none"):
+        raise _err(f"{where}.kind", f"got {kind!r}; expected asha or none")
+    grace = spec.get("grace_period", 1)
+    if not isinstance(grace, int) or isinstance(grace, bool) or grace < 1:
+        raise _err(f"{where}.grace_period", f"got {grace!r}; expected an integer >= 1 (evaluations)")
+    factor = _number(f"{where}.reduction_factor", spec.get("reduction_factor", 3))
+    if factor <= 1:
+        raise _err(f"{where}.reduction_factor", f"got {factor}; must be > 1")
+    return Scheduler(kind, grace, float(factor))
+
+
+def plan_lines(space: SearchSpace, job: Job) -> list[str]:
+    """The trial plan, as `--dry-run` prints it."""
+    lines = [f"space {space.name} ({space.kind}): {space.trial_count} trials, metric {space.metric} ({space.mode})"]
+    if space.overrides:
+        lines.append("  fixed for every trial: " + ", ".join(f"{k}={v}" for k, v in space.overrides.items()))
+    if space.kind == "ablation":
+        for name, settings in space.rows:
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(the job as it is)"
+            lines.append(f"  row {name!r}: {shown}  x seeds {list(space.seeds)}")
+    else:
+        for d in space.dimensions:
+            cond = f"  if {d.condition[0]} == {d.condition[1]!r}" if d.condition else ""
+            what = repr(d.args[0]) if d.kind == "fixed" else f"{d.kind} {list(d.args)}"
+            lines.append(f"  {d.key}: {what}{cond}")
+        s = space.scheduler
+        lines.append(f"  sampler: Optuna TPE, seed {space.seed}; {len(space.points_to_evaluate)} point(s) first")
+        if s.kind == "asha":
+            lines.append(f"  scheduler: ASHA, grace {s.grace_period} evaluation(s) = "
+                         f"{s.grace_period * job.optim.eval_interval} iterations, reduction factor {s.reduction_factor:g}")
+        else:
+            lines.append("  scheduler: none (every trial runs to the end)")
+    return lines

@@ -1,0 +1,119 @@
+"""One Tune trial: a job with the trial's overrides, trained by Ray Train workers, recorded as one MLflow run.
+
+Also the driver-side callback that gives each trial's run its final MLflow status, since a trial the
+scheduler stops is killed before it could close its own run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from kdray.config import flatten, job_from_dict, to_dict, to_yaml
+from kdray.losses.objective import method_label
+from kdray.orchestration import layout
+from kdray.orchestration.space import ROW_KEY, SearchSpace
+from kdray.orchestration.tracking import Tracker
+from kdray.orchestration.workers import fit
+
+
+class TrialFailed(RuntimeError):
+    """The trial's training stopped on purpose (a non-finite loss); the message is the reason."""
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of one sweep needs to know; plain data, pickled with the trainable."""
+
+    sweep_id: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    storage_path: str  # the Tune experiment folder; each trial's Train run lives under it
+    job_data: dict[str, Any]
+    teacher_params_m: float | None = None
+
+
+def trial_tags(job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str]:
+    from kdray.models import build_model
+
+    student = build_model(job.student.arch, job.data.num_classes, aux=job.student.aux, width=job.student.width)
+    tags = {
+        layout.METHOD: method_label(job.losses),
+        layout.SEED: str(job.run.seed),
+        layout.TEACHER_ARCH: job.teacher.arch,
+        layout.STUDENT_ARCH: job.student.arch,
+        layout.PARAMS_M: f"{sum(p.numel() for p in student.parameters()) / 1e6:.4f}",
+        layout.DATASET: job.data.dataset,
+        layout.SPACE: space.name,
+    }
+    if ROW_KEY in config:
+        tags[layout.ROW] = config[ROW_KEY]
+    return tags
+
+
+def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext) -> None:
+    """The Tune trainable (wrapped with `tune.with_resources` by the sweep)."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    job = job_from_dict(sweep.job_data, space.trial_overrides(config))
+    tracker = Tracker(sweep.tracking_uri, sweep.experiment)
+    from kdray.losses.objective import DistillationObjective  # formula text only
+
+    tags = trial_tags(job, space, config)
+    run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
+                               name=f"{tags.get(layout.ROW, tags[layout.METHOD])}-s{job.run.seed}-{trial_id}",
+                               tags=tags, params=flatten(to_dict(job)))
+    formula = DistillationObjective(job.losses, num_classes=job.data.num_classes, student_channels=8,
+                                    teacher_channels=8).formula()
+    tracker.set_tags(run_id, {layout.FORMULA: formula})
+    tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
+    fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
+        storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
+    failure = tracker.tags(run_id).get(layout.FAILURE)
+    if failure:
+        raise TrialFailed(failure)
+
+
+class MlflowStatusCallback(ray.tune.Callback):
+    """Ends each trial's MLflow run with the status it earned: FINISHED, KILLED (stopped early), FAILED."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str):
+        self.tracking_uri, self.experiment, self.sweep_id = tracking_uri, experiment, sweep_id
+        self._tracker: Tracker | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment state
+        return {**self.__dict__, "_tracker": None}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.experiment)
+        return self._tracker
+
+    def _run_id(self, trial) -> str | None:
+        return self.tracker.find_run(**{layout.SWEEP_ID: self.sweep_id, layout.TRIAL_ID: trial.trial_id})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        last = trial.last_result or {}
+        done, total = last.get("iteration", 0), last.get("iterations_total", 0)
+        if total and done < total:
+            self.tracker.set_tags(run_id, {layout.STOPPED_EARLY: "true"})
+            self.tracker.end_run(run_id, "KILLED")
+        else:
+            self.tracker.end_run(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        if layout.FAILURE not in self.tracker.tags(run_id):
+            error = trial.get_error()
+            reason = str(error).strip().splitlines()[-1] if error is not None else "the trial failed"
+            self.tracker.set_tags(run_id, {layout.FAILURE: reason[:5000]})
+        self.tracker.end_run(run_id, "FAILED")

@@ -1,0 +1,279 @@
+"""Read one sweep of an MLflow experiment into Arrow tables: one row per run, and the val/miou history.
+
+Every name comes from `kdray.orchestration.layout`. Only the MLflow client's public API is used, so any
+tracking URI works (a SQLite file, a tracking server). `search_runs` gives each metric's last value; the best
+value over a run needs the metric's history, one `get_metric_history` call per run (about 1 ms each on a local
+SQLite store; `benchmarks/report.py` measures it), so histories are read only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
+
+from kdray.errors import ConfigError
+from kdray.orchestration import layout
+
+# run states, as the tables count them
+FINISHED = "finished"  # status FINISHED, not stopped early: the only runs averaged
+EARLY_STOPPED = "early_stopped"  # stopped by the scheduler (STOPPED_EARLY=true): counted, not averaged
+FAILED = "failed"  # status FAILED: excluded, listed with its reason
+UNFINISHED = "unfinished"  # RUNNING, or KILLED without STOPPED_EARLY (interrupted): excluded, listed
+
+_PAGE = 50_000  # the most runs MLflow returns per search page
+_TAG_COLUMNS = {  # column -> tag
+    "trial_id": layout.TRIAL_ID, "method": layout.METHOD, "row": layout.ROW, "teacher_arch": layout.TEACHER_ARCH,
+    "student_arch": layout.STUDENT_ARCH, "dataset": layout.DATASET, "formula": layout.FORMULA,
+    "failure": layout.FAILURE,
+}
+IOU_COLUMN = "iou."  # + class name: the per-class IoU of the last evaluation
+PARAM_COLUMN = "params."  # + flattened config key
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else the SQLite file `mlflow.db` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """A client for the store; a SQLite file that does not exist is an error (MLflow would create it empty)."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ConfigError(f"no MLflow store at {path} (tracking URI {tracking_uri}): pass --tracking-uri "
+                              "or set MLFLOW_TRACKING_URI to the store the sweep printed")
+    return MlflowClient(tracking_uri)
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """One sweep as Arrow tables.
+
+    runs:     the sweep's trial runs, one row each, ordered as the sweep generated them (natural order of
+              the trial id, then start time); columns: run_id, run_name, status, state, order, trial_id, method,
+              row, seed, teacher_arch, student_arch, dataset, formula, failure, params_m, teacher_params_m,
+              start_time, end_time, miou_last, pixel_acc_last, miou_best, best_step, last_step, n_evals,
+              `iou.<class>` (last evaluation), `params.<key>` (the flattened config, strings).
+    teachers: the experiment's teacher runs (KIND=teacher), same columns.
+    history:  run_id, step, value of val/miou for every run in `runs` and `teachers` (None when not read;
+              then miou_best, best_step, last_step and n_evals are null).
+    """
+
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    sweep_run_id: str
+    sweep_tags: dict[str, str]
+    runs: pa.Table
+    teachers: pa.Table
+    history: pa.Table | None
+    classes: tuple[str, ...]
+
+    @property
+    def sweep_id(self) -> str:
+        return self.sweep_tags.get(layout.SWEEP_ID, self.sweep_run_id)
+
+    @property
+    def space_kind(self) -> str:
+        """`ablation` or `search`: the tag, else `ablation` when the trials carry row names."""
+        kind = self.sweep_tags.get(layout.SPACE_KIND)
+        if kind:
+            return kind
+        return "ablation" if any(self.runs.column("row").to_pylist()) else "search"
+
+
+def find_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"no experiment {name!r} in the MLflow store; experiments there: "
+                          f"{', '.join(known) or 'none'}")
+    return experiment.experiment_id
+
+
+def _quoted(value: str, what: str) -> str:
+    if not re.fullmatch(r"[\w.:/+-]+", value):
+        raise ConfigError(f"{what} {value!r} has characters outside letters, digits and . : / + - _")
+    return f"'{value}'"
+
+
+def search_all(client: MlflowClient, experiment_id: str, filter_string: str,
+               order_by: list[str] | None = None) -> list[Run]:
+    """Every active run that matches, page by page."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY, _PAGE, order_by, token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_sweep(client: MlflowClient, experiment_id: str, experiment: str, sweep_id: str | None) -> Run:
+    """The sweep's parent run: the one with that sweep id, or the latest started when no id is given."""
+    sweeps = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'sweep'",
+                        order_by=["attributes.start_time DESC"])
+    if not sweeps:
+        raise ConfigError(f"experiment {experiment!r} has no sweep run (tag {layout.KIND}=sweep): "
+                          "run `python -m kdray.sweep` first")
+    if sweep_id is None:
+        return sweeps[0]
+    for run in sweeps:
+        if run.data.tags.get(layout.SWEEP_ID) == sweep_id:
+            return run
+    known = [r.data.tags.get(layout.SWEEP_ID, r.info.run_id) for r in sweeps]
+    raise ConfigError(f"no sweep {sweep_id!r} in experiment {experiment!r}; sweeps there, latest first: "
+                      f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+
+
+def run_state(status: str, tags: dict[str, str]) -> str:
+    if status == "FAILED":
+        return FAILED
+    if tags.get(layout.STOPPED_EARLY, "").lower() == "true":
+        return EARLY_STOPPED
+    return FINISHED if status == "FINISHED" else UNFINISHED
+
+
+def natural_key(text: str) -> tuple:
+    """`trial_9` before `trial_10`: digit runs compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", text) if part)
+
+
+def _number(text: str | None, cast=float):
+    try:
+        return cast(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def runs_table(runs: list[Run]) -> tuple[pa.Table, tuple[str, ...]]:
+    """Runs as an Arrow table (columns as in `SweepData.runs`, without the history columns) and the class
+    names, in the order the runs logged their `val/iou/<class>` metrics."""
+    runs = sorted(runs, key=lambda r: (natural_key(r.data.tags.get(layout.TRIAL_ID, "")), r.info.start_time or 0,
+                                       r.info.run_id))
+    classes: dict[str, None] = {}
+    param_keys: dict[str, None] = {}
+    for run in runs:
+        for key in run.data.metrics:
+            if key.startswith(layout.VAL_IOU_PREFIX):
+                classes.setdefault(key[len(layout.VAL_IOU_PREFIX):])
+        for key in run.data.params:
+            param_keys.setdefault(key)
+    rows = []
+    for order, run in enumerate(runs):
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+               "state": run_state(run.info.status, tags), "order": order}
+        row.update({column: tags.get(tag) for column, tag in _TAG_COLUMNS.items()})
+        row.update({
+            "seed": _number(tags.get(layout.SEED), int),
+            "params_m": _number(tags.get(layout.PARAMS_M)),
+            "teacher_params_m": _number(tags.get(layout.TEACHER_PARAMS_M)),
+            "start_time": run.info.start_time, "end_time": run.info.end_time,
+            "miou_last": metrics.get(layout.VAL_MIOU), "pixel_acc_last": metrics.get(layout.VAL_PIXEL_ACC),
+        })
+        row.update({IOU_COLUMN + c: metrics.get(layout.VAL_IOU_PREFIX + c) for c in classes})
+        row.update({PARAM_COLUMN + k: params.get(k) for k in param_keys})
+        rows.append(row)
+    schema = pa.schema(
+        [(c, pa.string()) for c in ("run_id", "run_name", "status", "state")] + [("order", pa.int64())]
+        + [(c, pa.string()) for c in _TAG_COLUMNS]
+        + [("seed", pa.int64()), ("params_m", pa.float64()), ("teacher_params_m", pa.float64()),
+           ("start_time", pa.timestamp("ms")), ("end_time", pa.timestamp("ms")),
+           ("miou_last", pa.float64()), ("pixel_acc_last", pa.float64())]
+        + [(IOU_COLUMN + c, pa.float64()) for c in classes] + [(PARAM_COLUMN + k, pa.string()) for k in param_keys])
+    return pa.Table.from_pylist(rows, schema=schema), tuple(classes)
+
+
+def read_history(client: MlflowClient, run_ids: list[str], key: str = layout.VAL_MIOU) -> pa.Table:
+    """run_id, step, value of one metric for each run, ordered by run then step."""
+    ids, steps, values = [], [], []
+    for run_id in run_ids:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        ids.extend([run_id] * len(points))
+        steps.extend(m.step for m in points)
+        values.extend(m.value for m in points)
+    return pa.table({"run_id": pa.array(ids, pa.string()), "step": pa.array(steps, pa.int64()),
+                     "value": pa.array(values, pa.float64())})
+
+
+def _with_history(table: pa.Table, history: pa.Table | None) -> pa.Table:
+    """Add miou_best (max over evaluations), best_step (its first step), last_step and n_evals."""
+    per_run: dict[str, list[tuple[int, float]]] = {}
+    if history is not None:
+        for run_id, step, value in zip(*(history.column(c).to_pylist() for c in ("run_id", "step", "value"))):
+            per_run.setdefault(run_id, []).append((step, value))
+    best, best_step, last_step, n_evals = [], [], [], []
+    for run_id in table.column("run_id").to_pylist():
+        points = per_run.get(run_id)
+        if not points:
+            best.append(None)
+            best_step.append(None)
+            last_step.append(None)
+            n_evals.append(None if history is None else 0)
+            continue
+        step, value = max(points, key=lambda p: (p[1], -p[0]))  # earliest step among equal maxima
+        best.append(value)
+        best_step.append(step)
+        last_step.append(points[-1][0])
+        n_evals.append(len(points))
+    for name, values, kind in (("miou_best", best, pa.float64()), ("best_step", best_step, pa.int64()),
+                               ("last_step", last_step, pa.int64()), ("n_evals", n_evals, pa.int64())):
+        table = table.append_column(name, pa.array(values, kind))
+    return table
+
+
+def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, *,
+               history: bool = True) -> SweepData:
+    """The sweep's trial runs (and the experiment's teacher runs) as Arrow tables.
+
+    sweep_id: the sweep's id (tag kdray.sweep_id); None reads the latest sweep of the experiment.
+    history:  read every run's val/miou history (needed for `value="best"` and the curves).
+    Raises ConfigError for an unknown store, experiment or sweep, or a sweep without trial runs.
+    """
+    client = open_client(tracking_uri)
+    try:
+        experiment_id = find_experiment(client, experiment)
+        sweep = find_sweep(client, experiment_id, experiment, sweep_id)
+        sweep_tags = dict(sweep.data.tags)
+        sid = sweep_tags.get(layout.SWEEP_ID)
+        if sid is None:
+            raise ConfigError(f"sweep run {sweep.info.run_id} has no {layout.SWEEP_ID} tag: cannot find its trials")
+        trials = search_all(client, experiment_id, f"tags.`{layout.SWEEP_ID}` = {_quoted(sid, 'sweep id')} "
+                                                   f"and tags.`{layout.KIND}` = 'trial'")
+        if not trials:
+            raise ConfigError(f"sweep {sid!r} of experiment {experiment!r} has no trial runs yet")
+        teachers = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'teacher'")
+        runs, classes = runs_table(trials)
+        teacher_runs, _ = runs_table(teachers)
+        miou = None
+        if history:
+            miou = read_history(client, runs.column("run_id").to_pylist() + teacher_runs.column("run_id").to_pylist())
+    except MlflowException as err:
+        raise ConfigError(f"cannot read MLflow store {tracking_uri}: {err.message.splitlines()[0]}") from err
+    return SweepData(tracking_uri=tracking_uri, experiment=experiment, experiment_id=experiment_id,
+                     sweep_run_id=sweep.info.run_id, sweep_tags=sweep_tags, runs=_with_history(runs, miou),
+                     teachers=_with_history(teacher_runs, miou), history=miou, classes=classes)
+
+
+def read_iou_at(tracking_uri: str, steps: dict[str, int], classes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per-class IoU of each run at one step (the step of its best mIoU): {run_id: {class: IoU}}."""
+    client = open_client(tracking_uri)
+    result: dict[str, dict[str, float]] = {}
+    for run_id, step in steps.items():
+        values = {}
+        for name in classes:
+            at = [m.value for m in client.get_metric_history(run_id, layout.VAL_IOU_PREFIX + name) if m.step == step]
+            if at:
+                values[name] = at[-1]
+        result[run_id] = values
+    return result

@@ -1,0 +1,57 @@
+"""`python -m kdray.sweep [--job JOB] [--space SPACE] [key=value ...]`: the distillation sweep.
+
+With no argument: the built-in demo (jobs/demo.yaml, search_spaces/demo.yaml) on an embedded local Ray and
+a local MLflow store, training the demo teacher first if it is missing. On a cluster: `ray up cluster.yaml`,
+then the same command on the head node (or `ray job submit -- python -m kdray.sweep ...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdray.cli import default_job, job_parser, run_main
+
+DEMO_SPACE = "search_spaces/demo.yaml"
+
+
+def default_space() -> str:
+    here = Path(DEMO_SPACE)
+    return str(here if here.is_file() else Path(__file__).resolve().parents[1] / DEMO_SPACE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("python -m kdray.sweep", __doc__)
+    parser.add_argument("--space", default=None, help=f"search space YAML (default: {DEMO_SPACE})")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS if set, else an embedded local Ray)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_DIR",
+                        help="continue an interrupted sweep (default: the job's latest)")
+    parser.add_argument("--dry-run", action="store_true", help="validate job, space and resources; print the plan")
+    parser.add_argument("--smoke-test", action="store_true", help="a few iterations per trial (CI)")
+    parser.add_argument("--train-teacher", action="store_true",
+                        help="train the job's teacher first when teacher.checkpoint is missing "
+                             "(always on for the built-in demo)")
+    args = parser.parse_args(argv)
+
+    from kdray.orchestration.sweep import SweepRequest, dry_run, run_sweep, summary_table
+
+    demo = args.job is None
+    request = SweepRequest(
+        job_path=args.job or default_job(), space_path=args.space or default_space(), overrides=args.overrides,
+        address=args.address, tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
+        smoke_test=args.smoke_test, train_teacher=args.train_teacher or demo,
+    )
+    if args.dry_run:
+        print("\n".join(dry_run(request)))
+        return 0
+    outcome = run_sweep(request)
+    print(f"\nsweep {outcome.sweep_id} done in {outcome.wall_s:.0f} s ({len(outcome.trials)} trials), best first:\n")
+    print(summary_table(outcome))
+    print(f"\nMLflow: mlflow ui --backend-store-uri {outcome.tracking_uri}   (experiment {outcome.experiment!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
