@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsweep {outcome.sweep_id} done in {outcome.wall_s:.0f} s ({len(outcome.trials)} trials), best first:\n")
     print(summary_table(outcome))
     print(f"\nMLflow: mlflow ui --backend-store-uri {outcome.tracking_uri}   (experiment {outcome.experiment!r})")
-    return 0
+    return 0 if outcome.complete else 130
 
 
 if __name__ == "__main__":

@@ -2,24 +2,134 @@
 
 Prints the mIoU at each evaluation; writes checkpoints and the best student under run.output_dir.
 `--resume DIR` continues an interrupted run from its checkpoint directory.
+`--dry-run` validates the job, checks the data tree and the weight files, prints the plan and stops: nothing is
+trained and no model is built. `--check-data` reads every mask of both splits first (a normal start reads a
+few), then goes on (with --dry-run: stops after the plan).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from kdray.cli import default_job, job_parser, run_main
-from kdray.config import load_job
+from kdray.config import Job, LossesConfig, job_hash, load_job
+from kdray.data import raw_dataset, split_name
 from kdray.engine import train
+from kdray.engine.progress import Progress
+from kdray.errors import CheckpointError
 from kdray.losses.objective import method_label
+from kdray.models.public import find_public, mismatches
+
+_SCAN_THREADS = min(8, os.cpu_count() or 1)
+
+
+def open_splits(job: Job, full: bool = False) -> dict[str, int]:
+    """Open the train and val splits (tree checks and a few masks; every mask with `full`): role -> size."""
+    sizes = {}
+    for role in ("train", "val"):
+        dataset = raw_dataset(job.data, role)
+        sizes[role] = len(dataset)
+        if full and hasattr(dataset, "check"):
+            split = split_name(job.data, role)
+            show = Progress(len(dataset))
+            t0 = time.perf_counter()
+            dataset.check(progress=_throttled(show, f"checking {job.data.dataset} {split} masks"),
+                          workers=_SCAN_THREADS)
+            show.message(f"{len(dataset)} {split} masks checked in {time.perf_counter() - t0:.1f} s")
+    return sizes
+
+
+def _throttled(show: Progress, label: str):
+    """A `progress(done, total)` callback that redraws about 50 times in all (one line each off a terminal)."""
+
+    def progress(done: int, total: int) -> None:
+        if done % max(1, total // 50) == 0 or done == total:
+            show.update(done, label)
+
+    return progress
+
+
+def weight_notes(job: Job) -> list[str]:
+    """Missing weight files are errors; a public file that does not suit the job is a note."""
+    needed = [("teacher.checkpoint", job.teacher.checkpoint, job.teacher.arch)] if job.distills else []
+    needed.append(("student.backbone_weights", job.student.backbone_weights, job.student.arch))
+    if job.distills and job.teacher.checkpoint is None:
+        raise CheckpointError("teacher.checkpoint: distillation needs trained teacher weights; train them with "
+                              "`python -m kdray.teacher --job <job>` or name a checkpoint file")
+    notes = []
+    n = job.data.normalize
+    for key, path, arch in needed:
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            hint = "train it with `python -m kdray.teacher --job <job>`, or " if key == "teacher.checkpoint" else ""
+            raise CheckpointError(f"{key}: {path}: no such file ({hint}see the README section on public teachers)")
+        notes += mismatches(key, path, arch, job.data.num_classes, n.mean, n.std, n.order)
+    return notes
+
+
+def formula(losses: LossesConfig) -> str:
+    """`Loss = 1 * CE + 1 * KD`, from the config alone (the objective's own formula needs built modules)."""
+    terms = []
+    for name, cfg in losses.enabled().items():
+        label = "CE" if name == "ce" else method_label(replace(LossesConfig(), **{name: cfg}))
+        terms.append(f"{cfg.weight:g} * {label}")
+    return "Loss = " + " + ".join(terms)
+
+
+def plan(job: Job, sizes: dict[str, int]) -> str:
+    d, o, r = job.data, job.optim, job.run
+    per_worker = d.batch_size // r.workers
+    lines = [f"job {job.name} (hash {job_hash(job)}): {method_label(job.losses)} student {job.student.arch}"]
+    where = f" at {d.root}" if d.root else ""
+    lines.append(f"data: {d.dataset}{where}; train on {split_name(d, 'train')} ({sizes['train']} images), "
+                 f"evaluate on {split_name(d, 'val')} ({sizes['val']} images), {d.num_classes} classes")
+    window = "whole images" if d.eval_mode == "whole" else f"sliding windows {d.eval_crop or d.crop}"
+    lines.append(f"  train crop {d.crop[0]}x{d.crop[1]}, random scale {d.scale_range[0]}-{d.scale_range[1]}, "
+                 f"flip {d.flip}; evaluation: {window}, single scale, batch {d.eval_batch_size}")
+    lines.append(f"  normalize: order {d.normalize.order}, mean {list(d.normalize.mean)}, std {list(d.normalize.std)}")
+    for key, path in (("teacher.checkpoint", job.teacher.checkpoint), ("student.backbone_weights",
+                                                                         job.student.backbone_weights)):
+        entry = find_public(path)
+        if path is not None and (key != "teacher.checkpoint" or job.distills):
+            lines.append(f"{key}: {path}" + (f" (public: {entry.note})" if entry else ""))
+    lines.append(f"models: teacher {job.teacher.arch} (width {job.teacher.width}), student {job.student.arch} "
+                 f"(width {job.student.width})" if job.distills else f"model: student {job.student.arch}")
+    lines.append(f"loss: {formula(job.losses)}")
+    epochs = o.iterations * d.batch_size / max(sizes["train"], 1)
+    lines.append(f"optim: SGD lr {o.lr:g}, momentum {o.momentum:g}, weight decay {o.weight_decay:g}, poly power "
+                 f"{o.poly_power:g}; {o.iterations} iterations ({epochs:.1f} epochs), evaluate every "
+                 f"{o.eval_interval}")
+    gpus = r.workers * r.gpus_per_worker
+    lines.append(f"batch: {d.batch_size} per iteration = {r.workers} worker(s) x {per_worker} images")
+    lines.append(f"resources: {r.workers} worker(s) x ({r.gpus_per_worker:g} GPU, {r.cpus_per_worker:g} CPU) = "
+                 f"{gpus:g} GPU(s), {r.workers * r.cpus_per_worker:g} CPU(s); amp {r.amp}; "
+                 f"{d.loader_workers} loader process(es) per worker")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("python -m kdray.train", __doc__)
     parser.add_argument("--resume", metavar="DIR", help="a run's checkpoint directory to continue from")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the job, check data and weight files, print the plan; train nothing")
+    parser.add_argument("--check-data", action="store_true", help="read and check every mask before starting")
     args = parser.parse_args(argv)
     job = load_job(args.job or default_job(), args.overrides)
+    sizes = open_splits(job, full=args.check_data)
+    if args.dry_run:
+        notes = weight_notes(job)
+        print(plan(job, sizes))
+        for note in notes:
+            print(f"note: {note}")
+        print("dry run: the job is valid and its data and weight files are in place; nothing was trained")
+        return 0
+    for note in weight_notes(job):
+        print(f"note: {note}")
+
     if args.resume:
         out = Path(args.resume).resolve().parent
     else:

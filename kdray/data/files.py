@@ -9,8 +9,9 @@ Each loader (cityscapes.py, voc.py, camvid.py, folder.py) finds its pairs in its
 - on every item decodes the mask through the codec, refusing unknown values there too, so a bad file that the
   sample missed still fails with its name rather than as a crash inside the loss.
 
-Images are decoded with torchvision.io (libjpeg-turbo/libpng, faster than PIL), masks with PIL:
-`np.array(Image.open(p))` yields the raw ids of a grey PNG and the palette indices of a palette PNG alike.
+Files are read with PIL. For masks, `np.array(Image.open(p))` yields the raw ids of a grey PNG and the palette
+indices of a palette PNG alike. (torchvision.io decodes images faster, but its decoders are deprecated since
+torchvision 0.29.)
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 
 from kdray.errors import DataError
 
 # How many masks a normal start reads per split (first, middle, last); `--check-data` reads them all.
 SAMPLE_MASKS = 3
-_TORCHVISION_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 Progress = Callable[[int, int], None]  # (masks checked so far, total)
 
@@ -92,11 +91,9 @@ def read_mask(path: Path) -> np.ndarray:
 def read_image(path: Path) -> torch.Tensor:
     """(3, H, W) uint8 RGB."""
     try:
-        if path.suffix.lower() in _TORCHVISION_SUFFIXES:
-            return decode_image(str(path), mode=ImageReadMode.RGB)
         with Image.open(path) as im:
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read this image: {err}") from None
 
 
@@ -151,11 +148,12 @@ def unpaired(orphans: Sequence[Path], total: int, kind: str, partner: str, expec
 
 def spread(n: int, k: int) -> list[int]:
     """Up to `k` indices spread evenly over 0..n-1, first and last included."""
-    if n <= 0 or k <= 0:
+    k = min(k, n)
+    if k <= 0:
         return []
-    if k == 1 or n == 1:
+    if k == 1:
         return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(min(k, n))})
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 class FileSegmentation(Dataset):

@@ -1,4 +1,6 @@
-"""Evaluation as the papers do it: whole images, single scale, logits upsampled to the label size."""
+"""Evaluation as the papers do it: whole images, single scale, logits upsampled to the label size.
+With a `window` (data.eval_mode: slide) the logits come from overlapping windows instead (engine/sliding.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdray.engine.distributed import RankContext
+from kdray.engine.sliding import Window, slide_logits
 from kdray.metrics import ConfusionMatrix
 
 
@@ -20,18 +23,21 @@ def evaluation_loader(dataset: Dataset, batch_size: int, ctx: RankContext, worke
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, ignore_index: int, ctx: RankContext,
-             autocast: torch.autocast | None = None) -> dict[str, object]:
+             autocast: torch.autocast | None = None, window: Window | None = None) -> dict[str, object]:
     """`{"miou", "iou", "pixel_acc"}` over the whole split (all ranks)."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, ctx.device)
-    for images, labels in loader:
-        images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
         if autocast is not None:
             with autocast:
-                logits = model(images).logits
-        else:
-            logits = model(images).logits
+                return model(x).logits
+        return model(x).logits
+
+    for images, labels in loader:
+        images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+        logits = forward(images) if window is None else slide_logits(forward, images, window)
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         cm.update(logits, labels)
     model.train(was_training)

@@ -32,6 +32,7 @@ from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdray.engine.distributed import RankContext, average_gradients, gather_objects, mean_over_ranks
 from kdray.engine.evaluate import evaluate, evaluation_loader
 from kdray.engine.progress import Progress
+from kdray.engine.sliding import window_of
 from kdray.errors import CheckpointError, KdrayError
 from kdray.losses.objective import DistillationObjective
 from kdray.models import Segmenter, build_model, load_segmenter_weights
@@ -263,7 +264,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
 
         if done % optim_cfg.eval_interval == 0 or done == iterations:
             result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
-                              _autocast(job, device) if job.run.amp != "none" else None)
+                              _autocast(job, device) if job.run.amp != "none" else None, window_of(job.data))
             metrics = {"iteration": done, "val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}
             metrics.update({f"val/iou/{n}": v for n, v in zip(names, result["iou"])})
             history.append(metrics)

@@ -358,7 +358,8 @@ def plan_lines(space: SearchSpace, job: Job) -> list[str]:
         lines.append(f"  sampler: Optuna TPE, seed {space.seed}; {len(space.points_to_evaluate)} point(s) first")
         if s.kind == "asha":
             lines.append(f"  scheduler: ASHA, grace {s.grace_period} evaluation(s) = "
-                         f"{s.grace_period * job.optim.eval_interval} iterations, reduction factor {s.reduction_factor:g}")
+                         f"{s.grace_period * job.optim.eval_interval} iterations, "
+                         f"reduction factor {s.reduction_factor:g}")
         else:
             lines.append("  scheduler: none (every trial runs to the end)")
     return lines

@@ -63,6 +63,7 @@ class SweepOutcome:
     parent_run_id: str
     trials: list[TrialSummary]
     wall_s: float
+    complete: bool = True
 
 
 SMOKE = {"optim.iterations": 4, "optim.eval_interval": 2, "optim.log_interval": 2}
@@ -206,15 +207,20 @@ def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir),
                 callbacks=[MlflowStatusCallback(uri, experiment, sweep_id)],
-                failure_config=tune.FailureConfig(max_failures=0),  # Train restarts workers; a failed trial stays failed
+                # Train restarts dead workers from their checkpoint; a trial that failed stays failed
+                failure_config=tune.FailureConfig(max_failures=0),
                 verbose=0,
             ),
         )
     say(f"running {space.trial_count} trial(s), at most {limit} at a time")
     grid = tuner.fit()
     trials = _summaries(grid, space, data)
-    tracker.end_run(parent, "FINISHED")
-    return SweepOutcome(sweep_id, sweep_dir, uri, experiment, parent, trials, time.perf_counter() - t0)
+    complete = grid.num_terminated + grid.num_errors >= space.trial_count
+    if complete:
+        tracker.end_run(parent, "FINISHED")
+    else:  # interrupted (Ctrl+C): Tune saved its state; the runs stay RUNNING until --resume continues them
+        say(f"sweep interrupted: resume it with python -m kdray.sweep --resume {sweep_dir}")
+    return SweepOutcome(sweep_id, sweep_dir, uri, experiment, parent, trials, time.perf_counter() - t0, complete)
 
 
 def _load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
@@ -246,7 +252,8 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
     from ray import tune
 
     if space.kind == "ablation":
-        return {ROW_KEY: tune.grid_search([name for name, _ in space.rows]), SEED_KEY: tune.grid_search(list(space.seeds))}
+        rows = [name for name, _ in space.rows]
+        return {ROW_KEY: tune.grid_search(rows), SEED_KEY: tune.grid_search(list(space.seeds))}
     return {}
 
 
@@ -299,6 +306,8 @@ def _summaries(grid, space: SearchSpace, job_data: dict[str, Any]) -> list[Trial
     for result in grid:
         config = result.config or {}
         metrics = result.metrics or {}
+        if space.kind == "ablation" and ROW_KEY not in config:  # never started (an interrupted sweep)
+            continue
         history = result.metrics_dataframe
         series = history[space.metric].dropna().tolist() if history is not None and space.metric in history else []
         last = series[-1] if series else float("nan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ _TAG_COLUMNS = {  # column -> tag
     "student_arch": layout.STUDENT_ARCH, "dataset": layout.DATASET, "formula": layout.FORMULA,
     "failure": layout.FAILURE,
 }
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 IOU_COLUMN = "iou."  # + class name: the per-class IoU of the last evaluation
 PARAM_COLUMN = "params."  # + flattened config key
 
@@ -74,7 +76,8 @@ class SweepData:
     runs: pa.Table
     teachers: pa.Table
     history: pa.Table | None
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # the classes of `val/iou/<class>`, in the order the runs logged them
+    space_text: str | None = None  # the space file the sweep logged (config/space.yaml), when readable
 
     @property
     def sweep_id(self) -> str:
@@ -255,6 +258,9 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
         teachers = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'teacher'")
         runs, classes = runs_table(trials)
         teacher_runs, _ = runs_table(teachers)
+        space_text = None
+        if sweep_tags.get(layout.SPACE_KIND) != "ablation":
+            space_text = read_text_artifact(client, sweep.info.run_id, layout.SPACE_ARTIFACT)
         miou = None
         if history:
             miou = read_history(client, runs.column("run_id").to_pylist() + teacher_runs.column("run_id").to_pylist())
@@ -262,7 +268,24 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
         raise ConfigError(f"cannot read MLflow store {tracking_uri}: {err.message.splitlines()[0]}") from err
     return SweepData(tracking_uri=tracking_uri, experiment=experiment, experiment_id=experiment_id,
                      sweep_run_id=sweep.info.run_id, sweep_tags=sweep_tags, runs=_with_history(runs, miou),
-                     teachers=_with_history(teacher_runs, miou), history=miou, classes=classes)
+                     teachers=_with_history(teacher_runs, miou), history=miou, classes=classes,
+                     space_text=space_text)
+
+
+def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """A text artifact of a run, or None when it is missing or unreadable."""
+    quiet = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"  # MLflow draws a progress bar on stderr for every download
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(client.download_artifacts(run_id, path, tmp)).read_text()
+    except (MlflowException, OSError):
+        return None
+    finally:
+        if quiet is None:
+            del os.environ[_PROGRESS_BAR]
+        else:
+            os.environ[_PROGRESS_BAR] = quiet
 
 
 def read_iou_at(tracking_uri: str, steps: dict[str, int], classes: tuple[str, ...]) -> dict[str, dict[str, float]]:

@@ -1,0 +1,20 @@
+"""Tables and plots of a sweep from its MLflow runs: the report layer (the only one, with orchestration, that
+imports mlflow and optuna).
+
+    runs.py        MLflow -> Arrow: the sweep's runs, the teacher runs, the val/miou histories
+    groups.py      group runs, mean ± sample std over finished runs; what counts as finished
+    tables.py      ablation, methods, per-class IoU, excluded runs
+    space.py       the knobs a sweep varied, recovered from the runs' params
+    importance.py  PED-ANOVA parameter importance on a study rebuilt from the runs
+    search.py      best trial, top-k, importance tables of a search sweep
+    plots.py       PNG figures
+    render.py      Markdown, LaTeX, CSV, Parquet
+    write.py       `write_report`, what `python -m kdray.report` and the sweep call
+"""
+
+from kdray.reporting.runs import SweepData, default_tracking_uri, read_sweep
+from kdray.reporting.table import Table
+from kdray.reporting.write import FORMATS, ReportResult, build_tables, write_report
+
+__all__ = ["FORMATS", "ReportResult", "SweepData", "Table", "build_tables", "default_tracking_uri", "read_sweep",
+           "write_report"]

@@ -1,0 +1,180 @@
+"""`write_report`: read a sweep, build its tables and plots, write them, log them on the sweep's parent run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdray.errors import ConfigError
+from kdray.orchestration import layout
+from kdray.reporting import plots, render
+from kdray.reporting.groups import VALUES
+from kdray.reporting.runs import (
+    EARLY_STOPPED,
+    FAILED,
+    FINISHED,
+    UNFINISHED,
+    SweepData,
+    open_client,
+    read_iou_at,
+    read_sweep,
+)
+from kdray.reporting.search import Search, analyse, search_tables
+from kdray.reporting.table import Table
+from kdray.reporting.tables import (
+    ablation_table,
+    best_runs,
+    describe_value,
+    excluded_table,
+    method_groups,
+    methods_table,
+    per_class_table,
+)
+
+FORMATS = ("md", "tex", "csv", "parquet")
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    markdown: str  # the whole report as Markdown (what report.md holds), whatever the formats
+    files: tuple[Path, ...]  # everything written, tables and plots
+    tables: dict[str, Table]  # by name: ablation, methods, per_class, excluded, search_best, search_top, importance
+    experiment: str
+    sweep_id: str
+    sweep_run_id: str
+    value: str
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: read, tables, plots, write
+
+
+def build_tables(data: SweepData, value: str, *, top_k: int = 10,
+                 iou_at_best: dict[str, dict[str, float]] | None = None) -> tuple[list[Table], Search | None]:
+    """Every table of the sweep, in report order, and the search analysis (None for an ablation sweep).
+
+    iou_at_best: for value="best", the per-class IoUs of the best runs at their best step (`best_iou`); read
+    from the store when not given.
+    """
+    if value == "best" and iou_at_best is None:
+        iou_at_best = best_iou(data)
+    search = analyse(data, value) if data.space_kind == "search" else None
+    tables = [ablation_table(data, value), methods_table(data, value)]
+    if search is not None:
+        tables += search_tables(data, search, value, top_k)
+    tables += [per_class_table(data, value, iou_at_best), excluded_table(data)]
+    return [t for t in tables if t is not None], search
+
+
+def best_iou(data: SweepData) -> dict[str, dict[str, float]]:
+    """Per-class IoU at the best evaluation of each run the per-class table shows (value="best")."""
+    steps = {run_id: step for _, run_id, step in best_runs(data, "best") if step is not None}
+    return read_iou_at(data.tracking_uri, steps, data.classes)
+
+
+def _curve_groups(data: SweepData, value: str) -> list[tuple[str, list[str]]]:
+    """Ablation rows for an ablation sweep, methods otherwise: (label, every run id of the group)."""
+    column = "row" if data.space_kind == "ablation" and any(data.runs.column("row").to_pylist()) else "method"
+    groups: dict[str, list[str]] = {}
+    for key, run_id in zip(data.runs.column(column).to_pylist(), data.runs.column("run_id").to_pylist()):
+        groups.setdefault(key or "?", []).append(run_id)
+    if column == "method":  # keep the methods table's order (CE first)
+        order = list(dict.fromkeys(mg.group.key[2] or "?" for mg in method_groups(data, value)))
+        return [(k, groups[k]) for k in order if k in groups]
+    return list(groups.items())
+
+
+def write_plots(data: SweepData, search: Search | None, out: Path, value: str) -> list[Path]:
+    sid = data.sweep_id
+    written = [plots.plot_curves(data.history, data.runs, _curve_groups(data, value), out / "miou_vs_iteration.png",
+                                 f"val mIoU vs iteration, sweep {sid}")]
+    if search is not None:
+        written.append(plots.plot_parallel(search, out / "parallel_coordinates.png",
+                                           f"Parallel coordinates, sweep {sid}"))
+        if search.importance is not None:
+            written.append(plots.plot_importance(search.importance, out / "importance.png",
+                                                 f"Parameter importance, sweep {sid}"))
+    return [p for p in written if p is not None]
+
+
+def report_markdown(data: SweepData, value: str, tables: list[Table], images: list[Path]) -> str:
+    states = data.runs.column("state").to_pylist()
+    counts = ", ".join(f"{states.count(s)} {s.replace('_', '-')}" for s in (FINISHED, EARLY_STOPPED, FAILED,
+                                                                               UNFINISHED))
+    space = data.sweep_tags.get(layout.SPACE, "?")
+    parts = [f"# kdray report: {data.experiment}, sweep {data.sweep_id}", "",
+             f"Space `{space}` ({data.space_kind}); {len(states)} trial runs: {counts}. Cells show val mIoU at "
+             f"{describe_value(value)} (`--value {value}`). Sweep run `{data.sweep_run_id}`.", ""]
+    parts += [render.markdown(t) for t in tables]
+    if images:
+        parts += ["### Plots", ""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in images] + [""]
+    return "\n".join(parts)
+
+
+def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None, out_dir: str | Path | None = None,
+                 *, value: str = "last", formats: Sequence[str] = ("md",), plots: bool = True,
+                 log_artifacts: bool = True, top_k: int = 10) -> ReportResult:
+    """Write the sweep's tables (in each of `formats`: md, tex, csv, parquet) and plots (PNG) to `out_dir`, log
+    them as artifacts of the sweep's parent run under `report/`, and return the Markdown.
+
+    sweep_id: None reports the experiment's latest sweep.
+    out_dir:  None writes to reports/<experiment>/<sweep id> under the working directory.
+    value:    "last" (each run's last evaluation) or "best" (its best evaluation; reads metric histories).
+    Files: report.md; <table>.tex; <table>.csv and runs.csv; <table>.parquet, runs.parquet and history.parquet;
+    miou_vs_iteration.png, and for a search sweep parallel_coordinates.png and importance.png.
+    Raises ConfigError for an unknown store, experiment or sweep, or a bad value or format.
+    """
+    if value not in VALUES:
+        raise ConfigError(f"--value must be one of {', '.join(VALUES)}, got {value!r}")
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown report format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+    timings = {}
+    start = time.perf_counter()
+    data = read_sweep(tracking_uri, experiment, sweep_id, history=plots or value == "best")
+    iou_at_best = None
+    if value == "best":
+        iou_at_best = best_iou(data)
+    timings["read"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tables, search = build_tables(data, value, top_k=top_k, iou_at_best=iou_at_best)
+    timings["tables"] = time.perf_counter() - start
+
+    out = Path(out_dir) if out_dir is not None else Path("reports") / experiment / data.sweep_id
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    images = write_plots(data, search, out, value) if plots else []
+    timings["plots"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    text = report_markdown(data, value, tables, images)
+    files = list(images)
+    if "md" in formats:
+        (out / "report.md").write_text(text)
+        files.append(out / "report.md")
+    for table in tables:
+        if "tex" in formats:
+            (out / f"{table.name}.tex").write_text(render.latex(table))
+            files.append(out / f"{table.name}.tex")
+        if "csv" in formats:
+            files.append(render.write_csv(table.data, out / f"{table.name}.csv"))
+        if "parquet" in formats:
+            files.append(render.write_parquet(table.data, out / f"{table.name}.parquet"))
+    if "csv" in formats:
+        files.append(render.write_csv(data.runs, out / "runs.csv"))
+    if "parquet" in formats:
+        files.append(render.write_parquet(data.runs, out / "runs.parquet"))
+        if data.history is not None:
+            files.append(render.write_parquet(data.history, out / "history.parquet"))
+    if log_artifacts:
+        client = open_client(tracking_uri)
+        for path in files:
+            client.log_artifact(data.sweep_run_id, str(path), layout.REPORT_ARTIFACT_DIR)
+    timings["write"] = time.perf_counter() - start
+    return ReportResult(markdown=text, files=tuple(files), tables={t.name: t for t in tables},
+                        experiment=experiment, sweep_id=data.sweep_id, sweep_run_id=data.sweep_run_id, value=value,
+                        out_dir=out, timings=timings)
+

@@ -1,0 +1,204 @@
+"""Sweeps on an embedded local Ray (started once for this module): MLflow layout, ablations, failures, resume.
+
+Run inside ../shared/bin/loopback-only on these machines (Ray's servers must listen on loopback only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from kdray.errors import ResourceError
+from kdray.models import build_model
+from kdray.orchestration import layout
+from kdray.orchestration.sweep import SweepRequest, run_sweep, summary_table
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "jobs" / "demo.yaml"
+TINY = ["data.crop=[32, 32]", "data.synthetic.image_size=32", "data.synthetic.train_length=64",
+        "data.synthetic.val_length=8", "data.batch_size=4", "data.eval_batch_size=8",
+        "optim.iterations=4", "optim.eval_interval=2", "optim.log_interval=2", "teacher.width=0.125",
+        "teacher.arch=deeplabv3_resnet18", "teacher.iterations=2"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
+    return str(path)
+
+
+def write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def children(uri: str, experiment: str, sweep_id: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id],
+                                      f"tags.`{layout.SWEEP_ID}` = '{sweep_id}' and tags.`{layout.KIND}` = 'trial'")
+
+
+def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "space.yaml", {
+        "name": "smoke", "num_samples": 2, "seed": 0, "max_concurrent_trials": 2,
+        "overrides": {"run.workers": 2, "run.cpus_per_worker": 0.45, "run.threads": 1},
+        "space": {"losses.kd.enabled": True, "losses.kd.weight": {"loguniform": [0.1, 10.0]},
+                  "losses.i2ckd.enabled": {"choice": [True, False]}}})
+    request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
+                                              f"teacher.checkpoint={tmp_path}/teacher.pt"],
+                           tracking_uri=uri, train_teacher=True)
+    outcome = run_sweep(request, say=lambda *_: None)
+    assert outcome.complete and len(outcome.trials) == 2
+    assert all(t.status == "finished" and t.iteration == 4 for t in outcome.trials)
+    assert outcome.trials[0].best >= outcome.trials[1].best  # best first
+    assert "| rank | trial |" in summary_table(outcome)
+
+    client, runs = children(uri, "demo", outcome.sweep_id)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags[layout.KIND] == "sweep"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} == {"config/job.yaml",
+                                                                                    "config/space.yaml"}
+    assert len(runs) == 2 and len({r.data.tags[layout.TRIAL_ID] for r in runs}) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[layout.PARENT] == outcome.parent_run_id
+        assert run.data.tags[layout.METHOD] in {"KD", "KD+I2CKD"}
+        assert run.data.params["run.workers"] == "2" and "losses.kd.weight" in run.data.params
+        history = client.get_metric_history(run.info.run_id, layout.VAL_MIOU)
+        assert [m.step for m in history] == [2, 4]
+        assert client.get_metric_history(run.info.run_id, "train/loss/kd")
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == \
+            ["checkpoints/best_student.pt"]
+    teachers = client.search_runs([parent.info.experiment_id], f"tags.`{layout.KIND}` = 'teacher'")
+    assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"  # trained once, as its own run
+    assert Path(tmp_path / "teacher.pt").is_file()
+
+
+def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cluster, tmp_path, teacher_file):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "ablation.yaml", {
+        "name": "abl", "seeds": [0, 1], "max_concurrent_trials": 2,
+        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1},
+        "rows": [{"name": "Student (CE)"}, {"name": "+KD", "set": {"losses.kd.enabled": True}},
+                 {"name": "diverges", "set": {"optim.lr": 1.0e30, "optim.momentum": 0.0}}]})
+    request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
+                                              f"teacher.checkpoint={teacher_file}"], tracking_uri=uri)
+    outcome = run_sweep(request, say=lambda *_: None)
+    assert outcome.complete and len(outcome.trials) == 6
+    client, runs = children(uri, "demo", outcome.sweep_id)
+    combos = sorted((r.data.tags[layout.ROW], r.data.tags[layout.SEED]) for r in runs)
+    assert combos == sorted((row, seed) for row in ("Student (CE)", "+KD", "diverges") for seed in ("0", "1"))
+    for run in runs:
+        if run.data.tags[layout.ROW] == "diverges":
+            assert run.info.status == "FAILED"
+            assert "is nan at iteration" in run.data.tags[layout.FAILURE] or \
+                "is inf at iteration" in run.data.tags[layout.FAILURE]
+        else:
+            assert run.info.status == "FINISHED"
+    failed = [t for t in outcome.trials if t.status.startswith("failed")]
+    assert len(failed) == 2 and all("at iteration" in t.status for t in failed)
+
+
+def test_a_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, teacher_file):
+    space = write(tmp_path / "s.yaml", {"rows": [{"name": "CE"}]})
+    request = SweepRequest(str(DEMO), space, [*TINY, "run.gpus_per_worker=1", f"run.output_dir={tmp_path}/runs",
+                                              f"teacher.checkpoint={teacher_file}"],
+                           tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    t0 = time.perf_counter()
+    with pytest.raises(ResourceError, match="asks for 1 GPU.*the cluster has 0"):
+        run_sweep(request, say=lambda *_: None)
+    assert time.perf_counter() - t0 < 30
+
+
+def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, teacher_file):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "ablation.yaml", {
+        "name": "resume", "seeds": [0, 1, 2], "max_concurrent_trials": 1,
+        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 6,
+                      "optim.eval_interval": 2},
+        "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
+    args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
+            "--tracking-uri", uri, *TINY, "optim.iterations=6", f"run.output_dir={tmp_path}/runs",
+            f"teacher.checkpoint={teacher_file}"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              start_new_session=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and not finished and driver.poll() is None:
+        time.sleep(1)
+        try:
+            exp = client.get_experiment_by_name("demo")
+            if exp is not None:
+                finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and "
+                                              f"tags.`{layout.KIND}` = 'trial'")
+        except Exception:  # the database is still being created by the driver
+            pass
+    assert finished, "no trial finished in time"
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl+C: Tune saves its state and returns
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out[-3000:]
+    sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
+    before = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'")
+    assert 1 <= len(before) < 3 or any(r.info.status == "RUNNING" for r in before)
+
+    request = SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir))
+    outcome = run_sweep(request, say=lambda *_: None)
+    assert outcome.complete
+    after = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'")
+    assert len(after) == 3, [(r.data.tags[layout.TRIAL_ID], r.info.status) for r in after]
+    assert sorted(r.data.tags[layout.SEED] for r in after) == ["0", "1", "2"]
+    assert all(r.info.status == "FINISHED" for r in after)
+    for run in after:  # a resumed trial continued its own run: one history, no repeated steps
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, layout.VAL_MIOU)]
+        assert steps[-1] == 6 and len(steps) == len(set(steps)) or sorted(set(steps)) == [2, 4, 6]
+    print(f"MLflow trial runs: {len(before)} before the resume, {len(after)} after")
+
+
+class _Trial:
+    def __init__(self, trial_id, last_result, error=None):
+        self.trial_id, self.last_result, self._error = trial_id, last_result, error
+
+    def get_error(self):
+        return self._error
+
+
+def test_status_callback_marks_stopped_and_failed_runs(tmp_path):
+    from kdray.orchestration.tracking import Tracker
+    from kdray.orchestration.trial import MlflowStatusCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "cb")
+    ids = {t: tracker.trial_run("s1", t, "p", t, {}, {}) for t in ("a", "b", "c")}
+    callback = MlflowStatusCallback(uri, "cb", "s1")
+    callback.on_trial_complete(0, [], _Trial("a", {"iteration": 10, "iterations_total": 10}))
+    callback.on_trial_complete(0, [], _Trial("b", {"iteration": 4, "iterations_total": 10}))
+    callback.on_trial_error(0, [], _Trial("c", {}, RuntimeError("Traceback...\nValueError: out of memory")))
+    assert tracker.status(ids["a"]) == "FINISHED"
+    assert tracker.status(ids["b"]) == "KILLED" and tracker.tags(ids["b"])[layout.STOPPED_EARLY] == "true"
+    assert tracker.status(ids["c"]) == "FAILED" and tracker.tags(ids["c"])[layout.FAILURE] == "ValueError: out of memory"
+    # the same trial id again (a restored trial) continues its run instead of creating a second one
+    assert tracker.trial_run("s1", "b", "p", "b", {}, {}) == ids["b"]
