@@ -2,6 +2,9 @@
 
     python benchmarks/report.py                     # a search sweep of 1,000 trials, 10 evaluations each
     python benchmarks/report.py --kind ablation     # 10 rows x 100 seeds
+    python benchmarks/report.py --db /tmp/bench.db  # keep the store (reused when it exists)
+    # read through a tracking server backed by that store (start servers inside shared/bin/loopback-only):
+    python benchmarks/report.py --db /tmp/bench.db --read-uri http://127.0.0.1:5055
 
 Each run is fabricated with one `log_batch` (val/miou and per-class IoU at every evaluation, the flattened
 config as params); 5% of the trials are early-stopped and 1% failed, as ASHA and a flaky cluster would leave
@@ -95,13 +98,22 @@ def main() -> None:
     parser.add_argument("--kind", choices=("search", "ablation"), default="search")
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--evals", type=int, default=10, help="val/miou evaluations per run")
+    parser.add_argument("--db", default=None, help="SQLite file to fabricate into, or to reuse if it exists")
+    parser.add_argument("--read-uri", default=None, help="read the report through this tracking URI instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        MlflowClient(uri).search_experiments()  # create the schema outside the timing
-        made = fabricate(uri, args.kind, args.runs, args.evals)
-        print(f"fabricated a {args.kind} sweep of {args.runs} runs x {args.evals} evaluations "
-              f"({len(CLASSES)} classes) in {made:.1f} s")
+        db = Path(args.db).resolve() if args.db else Path(tmp) / "mlflow.db"
+        uri = f"sqlite:///{db}"
+        if db.exists():
+            print(f"reusing the store {db}")
+        else:
+            MlflowClient(uri).search_experiments()  # create the schema outside the timing
+            made = fabricate(uri, args.kind, args.runs, args.evals)
+            print(f"fabricated a {args.kind} sweep of {args.runs} runs x {args.evals} evaluations "
+                  f"({len(CLASSES)} classes) in {made:.1f} s")
+        uri = args.read_uri or uri
+        runs = len(MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("bench").experiment_id],
+                                                 max_results=50_000)) - 2  # less the sweep and teacher runs
         cases = [("last, tables only", "last", False), ("last + plots", "last", True), ("best + plots", "best", True)]
         print(f"| {'report':<18} | runs | read (s) | tables (s) | plots (s) | write (s) | total (s) |")
         print(f"|{'-' * 20}|-----:|---------:|-----------:|----------:|----------:|----------:|")
@@ -111,7 +123,7 @@ def main() -> None:
                                   formats=("md", "tex", "csv", "parquet"), plots=plots)
             total = time.perf_counter() - start
             t = result.timings
-            print(f"| {label:<18} | {args.runs} | {t['read']:8.2f} | {t['tables']:10.2f} | {t['plots']:9.2f} "
+            print(f"| {label:<18} | {runs} | {t['read']:8.2f} | {t['tables']:10.2f} | {t['plots']:9.2f} "
                   f"| {t['write']:9.2f} | {total:9.2f} |")
 
 

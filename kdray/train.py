@@ -19,11 +19,11 @@ from kdray.config import Job, LossesConfig, job_hash, load_job
 from kdray.data import raw_dataset, split_name
 from kdray.engine import train
 from kdray.engine.progress import Progress
-from kdray.errors import CheckpointError
+from kdray.errors import CheckpointError, DataError
 from kdray.losses.objective import method_label
 from kdray.models.public import find_public, mismatches
 
-_SCAN_THREADS = min(8, os.cpu_count() or 1)
+SCAN_THREADS = min(8, os.cpu_count() or 1)  # threads reading masks for --check-data
 
 
 def open_splits(job: Job, full: bool = False) -> dict[str, int]:
@@ -37,8 +37,11 @@ def open_splits(job: Job, full: bool = False) -> dict[str, int]:
             show = Progress(len(dataset))
             t0 = time.perf_counter()
             dataset.check(progress=_throttled(show, f"checking {job.data.dataset} {split} masks"),
-                          workers=_SCAN_THREADS)
+                          workers=SCAN_THREADS)
             show.message(f"{len(dataset)} {split} masks checked in {time.perf_counter() - t0:.1f} s")
+    if sizes["train"] < job.data.batch_size:  # the sampler would refuse it later, after the models are built
+        raise DataError(f"the {split_name(job.data, 'train')} split has {sizes['train']} images, fewer than one "
+                        f"global batch (data.batch_size={job.data.batch_size}): lower data.batch_size or add data")
     return sizes
 
 

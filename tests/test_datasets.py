@@ -415,7 +415,7 @@ def test_a_window_over_the_whole_image_is_whole_image_evaluation(one_thread):
 JOBS = sorted(p.name for p in (REPO / "jobs").glob("*.yaml"))
 
 
-def fake_job_inputs(tmp_path: Path, job_file: str, sizes: tuple[int, int] = (3, 2)) -> list[str]:
+def fake_job_inputs(tmp_path: Path, job_file: str, sizes: tuple[int, int] = (16, 2)) -> list[str]:
     """Overrides pointing a shipped job at a fake tree of its dataset and at fake weight files."""
     job = load_job(REPO / "jobs" / job_file)
     d = job.data
@@ -442,7 +442,7 @@ def test_every_job_passes_dry_run_on_a_fake_tree(tmp_path, capsys, job_file):
     out = capsys.readouterr().out
     assert "dry run:" in out and "Loss = 1 * CE" in out and "note:" not in out
     if overrides:
-        assert "(3 images)" in out and "(2 images)" in out and "40000 iterations" in out
+        assert "(16 images)" in out and "(2 images)" in out and "40000 iterations" in out
         assert "8 worker(s) x 2 images" in out and "8 GPU(s)" in out
 
 
@@ -464,16 +464,22 @@ def test_dry_run_notes_a_normalisation_that_does_not_fit_the_teacher(tmp_path, c
 
 
 def test_check_data_scans_every_mask(tmp_path, capsys):
-    overrides = fake_job_inputs(tmp_path, "camvid_dl101_to_psp18.yaml", sizes=(5, 2))
+    overrides = fake_job_inputs(tmp_path, "camvid_dl101_to_psp18.yaml")
     job = str(REPO / "jobs" / "camvid_dl101_to_psp18.yaml")
     assert train_cli.main(["--job", job, "--dry-run", "--check-data", *overrides]) == 0
     out = capsys.readouterr().out
-    assert "5 train masks checked" in out and "2 test masks checked" in out
-    bad = next((tmp_path / "data" / "trainannot").glob("*000001.png"))  # a normal start reads 0, 2 and 4
+    assert "16 train masks checked" in out and "2 test masks checked" in out
+    bad = next((tmp_path / "data" / "trainannot").glob("*000001.png"))  # a normal start reads 0, 8 and 15
     save(np.full((H, W), 77, np.uint8), bad)
     assert train_cli.main(["--job", job, "--dry-run", *overrides]) == 0
     with pytest.raises(DataError, match="mask value 77"):
         train_cli.main(["--job", job, "--dry-run", "--check-data", *overrides])
+
+
+def test_dry_run_refuses_a_split_smaller_than_one_batch(tmp_path):
+    overrides = fake_job_inputs(tmp_path, "voc_dl101_to_dl18.yaml", sizes=(8, 2))
+    with pytest.raises(DataError, match="train_aug split has 8 images, fewer than one global batch"):
+        train_cli.main(["--job", str(REPO / "jobs" / "voc_dl101_to_dl18.yaml"), "--dry-run", *overrides])
 
 
 def test_command_line_bad_tree_is_one_line_exit_2(tmp_path):

@@ -8,13 +8,19 @@ sweep (8 Optuna-style trials, one early-stopped, one failed) whose space file is
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import optuna
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from matplotlib.image import imread
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+from optuna.trial import create_trial
 
 from kdray.errors import ConfigError
 from kdray.orchestration import layout
@@ -307,8 +313,22 @@ def test_search_summary(store):
     full = by_name(build_tables(data, "last", top_k=10)[0])["search_top"]
     assert full.rows[-1][:4] == ["7", "s_5", "60.00†", "early_stopped"]
     imp = tables["importance"]
-    assert "PED-ANOVA" in imp.caption and imp.data.num_rows == 3
+    assert "PED-ANOVA" in imp.caption and "best 4 of 7 trials" in imp.caption
     assert sum(imp.data.column("importance").to_pylist()) == pytest.approx(1.0)
+    # the same numbers as Optuna gives on a study built by hand from the fabricated trials
+    dists = {"losses.kd.weight": FloatDistribution(0.1, 10.0, log=True),
+             "losses.i2ckd.enabled": CategoricalDistribution([True, False]),
+             "losses.i2ckd.margin": FloatDistribution(0.1, 2.0)}
+    study = optuna.create_study(direction="maximize")
+    for w, en, m, state, last, _ in SEARCH.values():
+        if state != "FAILED":
+            params = {"losses.kd.weight": w, "losses.i2ckd.enabled": en, **({"losses.i2ckd.margin": m} if en else {})}
+            study.add_trial(create_trial(params=params, distributions={k: dists[k] for k in params}, value=last))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(target_quantile=0.5))
+    got = dict(zip(imp.data.column("param").to_pylist(), imp.data.column("importance").to_pylist()))
+    assert got == pytest.approx(expected) and [r[0] for r in imp.rows] == list(expected)
     # methods of a search sweep: n counts configurations, the failed trial is counted
     methods = cells_by_method(tables["methods"])
     mean, std = stats([0.74, 0.78, 0.72, 0.76])

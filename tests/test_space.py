@@ -141,7 +141,8 @@ def test_ablation_expands_to_rows_times_seeds(tmp_path):
         ({"rows": []}, ["rows", "non-empty list"]),
         ({"rows": [{"name": "a"}], "seeds": []}, ["seeds", "non-empty list of integers"]),
         ({"rows": [{"name": "a"}, {"name": "a"}]}, ["row names must be unique"]),
-        ({"rows": [{"name": "a", "set": {"losses.nope.enabled": True}}]}, ["rows[0].set.losses.nope.enabled", "no key"]),
+        ({"rows": [{"name": "a", "set": {"losses.nope.enabled": True}}]},
+         ["rows[0].set.losses.nope.enabled", "no key"]),
         ({"rows": [{"name": "none", "set": {"losses.ce.enabled": False}}]}, ["rows[0] (none)", "enable at least one"]),
     ],
 )

@@ -199,6 +199,7 @@ def test_status_callback_marks_stopped_and_failed_runs(tmp_path):
     callback.on_trial_error(0, [], _Trial("c", {}, RuntimeError("Traceback...\nValueError: out of memory")))
     assert tracker.status(ids["a"]) == "FINISHED"
     assert tracker.status(ids["b"]) == "KILLED" and tracker.tags(ids["b"])[layout.STOPPED_EARLY] == "true"
-    assert tracker.status(ids["c"]) == "FAILED" and tracker.tags(ids["c"])[layout.FAILURE] == "ValueError: out of memory"
+    assert tracker.status(ids["c"]) == "FAILED"
+    assert tracker.tags(ids["c"])[layout.FAILURE] == "ValueError: out of memory"
     # the same trial id again (a restored trial) continues its run instead of creating a second one
     assert tracker.trial_run("s1", "b", "p", "b", {}, {}) == ids["b"]

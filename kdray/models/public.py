@@ -97,7 +97,11 @@ def mismatches(key: str, path: str | Path | None, arch: str, num_classes: int, m
         problems.append(f"{key}: {entry.file} is a {entry.arch} backbone, the job's arch is {arch}")
     if not entry.normalize.matches(mean, std, order):
         n = entry.normalize
-        problems.append(f"{key}: {entry.file} expects data.normalize mean {[round(m, 8) for m in n.mean]}, std "
-                        f"{[round(s, 8) for s in n.std]}, order {n.order} (kdray/models/public.py); the job has "
-                        f"mean {list(mean)}, std {list(std)}, order {order}")
+        problems.append(f"{key}: {entry.file} expects data.normalize order {n.order}, mean {_fmt(n.mean)}, std "
+                        f"{_fmt(n.std)} (kdray/models/public.py); the job has order {order}, mean {_fmt(mean)}, "
+                        f"std {_fmt(std)}")
     return problems
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.7g}" for v in values) + "]"
