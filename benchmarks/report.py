@@ -44,7 +44,8 @@ def fabricate(uri: str, kind: str, runs: int, evals: int, seed: int = 0) -> floa
     rng = np.random.default_rng(seed)
     client = MlflowClient(uri)
     start = time.perf_counter()
-    eid = client.create_experiment("bench")
+    artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"  # next to the store, not ./mlruns
+    eid = client.create_experiment("bench", artifact_location=artifacts.as_uri())
     tags = {layout.KIND: "sweep", layout.SWEEP_ID: "bench-1", layout.SPACE: f"bench-{kind}", layout.SPACE_KIND: kind,
             layout.METRIC: layout.VAL_MIOU, layout.MODE: "max"}
     parent = client.create_run(eid, tags=tags).info.run_id

@@ -8,6 +8,8 @@ sweep (8 Optuna-style trials, one early-stopped, one failed) whose space file is
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -26,7 +28,8 @@ from kdray.errors import ConfigError
 from kdray.orchestration import layout
 from kdray.report import main
 from kdray.reporting import build_tables, read_sweep, write_report
-from kdray.reporting.runs import natural_key, read_iou_at
+from kdray.reporting.runs import histories, natural_key, read_iou_at
+from kdray.reporting.space import infer_knobs
 from kdray.reporting.tables import best_runs
 
 STEPS = (100, 200, 300)
@@ -74,6 +77,7 @@ class Store:
     def __init__(self, path):
         self.uri = f"sqlite:///{path}"
         self.client = MlflowClient(self.uri)
+        self.artifacts = (path.parent / "artifacts").as_uri()  # not ./mlruns of the working directory
         self.clock = 1_000_000
 
     def run(self, experiment_id, tags, values=(), steps=STEPS, params=None, status="FINISHED", name=None):
@@ -102,7 +106,7 @@ def config(seed, kd=False, i2ckd=False, **more):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     s = Store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
-    eid = s.client.create_experiment("kdtest")
+    eid = s.client.create_experiment("kdtest", artifact_location=s.artifacts)
     s.teacher = s.run(eid, {layout.KIND: "teacher", layout.TEACHER_ARCH: "deeplabv3_resnet101",
                             layout.PARAMS_M: "61.1000"}, history(*TEACHER), name="teacher")
     s.abl = s.run(eid, {layout.KIND: "sweep", layout.SWEEP_ID: "abl-1", layout.SPACE: "tiny-ablation",
@@ -143,7 +147,7 @@ def store(tmp_path_factory):
                                      values, params=config(0, kd=True, i2ckd=en, **{"losses.kd.weight": w,
                                                                                     "losses.i2ckd.margin": m}),
                                      status=status)
-    s.client.create_experiment("empty")
+    s.client.create_experiment("empty", artifact_location=s.artifacts)
     return s
 
 
@@ -402,3 +406,29 @@ def test_command_line(store, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no experiment 'nope'") and err.count("\n") == 1
+
+
+def test_knobs_inferred_from_params_when_the_space_file_is_missing(store):
+    knobs = infer_knobs(read_sweep(store.uri, "kdtest", "srch-1", history=False).runs)
+    assert set(knobs) == {"losses.kd.weight", "losses.i2ckd.enabled", "losses.i2ckd.margin"}  # not seed, not paths
+    weight, margin = knobs["losses.kd.weight"].distribution, knobs["losses.i2ckd.margin"].distribution
+    assert weight.log and (weight.low, weight.high) == (0.12, 5.0)  # the failed trial's 8.0 is not counted
+    assert knobs["losses.i2ckd.margin"].condition == ("losses.i2ckd.enabled", True) and (margin.low, margin.high) == (
+        0.3, 1.9)
+
+
+def test_remote_stores_read_histories_in_threads():
+    class Client:
+        def __init__(self):
+            self.threads = set()
+
+        def get_metric_history(self, run_id, key):
+            self.threads.add(threading.get_ident())
+            time.sleep(0.01)
+            return [Metric(key, float(run_id), 0, 100)]
+
+    pairs = [(str(i), layout.VAL_MIOU) for i in range(32)]
+    remote, local = Client(), Client()
+    assert [h[0].value for h in histories(remote, "http://tracking:5000", pairs)] == list(range(32))
+    assert [h[0].value for h in histories(local, "sqlite:////tmp/x.db", pairs)] == list(range(32))
+    assert len(remote.threads) > 1 and len(local.threads) == 1

@@ -69,6 +69,11 @@ _LOSSES: dict[str, tuple[type[nn.Module], str, str, _Call]] = {
 _NOT_MODULE_ARGS = {"enabled", "weight", "d_lr", "d_betas"}
 
 
+def loss_formula(weights: dict[str, float]) -> str:
+    """`Loss = 1 * CE + 1 * KD + 1 * I2CKD` for the enabled losses' weights, as logged with every run."""
+    return "Loss = " + " + ".join(f"{w:g} * {_LOSSES[n][1]}" for n, w in weights.items())
+
+
 def method_label(losses: LossesConfig) -> str:
     """`CE`, `KD+I2CKD`, ...: the enabled distillation terms, as the papers' tables name a row."""
     names = [_LOSSES[n][1] for n in losses.enabled() if n != "ce"]
@@ -173,8 +178,7 @@ class DistillationObjective(nn.Module):
                 raise PreflightError(f"losses.{name}: returned shape {tuple(value.shape)}, expected a scalar")
 
     def formula(self) -> str:
-        """`Loss = 1 * CE + 1 * KD + 1 * I2CKD`, as logged with every run."""
-        return "Loss = " + " + ".join(f"{self.weights[n]:g} * {_LOSSES[n][1]}" for n in self.terms)
+        return loss_formula(self.weights)
 
     def __str__(self) -> str:
         return self.formula()

@@ -13,7 +13,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from kdray.config import flatten, job_from_dict, to_dict, to_yaml
-from kdray.losses.objective import method_label
+from kdray.losses.objective import loss_formula, method_label
 from kdray.orchestration import layout
 from kdray.orchestration.space import ROW_KEY, SearchSpace
 from kdray.orchestration.tracking import Tracker
@@ -60,14 +60,11 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     trial_id = ray.tune.get_context().get_trial_id()
     job = job_from_dict(sweep.job_data, space.trial_overrides(config))
     tracker = Tracker(sweep.tracking_uri, sweep.experiment)
-    from kdray.losses.objective import DistillationObjective  # formula text only
-
     tags = trial_tags(job, space, config)
     run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
                                name=f"{tags.get(layout.ROW, tags[layout.METHOD])}-s{job.run.seed}-{trial_id}",
                                tags=tags, params=flatten(to_dict(job)))
-    formula = DistillationObjective(job.losses, num_classes=job.data.num_classes, student_channels=8,
-                                    teacher_channels=8).formula()
+    formula = loss_formula({name: cfg.weight for name, cfg in job.losses.enabled().items()})
     tracker.set_tags(run_id, {layout.FORMULA: formula})
     tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
     fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",

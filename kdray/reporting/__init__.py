@@ -3,6 +3,7 @@ imports mlflow and optuna).
 
     runs.py        MLflow -> Arrow: the sweep's runs, the teacher runs, the val/miou histories
     groups.py      group runs, mean ± sample std over finished runs; what counts as finished
+    table.py       the Table type (cells, caption, notes, numbers) and cell formatting
     tables.py      ablation, methods, per-class IoU, excluded runs
     space.py       the knobs a sweep varied, recovered from the runs' params
     importance.py  PED-ANOVA parameter importance on a study rebuilt from the runs

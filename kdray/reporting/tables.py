@@ -101,7 +101,7 @@ def ablation_table(data: SweepData, value: str) -> Table | None:
     for arch in _teacher_archs(data, teachers):
         g = teachers.get(arch)
         if g is None:
-            notes.append(f"No teacher run ({arch}, tag kdray.kind=teacher) in experiment `{data.experiment}`: "
+            notes.append(f"No teacher run ({arch}, tag {layout.KIND}=teacher) in experiment `{data.experiment}`: "
                          "teacher row omitted.")
             continue
         rows.append([f"Teacher ({arch})", "teacher", mean_std(g.mean, g.std), str(g.n), DASH, g.excluded or DASH])
@@ -173,7 +173,7 @@ def methods_table(data: SweepData, value: str) -> Table:
     groups = method_groups(data, value)
     teachers = teacher_groups(data, value)
     params = _lookup(data.runs, "params_m")
-    teacher_params = {**_lookup(data.teachers, "params_m")}
+    teacher_params = _lookup(data.teachers, "params_m")
     trial_teacher_params = {}
     for arch, p in zip(data.runs.column("teacher_arch").to_pylist(), data.runs.column("teacher_params_m").to_pylist()):
         if p is not None:
@@ -187,15 +187,15 @@ def methods_table(data: SweepData, value: str) -> Table:
             seen_pairs.append(mg.pair)
             t = teachers.get(mg.pair[0])
             if t is None:
-                notes.append(f"No teacher run for {mg.pair[0] or 'this pair'} (tag kdray.kind=teacher) in experiment "
-                             f"`{data.experiment}`: teacher row omitted.")
+                notes.append(f"No teacher run for {mg.pair[0] or 'this pair'} (tag {layout.KIND}=teacher) in "
+                             f"experiment `{data.experiment}`: teacher row omitted.")
             else:
                 p = teacher_params.get(t.best_run_id) or trial_teacher_params.get(mg.pair[0])
                 rows.append([_pair_text(mg.pair), "Teacher", millions(p), mean_std(t.mean, t.std), str(t.n),
                              _best_text(t, labels), t.excluded or DASH])
                 records.append({"teacher_arch": mg.pair[0], "student_arch": mg.pair[1], "method": "Teacher",
                                 "params_m": p, **_numbers(t)})
-        p = next((params[r] for r in _group_run_ids(data, g) if params.get(r) is not None), None)
+        p = next((params[r] for r in g.run_ids or [g.best_run_id] if params.get(r) is not None), None)
         rows.append([_pair_text(mg.pair), mg.label, millions(p), mean_std(g.mean, g.std, g.from_stopped), str(g.n),
                      _best_text(g, labels), g.excluded or DASH])
         records.append({"teacher_arch": mg.pair[0], "student_arch": mg.pair[1], "method": mg.label, "params_m": p,
@@ -221,10 +221,6 @@ def _best_text(g: Group, labels: dict[str, str]) -> str:
     if g.best_run_id is None:
         return DASH
     return f"{pct(g.best_value)} ({labels[g.best_run_id]}){DAGGER if g.from_stopped else ''}"
-
-
-def _group_run_ids(data: SweepData, g: Group) -> tuple[str, ...]:
-    return g.run_ids or ((g.best_run_id,) if g.best_run_id else ())
 
 
 def best_runs(data: SweepData, value: str) -> list[tuple[str, str, int | None]]:
@@ -300,7 +296,7 @@ def excluded_table(data: SweepData) -> Table | None:
     rows, records = [], []
     for r in recs:
         if r["state"] == FAILED:
-            reason = r["failure"] or "no reason recorded (tag kdray.failure)"
+            reason = r["failure"] or f"no reason recorded (tag {layout.FAILURE})"
         elif r["state"] == EARLY_STOPPED:
             at = f" at iteration {r['last_step']}" if r["last_step"] is not None else ""
             reason = f"stopped early by the scheduler{at}; last mIoU {pct(r['miou_last'])}"

@@ -56,6 +56,8 @@ def build_tables(data: SweepData, value: str, *, top_k: int = 10,
     iou_at_best: for value="best", the per-class IoUs of the best runs at their best step (`best_iou`); read
     from the store when not given.
     """
+    if value == "best" and data.history is None:
+        raise ValueError("value='best' needs the metric histories: read the sweep with history=True")
     if value == "best" and iou_at_best is None:
         iou_at_best = best_iou(data)
     search = analyse(data, value) if data.space_kind == "search" else None
