@@ -4,16 +4,27 @@ same loss and next to the student network's own forward+backward.
     python benchmarks/losses.py                      # CPU, paper and demo shapes
     python benchmarks/losses.py --device cuda
     python benchmarks/losses.py --shapes demo --no-student --repeats 10
+    python benchmarks/losses.py --quick                # a tiny shape, seconds: a smoke test of the script
 
 Shapes (what is measured):
 - paper: N=2, teacher C=256, student C=128, K=19, maps 64×128 (output stride 8 of a 512×1024 crop), labels
   512×1024; student = deeplabv3_resnet18 (width 1) forward+backward on a 2×3×512×1024 batch.
 - demo: N=8, C_T=64, C_S=32, K=8, maps 16×16, labels 128×128; student = deeplabv3_resnet18 at width 0.25
   (32 feature channels) on 8×3×128×128.
+- tiny (only with --quick or --shapes tiny): N=2, C_T=16, C_S=8, K=5, maps 9×13, labels 72×104.
 
-The loop versions are written here, deliberately naive in the way public code often is: a Python loop over
-the images and/or classes (and for I2CKD the adapter on the whole map and a loop over class pairs). Each is
-checked against the kdray module's value before it is timed.
+The loop versions are written here as the naive implementation a researcher writes without vectorising:
+explicit Python loops over every axis the formula indexes, with only the per-pixel / per-element work of one
+iteration as a tensor op:
+- KD, ACE: loop over images and classes (softmax normaliser, teacher argmax and the sum over k class by class);
+- CWD: loop over images and channels (one spatial softmax and KL per (n, c));
+- IFVD: loop over images and classes (a masked mean per (n, k) for the prototypes, then the cosine map);
+- I2CKD: adapter on the whole map, loop over classes for the prototypes, double loop over the (k, j) pairs;
+- SKD pair-wise, CSC: loop over images and over the rows of each affinity matrix (one node, or one channel,
+  at a time: its similarities to all the others).
+CE (torch's own) and the discriminator have none. Each loop version is checked against the kdray module's
+value before it is timed; one whose first forward+backward shows that the warm-up and repeats would exceed
+--loop-budget seconds is timed once (marked in the table).
 """
 
 from __future__ import annotations
@@ -70,71 +81,103 @@ class Shape:
 SHAPES = {
     "paper": Shape(n=2, c_t=256, c_s=128, k=19, h=64, w=128, height=512, width=1024, student_width=1.0),
     "demo": Shape(n=8, c_t=64, c_s=32, k=8, h=16, w=16, height=128, width=128, student_width=0.25),
+    # Not run by default: --quick (or --shapes tiny), non-square maps with a partial pooling window.
+    "tiny": Shape(n=2, c_t=16, c_s=8, k=5, h=9, w=13, height=72, width=104, student_width=0.25),
 }
+DEFAULT_SHAPES = ["paper", "demo"]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Naive loop versions
+# Naive loop versions: Python loops over every axis the formula indexes (images, classes, channels, nodes,
+# class pairs); only the per-pixel / per-element work inside one iteration is a tensor op.
 # --------------------------------------------------------------------------------------------------------------
+def _class_log_softmax(z, temperature):
+    """log softmax over the class axis of one image's (K, h, w) logits, as a list of K per-class (h, w) maps.
+
+    The normaliser `log Σ_k exp(z_k/T)` is accumulated class by class (shifted by the running max, which is a
+    constant for the result, so it is detached), the way the formula reads.
+    """
+    maps = [z[c] / temperature for c in range(z.shape[0])]
+    top = maps[0]
+    for m in maps[1:]:
+        top = torch.maximum(top, m)
+    top = top.detach()
+    total = torch.zeros_like(top)
+    for m in maps:
+        total = total + (m - top).exp()
+    log_norm = top + total.log()
+    return [m - log_norm for m in maps]
+
+
 def kd_loop(zs, zt, labels, temperature=1.0):
+    """Loop over images n and classes k: `T²/(N·h·w) Σ_n Σ_k Σ_i p_T[k] (log p_T[k] − log p_S[k])`."""
     n, k, h, w = zs.shape
     total = zs.new_zeros(())
     for b in range(n):
-        log_s = F.log_softmax(zs[b] / temperature, dim=0)
-        log_t = F.log_softmax(zt[b] / temperature, dim=0)
+        log_s = _class_log_softmax(zs[b], temperature)
+        log_t = _class_log_softmax(zt[b].detach(), temperature)
         for c in range(k):
             total = total + (log_t[c].exp() * (log_t[c] - log_s[c])).sum()
     return total / (n * h * w) * temperature**2
 
 
 def cwd_loop(zs, zt, labels, temperature=4.0):
+    """Loop over images n and channels c: one softmax over the h·w positions and one KL per (n, c)."""
     n, k = zs.shape[:2]
     total = zs.new_zeros(())
     for b in range(n):
         for c in range(k):
             log_s = F.log_softmax(zs[b, c].flatten() / temperature, dim=0)
-            log_t = F.log_softmax(zt[b, c].flatten() / temperature, dim=0)
+            log_t = F.log_softmax(zt[b, c].detach().flatten() / temperature, dim=0)
             total = total + (log_t.exp() * (log_t - log_s)).sum()
     return total * temperature**2 / (n * k)
 
 
 def ace_loop(zs, zt, labels, temperature=1.0):
+    """Loop over images n and classes k: the teacher's argmax and both softmaxes class by class, then
+    `−Σ_k q[k] log p_S[k]` as a sum of per-class maps, over the valid pixels."""
     n, k, h, w = zs.shape
     y = downsample_labels(labels, (h, w))
     total = zs.new_zeros(())
     for b in range(n):
-        log_s = F.log_softmax(zs[b] / temperature, dim=0)
-        p_t = F.softmax(zt[b] / temperature, dim=0)
-        pred = zt[b].argmax(dim=0)
+        log_s = _class_log_softmax(zs[b], temperature)
+        log_t = _class_log_softmax(zt[b].detach(), temperature)
+        best, pred = zt[b, 0].detach(), torch.zeros_like(y[b])
+        for c in range(1, k):
+            better = zt[b, c] > best  # strict: ties keep the first class, as argmax does
+            best = torch.where(better, zt[b, c].detach(), best)
+            pred = pred.masked_fill(better, c)
+        right = pred == y[b]  # never at ignored pixels (pred < K)
         for c in range(k):
-            mask = y[b] == c
-            right = mask & (pred == c)
-            total = total - (p_t[:, right] * log_s[:, right]).sum() - log_s[c][mask & ~right].sum()
+            target = torch.where(right, log_t[c].exp(), (y[b] == c).to(zs.dtype))  # 0 at ignored pixels
+            total = total - (target * log_s[c]).sum()
     return total / (y != IGNORE).sum().clamp_min(1)
 
 
-def _affinity(f):
-    nodes = F.normalize(F.max_pool2d(f, 2, 2, ceil_mode=True).flatten(1), dim=0)
-    return nodes.t() @ nodes
-
-
 def pairwise_loop(fs, ft, labels):
+    """Loop over images, then over the M nodes: each node's cosine similarities to all nodes (one row of A)."""
     total, count = fs.new_zeros(()), 0
     for b in range(fs.shape[0]):
-        a_s, a_t = _affinity(fs[b]), _affinity(ft[b])
-        total = total + ((a_s - a_t) ** 2).sum()
-        count += a_s.numel()
+        unit_s = F.normalize(F.max_pool2d(fs[b], 2, 2, ceil_mode=True).flatten(1), dim=0)  # (C_S, M)
+        unit_t = F.normalize(F.max_pool2d(ft[b].detach(), 2, 2, ceil_mode=True).flatten(1), dim=0)  # (C_T, M)
+        for node_s, node_t in zip(unit_s.t(), unit_t.t(), strict=True):
+            row = node_s @ unit_s - node_t @ unit_t  # A_S[a, :] − A_T[a, :]
+            total = total + (row**2).sum()
+            count += row.numel()
     return total / count
 
 
 def ifvd_loop(num_classes):
+    """Loop over images n and classes k: a masked mean per (n, k) gives the prototype, which is written into
+    a per-pixel centre map; then the cosine map against it."""
+
     def loss(fs, ft, labels):
         n, _, h, w = fs.shape
         y = downsample_labels(labels, (h, w))
         total = fs.new_zeros(())
         for b in range(n):
             sims = []
-            for f in (fs[b], ft[b]):
+            for f in (fs[b], ft[b].detach()):
                 centre = f  # ignored pixels keep their own feature: cosine 1
                 for c in range(num_classes):
                     mask = y[b] == c
@@ -149,24 +192,32 @@ def ifvd_loop(num_classes):
 
 
 def csc_loop(module):
+    """Adapter on the whole map, then per image: a loop over the M positions (rows of A_sp) and a loop over
+    the C_T channels (rows of A_ch)."""
+
     def loss(fs, ft, labels):
-        total_sp, count_sp, total_ch, count_ch = fs.new_zeros(()), 0, fs.new_zeros(()), 0
+        sp_total, sp_count, ch_total, ch_count = fs.new_zeros(()), 0, fs.new_zeros(()), 0
         projected = module.adapter(fs)
         for b in range(fs.shape[0]):
-            ns = F.max_pool2d(projected[b], 2, 2, ceil_mode=True).flatten(1)
-            nt = F.max_pool2d(ft[b], 2, 2, ceil_mode=True).flatten(1)
-            sp_s, sp_t = F.normalize(ns, dim=0), F.normalize(nt, dim=0)
-            ch_s, ch_t = F.normalize(ns, dim=1), F.normalize(nt, dim=1)
-            d_sp = sp_s.t() @ sp_s - sp_t.t() @ sp_t
-            d_ch = ch_s @ ch_s.t() - ch_t @ ch_t.t()
-            total_sp, count_sp = total_sp + (d_sp**2).sum(), count_sp + d_sp.numel()
-            total_ch, count_ch = total_ch + (d_ch**2).sum(), count_ch + d_ch.numel()
-        return total_sp / count_sp + total_ch / count_ch
+            nodes_s = F.max_pool2d(projected[b], 2, 2, ceil_mode=True).flatten(1)  # (C_T, M)
+            nodes_t = F.max_pool2d(ft[b].detach(), 2, 2, ceil_mode=True).flatten(1)
+            sp_s, sp_t = F.normalize(nodes_s, dim=0), F.normalize(nodes_t, dim=0)
+            for node_s, node_t in zip(sp_s.t(), sp_t.t(), strict=True):
+                row = node_s @ sp_s - node_t @ sp_t
+                sp_total, sp_count = sp_total + (row**2).sum(), sp_count + row.numel()
+            ch_s, ch_t = F.normalize(nodes_s, dim=1), F.normalize(nodes_t, dim=1)
+            for chan_s, chan_t in zip(ch_s, ch_t, strict=True):
+                row = ch_s @ chan_s - ch_t @ chan_t
+                ch_total, ch_count = ch_total + (row**2).sum(), ch_count + row.numel()
+        return sp_total / sp_count + module.gamma * ch_total / ch_count
 
     return loss
 
 
 def i2ckd_loop(module, num_classes, margin=0.5):
+    """Adapter on the whole map; a loop over classes k for the prototypes (a masked mean over the batch per
+    class); then a double loop over the ordered pairs (k, j≠k) for the triplet terms."""
+
     def loss(fs, ft, labels):
         projected = module.adapter(fs)
         y = downsample_labels(labels, fs.shape[-2:])
@@ -175,7 +226,7 @@ def i2ckd_loop(module, num_classes, margin=0.5):
             mask = y == c
             if mask.any():
                 p_s.append(F.normalize(projected.permute(1, 0, 2, 3)[:, mask].mean(dim=1), dim=0))
-                p_t.append(F.normalize(ft.permute(1, 0, 2, 3)[:, mask].mean(dim=1), dim=0))
+                p_t.append(F.normalize(ft.detach().permute(1, 0, 2, 3)[:, mask].mean(dim=1), dim=0))
         terms = []
         for a in range(len(p_s)):
             for b in range(len(p_s)):
@@ -247,6 +298,7 @@ class Row:
     ms: float
     loop_ms: float | None
     peak: float
+    loop_runs: int = 0  # how many runs the loop time is the median of
 
 
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
@@ -316,6 +368,20 @@ def student_step(shape: Shape, device: torch.device):
     return step
 
 
+def time_loop(loop_step: Callable[[], None], device: torch.device, args) -> tuple[float, int]:
+    """(milliseconds, runs) of a loop version's forward+backward. The first run is a warm-up; when it shows
+    that the remaining warm-up and the repeats would take more than `args.loop_budget` seconds, that one run
+    is the measurement (runs = 1)."""
+    synchronize(device)
+    start = time.perf_counter()
+    loop_step()
+    synchronize(device)
+    first = time.perf_counter() - start
+    if first * (max(args.warmup - 1, 0) + args.loop_repeats) > args.loop_budget:
+        return first * 1e3, 1
+    return median_ms(loop_step, device, max(args.warmup - 1, 0), args.loop_repeats), args.loop_repeats
+
+
 def run(args) -> list[tuple[Row, float | None]]:
     device = torch.device(args.device)
     results = []
@@ -344,14 +410,16 @@ def run(args) -> list[tuple[Row, float | None]]:
                 loop(*(x[k] for k in keys)).backward()
 
             ms = median_ms(step, device, args.warmup, args.repeats)
-            loop_ms = None
+            loop_ms, loop_runs, note = None, 0, ""
             if loop is not None:
-                expected, got = fn(x).item(), loop(*(x[k] for k in keys)).item()
+                with torch.no_grad():
+                    expected, got = fn(x).item(), loop(*(x[k] for k in keys)).item()
                 if abs(expected - got) > 1e-4 * max(abs(expected), 1e-3):
                     raise SystemExit(f"{name} at {shape_name}: loop version gives {got}, module {expected}")
-                loop_ms = median_ms(loop_step, device, args.warmup, args.repeats)
-            results.append((Row(name, shape_name, ms, loop_ms, peak_mb(step, device)), student_ms))
-            print(f"[{shape_name}] {name}: {ms:.2f} ms", file=sys.stderr)
+                loop_ms, loop_runs = time_loop(loop_step, device, args)
+                note = f", loop {loop_ms:.2f} ms ({loop_runs} run{'s' if loop_runs > 1 else ''})"
+            results.append((Row(name, shape_name, ms, loop_ms, peak_mb(step, device), loop_runs), student_ms))
+            print(f"[{shape_name}] {name}: {ms:.2f} ms{note}", file=sys.stderr)
     return results
 
 
@@ -360,7 +428,8 @@ def render(results, args) -> str:
         f"# Distillation losses, forward+backward, device {args.device} "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
         f"# time: median of {args.repeats} runs after {args.warmup} warm-up "
-        f"(student: median of {args.student_repeats} after 1)",
+        f"(student: median of {args.student_repeats} after 1; loop versions: median of {args.loop_repeats} after "
+        f"{args.warmup}, or * = timed once, where that would take over {args.loop_budget:g} s)",
         f"# peak memory: {MEMORY_METHOD['cuda' if args.device.startswith('cuda') else 'cpu']}",
     ]
     lines += [f"# {name}: {SHAPES[name].describe()}" for name in args.shapes]
@@ -368,7 +437,9 @@ def render(results, args) -> str:
     rows = [header]
     for row, student_ms in results:
         share = f"{100 * row.ms / student_ms:.2f}" if student_ms else "-"
-        loop = f"{row.loop_ms:.2f}" if row.loop_ms is not None else "-"
+        loop = "-"
+        if row.loop_ms is not None:
+            loop = f"{row.loop_ms:.2f}" + ("*" if row.loop_runs == 1 and args.loop_repeats > 1 else "")
         speedup = f"{row.loop_ms / row.ms:.1f}×" if row.loop_ms is not None else "-"
         rows.append((row.loss, row.shape, f"{row.ms:.2f}", share, loop, speedup, f"{row.peak:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -383,12 +454,26 @@ def render(results, args) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each loss (default 5)")
+    parser.add_argument("--loop-repeats", type=int, help="timed runs of each loop version (default: --repeats)")
+    parser.add_argument(
+        "--loop-budget",
+        type=float,
+        default=120.0,
+        help="seconds a loop version's warm-up and repeats may take; over it, it is timed once (default 120)",
+    )
     parser.add_argument("--student-repeats", type=int, default=3)
     parser.add_argument("--no-student", dest="student", action="store_false", help="skip the student's timing")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: the tiny shape, 1 warm-up, 2 repeats, 1 student run"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.warmup, args.repeats, args.student_repeats = ["tiny"], 1, 2, 1
+    if args.loop_repeats is None:
+        args.loop_repeats = args.repeats
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     print(render(run(args), args))

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_sweep(request)
     print(f"\nsweep {outcome.sweep_id} done in {outcome.wall_s:.0f} s ({len(outcome.trials)} trials), best first:\n")
     print(summary_table(outcome))
+    if outcome.report_markdown:
+        print(f"\n{outcome.report_markdown}\nreport files: {outcome.sweep_dir / 'report'}")
     print(f"\nMLflow: mlflow ui --backend-store-uri {outcome.tracking_uri}   (experiment {outcome.experiment!r})")
     return 0 if outcome.complete else 130
 

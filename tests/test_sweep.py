@@ -6,6 +6,7 @@ Run inside ../shared/bin/loopback-only on these machines (Ray's servers must lis
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,9 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
     assert parent.info.status == "FINISHED" and parent.data.tags[layout.KIND] == "sweep"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} == {"config/job.yaml",
                                                                                     "config/space.yaml"}
+    reported = {a.path for a in client.list_artifacts(parent.info.run_id, layout.REPORT_ARTIFACT_DIR)}
+    assert {"report/report.md", "report/miou_vs_iteration.png"} <= reported
+    assert outcome.report_markdown and "mIoU" in outcome.report_markdown
     assert len(runs) == 2 and len({r.data.tags[layout.TRIAL_ID] for r in runs}) == 2
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -97,19 +101,31 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
     assert Path(tmp_path / "teacher.pt").is_file()
 
 
-def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cluster, tmp_path, teacher_file):
+def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cluster, tmp_path, teacher_file,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in the job resolve here, not in Tune's trial directories
+    shutil.copyfile(teacher_file, tmp_path / "teacher.pt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "ablation.yaml", {
         "name": "abl", "seeds": [0, 1], "max_concurrent_trials": 2,
         "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1},
         "rows": [{"name": "Student (CE)"}, {"name": "+KD", "set": {"losses.kd.enabled": True}},
                  {"name": "diverges", "set": {"optim.lr": 1.0e30, "optim.momentum": 0.0}}]})
-    request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
-                                              f"teacher.checkpoint={teacher_file}"], tracking_uri=uri)
+    request = SweepRequest(str(DEMO), space, [*TINY, "run.output_dir=runs", "teacher.checkpoint=teacher.pt"],
+                           tracking_uri=uri)
     outcome = run_sweep(request, say=lambda *_: None)
     assert outcome.complete and len(outcome.trials) == 6
     client, runs = children(uri, "demo", outcome.sweep_id)
     combos = sorted((r.data.tags[layout.ROW], r.data.tags[layout.SEED]) for r in runs)
+    assert {r.data.tags[layout.ROW]: r.data.tags[layout.ROW_INDEX] for r in runs} == \
+        {"Student (CE)": "0", "+KD": "1", "diverges": "2"}
+    assert "Student (CE)" in outcome.report_markdown and "diverges" in outcome.report_markdown
+    # the given (untracked) teacher was scored once and recorded, so the tables have their teacher row
+    teachers = client.search_runs([runs[0].info.experiment_id], f"tags.`{layout.KIND}` = 'teacher'")
+    assert len(teachers) == 1
+    assert teachers[0].data.tags[layout.TEACHER_CHECKPOINT] == str((tmp_path / "teacher.pt").resolve())
+    assert 0 <= teachers[0].data.metrics[layout.VAL_MIOU] <= 1
+    assert "Teacher" in outcome.report_markdown
     assert combos == sorted((row, seed) for row in ("Student (CE)", "+KD", "diverges") for seed in ("0", "1"))
     for run in runs:
         if run.data.tags[layout.ROW] == "diverges":

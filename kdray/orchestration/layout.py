@@ -21,11 +21,14 @@ VERSION = "kdray.version"
 TRIAL_ID = "kdray.trial_id"
 METHOD = "kdray.method"  # CE, KD, KD+I2CKD, ...: the enabled distillation terms
 ROW = "kdray.row"  # the ablation row's name (ablation sweeps only)
+ROW_INDEX = "kdray.row_index"  # its position in the space's list of rows
+CLASSES = "kdray.classes"  # JSON list of the class names, in class-id order
 SEED = "kdray.seed"
 TEACHER_ARCH = "kdray.teacher_arch"
 STUDENT_ARCH = "kdray.student_arch"
 PARAMS_M = "kdray.params_m"  # the trained model's parameters, millions (the student's for a trial)
 TEACHER_PARAMS_M = "kdray.teacher_params_m"
+TEACHER_CHECKPOINT = "kdray.teacher_checkpoint"  # on teacher runs: the weights file the run produced or scored
 DATASET = "kdray.dataset"
 FORMULA = "kdray.formula"  # "Loss = 1 * CE + 1 * KD + ..."
 STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial

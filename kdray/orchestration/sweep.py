@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray import __version__
-from kdray.config import Job, apply_overrides, job_from_dict, parse_override, read_yaml
+from kdray.config import Job, apply_overrides, job_from_dict, parse_override, read_yaml, to_dict
 from kdray.errors import ConfigError, ResourceError
 from kdray.losses.objective import method_label
 from kdray.orchestration import layout
@@ -64,6 +64,7 @@ class SweepOutcome:
     trials: list[TrialSummary]
     wall_s: float
     complete: bool = True
+    report_markdown: str | None = None  # the tables of kdray.report, also logged on the sweep's run
 
 
 SMOKE = {"optim.iterations": 4, "optim.eval_interval": 2, "optim.log_interval": 2}
@@ -82,7 +83,9 @@ def prepare(request: SweepRequest) -> tuple[dict[str, Any], Job, SearchSpace]:
         teacher = job.teacher.checkpoint
         if teacher and not Path(teacher).is_file():  # never cache a 4-iteration teacher as the real one
             overrides.setdefault("teacher.checkpoint", str(Path(job.run.output_dir) / job.name / "smoke-teacher.pt"))
-    data = apply_overrides(data, overrides)
+    # Resolved once, here: paths become absolute against the directory the sweep runs in, because trials
+    # rebuild the job inside Tune's own working directories.
+    data = to_dict(job_from_dict(apply_overrides(data, overrides)))
     space = load_space(request.space_path, job_from_dict(data), data)
     if request.smoke_test and space.kind == "search":
         space.num_samples = min(space.num_samples, 2)
@@ -190,6 +193,8 @@ def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
             raise ConfigError(f"teacher.checkpoint: {teacher} does not exist; train it first (python -m kdray.teacher "
                               f"--job {request.job_path}) or pass --train-teacher")
         _train_teacher(job, tracker, uri, sweep_dir, say)
+    elif _needs_teacher(data, space):
+        _record_teacher(job, tracker, say)
 
     from kdray.orchestration.trial import MlflowStatusCallback, SweepContext, run_trial
 
@@ -216,11 +221,16 @@ def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
     grid = tuner.fit()
     trials = _summaries(grid, space, data)
     complete = grid.num_terminated + grid.num_errors >= space.trial_count
+    report = None
     if complete:
+        from kdray.reporting import write_report
+
+        report = write_report(uri, experiment, sweep_id, sweep_dir / "report", formats=("md", "tex", "csv", "parquet"))
         tracker.end_run(parent, "FINISHED")
     else:  # interrupted (Ctrl+C): Tune saved its state; the runs stay RUNNING until --resume continues them
         say(f"sweep interrupted: resume it with python -m kdray.sweep --resume {sweep_dir}")
-    return SweepOutcome(sweep_id, sweep_dir, uri, experiment, parent, trials, time.perf_counter() - t0, complete)
+    return SweepOutcome(sweep_id, sweep_dir, uri, experiment, parent, trials, time.perf_counter() - t0, complete,
+                        report.markdown if report is not None else None)
 
 
 def _load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
@@ -285,9 +295,7 @@ def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say) -
 
     model = build_model(job.teacher.arch, job.data.num_classes, width=job.teacher.width)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", {
-        layout.KIND: "teacher", layout.TEACHER_ARCH: job.teacher.arch, layout.PARAMS_M: f"{params_m:.4f}",
-        layout.DATASET: job.data.dataset, layout.SEED: str(job.run.seed)})
+    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", _teacher_tags(job, params_m))
     tracker.log_params(run_id, flatten(to_dict(job)))
     say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
     try:
@@ -299,6 +307,49 @@ def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say) -
     tracker.end_run(run_id, "FINISHED")
     if not Path(job.teacher.checkpoint).is_file():
         raise ResourceError(f"the teacher run ended without writing {job.teacher.checkpoint}")
+
+
+def _teacher_tags(job: Job, params_m: float) -> dict[str, str]:
+    from kdray.data import class_names
+
+    return {layout.KIND: "teacher", layout.TEACHER_ARCH: job.teacher.arch, layout.PARAMS_M: f"{params_m:.4f}",
+            layout.DATASET: job.data.dataset, layout.SEED: str(job.run.seed),
+            layout.TEACHER_CHECKPOINT: str(job.teacher.checkpoint), layout.CLASSES: json.dumps(class_names(job.data))}
+
+
+def _evaluate_teacher(job: Job) -> tuple[dict[str, float], float]:
+    """The teacher's val metrics (as the engine reports them, at step 0) and its size in millions."""
+    import torch
+
+    from kdray.data import build_dataset, class_names
+    from kdray.engine import RankContext, evaluate, load_teacher
+    from kdray.engine.evaluate import evaluation_loader
+
+    device = torch.device("cuda" if job.run.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(job, device)
+    ctx = RankContext(device=device)
+    loader = evaluation_loader(build_dataset(job.data, "val"), job.data.eval_batch_size, ctx)
+    result = evaluate(teacher, loader, job.data.num_classes, job.data.ignore_index, ctx)
+    metrics = {layout.VAL_MIOU: result["miou"], layout.VAL_PIXEL_ACC: result["pixel_acc"]}
+    metrics.update({layout.VAL_IOU_PREFIX + n: v for n, v in zip(class_names(job.data), result["iou"])})
+    return metrics, sum(p.numel() for p in teacher.parameters()) / 1e6
+
+
+def _record_teacher(job: Job, tracker: Tracker, say) -> None:
+    """Give the experiment a teacher run for this checkpoint (the tables' top row), scoring it once if needed.
+
+    The scoring runs as a Ray task with one worker's resources, so on a cluster it lands on a GPU node.
+    """
+    import ray
+
+    if tracker.find_run(**{layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: str(job.teacher.checkpoint)}):
+        return
+    say(f"scoring the teacher {job.teacher.checkpoint} on the val split for the report's teacher row")
+    task = ray.remote(num_cpus=job.run.cpus_per_worker, num_gpus=job.run.gpus_per_worker)(_evaluate_teacher)
+    metrics, params_m = ray.get(task.remote(job))
+    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", _teacher_tags(job, params_m))
+    tracker.run_logger(run_id).log_metrics(metrics, 0)
+    tracker.end_run(run_id, "FINISHED")
 
 
 def _summaries(grid, space: SearchSpace, job_data: dict[str, Any]) -> list[TrialSummary]:

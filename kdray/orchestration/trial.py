@@ -6,6 +6,7 @@ scheduler stops is killed before it could close its own run.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from kdray.config import flatten, job_from_dict, to_dict, to_yaml
+from kdray.data import class_names
 from kdray.losses.objective import loss_formula, method_label
 from kdray.orchestration import layout
 from kdray.orchestration.space import ROW_KEY, SearchSpace
@@ -52,6 +54,8 @@ def trial_tags(job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str
     }
     if ROW_KEY in config:
         tags[layout.ROW] = config[ROW_KEY]
+        tags[layout.ROW_INDEX] = str([name for name, _ in space.rows].index(config[ROW_KEY]))
+    tags[layout.CLASSES] = json.dumps(class_names(job.data))
     return tags
 
 

@@ -9,6 +9,7 @@ when asked for, and from a server by several threads.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -164,9 +165,14 @@ def _number(text: str | None, cast=float):
 def runs_table(runs: list[Run]) -> tuple[pa.Table, tuple[str, ...]]:
     """Runs as an Arrow table (columns as in `SweepData.runs`, without the history columns) and the class
     names, in the order the runs logged their `val/iou/<class>` metrics."""
-    runs = sorted(runs, key=lambda r: (natural_key(r.data.tags.get(layout.TRIAL_ID, "")), r.info.start_time or 0,
+    runs = sorted(runs, key=lambda r: (_number(r.data.tags.get(layout.ROW_INDEX), int) or 0,
+                                       natural_key(r.data.tags.get(layout.TRIAL_ID, "")), r.info.start_time or 0,
                                        r.info.run_id))
     classes: dict[str, None] = {}
+    for run in runs:  # the class-id order, where the sweep recorded it
+        if layout.CLASSES in run.data.tags:
+            classes.update(dict.fromkeys(json.loads(run.data.tags[layout.CLASSES])))
+            break
     param_keys: dict[str, None] = {}
     for run in runs:
         for key in run.data.metrics:
