@@ -24,7 +24,7 @@ ROW = "kdray.row"  # the ablation row's name (ablation sweeps only)
 ROW_INDEX = "kdray.row_index"  # its position in the space's list of rows
 CLASSES = "kdray.classes"  # JSON list of the class names, in class-id order
 SEED = "kdray.seed"
-TEACHER_ARCH = "kdray.teacher_arch"
+TEACHER_ARCH = "kdray.teacher_arch"  # arch, with "@<width>x" when the width multiplier is not 1
 STUDENT_ARCH = "kdray.student_arch"
 PARAMS_M = "kdray.params_m"  # the trained model's parameters, millions (the student's for a trial)
 TEACHER_PARAMS_M = "kdray.teacher_params_m"
@@ -34,6 +34,13 @@ FORMULA = "kdray.formula"  # "Loss = 1 * CE + 1 * KD + ..."
 STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial
 FAILURE = "kdray.failure"  # why a FAILED run failed
 PARENT = "mlflow.parentRunId"
+
+
+
+def arch_label(arch: str, width: float) -> str:
+    """`deeplabv3_resnet18`, or `deeplabv3_resnet18@0.125x` for a width-reduced variant."""
+    return arch if width == 1 else f"{arch}@{width:g}x"
+
 
 # metrics (step = iteration)
 VAL_MIOU = "val/miou"

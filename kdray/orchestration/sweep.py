@@ -312,7 +312,8 @@ def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say) -
 def _teacher_tags(job: Job, params_m: float) -> dict[str, str]:
     from kdray.data import class_names
 
-    return {layout.KIND: "teacher", layout.TEACHER_ARCH: job.teacher.arch, layout.PARAMS_M: f"{params_m:.4f}",
+    return {layout.KIND: "teacher", layout.TEACHER_ARCH: layout.arch_label(job.teacher.arch, job.teacher.width),
+            layout.PARAMS_M: f"{params_m:.4f}",
             layout.DATASET: job.data.dataset, layout.SEED: str(job.run.seed),
             layout.TEACHER_CHECKPOINT: str(job.teacher.checkpoint), layout.CLASSES: json.dumps(class_names(job.data))}
 

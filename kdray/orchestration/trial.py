@@ -46,8 +46,8 @@ def trial_tags(job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str
     tags = {
         layout.METHOD: method_label(job.losses),
         layout.SEED: str(job.run.seed),
-        layout.TEACHER_ARCH: job.teacher.arch,
-        layout.STUDENT_ARCH: job.student.arch,
+        layout.TEACHER_ARCH: layout.arch_label(job.teacher.arch, job.teacher.width),
+        layout.STUDENT_ARCH: layout.arch_label(job.student.arch, job.student.width),
         layout.PARAMS_M: f"{sum(p.numel() for p in student.parameters()) / 1e6:.4f}",
         layout.DATASET: job.data.dataset,
         layout.SPACE: space.name,
