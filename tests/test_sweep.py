@@ -219,3 +219,48 @@ def test_status_callback_marks_stopped_and_failed_runs(tmp_path):
     assert tracker.tags(ids["c"])[layout.FAILURE] == "ValueError: out of memory"
     # the same trial id again (a restored trial) continues its run instead of creating a second one
     assert tracker.trial_run("s1", "b", "p", "b", {}, {}) == ids["b"]
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+
+
+def test_a_worker_killed_mid_trial_restarts_from_its_checkpoint(ray_cluster, tmp_path, teacher_file):
+    import threading
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "one.yaml", {
+        "name": "chaos", "seeds": [0],
+        "overrides": {"run.workers": 2, "run.cpus_per_worker": 0.45, "run.threads": 1, "optim.iterations": 16,
+                      "optim.eval_interval": 2},
+        "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
+    request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
+                                              f"teacher.checkpoint={teacher_file}"], tracking_uri=uri)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("o", run_sweep(request, say=lambda *_: None)))
+    thread.start()
+    client, killed, deadline = MlflowClient(uri), None, time.time() + 240
+    while killed is None and time.time() < deadline and thread.is_alive():
+        time.sleep(0.5)
+        try:
+            exp = client.get_experiment_by_name("demo")
+            runs = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'") if exp else []
+            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, layout.VAL_MIOU)] if runs else []
+        except Exception:  # the store is still being set up
+            continue
+        pids = _train_worker_pids()
+        # kill once a few checkpoints were reported (Train registers them a moment after the report)
+        if steps and max(steps) >= 6 and pids:
+            killed = pids[-1]
+            os.kill(killed, signal.SIGKILL)
+    assert killed is not None, "the trial never reached its first checkpoint"
+    thread.join(timeout=300)
+    result = outcome["o"]
+    assert result.complete and [t.status for t in result.trials] == ["finished"]
+    _, runs = children(uri, "demo", result.sweep_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run: the restart continued it
+    assert int(runs[0].data.tags[layout.RESUMED_FROM]) >= 2  # the new worker group resumed from a checkpoint
+    # iterations after the resumed checkpoint are evaluated twice (before and after the restart)
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, layout.VAL_MIOU)})
+    assert steps == list(range(2, 17, 2))

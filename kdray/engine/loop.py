@@ -267,10 +267,11 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
                               _autocast(job, device) if job.run.amp != "none" else None, window_of(job.data))
             metrics = {"iteration": done, "val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}
             metrics.update({f"val/iou/{n}": v for n, v in zip(names, result["iou"])})
-            history.append(metrics)
             improved = result["miou"] > best[0]
             if improved:
                 best = (result["miou"], done)
+            metrics["val/best_miou"] = best[0]  # restored on resume, so "is this the best?" survives restarts
+            history.append(metrics)
             rng_states = gather_objects(
                 {"cpu": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ctx)

@@ -31,6 +31,7 @@ TEACHER_PARAMS_M = "kdray.teacher_params_m"
 TEACHER_CHECKPOINT = "kdray.teacher_checkpoint"  # on teacher runs: the weights file the run produced or scored
 DATASET = "kdray.dataset"
 FORMULA = "kdray.formula"  # "Loss = 1 * CE + 1 * KD + ..."
+RESUMED_FROM = "kdray.resumed_from"  # the iteration a restarted trial last continued from (worker or sweep restart)
 STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial
 FAILURE = "kdray.failure"  # why a FAILED run failed
 PARENT = "mlflow.parentRunId"

@@ -71,8 +71,13 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     formula = loss_formula({name: cfg.weight for name, cfg in job.losses.enabled().items()})
     tracker.set_tags(run_id, {layout.FORMULA: formula})
     tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
-    fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
-        storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
+    try:
+        fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
+            storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
+    except Exception as err:  # the last line of Train's error is the worker's own exception
+        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        tracker.set_tags(run_id, {layout.FAILURE: lines[-1].strip()[:5000]})
+        raise
     failure = tracker.tags(run_id).get(layout.FAILURE)
     if failure:
         raise TrialFailed(failure)

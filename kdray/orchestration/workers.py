@@ -19,7 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from kdray.config import Job
-from kdray.engine import NonFiniteLossError, RankContext, train
+from kdray.engine import NonFiniteLossError, RankContext, load_checkpoint, train
 from kdray.orchestration import layout
 from kdray.orchestration.tracking import RunLogger
 
@@ -34,16 +34,13 @@ def train_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     ctx = RankContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if ctx.is_main and config["run_id"] else None
-    best = float("-inf")
     scratch = Path(tempfile.mkdtemp(prefix=f"kdray-{role}-"))
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        nonlocal best
         step = int(metrics["iteration"])
         if logger is not None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step)
-            if metrics[layout.VAL_MIOU] > best:  # the engine has just written this evaluation's weights
-                best = metrics[layout.VAL_MIOU]
+            if metrics[layout.VAL_MIOU] == metrics["val/best_miou"]:  # the engine just wrote these weights
                 logger.log_artifact(scratch / f"best_{role}.pt", layout.BEST_CHECKPOINT_ARTIFACT_DIR)
         tune_metrics = {k: metrics[k] for k in _TUNE_KEYS if k in metrics}
         tune_metrics["iterations_total"] = config["iterations"]
@@ -57,6 +54,8 @@ def train_per_worker(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     try:
         with resume.as_directory() if resume is not None else contextlib.nullcontext(None) as resume_dir:
+            if resume_dir is not None and logger is not None:
+                logger.set_tags({layout.RESUMED_FROM: str(load_checkpoint(resume_dir)["iteration"])})
             result = train(job, scratch, role=role, ctx=ctx, report=report, log=log, resume=resume_dir,
                            progress=False)
         if role == "teacher" and ctx.is_main and result.best_weights is not None:
