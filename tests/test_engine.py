@@ -190,3 +190,14 @@ def test_two_gloo_ranks_train_one_model(tmp_path, teacher_file):
     assert all(c is not None for c in results[0]["reports"]) and all(c is None for c in results[1]["reports"])
     state = load_checkpoint(tmp_path / "ddp" / "checkpoint")
     assert state["iteration"] == 4 and len(state["rng"]) == 2  # each rank's RNG is kept for a resume
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_path_runs_on_cpu(tmp_path, teacher_file, amp):
+    """Users may only ask for AMP on GPUs (validation); the plumbing itself runs under CPU autocast too:
+    student and teacher in reduced precision, losses in float32, the fp16 grad scaler in the step."""
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "losses.i2ckd.enabled": True,
+                                              "optim.iterations": 2, "optim.eval_interval": 2})
+    job.run.amp = amp  # past validation on purpose: there is no GPU here
+    result = train(job, tmp_path / "s", progress=False)
+    assert result.iterations == 2 and 0.0 <= result.final_miou <= 1.0
