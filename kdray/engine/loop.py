@@ -36,6 +36,7 @@ from kdray.engine.sliding import window_of
 from kdray.errors import CheckpointError, KdrayError
 from kdray.losses.objective import DistillationObjective
 from kdray.models import Segmenter, build_model, load_segmenter_weights
+from kdray.models.weights import read_state_dict
 
 Report = Callable[[dict[str, float], "str | None"], None]
 Log = Callable[[dict[str, float]], None]
@@ -85,19 +86,14 @@ def load_teacher(job: Job, device: torch.device) -> Segmenter:
     if job.teacher.checkpoint is None:
         raise CheckpointError("teacher.checkpoint: distillation needs trained teacher weights; train them with "
                               "`python -m kdray.teacher --job <job>` or name a checkpoint file")
-    teacher = build_model(job.teacher.arch, job.data.num_classes, aux=_has_aux_head(job.teacher.checkpoint),
-                          width=job.teacher.width)
-    load_segmenter_weights(teacher, job.teacher.checkpoint)
+    # Teacher checkpoints come with or without the auxiliary head; build the model that matches, so that
+    # loading stays strict about everything else. The file is read once.
+    state = read_state_dict(job.teacher.checkpoint)
+    teacher = build_model(job.teacher.arch, job.data.num_classes,
+                          aux=any(k.startswith("auxlayer.") for k in state), width=job.teacher.width)
+    load_segmenter_weights(teacher, job.teacher.checkpoint, state=state)
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
-
-
-def _has_aux_head(path: str) -> bool:
-    # Teacher checkpoints come with or without the auxiliary head; build the model that matches, so that
-    # loading stays strict about everything else.
-    from kdray.models.weights import read_state_dict
-
-    return any(k.startswith("auxlayer.") for k in read_state_dict(path))
 
 
 def _setup(job: Job, role: str, device: torch.device) -> _Setup:

@@ -76,13 +76,15 @@ def load_backbone_weights(model: Segmenter, path: str | Path) -> None:
     _load_strict(model.pretrained, state, path, what=f"the {model.arch} backbone")
 
 
-def load_segmenter_weights(model: Segmenter, path: str | Path) -> None:
+def load_segmenter_weights(model: Segmenter, path: str | Path,
+                           state: dict[str, torch.Tensor] | None = None) -> None:
     """Load a whole-segmenter weights file (e.g. a CIRKD teacher checkpoint) into `model`, strictly.
 
     A model built with `aux=False` refuses a file that has `auxlayer.*` keys (and the reverse): build it
-    the way the file was saved. Raises `CheckpointError` on any mismatch.
+    the way the file was saved. `state`: the file's content when the caller has already read it with
+    `read_state_dict` (`path` then only names it in errors). Raises `CheckpointError` on any mismatch.
     """
-    _load_strict(model, read_state_dict(path), path, what=f"the {model.arch} model")
+    _load_strict(model, read_state_dict(path) if state is None else state, path, what=f"the {model.arch} model")
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
