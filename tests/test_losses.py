@@ -29,6 +29,7 @@ from kdray.losses import (
     PixelwiseKD,
     SegmentationCrossEntropy,
 )
+from kdray.losses.pairwise import pool_nodes, spatial_affinity_distance
 
 IGNORE = 255
 RTOL, ATOL = 1e-6, 1e-12
@@ -401,6 +402,17 @@ def test_pairwise_matches_reference(case, patch):
     c = make_case(case)
     a = numpy_inputs(c)
     close(PairwiseAffinity(patch=patch)(c["fs"], c["ft"]), ref_pairwise(a["fs"], a["ft"], patch))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("patch", [1, 2, 3])
+@pytest.mark.parametrize("via", ["affinity", "gram"])
+def test_both_forms_of_the_affinity_distance_match_reference(case, patch, via):
+    """The pair-wise module picks one of two exact forms by cost; each must equal the reference on its own."""
+    c = make_case(case)
+    a = numpy_inputs(c)
+    got = spatial_affinity_distance(pool_nodes(c["fs"], patch), pool_nodes(c["ft"], patch), via=via)
+    close(got, ref_pairwise(a["fs"], a["ft"], patch))
 
 
 @pytest.mark.parametrize("case", list(CASES))

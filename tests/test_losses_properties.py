@@ -29,6 +29,8 @@ from kdray.losses import (
     downsample_labels,
     triplet_prototype_loss,
 )
+from kdray.losses.ace import class_argmax
+from kdray.losses.pairwise import gram_is_cheaper, spatial_affinity_distance
 
 IGNORE = 255
 N, K, H, W = 2, 5, 6, 8  # maps are h×w = 6×8, labels at full size 24×32
@@ -419,3 +421,80 @@ def test_shape_mismatch_raises_preflight_error():
         PairwiseAffinity()(x["fs"], x["ft"][..., :4])
     with pytest.raises(PreflightError, match="channels"):
         I2CKD(C_T, C_T, K)(x["fs"], x["ft"], x["labels"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two forms of the pair-wise distance (M×M affinities, C×C Gram matrices)
+# --------------------------------------------------------------------------------------------------------------
+def test_gram_and_affinity_forms_give_the_same_gradient():
+    g = torch.Generator().manual_seed(3)
+    nodes_t = torch.randn(2, 6, 40, generator=g, dtype=torch.float64).relu()
+    grads = []
+    for via in ("affinity", "gram"):
+        nodes_s = torch.randn(2, 4, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        nodes_s.requires_grad_(True)
+        spatial_affinity_distance(nodes_s, nodes_t, via=via).backward()
+        grads.append(nodes_s.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("noise", [1e-1, 1e-2, 1e-3])
+def test_gram_form_keeps_its_precision_when_the_student_is_close(noise):
+    """Its three terms nearly cancel as A_S → A_T; the float64 accumulation keeps float32 inputs accurate."""
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(1, 32, 512, generator=g).relu()
+    student = teacher + noise * torch.randn(teacher.shape, generator=g)
+    exact = spatial_affinity_distance(student.double(), teacher.double(), via="affinity").item()
+    got = spatial_affinity_distance(student, teacher, via="gram")
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(exact, rel=1e-5)
+
+
+def test_gram_form_runs_in_float64_under_autocast():
+    g = torch.Generator().manual_seed(6)
+    nodes_s, nodes_t = torch.randn(2, 8, 300, generator=g), torch.randn(2, 16, 300, generator=g)
+    exact = spatial_affinity_distance(nodes_s, nodes_t, via="affinity").item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = spatial_affinity_distance(nodes_s.bfloat16(), nodes_t.bfloat16(), via="gram")
+    assert got.dtype == torch.float32
+    # only the inputs' rounding to bfloat16 remains (a few parts in 1e3), not the cancellation
+    assert got.item() == pytest.approx(exact, rel=2e-2)
+
+
+def test_auto_form_is_the_cheaper_one():
+    assert gram_is_cheaper(128, 256, 2048)  # paper maps 64×128, patch 2
+    assert not gram_is_cheaper(32, 64, 64)  # demo maps 16×16, patch 2
+    with pytest.raises(ValueError, match="via must be one of"):
+        spatial_affinity_distance(torch.ones(1, 2, 3), torch.ones(1, 2, 3), via="fast")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ACE's teacher prediction
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_class_argmax_is_torch_argmax_including_ties(dtype):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 6, 5, 7, generator=g).round().to(dtype)  # rounding makes many exact ties
+    logits[0, :, 0, 0] = 1.0  # every class tied
+    assert (logits == logits.amax(dim=1, keepdim=True)).sum(dim=1).gt(1).any()
+    assert torch.equal(class_argmax(logits), logits.argmax(dim=1))
+
+
+def test_class_argmax_of_a_nan_pixel_is_no_class():
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 1, 0, 0] = float("nan")
+    assert class_argmax(logits).tolist() == [[[3, 0]]]
+
+
+def test_losses_with_labels_outside_the_classes_do_not_crash():
+    """The data layer rejects such labels; a loss given them anyway treats them as no class, finitely."""
+    x = make_inputs()
+    labels = x["labels"].clone()
+    labels[0, 0, :4] = K + 3
+    labels[1, 0, :4] = -2
+    for loss in (
+        AdaptiveCrossEntropy()(x["zs"], x["zt"], labels),
+        IntraClassFeatureVariation(num_classes=K)(x["fs"], x["ft"], labels),
+        I2CKD(C_S, C_T, K).double()(x["fs"], x["ft"], labels),
+    ):
+        assert torch.isfinite(loss)

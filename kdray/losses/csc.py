@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from kdray.losses import _checks
 from kdray.losses.adapter import FeatureAdapter
-from kdray.losses.pairwise import pool_nodes, spatial_affinity
+from kdray.losses.pairwise import pool_nodes, spatial_affinity_distance
 
 
 def channel_affinity(nodes: Tensor) -> Tensor:
@@ -23,6 +23,7 @@ class ChannelSpatialCorrelation(nn.Module):
     max-pooled with a `patch×patch` window (stride patch, ceil mode; `patch=1`: no pooling) into M nodes.
     Per image: `A_sp = F̂ᵀF̂` (M×M, each position's channel vector L2-normalised) and `A_ch = F̃F̃ᵀ`
     (C_T×C_T, each channel's vector over positions L2-normalised). The means run over N·M·M and N·C_T·C_T.
+    The spatial term goes through C_T×C_T Gram matrices when M > 1.5·C_T (see `spatial_affinity_distance`).
 
     Shapes: student_features (N, C_S, h, w), teacher_features (N, C_T, h, w). Returns a scalar.
 
@@ -44,6 +45,6 @@ class ChannelSpatialCorrelation(nn.Module):
         )
         nodes_s = pool_nodes(projected, self.patch)
         nodes_t = pool_nodes(teacher_features.detach(), self.patch)
-        spatial = F.mse_loss(spatial_affinity(nodes_s), spatial_affinity(nodes_t))
+        spatial = spatial_affinity_distance(nodes_s, nodes_t)
         channel = F.mse_loss(channel_affinity(nodes_s), channel_affinity(nodes_t))
         return spatial + self.gamma * channel

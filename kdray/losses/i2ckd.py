@@ -32,12 +32,12 @@ def class_prototypes(
     """
     _checks.choice("class_prototypes", "scope", scope, SCOPES)
     labels = downsample_labels(labels, features.shape[-2:])
-    one_hot = one_hot_ignore(labels, num_classes, ignore_index, features.dtype).flatten(1, 2)  # (N, M, K)
-    flat = features.flatten(2)  # (N, C, M)
+    one_hot = one_hot_ignore(labels, num_classes, ignore_index, features.dtype).flatten(2)  # (N, K, M)
+    # (N, C, M) @ (N, M, K): the features' own layout on the left keeps autograd's backward copy-free
+    sums = (features.flatten(2) @ one_hot.transpose(1, 2)).transpose(1, 2)  # (N, K, C)
+    counts = one_hot.sum(dim=2)  # (N, K)
     if scope == "batch":
-        sums, counts = torch.einsum("nmk,ncm->kc", one_hot, flat), one_hot.sum(dim=(0, 1))
-    else:
-        sums, counts = torch.einsum("nmk,ncm->nkc", one_hot, flat), one_hot.sum(dim=1)
+        sums, counts = sums.sum(dim=0), counts.sum(dim=0)
     return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 

@@ -11,30 +11,38 @@ from kdray.losses.labels import downsample_labels, one_hot_ignore
 
 
 def _class_one_hot(labels: Tensor, num_classes: int | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """(N, h, w) labels -> (N, h·w, K) one-hot, zero rows at ignored pixels.
+    """(N, h, w) labels -> (N, K, h·w) one-hot, zero columns at ignored pixels.
 
-    Without `num_classes`, the columns are the label values present in the batch (torch.unique), which costs
+    Without `num_classes`, the rows are the label values present in the batch (torch.unique), which costs
     one host sync; with it, none.
     """
     if num_classes is None:
         valid = labels != ignore_index
         values, inverse = torch.unique(labels, return_inverse=True)
         labels, ignore_index, num_classes = torch.where(valid, inverse, -1), -1, len(values)
-    return one_hot_ignore(labels, num_classes, ignore_index, dtype).flatten(1, 2)
+    return one_hot_ignore(labels, num_classes, ignore_index, dtype).flatten(2)
 
 
-def prototype_similarity(features: Tensor, one_hot: Tensor) -> Tensor:
+def prototype_similarity(features: Tensor, one_hot: Tensor, eps: float = 1e-12) -> Tensor:
     """`s_i = cos(f_i, c_{n,y↓_i})`, `c_{n,k}` the mean of image n's features of class k; 1 where ignored.
 
-    features: (N, C, h, w); one_hot: (N, M, K) from `_class_one_hot`. Returns (N, M).
+    features: (N, C, h, w); one_hot: (N, K, M) from `_class_one_hot`. Returns (N, M).
+
+    The cosine is assembled from three small pieces instead of a per-pixel copy of the centre (an (N, M, C)
+    tensor): the dot products of every pixel with every prototype (N, K, M), of which each pixel keeps its
+    own class's; the pixel norms (N, M); and the prototype norms (N, K). Norms are clamped at `eps` as
+    `F.normalize` does, so an all-zero feature has cosine 0.
     """
     flat = features.flatten(2)  # (N, C, M)
-    counts = one_hot.sum(dim=1)  # (N, K)
-    sums = torch.einsum("nmk,ncm->nkc", one_hot, flat)
-    prototypes = sums / counts.clamp_min(1).unsqueeze(-1)  # absent classes: a zero row that no pixel picks
-    centre = one_hot @ prototypes  # (N, M, C): each pixel's own class prototype, zero where ignored
-    cosine = (F.normalize(flat.transpose(1, 2), dim=2) * F.normalize(centre, dim=2)).sum(dim=2)
-    labelled = one_hot.sum(dim=2) > 0
+    counts = one_hot.sum(dim=2, keepdim=True)  # (N, K, 1)
+    sums = (flat @ one_hot.transpose(1, 2)).transpose(1, 2)  # (N, K, C), features' own layout on the left
+    prototypes = sums / counts.clamp_min(1)  # absent classes: zero rows, which no pixel picks
+    own_dot = ((prototypes @ flat) * one_hot).sum(dim=1)  # (N, M): f_i · c_{y↓_i}
+    own_norm = (prototypes.norm(dim=2, keepdim=True) * one_hot).sum(dim=1)  # (N, M): |c_{y↓_i}|
+    # max(|f|, eps) as sqrt(max(|f|², eps²)): the same number, and several times faster than a norm over dim 1
+    pixel_norm = flat.square().sum(dim=1).clamp_min(eps * eps).sqrt()
+    cosine = own_dot / (pixel_norm * own_norm.clamp_min(eps))
+    labelled = one_hot.sum(dim=1) > 0
     return torch.where(labelled, cosine, torch.ones_like(cosine))
 
 

@@ -50,8 +50,9 @@ class PixelwiseKD(nn.Module):
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
         t = self.temperature
-        log_p_s = F.log_softmax(student_logits / t, dim=1)
-        log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+        teacher_logits = teacher_logits.detach()
+        log_p_s = F.log_softmax(student_logits if t == 1 else student_logits / t, dim=1)
+        log_p_t = F.log_softmax(teacher_logits if t == 1 else teacher_logits / t, dim=1)
         # kl_div with log_target computes p_T·(log p_T − log p_S) and is exact where p_T underflows to 0.
         kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=1)  # (N, h, w)
 

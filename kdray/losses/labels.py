@@ -24,11 +24,14 @@ def downsample_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Ten
 
 
 def one_hot_ignore(labels: Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """One-hot encoding with all-zero rows at ignored pixels.
+    """One-hot encoding, class axis second, with all-zero columns at ignored pixels.
 
-    labels: (N, h, w) integer; returns (N, h, w, K) of `dtype`. Values outside [0, K) other than
-    `ignore_index` also give zero rows (the data layer validates labels; a loss must not crash on them).
+    labels: (N, h, w) integer; returns (N, K, h, w) of `dtype`, the layout of the score maps, so that
+    `one_hot.flatten(2)` is the (N, K, M) matrix whose product with features `(N, C, M)ᵀ` sums each class's
+    pixels. Values outside [0, K) other than `ignore_index` also give zero columns (the data layer validates
+    labels; a loss must not crash on them).
     """
-    classes = torch.arange(num_classes, device=labels.device)
-    hits = (labels.unsqueeze(-1) == classes) & (labels != ignore_index).unsqueeze(-1)
+    classes = torch.arange(num_classes, device=labels.device).view(1, num_classes, 1, 1)
+    labels = labels.unsqueeze(1)
+    hits = (labels == classes) & (labels != ignore_index)
     return hits.to(dtype)
