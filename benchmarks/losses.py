@@ -25,6 +25,10 @@ iteration as a tensor op:
 CE (torch's own) and the discriminator have none. Each loop version is checked against the kdray module's
 value before it is timed; one whose first forward+backward shows that the warm-up and repeats would exceed
 --loop-budget seconds is timed once (marked in the table).
+
+Two extra pair-wise rows show what computing it through C×C Gram matrices buys (see
+`spatial_affinity_distance`): the same loss forced through the M×M affinities, and the loss unpooled (patch 1,
+M = h·w: 2·8192² affinities, 512 MB per matrix in the M×M form at the paper's shape).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from kdray.losses import (  # noqa: E402
     SegmentationCrossEntropy,
     downsample_labels,
 )
+from kdray.losses.pairwise import pool_nodes, spatial_affinity_distance  # noqa: E402
 
 IGNORE = 255
 
@@ -327,6 +332,11 @@ def loss_table(shape: Shape, device: torch.device):
     adversarial = AdversarialDistillation(s.k).to(device)
     kd, cwd, ace = PixelwiseKD(), ChannelWiseDistillation(), AdaptiveCrossEntropy()
     pairwise, ifvd, ce = PairwiseAffinity(), IntraClassFeatureVariation(num_classes=s.k), SegmentationCrossEntropy()
+    unpooled = PairwiseAffinity(patch=1)
+
+    def affinity_form(fs, ft):
+        return spatial_affinity_distance(pool_nodes(fs, 2), pool_nodes(ft.detach(), 2), via="affinity")
+
     logits = ("zs", "zt", "labels")
     features = ("fs", "ft", "labels")
     return [
@@ -335,6 +345,9 @@ def loss_table(shape: Shape, device: torch.device):
         ("CWD (logits)", lambda x: cwd(x["zs"], x["zt"]), cwd_loop, logits),
         ("ACE", lambda x: ace(x["zs"], x["zt"], x["labels"]), ace_loop, logits),
         ("SKD pair-wise", lambda x: pairwise(x["fs"], x["ft"]), pairwise_loop, features),
+        # the same loss through the M×M affinities, the form `PairwiseAffinity` avoids when M is large
+        ("SKD pair-wise, M×M form", lambda x: affinity_form(x["fs"], x["ft"]), None, features),
+        ("SKD pair-wise, patch 1", lambda x: unpooled(x["fs"], x["ft"]), None, features),
         ("SKD holistic: student term", lambda x: adversarial(x["zs"]), None, logits),
         ("SKD holistic: D step (hinge)", lambda x: adversarial.discriminator_loss(x["zt"], x["zs"]), None, logits),
         ("IFVD", lambda x: ifvd(x["fs"], x["ft"], x["labels"]), ifvd_loop(s.k), features),
