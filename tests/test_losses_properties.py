@@ -31,6 +31,7 @@ from kdray.losses import (
 )
 from kdray.losses.ace import class_argmax
 from kdray.losses.pairwise import gram_is_cheaper, spatial_affinity_distance
+from kdray.losses.softmax_kl import softmax_kl
 
 IGNORE = 255
 N, K, H, W = 2, 5, 6, 8  # maps are h×w = 6×8, labels at full size 24×32
@@ -498,3 +499,36 @@ def test_losses_with_labels_outside_the_classes_do_not_crash():
         I2CKD(C_S, C_T, K).double()(x["fs"], x["ft"], labels),
     ):
         assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# softmax_kl: the KL of two softmaxes with its gradient written out (KD, CWD)
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_softmax_kl_gradient_is_exact(dim, weighted):
+    g = torch.Generator().manual_seed(8)
+    student = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    weight = None
+    if weighted:
+        shape = [2, 4, 6]
+        shape[dim] = 1
+        weight = (torch.rand(shape, generator=g) > 0.4).double()
+    assert gradcheck(lambda s: softmax_kl(s, teacher, dim, weight), (student,))
+    expected = F.kl_div(F.log_softmax(student, dim), F.log_softmax(teacher, dim), reduction="none", log_target=True)
+    if weight is not None:
+        expected = expected * weight
+    torch.testing.assert_close(softmax_kl(student, teacher, dim, weight), expected.sum())
+
+
+def test_softmax_kl_leaves_the_teacher_alone_and_works_in_half_precision():
+    g = torch.Generator().manual_seed(9)
+    student = torch.randn(2, 5, 3, 3, generator=g).bfloat16().requires_grad_(True)
+    teacher = torch.randn(2, 5, 3, 3, generator=g).bfloat16().requires_grad_(True)
+    softmax_kl(student, teacher, 1).backward()
+    assert teacher.grad is None
+    assert student.grad.dtype == torch.bfloat16
+    reference = student.detach().float().requires_grad_(True)
+    softmax_kl(reference, teacher.detach().float(), 1).backward()
+    torch.testing.assert_close(student.grad.float(), reference.grad, rtol=2e-2, atol=2e-3)

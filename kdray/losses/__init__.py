@@ -15,7 +15,8 @@ from kdray.losses.i2ckd import I2CKD, class_prototypes, triplet_prototype_loss
 from kdray.losses.ifvd import IntraClassFeatureVariation
 from kdray.losses.kd import PixelwiseKD
 from kdray.losses.labels import downsample_labels, one_hot_ignore
-from kdray.losses.pairwise import PairwiseAffinity
+from kdray.losses.pairwise import PairwiseAffinity, spatial_affinity_distance
+from kdray.losses.softmax_kl import softmax_kl
 
 __all__ = [
     "I2CKD",
@@ -33,5 +34,7 @@ __all__ = [
     "class_prototypes",
     "downsample_labels",
     "one_hot_ignore",
+    "softmax_kl",
+    "spatial_affinity_distance",
     "triplet_prototype_loss",
 ]

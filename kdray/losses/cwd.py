@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.errors import ConfigError
 from kdray.losses import _checks
 from kdray.losses.adapter import FeatureAdapter
+from kdray.losses.softmax_kl import softmax_kl
 
 TARGETS = ("logits", "features", "both")
 
@@ -18,10 +18,10 @@ def channel_wise_kl(student: Tensor, teacher: Tensor, temperature: float) -> Ten
     student, teacher: (N, C, h, w) with the same shape; teacher already detached. Returns a scalar.
     """
     n, c = student.shape[:2]
-    log_p_s = F.log_softmax(student.flatten(2) / temperature, dim=2)
-    log_p_t = F.log_softmax(teacher.flatten(2) / temperature, dim=2)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
-    return kl * (temperature * temperature) / (n * c)
+    student, teacher = student.flatten(2), teacher.flatten(2)
+    if temperature != 1:
+        student, teacher = student / temperature, teacher / temperature
+    return softmax_kl(student, teacher, dim=2) * (temperature * temperature) / (n * c)
 
 
 class ChannelWiseDistillation(nn.Module):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.losses import _checks
 from kdray.losses.labels import downsample_labels
+from kdray.losses.softmax_kl import softmax_kl
 
 REDUCTIONS = ("pixel_mean", "element_mean")
 
@@ -50,21 +50,18 @@ class PixelwiseKD(nn.Module):
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
         t = self.temperature
-        teacher_logits = teacher_logits.detach()
-        log_p_s = F.log_softmax(student_logits if t == 1 else student_logits / t, dim=1)
-        log_p_t = F.log_softmax(teacher_logits if t == 1 else teacher_logits / t, dim=1)
-        # kl_div with log_target computes p_T·(log p_T − log p_S) and is exact where p_T underflows to 0.
-        kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=1)  # (N, h, w)
-
+        student = student_logits if t == 1 else student_logits / t
+        teacher = teacher_logits.detach()
+        teacher = teacher if t == 1 else teacher / t
         if self.mask_ignore:
             if labels is None:
                 raise ValueError(f"{owner}: mask_ignore=True needs labels")
-            valid = downsample_labels(labels, kl.shape[-2:]) != self.ignore_index
-            total = (kl * valid).sum()
+            valid = downsample_labels(labels, student.shape[-2:]) != self.ignore_index  # (N, h, w)
+            total = softmax_kl(student, teacher, dim=1, weight=valid.unsqueeze(1))
             count = valid.sum().clamp_min(1)  # all pixels ignored: 0 / 1 = 0
         else:
-            total = kl.sum()
-            count = kl.numel()
+            total = softmax_kl(student, teacher, dim=1)
+            count = student[:, 0].numel()
 
         if self.reduction == "pixel_mean":
             return total / count * (t * t)
