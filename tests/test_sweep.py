@@ -98,6 +98,8 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
             ["checkpoints/best_student.pt"]
     teachers = client.search_runs([parent.info.experiment_id], f"tags.`{layout.KIND}` = 'teacher'")
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"  # trained once, as its own run
+    # alone, with the job's own resources: the space's overrides size the trials that share the machine
+    assert (teachers[0].data.params["run.workers"], teachers[0].data.params["run.threads"]) == ("1", "2")
     assert Path(tmp_path / "teacher.pt").is_file()
 
 

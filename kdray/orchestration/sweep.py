@@ -187,14 +187,18 @@ def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
     say(f"sweep {sweep_id}: {space.trial_count} trial(s) of space {space.name!r}, folder {sweep_dir}")
 
-    teacher = job.teacher.checkpoint
+    # The teacher runs alone, before any trial: it takes the job's own resources (the space's overrides size the
+    # trials that run side by side), so it is the same teacher `python -m kdray.teacher --job J` trains.
+    teacher_job = job_from_dict(data)
+    teacher = teacher_job.teacher.checkpoint
     if _needs_teacher(data, space) and not (teacher and Path(teacher).is_file()):
         if not request.train_teacher:
             raise ConfigError(f"teacher.checkpoint: {teacher} does not exist; train it first (python -m kdray.teacher "
                               f"--job {request.job_path}) or pass --train-teacher")
-        _train_teacher(job, tracker, uri, sweep_dir, say)
+        check_fits(teacher_job, cluster, nodes)
+        _train_teacher(teacher_job, tracker, uri, sweep_dir, say)
     elif _needs_teacher(data, space):
-        _record_teacher(job, tracker, say)
+        _record_teacher(teacher_job, tracker, say)
 
     from kdray.orchestration.trial import MlflowStatusCallback, SweepContext, run_trial
 
@@ -326,6 +330,8 @@ def _evaluate_teacher(job: Job) -> tuple[dict[str, float], float]:
     from kdray.engine import RankContext, evaluate, load_teacher
     from kdray.engine.evaluate import evaluation_loader
 
+    if job.run.threads:  # a Ray task starts with one intra-op thread per CPU it asked for
+        torch.set_num_threads(job.run.threads)
     device = torch.device("cuda" if job.run.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
     teacher = load_teacher(job, device)
     ctx = RankContext(device=device)
