@@ -19,7 +19,7 @@ from kdray.data.files import (
     Sample,
     existing_dir,
     existing_root,
-    unpaired,
+    pair_by_key,
 )
 from kdray.errors import DataError
 
@@ -35,22 +35,16 @@ class CamVid(FileSegmentation):
     def __init__(self, root: str | Path, split: str = "train", ignore_index: int = 255,
                  sample_check: int = SAMPLE_MASKS):
         root = existing_root(root, self.dataset, LAYOUT)
-        codec = LabelCodec({**{k: k for k in range(len(CLASS_NAMES))}, VOID: ignore_index},
-                           f"CamVid labels (0..{VOID}, {VOID} = void)")
+        codec = LabelCodec.class_ids(len(CLASS_NAMES), VOID, ignore_index, f"CamVid labels (0..{VOID}, {VOID} = void)")
         samples = []
         for part in ("train", "val") if split == "trainval" else (split,):
             image_dir = existing_dir(root / part, f"the CamVid {part} images")
             mask_dir = existing_dir(root / f"{part}annot", f"the CamVid {part} labels")
-            images = sorted(image_dir.glob("*.png"))
+            images = {p.name: p for p in image_dir.glob("*.png")}
             if not images:
                 raise DataError(f"{image_dir}: no *.png images: the CamVid {part} split is empty")
             masks = {p.name: p for p in mask_dir.glob("*.png")}
-            names = {p.name for p in images}
-            missing = [p for p in images if p.name not in masks]
-            if missing:
-                raise unpaired(missing, len(images), "image", "label", lambda p, d=mask_dir: str(d / p.name))
-            orphans = sorted(p for name, p in masks.items() if name not in names)
-            if orphans:
-                raise unpaired(orphans, len(masks), "label", "image", lambda p, d=image_dir: str(d / p.name))
-            samples += [Sample(p, masks[p.name], codec) for p in images]
+            pairs = pair_by_key(images, masks, "label", lambda p, d=mask_dir: str(d / p.name),
+                                lambda p, d=image_dir: str(d / p.name))
+            samples += [Sample(image, mask, codec) for image, mask in pairs]
         super().__init__(samples, split, CLASS_NAMES, ignore_index, sample_check)

@@ -48,8 +48,7 @@ class Cityscapes(FileSegmentation):
         images = sorted(image_dir.glob(f"*/*{_IMAGE_END}"))
         if not images:
             raise DataError(f"{image_dir}: no <city>/*{_IMAGE_END} images: the Cityscapes {split} split is empty")
-        train_ids = LabelCodec({**{k: k for k in range(len(CLASS_NAMES))}, 255: ignore_index},
-                               "Cityscapes labelTrainIds (0..18, 255)")
+        train_ids = LabelCodec.class_ids(len(CLASS_NAMES), 255, ignore_index, "Cityscapes labelTrainIds (0..18, 255)")
         label_ids = LabelCodec({i: LABEL_TO_TRAIN_ID.get(i, ignore_index) for i in range(NUM_LABEL_IDS)},
                                f"Cityscapes labelIds (0..{NUM_LABEL_IDS - 1})")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +49,15 @@ class LabelCodec:
         for raw, cls in mapping.items():
             self.lut[raw], self.valid[raw] = cls, True
         self.what = what
+
+    @classmethod
+    def class_ids(cls, num_classes: int, void: int | None, ignore_index: int, what: str) -> LabelCodec:
+        """Masks that hold the class ids 0..K-1 themselves, plus one `void` raw value read as `ignore_index`
+        (none when `void` is None)."""
+        mapping = {k: k for k in range(num_classes)}
+        if void is not None:
+            mapping[void] = ignore_index
+        return cls(mapping, what)
 
     def check(self, raw: np.ndarray, path: Path) -> None:
         """DataError naming `path` and the first value of `raw` (H, W) that is not a valid label."""
@@ -144,6 +153,19 @@ def unpaired(orphans: Sequence[Path], total: int, kind: str, partner: str, expec
     first = orphans[0]
     return DataError(f"{first}: this {kind} has no {partner} (expected {expected(first)}); "
                      f"{len(orphans)} of {total} {kind}s have none")
+
+
+def pair_by_key(images: dict[Any, Path], masks: dict[Any, Path], mask_kind: str,
+                expected_mask: Callable[[Path], str], expected_image: Callable[[Path], str]) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of the files that share a key (a name or a stem), in key order; a DataError for an
+    image without its mask or a mask without its image (`mask_kind` names masks in it: "label", "mask")."""
+    missing = [p for key, p in sorted(images.items()) if key not in masks]
+    if missing:
+        raise unpaired(missing, len(images), "image", mask_kind, expected_mask)
+    orphans = [p for key, p in sorted(masks.items()) if key not in images]
+    if orphans:
+        raise unpaired(orphans, len(masks), mask_kind, "image", expected_image)
+    return [(images[key], masks[key]) for key in sorted(images)]
 
 
 def spread(n: int, k: int) -> list[int]:

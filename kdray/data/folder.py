@@ -21,8 +21,8 @@ from kdray.data.files import (
     Sample,
     existing_dir,
     existing_root,
+    pair_by_key,
     ranges,
-    unpaired,
 )
 from kdray.errors import DataError
 
@@ -43,16 +43,13 @@ class FolderSegmentation(FileSegmentation):
         if not images:
             raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}): the {split} split is empty")
         masks = _by_stem(mask_dir, MASK_SUFFIXES)
-        missing = [p for stem, p in images.items() if stem not in masks]
-        if missing:
-            raise unpaired(missing, len(images), "image", "mask", lambda p: f"{mask_dir / p.stem}.png")
-        orphans = [p for stem, p in masks.items() if stem not in images]
-        if orphans:
-            raise unpaired(orphans, len(masks), "mask", "image", lambda p: f"{image_dir / p.stem}.<jpg|png|...>")
-        k = len(class_names)
-        valid = {**{c: c for c in range(k)}, **({ignore_index: ignore_index} if ignore_index >= 0 else {})}
-        codec = LabelCodec(valid, f"class ids and ignore value ({ranges(valid)})")
-        samples = [Sample(images[stem], masks[stem], codec) for stem in sorted(images)]
+        pairs = pair_by_key(images, masks, "mask", lambda p: f"{mask_dir / p.stem}.png",
+                            lambda p: f"{image_dir / p.stem}.<jpg|png|...>")
+        void = ignore_index if ignore_index >= 0 else None
+        values = [*range(len(class_names)), *([void] if void is not None else [])]
+        codec = LabelCodec.class_ids(len(class_names), void, ignore_index,
+                                     f"class ids and ignore value ({ranges(values)})")
+        samples = [Sample(image, mask, codec) for image, mask in pairs]
         super().__init__(samples, split, class_names, ignore_index, sample_check)
 
 

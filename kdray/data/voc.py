@@ -62,7 +62,6 @@ class VOCAug(FileSegmentation):
         if without_mask:
             raise unpaired(without_mask, len(ids), "image", "label",
                            lambda p: str(mask_dir / f"{p.stem}.png"))
-        codec = LabelCodec({**{k: k for k in range(len(CLASS_NAMES))}, 255: ignore_index},
-                           "VOC labels (0..20, 255)")
+        codec = LabelCodec.class_ids(len(CLASS_NAMES), 255, ignore_index, "VOC labels (0..20, 255)")
         samples = [Sample(image_dir / f"{i}.jpg", mask_dir / f"{i}.png", codec) for i in ids]
         super().__init__(samples, split, CLASS_NAMES, ignore_index, sample_check)
