@@ -24,7 +24,8 @@ iteration as a tensor op:
   at a time: its similarities to all the others).
 CE (torch's own) and the discriminator have none. Each loop version is checked against the kdray module's
 value before it is timed; one whose first forward+backward shows that the warm-up and repeats would exceed
---loop-budget seconds is timed once (marked in the table).
+--loop-budget seconds is timed once (marked in the table). A loss and its loop version are timed in
+alternation (sample of one, sample of the other), so that a drift of the machine's speed hits both alike.
 
 Two extra pair-wise rows show what computing it through C×C Gram matrices buys (see
 `spatial_affinity_distance`): the same loss forced through the M×M affinities, and the loss unpooled (patch 1,
@@ -255,14 +256,17 @@ def synchronize(device: torch.device) -> None:
 def median_ms(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+    return statistics.median(block_ms(step, device, 1) for _ in range(repeats))
+
+
+def block_ms(step: Callable[[], None], device: torch.device, calls: int) -> float:
+    """Milliseconds per call of `calls` back-to-back calls of `step`."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
         step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e3
 
 
 def peak_mb(step: Callable[[], None], device: torch.device) -> float:
@@ -381,18 +385,35 @@ def student_step(shape: Shape, device: torch.device):
     return step
 
 
-def time_loop(loop_step: Callable[[], None], device: torch.device, args) -> tuple[float, int]:
-    """(milliseconds, runs) of a loop version's forward+backward. The first run is a warm-up; when it shows
-    that the remaining warm-up and the repeats would take more than `args.loop_budget` seconds, that one run
-    is the measurement (runs = 1)."""
-    synchronize(device)
-    start = time.perf_counter()
-    loop_step()
-    synchronize(device)
-    first = time.perf_counter() - start
-    if first * (max(args.warmup - 1, 0) + args.loop_repeats) > args.loop_budget:
-        return first * 1e3, 1
-    return median_ms(loop_step, device, max(args.warmup - 1, 0), args.loop_repeats), args.loop_repeats
+def time_side_by_side(step, loop_step, device: torch.device, args) -> tuple[float, float | None, int]:
+    """(ms, loop ms, loop runs): a loss and its loop version timed in alternation, so that both see the same
+    machine (this one's speed drifts by tens of percent within minutes).
+
+    Each sample of the loss is a block of back-to-back calls lasting about `args.block_ms` (sub-millisecond
+    losses are otherwise at the mercy of the timer and of one interruption); each sample of the loop version
+    is one call. Both figures are medians of `args.repeats` samples (the loop's: `args.loop_repeats`). A loop
+    version whose first call shows that its warm-up and repeats would exceed `args.loop_budget` seconds is
+    timed by that call alone (runs = 1).
+    """
+    first = block_ms(step, device, 1)
+    calls = max(1, min(1000, round(args.block_ms / max(first, 1e-3))))
+    for _ in range(args.warmup):
+        step()
+    loop_runs, over_budget = 0, False
+    if loop_step is not None:
+        first_loop = block_ms(loop_step, device, 1)
+        over_budget = first_loop * (max(args.warmup - 1, 0) + args.loop_repeats) > args.loop_budget * 1e3
+        loop_runs = 1 if over_budget else args.loop_repeats
+        for _ in range(0 if over_budget else args.warmup - 1):
+            loop_step()
+    samples, loop_samples = [], [first_loop] if over_budget else []
+    for i in range(max(args.repeats, loop_runs)):
+        if i < args.repeats:
+            samples.append(block_ms(step, device, calls))
+        if not over_budget and i < loop_runs:
+            loop_samples.append(block_ms(loop_step, device, 1))
+    loop_ms = statistics.median(loop_samples) if loop_samples else None
+    return statistics.median(samples), loop_ms, loop_runs
 
 
 def run(args) -> list[tuple[Row, float | None]]:
@@ -422,14 +443,14 @@ def run(args) -> list[tuple[Row, float | None]]:
                 clear_grads(x, modules)
                 loop(*(x[k] for k in keys)).backward()
 
-            ms = median_ms(step, device, args.warmup, args.repeats)
-            loop_ms, loop_runs, note = None, 0, ""
             if loop is not None:
                 with torch.no_grad():
                     expected, got = fn(x).item(), loop(*(x[k] for k in keys)).item()
                 if abs(expected - got) > 1e-4 * max(abs(expected), 1e-3):
                     raise SystemExit(f"{name} at {shape_name}: loop version gives {got}, module {expected}")
-                loop_ms, loop_runs = time_loop(loop_step, device, args)
+            ms, loop_ms, loop_runs = time_side_by_side(step, loop_step if loop else None, device, args)
+            note = ""
+            if loop_ms is not None:
                 note = f", loop {loop_ms:.2f} ms ({loop_runs} run{'s' if loop_runs > 1 else ''})"
             results.append((Row(name, shape_name, ms, loop_ms, peak_mb(step, device), loop_runs), student_ms))
             print(f"[{shape_name}] {name}: {ms:.2f} ms{note}", file=sys.stderr)
@@ -440,9 +461,10 @@ def render(results, args) -> str:
     lines = [
         f"# Distillation losses, forward+backward, device {args.device} "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
-        f"# time: median of {args.repeats} runs after {args.warmup} warm-up "
-        f"(student: median of {args.student_repeats} after 1; loop versions: median of {args.loop_repeats} after "
-        f"{args.warmup}, or * = timed once, where that would take over {args.loop_budget:g} s)",
+        f"# time per call: median of {args.repeats} samples after {args.warmup} warm-up calls, a sample being "
+        f"~{args.block_ms:g} ms of back-to-back calls; loop versions: median of {args.loop_repeats} single calls "
+        f"taken in alternation with the loss's samples (* = timed once, where that would take over "
+        f"{args.loop_budget:g} s); student: median of {args.student_repeats} calls after 1",
         f"# peak memory: {MEMORY_METHOD['cuda' if args.device.startswith('cuda') else 'cpu']}",
     ]
     lines += [f"# {name}: {SHAPES[name].describe()}" for name in args.shapes]
@@ -469,7 +491,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each loss (default 5)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed samples of each loss (default 9)")
+    parser.add_argument(
+        "--block-ms", type=float, default=25.0, help="length of one timed sample of a loss, in ms (default 25)"
+    )
     parser.add_argument("--loop-repeats", type=int, help="timed runs of each loop version (default: --repeats)")
     parser.add_argument(
         "--loop-budget",

@@ -31,7 +31,7 @@ from kdray.losses import (
 )
 from kdray.losses.ace import class_argmax
 from kdray.losses.pairwise import gram_is_cheaper, spatial_affinity_distance
-from kdray.losses.softmax_kl import softmax_kl
+from kdray.losses.softmax_kl import probabilities, softmax_kl
 
 IGNORE = 255
 N, K, H, W = 2, 5, 6, 8  # maps are h×w = 6×8, labels at full size 24×32
@@ -92,7 +92,10 @@ def test_downsample_labels_returns_the_input_at_its_own_size():
     assert downsample_labels(labels, (6, 8)) is labels
 
 
-@pytest.mark.parametrize("full,small", [((512, 1024), (64, 128)), ((11, 16), (5, 7)), ((64, 64), (8, 8))])
+@pytest.mark.parametrize(
+    "full,small",
+    [((512, 1024), (64, 128)), ((11, 16), (5, 7)), ((64, 64), (8, 8)), ((16, 15), (8, 4)), ((15, 16), (4, 8))],
+)
 def test_downsample_labels_is_torch_nearest(full, small):
     labels = torch.randint(0, 19, (2, *full))
     labels[:, ::7] = IGNORE
@@ -532,3 +535,13 @@ def test_softmax_kl_leaves_the_teacher_alone_and_works_in_half_precision():
     reference = student.detach().float().requires_grad_(True)
     softmax_kl(reference, teacher.detach().float(), 1).backward()
     torch.testing.assert_close(student.grad.float(), reference.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 6e-8), (torch.float64, 2e-16)])
+def test_probabilities_are_exp_of_log_probabilities(dtype, atol):
+    log_p = torch.linspace(-104, 0, 200_001, dtype=dtype)
+    expected = log_p.double().exp()
+    actual = probabilities(log_p)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=atol)
+    assert probabilities(torch.tensor([0.0, float("-inf")], dtype=dtype)).tolist() == [1.0, 0.0]

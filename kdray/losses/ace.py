@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from kdray.losses import _checks
 from kdray.losses.labels import downsample_labels
+from kdray.losses.softmax_kl import probabilities
 
 RULES = ("replace", "average")
 
@@ -40,25 +41,57 @@ class AdaptiveCrossEntropy(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
-        teacher_logits = teacher_logits.detach()
-        num_classes = student_logits.shape[1]
         labels = downsample_labels(labels, student_logits.shape[-2:])
-        t = self.temperature
+        total = _AdaptiveCrossEntropySum.apply(
+            student_logits, teacher_logits.detach(), labels, self.temperature, self.rule, self.ignore_index
+        )
+        return total / (labels != self.ignore_index).sum().clamp_min(1)
 
-        # Σ_k q_i[k] log p_S,i[k] per pixel, without a one-hot tensor: the label's own log-probability
-        # (a gather) and, where the teacher is right, the soft term Σ_k p_T,i[k] log p_S,i[k].
-        log_p_s = F.log_softmax(student_logits if t == 1 else student_logits / t, dim=1)
-        known = (labels >= 0) & (labels < num_classes)  # labels outside [0, K) (not ignore) give q = 0
-        at_label = log_p_s.gather(1, torch.where(known, labels, 0).unsqueeze(1)).squeeze(1) * known
-        p_t = F.softmax(teacher_logits if t == 1 else teacher_logits / t, dim=1)
-        soft = (p_t * log_p_s).sum(dim=1)
-        if self.rule == "average":
-            soft = (soft + at_label) / 2
-        teacher_right = class_argmax(teacher_logits) == labels  # never at ignored pixels: argmax < K
-        per_pixel = torch.where(teacher_right, soft, at_label)
-        valid = labels != self.ignore_index
-        return -per_pixel.sum() / valid.sum().clamp_min(1)
 
+class _AdaptiveCrossEntropySum(torch.autograd.Function):
+    """`−Σ_i Σ_k q_i[k] log p_S,i[k]` with its gradient written out: `∂/∂z_S,i = (Σ_k q_i[k] · p_S,i − q_i) / T`.
+
+    q_i = a_i p_T,i + b_i onehot(y↓_i) with per-pixel weights: replace a = [right], b = [labelled ∧ wrong];
+    average a = [right]/2, b = [labelled] − [right]/2 (right: the teacher's argmax is y↓_i; labelled: y↓_i
+    in [0, K) and not ignored; Σ_k q_i[k] = a_i + b_i = [labelled]). No one-hot tensor and no chain of autograd
+    nodes: one log-softmax per side, the label's log-probability by `gather`, the label's −1 of the gradient by
+    `scatter_add_`. Half-precision inputs are computed in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, rule, ignore_index):
+        dtype = student.dtype
+        num_classes = student.shape[1]
+        with torch.autocast(student.device.type, enabled=False):
+            student = student.float() if dtype in (torch.float16, torch.bfloat16) else student
+            teacher = teacher.to(student.dtype)
+            labelled = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)  # (N, h, w)
+            index = torch.where(labelled, labels, 0).unsqueeze(1)  # (N, 1, h, w), any class where unlabelled
+            right = (class_argmax(teacher) == labels) & labelled  # argmax is invariant to T
+            scale = 1.0 / temperature
+            log_p_s = torch.log_softmax(student if temperature == 1 else student * scale, dim=1)
+            p_t = probabilities(torch.log_softmax(teacher if temperature == 1 else teacher * scale, dim=1))
+            soft = torch.linalg.vecdot(p_t, log_p_s, dim=1)  # Σ_k p_T,i[k] log p_S,i[k]
+            at_label = log_p_s.gather(1, index).squeeze(1)  # log p_S,i[y↓_i]
+            soft_weight = right.to(student.dtype)
+            label_weight = labelled.to(student.dtype)
+            if rule == "average":
+                soft_weight.mul_(0.5)
+            label_weight.sub_(soft_weight)
+            total = -(soft_weight * soft + label_weight * at_label).sum()
+        ctx.save_for_backward(log_p_s, p_t, index, labelled, soft_weight, label_weight)
+        ctx.input_dtype, ctx.scale = dtype, scale
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: Tensor):
+        log_p_s, p_t, index, labelled, soft_weight, label_weight = ctx.saved_tensors
+        grad = probabilities(log_p_s).mul_(labelled.unsqueeze(1))  # Σ_k q_i[k] · p_S,i
+        grad.addcmul_(p_t, soft_weight.unsqueeze(1), value=-1)  # − a_i p_T,i
+        grad.scatter_add_(1, index, label_weight.unsqueeze(1).neg())  # − b_i onehot(y↓_i)
+        grad.mul_(grad_total * ctx.scale)
+        return grad.to(ctx.input_dtype), None, None, None, None, None
 
 def class_argmax(logits: Tensor) -> Tensor:
     """`logits.argmax(dim=1)` (the first class of the highest score, as torch breaks ties), from `amax`.

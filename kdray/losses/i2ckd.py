@@ -32,9 +32,14 @@ def class_prototypes(
     """
     _checks.choice("class_prototypes", "scope", scope, SCOPES)
     labels = downsample_labels(labels, features.shape[-2:])
-    one_hot = one_hot_ignore(labels, num_classes, ignore_index, features.dtype).flatten(2)  # (N, K, M)
+    return _class_means(features, one_hot_ignore(labels, num_classes, ignore_index, features.dtype), scope)
+
+
+def _class_means(features: Tensor, one_hot: Tensor, scope: str) -> tuple[Tensor, Tensor]:
+    """`class_prototypes` from the (N, K, h, w) one-hot labels, which the student and the teacher share."""
+    one_hot = one_hot.flatten(2)  # (N, K, M)
     # (N, C, M) @ (N, M, K): the features' own layout on the left keeps autograd's backward copy-free
-    sums = (features.flatten(2) @ one_hot.transpose(1, 2)).transpose(1, 2)  # (N, K, C)
+    sums = (features.flatten(2) @ one_hot.mT).mT  # (N, K, C)
     counts = one_hot.sum(dim=2)  # (N, K)
     if scope == "batch":
         sums, counts = sums.sum(dim=0), counts.sum(dim=0)
@@ -50,8 +55,7 @@ def _distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
     # where the distance is 0 and return an exact 0 there with a 0 gradient (the "double where"); a
     # clamp_min(eps) would do too but shifts every zero distance by sqrt(eps).
     positive = squared > 0
-    root = torch.where(positive, squared, torch.ones_like(squared)).sqrt()
-    return torch.where(positive, root, torch.zeros_like(squared))
+    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
 
 
 def triplet_prototype_loss(
@@ -84,14 +88,17 @@ def triplet_prototype_loss(
     teacher_protos, student_protos = teacher_protos.to(dtype), student_protos.to(dtype)
     negative_protos = student_protos if negatives == "student" else teacher_protos
 
-    positive = _distance(teacher_protos, student_protos, distance)  # (B, K): d(P_T[k], P_S[k])
     negative = _distance(teacher_protos.unsqueeze(-2), negative_protos.unsqueeze(-3), distance)  # (B, K, K)
+    if negatives == "student":  # d(P_T[k], P_S[k]) is the diagonal of d(P_T[k], P_S[j])
+        positive = negative.diagonal(dim1=-2, dim2=-1)
+    else:
+        positive = _distance(teacher_protos, student_protos, distance)  # (B, K)
     hinge = (positive.unsqueeze(-1) - negative + margin).clamp_min(0)
 
     num_classes = present.shape[-1]
     not_self = ~torch.eye(num_classes, dtype=torch.bool, device=present.device)
     pairs = present.unsqueeze(-1) & present.unsqueeze(-2) & not_self  # (B, K, K): anchor k, negative j
-    hinge = torch.where(pairs, hinge, torch.zeros_like(hinge))
+    hinge = torch.where(pairs, hinge, 0.0)
     if mining == "all":
         per_group = hinge.sum(dim=(-2, -1)) / pairs.sum(dim=(-2, -1)).clamp_min(1)
     else:
@@ -163,9 +170,9 @@ class I2CKD(nn.Module):
                 f"{tuple(teacher_features.shape)} must have {expected[0]} and {expected[1]} channels"
             )
         labels = downsample_labels(labels, student_features.shape[-2:])
-        options = {"num_classes": self.num_classes, "ignore_index": self.ignore_index, "scope": self.scope}
-        student_protos, present = class_prototypes(student_features, labels, **options)
-        teacher_protos, _ = class_prototypes(teacher_features.detach(), labels, **options)
+        one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, student_features.dtype)
+        student_protos, present = _class_means(student_features, one_hot, self.scope)
+        teacher_protos, _ = _class_means(teacher_features.detach(), one_hot.to(teacher_features.dtype), self.scope)
         student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1))
         if self.normalize:
             student_protos = F.normalize(student_protos, dim=-1)
