@@ -286,6 +286,7 @@ GRADCHECK = {
         ["zs"],
         lambda x: (x["zt"], x["labels"]),
     ),
+    "ace_replace": (lambda: AdaptiveCrossEntropy(), ["zs"], lambda x: (x["zt"], x["labels"])),
     "pairwise_patch1": (lambda: PairwiseAffinity(patch=1), ["fs"], lambda x: (x["ft"],)),
     "ifvd": (lambda: IntraClassFeatureVariation(), ["fs"], lambda x: (x["ft"], x["labels"])),
 }
@@ -488,6 +489,39 @@ def test_class_argmax_of_a_nan_pixel_is_no_class():
     logits = torch.zeros(1, 3, 1, 2)
     logits[0, 1, 0, 0] = float("nan")
     assert class_argmax(logits).tolist() == [[[3, 0]]]
+
+
+@pytest.mark.parametrize("rule", ["replace", "average"])
+def test_ace_counts_no_label_term_at_an_ignore_index_inside_the_classes(rule):
+    """With ignore_index = 0 (a dataset whose class 0 is "void"), pixels labelled 0 add nothing: the same loss
+    as with those pixels relabelled 255 and the default ignore_index, value and gradient."""
+    x = make_inputs()
+    labels = x["labels"].clone()
+    labels[labels == IGNORE] = 1
+    void = labels == 0
+    assert void.any()
+    student = x["zs"].clone().requires_grad_(True)
+    reference = x["zs"].clone().requires_grad_(True)
+    got = AdaptiveCrossEntropy(rule=rule, ignore_index=0)(student, x["zt"], labels)
+    expected = AdaptiveCrossEntropy(rule=rule)(reference, x["zt"], labels.masked_fill(void, IGNORE))
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(student.grad, reference.grad)
+
+
+def test_ace_in_half_precision_is_computed_in_float32():
+    x = make_inputs()
+    student = x["zs"].float().bfloat16().requires_grad_(True)
+    reference = student.detach().float().requires_grad_(True)
+    teacher = x["zt"].float().bfloat16()
+    got = AdaptiveCrossEntropy(temperature=2.0)(student, teacher, x["labels"])
+    expected = AdaptiveCrossEntropy(temperature=2.0)(reference, teacher.float(), x["labels"])
+    got.backward()
+    expected.backward()
+    assert got.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(student.grad.float(), reference.grad, rtol=2e-2, atol=2e-3)
 
 
 def test_losses_with_labels_outside_the_classes_do_not_crash():
