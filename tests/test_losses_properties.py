@@ -27,9 +27,11 @@ from kdray.losses import (
     SegmentationCrossEntropy,
     class_prototypes,
     downsample_labels,
+    one_hot_ignore,
     triplet_prototype_loss,
 )
 from kdray.losses.ace import class_argmax
+from kdray.losses.ifvd import prototype_similarity
 from kdray.losses.pairwise import gram_is_cheaper, spatial_affinity_distance
 from kdray.losses.softmax_kl import probabilities, softmax_kl
 
@@ -543,7 +545,8 @@ def test_losses_with_labels_outside_the_classes_do_not_crash():
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dim", [1, 2])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_softmax_kl_gradient_is_exact(dim, weighted):
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_softmax_kl_gradient_is_exact(dim, weighted, temperature):
     g = torch.Generator().manual_seed(8)
     student = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
@@ -552,11 +555,12 @@ def test_softmax_kl_gradient_is_exact(dim, weighted):
         shape = [2, 4, 6]
         shape[dim] = 1
         weight = (torch.rand(shape, generator=g) > 0.4).double()
-    assert gradcheck(lambda s: softmax_kl(s, teacher, dim, weight), (student,))
-    expected = F.kl_div(F.log_softmax(student, dim), F.log_softmax(teacher, dim), reduction="none", log_target=True)
+    assert gradcheck(lambda s: softmax_kl(s, teacher, dim, weight, temperature), (student,))
+    log_p_s, log_p_t = F.log_softmax(student / temperature, dim), F.log_softmax(teacher / temperature, dim)
+    expected = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)
     if weight is not None:
         expected = expected * weight
-    torch.testing.assert_close(softmax_kl(student, teacher, dim, weight), expected.sum())
+    torch.testing.assert_close(softmax_kl(student, teacher, dim, weight, temperature), expected.sum())
 
 
 def test_softmax_kl_leaves_the_teacher_alone_and_works_in_half_precision():
@@ -579,3 +583,62 @@ def test_probabilities_are_exp_of_log_probabilities(dtype, atol):
     assert actual.dtype == dtype
     torch.testing.assert_close(actual.double(), expected, rtol=0, atol=atol)
     assert probabilities(torch.tensor([0.0, float("-inf")], dtype=dtype)).tolist() == [1.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# IFVD's cosine map: the hand-written gradient against autograd on the plain formula
+# --------------------------------------------------------------------------------------------------------------
+def autograd_prototype_cosine(features, labels, num_classes, eps=1e-12):
+    """The formula in plain autograd ops: per-image class means gathered per pixel, F.normalize-style clamps."""
+    n, c, h, w = features.shape
+    flat = features.flatten(2)
+    y = labels.flatten(1)
+    labelled = (y >= 0) & (y < num_classes)
+    one_hot = F.one_hot(torch.where(labelled, y, num_classes), num_classes + 1)[..., :num_classes].to(flat.dtype)
+    means = (one_hot.mT @ flat.mT) / one_hot.sum(dim=1).clamp_min(1).unsqueeze(-1)  # (N, K, C)
+    centre = torch.gather(means, 1, torch.where(labelled, y, 0).unsqueeze(-1).expand(n, h * w, c))  # (N, M, C)
+    pixel = flat.mT
+    cosine = (pixel * centre).sum(-1) / (pixel.norm(dim=-1).clamp_min(eps) * centre.norm(dim=-1).clamp_min(eps))
+    return torch.where(labelled, cosine, torch.ones_like(cosine))
+
+
+@pytest.mark.parametrize("awkward", ["none", "zero_pixels", "zero_class", "absent_and_ignored", "one_pixel_classes"])
+def test_prototype_cosine_gradient_equals_autograd_of_the_formula(awkward):
+    g = torch.Generator().manual_seed(11)
+    features = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (2, 4, 6), generator=g)
+    if awkward == "zero_pixels":
+        features[0, :, 1, :3] = 0  # |f_i| = 0 < eps: cosine 0, no gradient through the pixel norm
+    elif awkward == "zero_class":
+        features[1][:, labels[1] == 2] = 0  # a zero prototype: |P_k| = 0 < eps
+    elif awkward == "absent_and_ignored":
+        labels[labels == 3] = 1  # class 3 absent
+        labels[:, 0] = IGNORE
+    elif awkward == "one_pixel_classes":
+        labels[0] = 0
+        labels[0, 2, 3], labels[0, 1, 1] = 1, 2
+    features.requires_grad_(True)
+    reference = features.detach().clone().requires_grad_(True)
+    upstream = torch.randn(2, 24, generator=g, dtype=torch.float64)
+    one_hot = one_hot_ignore(labels, 4, IGNORE, torch.float64).flatten(2)
+    got = prototype_similarity(features, one_hot)
+    expected = autograd_prototype_cosine(reference, labels, 4)
+    torch.testing.assert_close(got, expected)
+    got.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(features.grad, reference.grad)
+
+
+def test_prototype_cosine_in_half_precision_is_computed_in_float32():
+    g = torch.Generator().manual_seed(12)
+    features = torch.randn(2, 8, 4, 6, generator=g).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 3, (2, 4, 6), generator=g)
+    one_hot = one_hot_ignore(labels, 3, IGNORE, torch.bfloat16).flatten(2)
+    got = prototype_similarity(features, one_hot)
+    got.sum().backward()
+    reference = features.detach().float().requires_grad_(True)
+    expected = prototype_similarity(reference, one_hot.float())
+    expected.sum().backward()
+    assert got.dtype == torch.float32 and features.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(features.grad.float(), reference.grad, rtol=2e-2, atol=2e-3)

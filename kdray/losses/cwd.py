@@ -18,10 +18,8 @@ def channel_wise_kl(student: Tensor, teacher: Tensor, temperature: float) -> Ten
     student, teacher: (N, C, h, w) with the same shape; teacher already detached. Returns a scalar.
     """
     n, c = student.shape[:2]
-    student, teacher = student.flatten(2), teacher.flatten(2)
-    if temperature != 1:
-        student, teacher = student / temperature, teacher / temperature
-    return softmax_kl(student, teacher, dim=2) * (temperature * temperature) / (n * c)
+    total = softmax_kl(student.flatten(2), teacher.flatten(2), dim=2, temperature=temperature)
+    return total * (temperature * temperature) / (n * c)
 
 
 class ChannelWiseDistillation(nn.Module):

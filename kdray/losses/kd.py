@@ -50,18 +50,15 @@ class PixelwiseKD(nn.Module):
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
         t = self.temperature
-        student = student_logits if t == 1 else student_logits / t
-        teacher = teacher_logits.detach()
-        teacher = teacher if t == 1 else teacher / t
         if self.mask_ignore:
             if labels is None:
                 raise ValueError(f"{owner}: mask_ignore=True needs labels")
-            valid = downsample_labels(labels, student.shape[-2:]) != self.ignore_index  # (N, h, w)
-            total = softmax_kl(student, teacher, dim=1, weight=valid.unsqueeze(1))
+            valid = downsample_labels(labels, student_logits.shape[-2:]) != self.ignore_index  # (N, h, w)
+            total = softmax_kl(student_logits, teacher_logits, dim=1, weight=valid.unsqueeze(1), temperature=t)
             count = valid.sum().clamp_min(1)  # all pixels ignored: 0 / 1 = 0
         else:
-            total = softmax_kl(student, teacher, dim=1)
-            count = student[:, 0].numel()
+            total = softmax_kl(student_logits, teacher_logits, dim=1, temperature=t)
+            count = student_logits[:, 0].numel()
 
         if self.reduction == "pixel_mean":
             return total / count * (t * t)

@@ -23,11 +23,13 @@ def probabilities(log_p: Tensor) -> Tensor:
 
 class _SoftmaxKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, dim: int, weight: Tensor | None) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor, dim: int, weight: Tensor | None, temperature: float) -> Tensor:
         dtype = student.dtype
         with torch.autocast(student.device.type, enabled=False):
             student = student.float() if dtype in (torch.float16, torch.bfloat16) else student
             teacher = teacher.to(student.dtype)
+            if temperature != 1:
+                student, teacher = student / temperature, teacher / temperature
             log_p_s = torch.log_softmax(student, dim)
             log_p_t = torch.log_softmax(teacher, dim)
             p_t = probabilities(log_p_t)
@@ -36,21 +38,27 @@ class _SoftmaxKL(torch.autograd.Function):
                 pointwise.mul_(weight)
             total = torch.dot(p_t.reshape(-1), pointwise.reshape(-1))
         ctx.save_for_backward(log_p_s, p_t, weight)
-        ctx.input_dtype = dtype
+        ctx.input_dtype, ctx.temperature = dtype, temperature
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
         log_p_s, p_t, weight = ctx.saved_tensors
-        grad = probabilities(log_p_s).sub_(p_t).mul_(grad_total)  # (p_S − p_T) · ∂L/∂total
+        grad = probabilities(log_p_s).sub_(p_t).mul_(grad_total / ctx.temperature)  # (p_S − p_T) · ∂L/∂total / T
         if weight is not None:
             grad.mul_(weight)
-        return grad.to(ctx.input_dtype), None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None
 
 
-def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, dim: int, weight: Tensor | None = None) -> Tensor:
-    """`Σ_j w_j Σ_k p_T,j[k] (log p_T,j[k] − log p_S,j[k])`, `p_X,j = softmax(x_X,j)` along `dim`.
+def softmax_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    dim: int,
+    weight: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """`Σ_j w_j Σ_k p_T,j[k] (log p_T,j[k] − log p_S,j[k])`, `p_X,j = softmax(x_X,j / T)` along `dim`.
 
     student_logits, teacher_logits: the same shape; `dim` is the axis each distribution runs over (the classes
     for pixel-wise KD, the positions for CWD); j runs over every other index. weight: optional, broadcastable
@@ -58,7 +66,7 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, dim: int, weight:
     scalar; no gradient flows to the teacher or the weight.
 
     The same number as `F.kl_div(log_softmax(s), log_softmax(t), log_target=True).sum()`, with the gradient
-    written out: `∂/∂s_j[k] = w_j (p_S,j[k] − p_T,j[k])`. One autograd node instead of five, two saved tensors
+    written out: `∂/∂s_j[k] = w_j (p_S,j[k] − p_T,j[k]) / T`. One autograd node instead of five, two saved tensors
     instead of four: on 8×19×128×256 score maps (CPU) the peak memory of forward+backward falls from 95 to 38 MB
     and the time by about 15%. Half-precision inputs are computed in float32 (the gradient comes back in
     their dtype). Where p_T underflows to 0 the term is an exact 0 (log-probabilities stay finite). Not twice
@@ -66,4 +74,4 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, dim: int, weight:
     """
     if weight is not None:
         weight = weight.detach().to(torch.promote_types(student_logits.dtype, torch.float32))
-    return _SoftmaxKL.apply(student_logits, teacher_logits.detach(), dim, weight)
+    return _SoftmaxKL.apply(student_logits, teacher_logits.detach(), dim, weight, temperature)
