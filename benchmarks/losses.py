@@ -22,8 +22,10 @@ iteration as a tensor op:
 - I2CKD: adapter on the whole map, loop over classes for the prototypes, double loop over the (k, j) pairs;
 - SKD pair-wise, CSC: loop over images and over the rows of each affinity matrix (one node, or one channel,
   at a time: its similarities to all the others).
-CE (torch's own) and the discriminator have none. Each loop version is checked against the kdray module's
-value before it is timed; one whose first forward+backward shows that the warm-up and repeats would exceed
+CE (torch's own) and the discriminator have none. The "floor" row times one log-softmax of the student's
+score map, forward and backward: every score-map loss (KD, CWD, ACE) does at least that, and one more
+log-softmax forward (the teacher's). Each loop version is checked against the kdray module's value before it
+is timed; one whose first forward+backward shows that the warm-up and repeats would exceed
 --loop-budget seconds is timed once (marked in the table). A loss and its loop version are timed in
 alternation (sample of one, sample of the other), so that a drift of the machine's speed hits both alike.
 
@@ -350,6 +352,9 @@ def loss_table(shape: Shape, device: torch.device):
     logits = ("zs", "zt", "labels")
     features = ("fs", "ft", "labels")
     return [
+        # Not a loss: a lower bound for the score-map losses, each of which takes at least two log-softmaxes
+        # (student and teacher) and the student's log-softmax backward.
+        ("floor: one log-softmax fwd+bwd", lambda x: F.log_softmax(x["zs"], dim=1).mean(), None, logits),
         ("CE", lambda x: ce(x["zs"], x["labels"]), None, logits),
         ("KD", lambda x: kd(x["zs"], x["zt"]), kd_loop, logits),
         ("CWD (logits)", lambda x: cwd(x["zs"], x["zt"]), cwd_loop, logits),

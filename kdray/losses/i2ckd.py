@@ -32,19 +32,22 @@ def class_prototypes(
     """
     _checks.choice("class_prototypes", "scope", scope, SCOPES)
     labels = downsample_labels(labels, features.shape[-2:])
-    return _class_means(features, one_hot_ignore(labels, num_classes, ignore_index, features.dtype), scope)
+    one_hot = one_hot_ignore(labels, num_classes, ignore_index, features.dtype).flatten(2)  # (N, K, M)
+    counts = _class_counts(one_hot, scope)
+    return _class_sums(features, one_hot, scope) / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
-def _class_means(features: Tensor, one_hot: Tensor, scope: str) -> tuple[Tensor, Tensor]:
-    """`class_prototypes` from the (N, K, h, w) one-hot labels, which the student and the teacher share."""
-    one_hot = one_hot.flatten(2)  # (N, K, M)
+def _class_counts(one_hot: Tensor, scope: str) -> Tensor:
+    """Pixels of each class: (K,) for `scope="batch"`, (N, K) for "image"; one_hot (N, K, M)."""
+    counts = one_hot.sum(dim=2)
+    return counts.sum(dim=0) if scope == "batch" else counts
+
+
+def _class_sums(features: Tensor, one_hot: Tensor, scope: str) -> Tensor:
+    """Σ_i 1[y↓_i = k] f_i: (K, C) for `scope="batch"`, (N, K, C) for "image"; one_hot (N, K, M)."""
     # (N, C, M) @ (N, M, K): the features' own layout on the left keeps autograd's backward copy-free
     sums = (features.flatten(2) @ one_hot.mT).mT  # (N, K, C)
-    counts = one_hot.sum(dim=2)  # (N, K)
-    if scope == "batch":
-        sums, counts = sums.sum(dim=0), counts.sum(dim=0)
-    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
-
+    return sums.sum(dim=0) if scope == "batch" else sums
 
 def _distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
     squared = (a - b).pow(2).sum(dim=-1)
@@ -98,16 +101,15 @@ def triplet_prototype_loss(
     num_classes = present.shape[-1]
     not_self = ~torch.eye(num_classes, dtype=torch.bool, device=present.device)
     pairs = present.unsqueeze(-1) & present.unsqueeze(-2) & not_self  # (B, K, K): anchor k, negative j
-    hinge = torch.where(pairs, hinge, 0.0)
+    groups = (present.sum(dim=-1) >= 2).sum().clamp_min(1)  # groups with at least one pair
+    # Each mean as one weighted sum (weights without gradient): fewer autograd nodes on a few hundred numbers.
     if mining == "all":
-        per_group = hinge.sum(dim=(-2, -1)) / pairs.sum(dim=(-2, -1)).clamp_min(1)
-    else:
-        # The hinge is ≥ 0, so the masked zeros never beat a real pair's term in the max.
-        hardest = hinge.amax(dim=-1)  # (B, K)
-        per_group = hardest.sum(dim=-1) / pairs.any(dim=-1).sum(dim=-1).clamp_min(1)
-    groups = present.sum(dim=-1) >= 2
-    return per_group.sum() / groups.sum().clamp_min(1)
-
+        weight = pairs / (pairs.sum(dim=(-2, -1), keepdim=True).clamp_min(1) * groups)
+        return (hinge * weight).sum()
+    hardest = (hinge * pairs).amax(dim=-1)  # (B, K); the hinge is ≥ 0, so a masked 0 never beats a real pair
+    anchors = pairs.any(dim=-1)
+    weight = anchors / (anchors.sum(dim=-1, keepdim=True).clamp_min(1) * groups)
+    return (hardest * weight).sum()
 
 class I2CKD(nn.Module):
     """I2CKD: triplet loss between teacher and student class prototypes (eqs. 1-3 of the paper).
@@ -170,9 +172,12 @@ class I2CKD(nn.Module):
                 f"{tuple(teacher_features.shape)} must have {expected[0]} and {expected[1]} channels"
             )
         labels = downsample_labels(labels, student_features.shape[-2:])
-        one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, student_features.dtype)
-        student_protos, present = _class_means(student_features, one_hot, self.scope)
-        teacher_protos, _ = _class_means(teacher_features.detach(), one_hot.to(teacher_features.dtype), self.scope)
+        one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, student_features.dtype).flatten(2)
+        counts = _class_counts(one_hot, self.scope)  # shared by the student's and the teacher's prototypes
+        divisor = counts.clamp_min(1).unsqueeze(-1)
+        student_protos = _class_sums(student_features, one_hot, self.scope) / divisor
+        teacher_protos = _class_sums(teacher_features.detach(), one_hot.to(teacher_features.dtype), self.scope)
+        teacher_protos, present = teacher_protos / divisor, counts > 0
         student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1))
         if self.normalize:
             student_protos = F.normalize(student_protos, dim=-1)

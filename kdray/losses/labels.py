@@ -43,5 +43,7 @@ def one_hot_ignore(labels: Tensor, num_classes: int, ignore_index: int, dtype: t
     """
     classes = torch.arange(num_classes, device=labels.device).view(1, num_classes, 1, 1)
     labels = labels.unsqueeze(1)
-    hits = (labels == classes) & (labels != ignore_index)
+    hits = labels == classes
+    if 0 <= ignore_index < num_classes:  # otherwise no ignored pixel can match a class
+        hits &= labels != ignore_index
     return hits.to(dtype)
