@@ -160,10 +160,12 @@ def test_i2ckd_l2_gradient_is_finite_when_prototypes_coincide():
     student = teacher.clone().requires_grad_(True)  # d(P_T[k], P_S[k]) = 0 exactly
     student_same = torch.stack([teacher[0], teacher[0], teacher[2]]).requires_grad_(True)  # two negatives at 0
     present = torch.tensor([True, True, True])
-    for s in (student, student_same):
-        loss = triplet_prototype_loss(teacher, s, present, margin=0.5, distance="l2")
-        loss.backward()
-        assert torch.isfinite(s.grad).all()
+    for negatives in ("student", "teacher"):
+        for s in (student, student_same):
+            s.grad = None
+            loss = triplet_prototype_loss(teacher, s, present, margin=0.5, negatives=negatives, distance="l2")
+            loss.backward()
+            assert torch.isfinite(s.grad).all()
 
 
 def test_kd_masked_with_all_pixels_ignored_is_zero():

@@ -49,17 +49,16 @@ def _class_sums(features: Tensor, one_hot: Tensor, scope: str) -> Tensor:
     sums = (features.flatten(2) @ one_hot.mT).mT  # (N, K, C)
     return sums.sum(dim=0) if scope == "batch" else sums
 
-def _distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
-    squared = (a - b).pow(2).sum(dim=-1)
-    if distance == "squared_l2":
-        return squared
-    # d/dx sqrt(x) is infinite at 0, so two coinciding prototypes (a student that copies the teacher, two
-    # classes with identical features) would give NaN gradients (inf · 0). Take the root of a safe value
-    # where the distance is 0 and return an exact 0 there with a 0 gradient (the "double where"); a
-    # clamp_min(eps) would do too but shifts every zero distance by sqrt(eps).
-    positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
+def _distances(a: Tensor, b: Tensor, distance: str) -> Tensor:
+    """`d(a[..., k, :], b[..., j, :])` for every k, j: (B, K, C) and (B, J, C) -> (B, K, J).
 
+    d/dx sqrt(x) is infinite at 0, so a hand-made `sqrt(Σ (a − b)²)` gives NaN gradients (inf · 0) where two
+    prototypes coincide (a student that copies the teacher, two classes with identical features). `cdist`'s
+    backward returns 0 there instead, the subgradient that leaves the other terms alone; the direct
+    (difference) form is forced, as the matrix-product form loses the small distances to cancellation.
+    """
+    euclidean = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+    return euclidean.square() if distance == "squared_l2" else euclidean
 
 def triplet_prototype_loss(
     teacher_protos: Tensor,
@@ -91,11 +90,11 @@ def triplet_prototype_loss(
     teacher_protos, student_protos = teacher_protos.to(dtype), student_protos.to(dtype)
     negative_protos = student_protos if negatives == "student" else teacher_protos
 
-    negative = _distance(teacher_protos.unsqueeze(-2), negative_protos.unsqueeze(-3), distance)  # (B, K, K)
+    negative = _distances(teacher_protos, negative_protos, distance)  # (B, K, K): d(P_T[k], P_neg[j])
     if negatives == "student":  # d(P_T[k], P_S[k]) is the diagonal of d(P_T[k], P_S[j])
         positive = negative.diagonal(dim1=-2, dim2=-1)
-    else:
-        positive = _distance(teacher_protos, student_protos, distance)  # (B, K)
+    else:  # (B, K): each anchor against its own student prototype, as a (B·K) batch of 1×1 distances
+        positive = _distances(teacher_protos.unsqueeze(-2), student_protos.unsqueeze(-2), distance)[..., 0, 0]
     hinge = (positive.unsqueeze(-1) - negative + margin).clamp_min(0)
 
     num_classes = present.shape[-1]
