@@ -66,7 +66,7 @@ class _AdaptiveCrossEntropySum(torch.autograd.Function):
             student = student.float() if dtype in (torch.float16, torch.bfloat16) else student
             teacher = teacher.to(student.dtype)
             labelled = (labels >= 0) & (labels < num_classes)  # (N, h, w)
-            if ignore_index < num_classes:
+            if 0 <= ignore_index < num_classes:  # otherwise no ignored pixel is in [0, K)
                 labelled &= labels != ignore_index
             index = torch.where(labelled, labels, 0).unsqueeze(1)  # (N, 1, h, w), any class where unlabelled
             right = (class_argmax(teacher) == labels) & labelled  # argmax is invariant to T
@@ -95,6 +95,7 @@ class _AdaptiveCrossEntropySum(torch.autograd.Function):
         # × Σ_k q_i[k] = [labelled] (a and b are 0 where it is 0, so the mask can come last), × ∂L/∂total / T
         grad.mul_((labelled * (grad_total * ctx.scale)).unsqueeze(1))
         return grad.to(ctx.input_dtype), None, None, None, None, None
+
 
 def class_argmax(logits: Tensor) -> Tensor:
     """`logits.argmax(dim=1)` (the first class of the highest score, as torch breaks ties), from `amax`.

@@ -49,6 +49,7 @@ def _class_sums(features: Tensor, one_hot: Tensor, scope: str) -> Tensor:
     sums = (features.flatten(2) @ one_hot.mT).mT  # (N, K, C)
     return sums.sum(dim=0) if scope == "batch" else sums
 
+
 def _distances(a: Tensor, b: Tensor, distance: str) -> Tensor:
     """`d(a[..., k, :], b[..., j, :])` for every k, j: (B, K, C) and (B, J, C) -> (B, K, J).
 
@@ -59,6 +60,7 @@ def _distances(a: Tensor, b: Tensor, distance: str) -> Tensor:
     """
     euclidean = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
     return euclidean.square() if distance == "squared_l2" else euclidean
+
 
 def triplet_prototype_loss(
     teacher_protos: Tensor,
@@ -109,6 +111,7 @@ def triplet_prototype_loss(
     anchors = pairs.any(dim=-1)
     weight = anchors / (anchors.sum(dim=-1, keepdim=True).clamp_min(1) * groups)
     return (hardest * weight).sum()
+
 
 class I2CKD(nn.Module):
     """I2CKD: triplet loss between teacher and student class prototypes (eqs. 1-3 of the paper).
@@ -175,8 +178,8 @@ class I2CKD(nn.Module):
         counts = _class_counts(one_hot, self.scope)  # shared by the student's and the teacher's prototypes
         divisor = counts.clamp_min(1).unsqueeze(-1)
         student_protos = _class_sums(student_features, one_hot, self.scope) / divisor
-        teacher_protos = _class_sums(teacher_features.detach(), one_hot.to(teacher_features.dtype), self.scope)
-        teacher_protos, present = teacher_protos / divisor, counts > 0
+        teacher_sums = _class_sums(teacher_features.detach(), one_hot.to(teacher_features.dtype), self.scope)
+        teacher_protos, present = teacher_sums / divisor, counts > 0
         student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1))
         if self.normalize:
             student_protos = F.normalize(student_protos, dim=-1)

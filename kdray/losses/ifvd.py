@@ -98,6 +98,7 @@ class _PrototypeCosine(torch.autograd.Function):
         grad_flat.addcmul_(flat, pixel_term.unsqueeze(1), value=-1)
         return grad_flat.view(ctx.input_shape).to(ctx.input_dtype), None, None
 
+
 class IntraClassFeatureVariation(nn.Module):
     """IFVD: `L = (1/(N·h·w)) Σ_{n,i} (s_S,i − s_T,i)²`, `s_X,i = cos(f_X,i, c_X,n,y↓_i)`.
 
