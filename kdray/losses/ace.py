@@ -63,7 +63,7 @@ class _AdaptiveCrossEntropySum(torch.autograd.Function):
         dtype = student.dtype
         num_classes = student.shape[1]
         with torch.autocast(student.device.type, enabled=False):
-            student = student.float() if dtype in (torch.float16, torch.bfloat16) else student
+            student = student.to(torch.promote_types(dtype, torch.float32))  # half precision computed in float32
             teacher = teacher.to(student.dtype)
             labelled = (labels >= 0) & (labels < num_classes)  # (N, h, w)
             if 0 <= ignore_index < num_classes:  # otherwise no ignored pixel is in [0, K)

@@ -26,7 +26,7 @@ class _SoftmaxKL(torch.autograd.Function):
     def forward(ctx, student: Tensor, teacher: Tensor, dim: int, weight: Tensor | None, temperature: float) -> Tensor:
         dtype = student.dtype
         with torch.autocast(student.device.type, enabled=False):
-            student = student.float() if dtype in (torch.float16, torch.bfloat16) else student
+            student = student.to(torch.promote_types(dtype, torch.float32))  # half precision computed in float32
             teacher = teacher.to(student.dtype)
             if temperature != 1:
                 student, teacher = student / temperature, teacher / temperature
