@@ -13,7 +13,6 @@ The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -23,18 +22,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from kdray.config import Job, LossesConfig, job_hash
 from kdray.data import IterationBatchSampler, build_dataset, class_names
 from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
-from kdray.engine.distributed import RankContext, average_gradients, gather_objects, mean_over_ranks
+from kdray.engine.distributed import RankContext, gather_objects, mean_over_ranks
 from kdray.engine.evaluate import evaluate, evaluation_loader
 from kdray.engine.progress import Progress
 from kdray.engine.sliding import window_of
+from kdray.engine.step import TrainStep, autocast_for
 from kdray.errors import CheckpointError, KdrayError
-from kdray.losses.objective import DistillationObjective
 from kdray.models import Segmenter, build_model, load_segmenter_weights
 from kdray.models.weights import read_state_dict
 
@@ -73,12 +71,6 @@ class _Setup:
     losses: LossesConfig
     iterations: int
     teacher: Segmenter | None
-
-
-def _autocast(job: Job, device: torch.device) -> contextlib.AbstractContextManager:
-    if job.run.amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if job.run.amp == "bf16" else torch.float16)
 
 
 def load_teacher(job: Job, device: torch.device) -> Segmenter:
@@ -131,34 +123,10 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     torch.manual_seed(job.run.seed)  # identical initial weights on every rank
 
     setup = _setup(job, role, device)
-    model = setup.model.to(device)
-    teacher = setup.teacher
-    if job.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
-    objective = DistillationObjective(
-        setup.losses, num_classes=job.data.num_classes, student_channels=model.feature_channels,
-        teacher_channels=teacher.feature_channels if teacher is not None else None,
-        ignore_index=job.data.ignore_index,
-    ).to(device)
-    adapters = objective.student_side_parameters()
-    d_params = objective.discriminator_parameters()
-
-    trained: nn.Module = model
-    if ctx.distributed:
-        if device.type == "cuda":  # the papers' 2 images per GPU need batch statistics over all GPUs
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    step = TrainStep.build(job, setup.model, setup.teacher, setup.losses, ctx)
+    model, objective, optimizer, d_optimizer, scaler = (step.model, step.objective, step.optimizer,
+                                                        step.d_optimizer, step.scaler)
     optim_cfg = job.optim
-    optimizer = torch.optim.SGD([p for p in [*model.parameters(), *adapters] if p.requires_grad], lr=optim_cfg.lr,
-                                momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
-    d_optimizer = None
-    if d_params:
-        adv = job.losses.adversarial
-        d_optimizer = torch.optim.Adam(d_params, lr=adv.d_lr, betas=adv.d_betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=job.run.amp == "fp16")
-    autocast = _autocast(job, device)
 
     digest = job_hash(job) + ("" if role == "student" else "-teacher")
     start, best, history = 0, (float("-inf"), -1), []
@@ -198,43 +166,12 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     model.train()
     window: dict[str, float] = {}
     window_n, window_t, window_images = 0, time.perf_counter(), 0
-    checked = False
     for i, (images, labels) in enumerate(loader, start=start):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if job.run.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         lr = optim_cfg.lr * (1 - i / iterations) ** optim_cfg.poly_power
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        with autocast:
-            student_out = trained(images)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_out = teacher(images)
-            else:
-                teacher_out = None
-        tensors = objective.step_tensors(student_out, teacher_out, labels, images)
-        if not checked:
-            objective.preflight(tensors)
-            checked = True
-        total, parts = objective(tensors)
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        average_gradients(adapters, ctx)
-        scaler.step(optimizer)
-        scaler.update()
-
-        if d_optimizer is not None:
-            d_optimizer.zero_grad(set_to_none=True)
-            d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(),
-                                                              images)
-            d_loss.backward()
-            average_gradients(d_params, ctx)
-            d_optimizer.step()
-            parts = {**parts, "discriminator": d_loss.detach()}
+        step.set_lr(lr)
+        total, parts = step(images, labels)
 
         values = mean_over_ranks({**parts, "total": total}, ctx)
         for name, value in values.items():
@@ -260,7 +197,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
 
         if done % optim_cfg.eval_interval == 0 or done == iterations:
             result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
-                              _autocast(job, device) if job.run.amp != "none" else None, window_of(job.data))
+                              autocast_for(job, device) if job.run.amp != "none" else None, window_of(job.data))
             metrics = {"iteration": done, "val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}
             metrics.update({f"val/iou/{n}": v for n, v in zip(names, result["iou"])})
             improved = result["miou"] > best[0]

@@ -1,0 +1,154 @@
+"""Time of one training iteration, through the engine's own step (`kdray.engine.step.TrainStep`): the teacher's
+forward, the student's forward and backward, the objective, the SGD step and, with the adversarial loss, the
+discriminator's step. Per precision (`run.amp`), memory layout (`run.channels_last`) and set of losses.
+
+    python benchmarks/step.py --device cuda                     # paper shape, every amp and layout
+    python benchmarks/step.py --shape demo                      # CPU, the demo's shape
+    python benchmarks/step.py --device cuda --amp bf16 --recipes ce kd
+
+Shapes (per process, i.e. per GPU):
+- paper: 2 × 3 × 512 × 1024 crops, K=19, teacher deeplabv3_resnet101 (width 1), student deeplabv3_resnet18
+  (width 1) with its auxiliary head: CIRKD's 2 images per GPU.
+- demo: jobs/demo.yaml's 16 × 3 × 64 × 64 crops, K=8, teacher deeplabv3_resnet101 at width 0.25, student
+  deeplabv3_resnet18 at width 0.25.
+
+Weights are random (the time of a step does not depend on them); the batch is random and stays on the device,
+so data loading is not in the figure. Time: median over --repeats iterations after --warmup (the first ones
+run cuDNN's autotuning and the allocator's growth), each synchronised. Peak memory (CUDA): the allocator's
+peak over the timed iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kdray.config import job_from_dict  # noqa: E402
+from kdray.engine.distributed import RankContext  # noqa: E402
+from kdray.engine.step import TrainStep  # noqa: E402
+from kdray.models import build_model  # noqa: E402
+
+SHAPES = {
+    "paper": {"n": 2, "crop": (512, 1024), "k": 19, "teacher_width": 1.0, "student_width": 1.0},
+    "demo": {"n": 16, "crop": (64, 64), "k": 8, "teacher_width": 0.25, "student_width": 0.25},
+}
+# Which losses are on, as `losses.*` overrides (CE with its auxiliary term is always on).
+RECIPES = {
+    "ce": [],
+    "kd": ["losses.kd.enabled=true"],
+    "i2ckd": ["losses.kd.enabled=true", "losses.i2ckd.enabled=true"],
+    # CIRKD's recipe of the SKD/IFVD/CWD baselines: KD 1, pair-wise 10, IFVD 20, CWD (logits, T=4) 3, HO 0.001
+    "cirkd": ["losses.kd.enabled=true", "losses.pairwise.enabled=true", "losses.pairwise.weight=10",
+              "losses.ifvd.enabled=true", "losses.ifvd.weight=20", "losses.cwd.enabled=true",
+              "losses.cwd.weight=3", "losses.cwd.temperature=4", "losses.adversarial.enabled=true",
+              "losses.adversarial.weight=0.001"],
+}
+
+
+def make_step(shape: dict, recipe: str, amp: str, channels_last: bool, device: torch.device) -> TrainStep:
+    job = job_from_dict({
+        "data": {"num_classes": shape["k"], "crop": list(shape["crop"]), "batch_size": shape["n"]},
+        "teacher": {"arch": "deeplabv3_resnet101", "width": shape["teacher_width"]},
+        "student": {"arch": "deeplabv3_resnet18", "width": shape["student_width"], "aux": True},
+    }, RECIPES[recipe])
+    # past validation, which allows both only with run.gpus_per_worker > 0 (a Ray setting, not used here)
+    job.run.amp, job.run.channels_last = amp, channels_last
+    torch.manual_seed(0)
+    student = build_model("deeplabv3_resnet18", shape["k"], aux=True, width=shape["student_width"]).train()
+    teacher = None
+    if job.distills:  # as in a run: no teacher forward for CE alone
+        teacher = build_model("deeplabv3_resnet101", shape["k"], width=shape["teacher_width"])
+        teacher = teacher.eval().requires_grad_(False).to(device)
+    return TrainStep.build(job, student, teacher, job.losses, RankContext(device=device))
+
+
+def time_step(step: TrainStep, shape: dict, device: torch.device, warmup: int, repeats: int):
+    """(median ms, peak MB or None) of `step` on one random batch."""
+    g = torch.Generator().manual_seed(0)
+    height, width = shape["crop"]
+    images = torch.randn(shape["n"], 3, height, width, generator=g).to(device)
+    labels = torch.randint(0, shape["k"], (shape["n"], height, width), generator=g)
+    labels[torch.rand(shape["n"], height, width, generator=g) < 0.1] = 255
+    labels = labels.to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step(images, labels)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total, _ = step(images, labels)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+        if not torch.isfinite(total):
+            raise SystemExit(f"non-finite loss {total.item()} in the timed steps")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--shape", choices=list(SHAPES), help="default: paper on cuda, demo on cpu")
+    parser.add_argument("--amp", nargs="+", choices=["none", "bf16", "fp16"],
+                        help="default: all three on cuda, none on cpu")
+    parser.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"],
+                        help="default: both on cuda, nchw on cpu")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    shape_name = args.shape or ("paper" if device.type == "cuda" else "demo")
+    amps = args.amp or (["none", "bf16", "fp16"] if device.type == "cuda" else ["none"])
+    layouts = args.layouts or (["nchw", "channels_last"] if device.type == "cuda" else ["nchw"])
+    shape = SHAPES[shape_name]
+    if device.type == "cuda":
+        # torch's defaults, stated: TF32 in cuDNN convolutions, full float32 in matrix products
+        name = f"{torch.cuda.get_device_name(device)}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, " \
+               f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
+    else:
+        name = f"cpu, {torch.get_num_threads()} threads"
+
+    rows = []
+    for recipe in args.recipes:
+        for amp in amps:
+            for layout in layouts:
+                step = make_step(shape, recipe, amp, layout == "channels_last", device)
+                ms, peak = time_step(step, shape, device, args.warmup, args.repeats)
+                rows.append((recipe, amp, layout, ms, shape["n"] / ms * 1e3, peak))
+                print(f"{recipe} {amp} {layout}: {ms:.1f} ms", file=sys.stderr, flush=True)
+                del step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    print(f"# One training iteration (teacher fwd, student fwd+bwd, losses, SGD step, D step when on), {name}, "
+          f"torch {torch.__version__}")
+    print(f"# shape {shape_name}: {shape['n']}×3×{shape['crop'][0]}×{shape['crop'][1]}, K={shape['k']}, teacher "
+          f"deeplabv3_resnet101 width {shape['teacher_width']:g}, student deeplabv3_resnet18 width "
+          f"{shape['student_width']:g} + aux head; median of {args.repeats} after {args.warmup} warm-up")
+    print("# recipes: " + "; ".join(f"{k}: CE" + "".join(" + " + o.split(".")[1] for o in v if "enabled" in o)
+                                    for k, v in RECIPES.items() if k in args.recipes))
+    print("| losses | amp | layout | ms / iteration | images / s | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for recipe, amp, layout, ms, ips, peak in rows:
+        print(f"| {recipe} | {amp} | {layout} | {ms:.1f} | {ips:.1f} | {'-' if peak is None else f'{peak:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The CUDA paths, skipped where no GPU is present (CI has none; a GPU machine runs `pytest tests/test_gpu.py`).
+
+Every loss gives on the GPU the value and gradients it gives on the CPU; under bf16/fp16 autocast every loss
+stays finite and float32 and near its float32 value; the engine trains, evaluates and resumes on the GPU in
+float32, bf16 and fp16 (channels-last too), and inside an nccl process group.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kdray.config import job_from_dict
+from kdray.engine import RankContext, load_checkpoint, train
+from kdray.losses.objective import DistillationObjective
+from kdray.models import SegmenterOutput, build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Every loss on, with options that take their less common paths (CWD on logits and features, ACE's average
+# rule, the adversarial loss conditioned on the image). CE stays on next to ACE on purpose: both are compared.
+EVERY_LOSS = ["losses.kd.enabled=true", "losses.kd.temperature=2", "losses.kd.mask_ignore=true",
+              "losses.cwd.enabled=true", "losses.cwd.on=both", "losses.ace.enabled=true", "losses.ace.rule=average",
+              "losses.pairwise.enabled=true", "losses.adversarial.enabled=true",
+              "losses.adversarial.conditioning=logits+image", "losses.ifvd.enabled=true",
+              "losses.csc.enabled=true", "losses.i2ckd.enabled=true"]
+K, C_S, C_T = 5, 8, 16
+
+
+@pytest.fixture
+def full_precision():
+    """cuDNN's TF32 convolutions (torch's default) would put the adapters 1e-3 off the CPU."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _objective():
+    job = job_from_dict({"data": {"num_classes": K}}, EVERY_LOSS)
+    torch.manual_seed(0)
+    return DistillationObjective(job.losses, num_classes=K, student_channels=C_S, teacher_channels=C_T)
+
+
+def _inputs(seed=0):
+    """Student/teacher outputs on 9x13 maps, labels 72x104 with ignored pixels and class K-1 absent."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, K - 1, (2, 72, 104), generator=g)
+    labels[torch.rand(2, 72, 104, generator=g) < 0.2] = 255
+    return {
+        "zs": torch.randn(2, K, 9, 13, generator=g), "fs": torch.randn(2, C_S, 9, 13, generator=g).relu(),
+        "aux": torch.randn(2, K, 9, 13, generator=g), "zt": torch.randn(2, K, 9, 13, generator=g),
+        "ft": torch.randn(2, C_T, 9, 13, generator=g).relu(), "labels": labels,
+        "images": torch.randn(2, 3, 72, 104, generator=g),
+    }
+
+
+def _evaluate(objective, x, device, autocast=None):
+    """Each term's value and the gradients of the total w.r.t. the student's tensors and every parameter."""
+    x = {k: v.to(device) for k, v in x.items()}
+    student = [x["zs"].requires_grad_(), x["fs"].requires_grad_(), x["aux"].requires_grad_()]
+    with torch.autocast("cuda", dtype=autocast) if autocast else torch.enable_grad():
+        if autocast:  # what autocast hands the losses: the networks' outputs in reduced precision
+            student = [s.to(autocast) for s in student]
+            teacher = [x["zt"].to(autocast), x["ft"].to(autocast)]
+        else:
+            teacher = [x["zt"], x["ft"]]
+        tensors = objective.step_tensors(SegmenterOutput(*student), SegmenterOutput(*teacher, None),
+                                         x["labels"], x["images"])
+        total, parts = objective(tensors)
+        d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(),
+                                                          x["images"])
+    total.backward()
+    d_loss.backward()
+    grads = {name: x[name].grad for name in ("zs", "fs", "aux")}
+    grads.update({name: p.grad for name, p in objective.named_parameters()})
+    return {**parts, "discriminator": d_loss}, grads
+
+
+def test_every_loss_gives_the_cpu_value_and_gradients_on_cuda(full_precision):
+    cpu = _objective()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = _inputs()
+    parts_cpu, grads_cpu = _evaluate(cpu, x, "cpu")
+    parts_gpu, grads_gpu = _evaluate(gpu, x, "cuda")
+    assert set(parts_gpu) == set(parts_cpu) == {"ce", "kd", "cwd", "ace", "pairwise", "adversarial", "ifvd",
+                                                "csc", "i2ckd", "discriminator"}
+    for name, value in parts_cpu.items():
+        assert parts_gpu[name].device.type == "cuda"
+        torch.testing.assert_close(parts_gpu[name].cpu(), value, rtol=1e-4, atol=1e-6, msg=name)
+    assert set(grads_gpu) == set(grads_cpu)
+    for name, grad in grads_cpu.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grads_gpu[name].cpu(), grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_loss_stays_float32_and_finite_under_autocast(full_precision, dtype):
+    reference = _objective().cuda()
+    x = _inputs(seed=1)
+    parts_ref, _ = _evaluate(copy.deepcopy(reference), x, "cuda")
+    parts, grads = _evaluate(reference, x, "cuda", autocast=dtype)
+    for name, value in parts.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        # the inputs themselves were rounded to 8 (bf16) or 11 (fp16) significant bits
+        torch.testing.assert_close(value, parts_ref[name], rtol=3e-2, atol=1e-3, msg=name)
+    for name, grad in grads.items():
+        assert grad is not None and torch.isfinite(grad).all(), name
+
+
+TINY = {
+    "name": "tiny-gpu",
+    "data": {"num_classes": 8, "crop": [32, 32], "batch_size": 4, "eval_batch_size": 8,
+             "synthetic": {"image_size": 32, "train_length": 32, "val_length": 8}},
+    "teacher": {"arch": "deeplabv3_resnet18", "width": 0.125},
+    "student": {"arch": "deeplabv3_resnet18", "width": 0.125},
+    "optim": {"iterations": 4, "eval_interval": 2, "log_interval": 2},
+    "run": {"gpus_per_worker": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(123)
+    torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
+    return str(path)
+
+
+def _job(tmp_path, teacher_file, *overrides):
+    data = {**TINY, "teacher": {**TINY["teacher"], "checkpoint": teacher_file},
+            "run": {**TINY["run"], "output_dir": str(tmp_path / "runs")}}
+    return job_from_dict(data, [*EVERY_LOSS, "losses.ce.enabled=false", *overrides])
+
+
+@pytest.mark.parametrize("amp,extra", [("none", []), ("bf16", []), ("fp16", []), ("bf16", ["run.channels_last=true"]),
+                                       ("none", ["losses.adversarial.objective=wgan_gp"])])
+def test_engine_trains_evaluates_and_resumes_on_cuda(tmp_path, teacher_file, amp, extra):
+    job = _job(tmp_path, teacher_file, f"run.amp={amp}", *extra)
+    ctx = RankContext(device=torch.device("cuda", 0))
+    logs = []
+    result = train(job, tmp_path / "full", ctx=ctx, log=logs.append, progress=False)
+    assert result.iterations == 4 and [h["iteration"] for h in result.history] == [2, 4]
+    assert all(0.0 <= h["val/miou"] <= 1.0 for h in result.history)
+    assert {"train/loss/ace", "train/loss/i2ckd", "train/loss/discriminator"} <= set(logs[0])
+    state = load_checkpoint(tmp_path / "full" / "checkpoint")
+    assert state["iteration"] == 4 and state["rng"][0]["cuda"] is not None
+    assert all(v.device.type == "cpu" or v.is_cuda for v in state["model"].values())
+    if amp == "fp16":
+        assert state["scaler"]["scale"] > 0  # the grad scaler is live and saved
+
+    # an interrupted run resumes from its iteration-2 checkpoint and finishes the schedule
+    train(job, tmp_path / "cut", ctx=ctx, progress=False, stop_after=2)
+    again = train(job, tmp_path / "cut", ctx=ctx, resume=tmp_path / "cut" / "checkpoint", progress=False)
+    assert [h["iteration"] for h in again.history] == [2, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_engine_trains_inside_an_nccl_process_group(tmp_path, teacher_file):
+    """What a Ray Train worker with one GPU runs: the loop inside an initialised nccl group (of one rank: nccl
+    refuses two ranks on one GPU, and the lent machines have one)."""
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        ctx = RankContext.current(torch.device("cuda", 0))
+        assert ctx.world_size == 1 and dist.get_backend() == "nccl"
+        job = _job(tmp_path, teacher_file, "run.amp=bf16")
+        result = train(job, tmp_path / "nccl", ctx=ctx, progress=False)
+        assert [h["iteration"] for h in result.history] == [2, 4]
+        grad = torch.full((3,), 2.0, device="cuda")
+        dist.all_reduce(grad)  # nccl itself moves the data
+        assert grad.tolist() == [2.0, 2.0, 2.0]
+    finally:
+        dist.destroy_process_group()
+    shutil.rmtree(tmp_path / "nccl", ignore_errors=True)
