@@ -54,7 +54,8 @@ RECIPES = {
 
 def make_step(shape: dict, recipe: str, amp: str, channels_last: bool, device: torch.device) -> TrainStep:
     job = job_from_dict({
-        "data": {"num_classes": shape["k"], "crop": list(shape["crop"]), "batch_size": shape["n"]},
+        "data": {"num_classes": shape["k"], "crop": list(shape["crop"]), "batch_size": shape["n"],
+                 "synthetic": {"image_size": max(shape["crop"])}},  # never read: only for validation
         "teacher": {"arch": "deeplabv3_resnet101", "width": shape["teacher_width"]},
         "student": {"arch": "deeplabv3_resnet18", "width": shape["student_width"], "aux": True},
     }, RECIPES[recipe])

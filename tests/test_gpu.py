@@ -62,7 +62,7 @@ def _inputs(seed=0):
 
 def _evaluate(objective, x, device, autocast=None):
     """Each term's value and the gradients of the total w.r.t. the student's tensors and every parameter."""
-    x = {k: v.to(device) for k, v in x.items()}
+    x = {k: v.detach().to(device) for k, v in x.items()}  # fresh leaves on every call
     student = [x["zs"].requires_grad_(), x["fs"].requires_grad_(), x["aux"].requires_grad_()]
     with torch.autocast("cuda", dtype=autocast) if autocast else torch.enable_grad():
         if autocast:  # what autocast hands the losses: the networks' outputs in reduced precision

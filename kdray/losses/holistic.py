@@ -99,8 +99,10 @@ class AdversarialDistillation(nn.Module):
         return torch.cat([logits, resized.to(logits.dtype)], dim=1)
 
     def score(self, logits: Tensor, images: Tensor | None = None) -> Tensor:
-        """`D_n(z)`: the mean of D's output map per sample, (N,)."""
-        return self.discriminator(self._input(logits, images)).mean(dim=(1, 2, 3))
+        """`D_n(z)`: the mean of D's output map per sample, (N,); at least float32 (under autocast D runs in
+        half precision, and the hinge's `1 ± D` would keep only 8 significant bits in bf16)."""
+        out = self.discriminator(self._input(logits, images))
+        return out.to(torch.promote_types(out.dtype, torch.float32)).mean(dim=(1, 2, 3))
 
     def forward(self, student_logits: Tensor, images: Tensor | None = None) -> Tensor:
         with _frozen(self.discriminator):
