@@ -65,9 +65,23 @@ def make_step(shape: dict, recipe: str, amp: str, channels_last: bool, device: t
     student = build_model("deeplabv3_resnet18", shape["k"], aux=True, width=shape["student_width"]).train()
     teacher = None
     if job.distills:  # as in a run: no teacher forward for CE alone
-        teacher = build_model("deeplabv3_resnet101", shape["k"], width=shape["teacher_width"])
-        teacher = teacher.eval().requires_grad_(False).to(device)
+        teacher = build_model("deeplabv3_resnet101", shape["k"], width=shape["teacher_width"]).to(device)
+        calibrate_batch_norm(teacher, shape, device)
+        teacher = teacher.eval().requires_grad_(False)
     return TrainStep.build(job, student, teacher, job.losses, RankContext(device=device))
+
+
+def calibrate_batch_norm(model: torch.nn.Module, shape: dict, device: torch.device) -> None:
+    """Running statistics from a few batches, as a trained teacher has: with a fresh network's identity
+    statistics, 101 layers of residual sums overflow float16 in eval mode (a NaN loss under fp16 AMP)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(shape["n"], 3, *shape["crop"], device=device))
 
 
 def time_step(step: TrainStep, shape: dict, device: torch.device, warmup: int, repeats: int):

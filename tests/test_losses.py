@@ -464,6 +464,23 @@ def test_i2ckd_reference_cases_are_not_trivial():
         assert loss(c["fs"], c["ft"], c["labels"]).item() > 0
 
 
+def test_i2ckd_prototypes_stay_float32_under_float16_autocast():
+    """A class's feature sum over thousands of pixels is past float16's 65504, and an absent class's zero
+    prototype normalised with float16 arithmetic is 0/0: under fp16 AMP the prototypes are made in float32."""
+    g = torch.Generator().manual_seed(0)
+    fs, ft = 8 + torch.rand(2, 8, 64, 64, generator=g), 8 + torch.rand(2, 16, 64, 64, generator=g)
+    labels = torch.randint(0, 2, (2, 64, 64), generator=g)  # classes 2 and 3 absent; ~4096 pixels × 8 per class
+    fs.requires_grad_(True)
+    torch.manual_seed(0)
+    loss = I2CKD(8, 16, 4)
+    expected = loss(fs, ft, labels)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = loss(fs.to(torch.float16), ft.to(torch.float16), labels)
+    got.backward()
+    assert got.dtype == torch.float32 and torch.isfinite(fs.grad).all()
+    torch.testing.assert_close(got.item(), expected.item(), rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_aux", [False, True])
 def test_cross_entropy_matches_reference(case, with_aux):

@@ -174,16 +174,20 @@ class I2CKD(nn.Module):
                 f"{tuple(teacher_features.shape)} must have {expected[0]} and {expected[1]} channels"
             )
         labels = downsample_labels(labels, student_features.shape[-2:])
-        one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, student_features.dtype).flatten(2)
-        counts = _class_counts(one_hot, self.scope)  # shared by the student's and the teacher's prototypes
-        divisor = counts.clamp_min(1).unsqueeze(-1)
-        student_protos = _class_sums(student_features, one_hot, self.scope) / divisor
-        teacher_sums = _class_sums(teacher_features.detach(), one_hot.to(teacher_features.dtype), self.scope)
-        teacher_protos, present = teacher_sums / divisor, counts > 0
-        student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1))
-        if self.normalize:
-            student_protos = F.normalize(student_protos, dim=-1)
-            teacher_protos = F.normalize(teacher_protos, dim=-1)
+        # In float32 at least, autocast or not: a class's feature sum over thousands of pixels overflows
+        # float16, and normalising an absent class's zero prototype divides by an eps that float16 rounds to 0.
+        work = torch.promote_types(student_features.dtype, torch.float32)
+        with torch.autocast(student_features.device.type, enabled=False):
+            one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, work).flatten(2)
+            counts = _class_counts(one_hot, self.scope)  # shared by the student's and the teacher's prototypes
+            divisor = counts.clamp_min(1).unsqueeze(-1)
+            student_protos = _class_sums(student_features.to(work), one_hot, self.scope) / divisor
+            teacher_protos = _class_sums(teacher_features.detach().to(work), one_hot, self.scope) / divisor
+            present = counts > 0
+            student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1).to(work))
+            if self.normalize:
+                student_protos = F.normalize(student_protos, dim=-1)
+                teacher_protos = F.normalize(teacher_protos, dim=-1)
         return triplet_prototype_loss(
             teacher_protos, student_protos, present, self.margin, self.negatives, self.mining, self.distance
         )
