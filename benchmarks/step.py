@@ -51,20 +51,30 @@ RECIPES = {
               "losses.adversarial.weight=0.001"],
 }
 
+# One loss each, added to the "kd" recipe by --marginal (the published weights; ACE next to CE, as a cost).
+ADDED = {
+    "cwd": ["losses.cwd.enabled=true"], "ace": ["losses.ace.enabled=true"],
+    "pairwise": ["losses.pairwise.enabled=true"], "adversarial": ["losses.adversarial.enabled=true"],
+    "ifvd": ["losses.ifvd.enabled=true"], "csc": ["losses.csc.enabled=true"], "i2ckd": ["losses.i2ckd.enabled=true"],
+}
 
-def make_step(shape: dict, recipe: str, amp: str, channels_last: bool, device: torch.device) -> TrainStep:
+
+def make_step(shape: dict, overrides: list[str], amp: str, channels_last: bool, device: torch.device,
+              teacher: torch.nn.Module | None = None) -> TrainStep:
+    """The engine's step for a job with these `losses.*` overrides; `teacher` reuses a built one."""
     job = job_from_dict({
         "data": {"num_classes": shape["k"], "crop": list(shape["crop"]), "batch_size": shape["n"],
                  "synthetic": {"image_size": max(shape["crop"])}},  # never read: only for validation
         "teacher": {"arch": "deeplabv3_resnet101", "width": shape["teacher_width"]},
         "student": {"arch": "deeplabv3_resnet18", "width": shape["student_width"], "aux": True},
-    }, RECIPES[recipe])
+    }, overrides)
     # past validation, which allows both only with run.gpus_per_worker > 0 (a Ray setting, not used here)
     job.run.amp, job.run.channels_last = amp, channels_last
     torch.manual_seed(0)
     student = build_model("deeplabv3_resnet18", shape["k"], aux=True, width=shape["student_width"]).train()
-    teacher = None
-    if job.distills:  # as in a run: no teacher forward for CE alone
+    if not job.distills:  # as in a run: no teacher forward for CE alone
+        teacher = None
+    elif teacher is None:
         teacher = build_model("deeplabv3_resnet101", shape["k"], width=shape["teacher_width"]).to(device)
         calibrate_batch_norm(teacher, shape, device)
         teacher = teacher.eval().requires_grad_(False)
@@ -84,34 +94,59 @@ def calibrate_batch_norm(model: torch.nn.Module, shape: dict, device: torch.devi
             model(torch.randn(shape["n"], 3, *shape["crop"], device=device))
 
 
-def time_step(step: TrainStep, shape: dict, device: torch.device, warmup: int, repeats: int):
-    """(median ms, peak MB or None) of `step` on one random batch."""
+def make_batch(shape: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     height, width = shape["crop"]
-    images = torch.randn(shape["n"], 3, height, width, generator=g).to(device)
+    images = torch.randn(shape["n"], 3, height, width, generator=g)
     labels = torch.randint(0, shape["k"], (shape["n"], height, width), generator=g)
     labels[torch.rand(shape["n"], height, width, generator=g) < 0.1] = 255
-    labels = labels.to(device)
+    return images.to(device), labels.to(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    for _ in range(warmup):
-        step(images, labels)
-    sync()
+def time_once(step: TrainStep, batch, device: torch.device) -> float:
+    """Milliseconds of one synchronised iteration; a non-finite loss stops the benchmark."""
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    total, _ = step(*batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = (time.perf_counter() - start) * 1e3
+    if not torch.isfinite(total):
+        raise SystemExit(f"non-finite loss {total.item()} in the timed steps")
+    return elapsed
+
+
+def time_step(step: TrainStep, shape: dict, device: torch.device, warmup: int, repeats: int):
+    """(median ms, peak MB or None) of `step` on one random batch."""
+    batch = make_batch(shape, device)
+    for _ in range(warmup):
+        step(*batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        total, _ = step(images, labels)
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-        if not torch.isfinite(total):
-            raise SystemExit(f"non-finite loss {total.item()} in the timed steps")
+    times = [time_once(step, batch, device) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return statistics.median(times), peak
+
+
+def marginal_costs(shape: dict, device: torch.device, amp: str, warmup: int, repeats: int):
+    """[(loss, base ms, added ms)]: what each distillation loss adds to a CE + KD iteration, the two steps timed
+    in alternation (one iteration of each, `repeats` times) so that a drift of the machine hits both; the added
+    time is the median of the pairs' differences."""
+    base = make_step(shape, RECIPES["kd"], amp, False, device)
+    batch = make_batch(shape, device)
+    rows = []
+    for name, overrides in ADDED.items():
+        other = make_step(shape, RECIPES["kd"] + overrides, amp, False, device, teacher=base.teacher)
+        for _ in range(warmup):
+            base(*batch)
+            other(*batch)
+        pairs = [(time_once(base, batch, device), time_once(other, batch, device)) for _ in range(repeats)]
+        rows.append((name, statistics.median(a for a, _ in pairs), statistics.median(b - a for a, b in pairs)))
+        print(f"+{name}: {rows[-1][1]:.1f} ms {rows[-1][2]:+.2f} ms", file=sys.stderr, flush=True)
+        del other
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"],
                         help="default: both on cuda, nchw on cpu")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--marginal", action="store_true",
+                        help="instead: what each loss adds to a CE + KD iteration (first --amp, nchw), alternating")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
@@ -140,11 +177,24 @@ def main(argv: list[str] | None = None) -> None:
     else:
         name = f"cpu, {torch.get_num_threads()} threads"
 
+    if args.marginal:
+        repeats = max(args.repeats, 20)
+        rows = marginal_costs(shape, device, amps[0], args.warmup, repeats)
+        print(f"# What one loss adds to an iteration of CE + KD (teacher fwd, student fwd+bwd, SGD step), {name}, "
+              f"torch {torch.__version__}, amp {amps[0]}, nchw")
+        print(f"# shape {shape_name}: {shape['n']}×3×{shape['crop'][0]}×{shape['crop'][1]}, K={shape['k']}; "
+              f"medians of {repeats} iterations of each step, taken in alternation, after {args.warmup} warm-up")
+        print("| added loss | CE + KD ms | added ms (median of differences) | added % |")
+        print("|---|---|---|---|")
+        for loss, base_ms, added in rows:
+            print(f"| {loss} | {base_ms:.1f} | {added:+.2f} | {100 * added / base_ms:+.1f} |")
+        return
+
     rows = []
     for recipe in args.recipes:
         for amp in amps:
             for layout in layouts:
-                step = make_step(shape, recipe, amp, layout == "channels_last", device)
+                step = make_step(shape, RECIPES[recipe], amp, layout == "channels_last", device)
                 ms, peak = time_step(step, shape, device, args.warmup, args.repeats)
                 rows.append((recipe, amp, layout, ms, shape["n"] / ms * 1e3, peak))
                 print(f"{recipe} {amp} {layout}: {ms:.1f} ms", file=sys.stderr, flush=True)

@@ -94,11 +94,19 @@ def test_every_loss_gives_the_cpu_value_and_gradients_on_cuda(full_precision):
                                                 "csc", "i2ckd", "discriminator"}
     for name, value in parts_cpu.items():
         assert parts_gpu[name].device.type == "cuda"
-        torch.testing.assert_close(parts_gpu[name].cpu(), value, rtol=1e-4, atol=1e-6, msg=name)
+        assert _relative_error(parts_gpu[name], value) < 1e-5, name
     assert set(grads_gpu) == set(grads_cpu)
     for name, grad in grads_cpu.items():
-        assert grad is not None, name
-        torch.testing.assert_close(grads_gpu[name].cpu(), grad, rtol=1e-3, atol=1e-6, msg=name)
+        assert grad is not None and grads_gpu[name] is not None, name
+        # relative to the whole gradient: a weight's gradient sums thousands of products, in another order on
+        # each device, so elements near 0 carry the rounding of the large ones
+        error = _relative_error(grads_gpu[name], grad)
+        assert error < 1e-4, f"{name}: |gpu - cpu| / |cpu| = {error:.2e}"
+
+
+def _relative_error(actual, expected):
+    actual, expected = actual.detach().cpu().double(), expected.detach().double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
