@@ -27,15 +27,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """Random teacher weights in the layout `kdray.teacher` writes (no training needed to test the loop)."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(123)
-    torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
-    return str(path)
-
-
 def tiny_job(tmp_path, teacher_file=None, **overrides):
     data = {**TINY, "run": {**TINY["run"], "output_dir": str(tmp_path / "runs")}}
     if teacher_file:

@@ -8,17 +8,17 @@ float32, bf16 and fp16 (channels-last too), and inside an nccl process group.
 from __future__ import annotations
 
 import copy
-import shutil
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
+from test_engine import _free_port, tiny_job
 
 from kdray.config import job_from_dict
 from kdray.engine import RankContext, load_checkpoint, train
 from kdray.losses.objective import DistillationObjective
-from kdray.models import SegmenterOutput, build_model
+from kdray.models import SegmenterOutput
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -123,29 +123,10 @@ def test_every_loss_stays_float32_and_finite_under_autocast(full_precision, dtyp
         assert grad is not None and torch.isfinite(grad).all(), name
 
 
-TINY = {
-    "name": "tiny-gpu",
-    "data": {"num_classes": 8, "crop": [32, 32], "batch_size": 4, "eval_batch_size": 8,
-             "synthetic": {"image_size": 32, "train_length": 32, "val_length": 8}},
-    "teacher": {"arch": "deeplabv3_resnet18", "width": 0.125},
-    "student": {"arch": "deeplabv3_resnet18", "width": 0.125},
-    "optim": {"iterations": 4, "eval_interval": 2, "log_interval": 2},
-    "run": {"gpus_per_worker": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(123)
-    torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
-    return str(path)
-
-
 def _job(tmp_path, teacher_file, *overrides):
-    data = {**TINY, "teacher": {**TINY["teacher"], "checkpoint": teacher_file},
-            "run": {**TINY["run"], "output_dir": str(tmp_path / "runs")}}
-    return job_from_dict(data, [*EVERY_LOSS, "losses.ce.enabled=false", *overrides])
+    """test_engine's tiny job (6 iterations, evaluations at 3 and 6) on one GPU, every loss but CE on."""
+    pairs = (o.split("=", 1) for o in [*EVERY_LOSS, "losses.ce.enabled=false", "run.gpus_per_worker=1", *overrides])
+    return tiny_job(tmp_path, teacher_file, **{key: yaml.safe_load(value) for key, value in pairs})
 
 
 @pytest.mark.parametrize("amp,extra", [("none", []), ("bf16", []), ("fp16", []), ("bf16", ["run.channels_last=true"]),
@@ -155,25 +136,19 @@ def test_engine_trains_evaluates_and_resumes_on_cuda(tmp_path, teacher_file, amp
     ctx = RankContext(device=torch.device("cuda", 0))
     logs = []
     result = train(job, tmp_path / "full", ctx=ctx, log=logs.append, progress=False)
-    assert result.iterations == 4 and [h["iteration"] for h in result.history] == [2, 4]
+    assert result.iterations == 6 and [h["iteration"] for h in result.history] == [3, 6]
     assert all(0.0 <= h["val/miou"] <= 1.0 for h in result.history)
     assert {"train/loss/ace", "train/loss/i2ckd", "train/loss/discriminator"} <= set(logs[0])
     state = load_checkpoint(tmp_path / "full" / "checkpoint")
-    assert state["iteration"] == 4 and state["rng"][0]["cuda"] is not None
+    assert state["iteration"] == 6 and state["rng"][0]["cuda"] is not None
     assert all(v.device.type == "cpu" or v.is_cuda for v in state["model"].values())
     if amp == "fp16":
         assert state["scaler"]["scale"] > 0  # the grad scaler is live and saved
 
-    # an interrupted run resumes from its iteration-2 checkpoint and finishes the schedule
-    train(job, tmp_path / "cut", ctx=ctx, progress=False, stop_after=2)
+    # an interrupted run resumes from its iteration-3 checkpoint and finishes the schedule
+    train(job, tmp_path / "cut", ctx=ctx, progress=False, stop_after=3)
     again = train(job, tmp_path / "cut", ctx=ctx, resume=tmp_path / "cut" / "checkpoint", progress=False)
-    assert [h["iteration"] for h in again.history] == [2, 4]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert [h["iteration"] for h in again.history] == [3, 6]
 
 
 def test_engine_trains_inside_an_nccl_process_group(tmp_path, teacher_file):
@@ -186,10 +161,9 @@ def test_engine_trains_inside_an_nccl_process_group(tmp_path, teacher_file):
         assert ctx.world_size == 1 and dist.get_backend() == "nccl"
         job = _job(tmp_path, teacher_file, "run.amp=bf16")
         result = train(job, tmp_path / "nccl", ctx=ctx, progress=False)
-        assert [h["iteration"] for h in result.history] == [2, 4]
+        assert [h["iteration"] for h in result.history] == [3, 6]
         grad = torch.full((3,), 2.0, device="cuda")
         dist.all_reduce(grad)  # nccl itself moves the data
         assert grad.tolist() == [2.0, 2.0, 2.0]
     finally:
         dist.destroy_process_group()
-    shutil.rmtree(tmp_path / "nccl", ignore_errors=True)

@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from kdray.errors import ResourceError
-from kdray.models import build_model
 from kdray.orchestration import layout
 from kdray.orchestration.sweep import SweepRequest, run_sweep, summary_table
 
@@ -39,14 +37,6 @@ def ray_cluster():
     ray.init(num_cpus=2, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
-    return str(path)
 
 
 def write(path: Path, data: dict) -> str:
