@@ -60,7 +60,7 @@ ADDED = {
 
 
 def make_step(shape: dict, overrides: list[str], amp: str, channels_last: bool, device: torch.device,
-              teacher: torch.nn.Module | None = None) -> TrainStep:
+              teacher: torch.nn.Module | None = None, cuda_graphs: bool = False) -> TrainStep:
     """The engine's step for a job with these `losses.*` overrides; `teacher` reuses a built one."""
     job = job_from_dict({
         "data": {"num_classes": shape["k"], "crop": list(shape["crop"]), "batch_size": shape["n"],
@@ -68,8 +68,8 @@ def make_step(shape: dict, overrides: list[str], amp: str, channels_last: bool, 
         "teacher": {"arch": "deeplabv3_resnet101", "width": shape["teacher_width"]},
         "student": {"arch": "deeplabv3_resnet18", "width": shape["student_width"], "aux": True},
     }, overrides)
-    # past validation, which allows both only with run.gpus_per_worker > 0 (a Ray setting, not used here)
-    job.run.amp, job.run.channels_last = amp, channels_last
+    # past validation, which allows these only with run.gpus_per_worker > 0 (a Ray setting, not used here)
+    job.run.amp, job.run.channels_last, job.run.cuda_graphs = amp, channels_last, cuda_graphs
     torch.manual_seed(0)
     student = build_model("deeplabv3_resnet18", shape["k"], aux=True, width=shape["student_width"]).train()
     if not job.distills:  # as in a run: no teacher forward for CE alone
@@ -130,15 +130,16 @@ def time_step(step: TrainStep, shape: dict, device: torch.device, warmup: int, r
     return statistics.median(times), peak
 
 
-def marginal_costs(shape: dict, device: torch.device, amp: str, warmup: int, repeats: int):
+def marginal_costs(shape: dict, device: torch.device, amp: str, warmup: int, repeats: int, cuda_graphs: bool):
     """[(loss, base ms, added ms)]: what each distillation loss adds to a CE + KD iteration, the two steps timed
     in alternation (one iteration of each, `repeats` times) so that a drift of the machine hits both; the added
     time is the median of the pairs' differences."""
-    base = make_step(shape, RECIPES["kd"], amp, False, device)
+    base = make_step(shape, RECIPES["kd"], amp, False, device, cuda_graphs=cuda_graphs)
     batch = make_batch(shape, device)
     rows = []
     for name, overrides in ADDED.items():
-        other = make_step(shape, RECIPES["kd"] + overrides, amp, False, device, teacher=base.teacher)
+        other = make_step(shape, RECIPES["kd"] + overrides, amp, False, device, teacher=base.teacher,
+                          cuda_graphs=cuda_graphs)
         for _ in range(warmup):
             base(*batch)
             other(*batch)
@@ -158,12 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"],
                         help="default: both on cuda, nchw on cpu")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--cuda-graphs", action="store_true", help="run.cuda_graphs=true in every step")
     parser.add_argument("--marginal", action="store_true",
                         help="instead: what each loss adds to a CE + KD iteration (first --amp, nchw), alternating")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda-graphs: CUDA graphs need --device cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     shape_name = args.shape or ("paper" if device.type == "cuda" else "demo")
@@ -173,13 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         # torch's defaults, stated: TF32 in cuDNN convolutions, full float32 in matrix products
         name = f"{torch.cuda.get_device_name(device)}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, " \
-               f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
+               f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, cuda_graphs={args.cuda_graphs}"
     else:
         name = f"cpu, {torch.get_num_threads()} threads"
 
     if args.marginal:
         repeats = max(args.repeats, 20)
-        rows = marginal_costs(shape, device, amps[0], args.warmup, repeats)
+        rows = marginal_costs(shape, device, amps[0], args.warmup, repeats, args.cuda_graphs)
         print(f"# What one loss adds to an iteration of CE + KD (teacher fwd, student fwd+bwd, SGD step), {name}, "
               f"torch {torch.__version__}, amp {amps[0]}, nchw")
         print(f"# shape {shape_name}: {shape['n']}×3×{shape['crop'][0]}×{shape['crop'][1]}, K={shape['k']}; "
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in args.recipes:
         for amp in amps:
             for layout in layouts:
-                step = make_step(shape, RECIPES[recipe], amp, layout == "channels_last", device)
+                step = make_step(shape, RECIPES[recipe], amp, layout == "channels_last", device,
+                                 cuda_graphs=args.cuda_graphs)
                 ms, peak = time_step(step, shape, device, args.warmup, args.repeats)
                 rows.append((recipe, amp, layout, ms, shape["n"] / ms * 1e3, peak))
                 print(f"{recipe} {amp} {layout}: {ms:.1f} ms", file=sys.stderr, flush=True)

@@ -81,6 +81,8 @@ def test_hash_ignores_tracking_but_not_training_values():
         ({}, ["losses.kd.temperature=0"], ["losses.kd.temperature", "> 0"]),
         ({}, ["losses.i2ckd.margin=-0.5"], ["losses.i2ckd.margin", ">= 0"]),
         ({}, ["run.amp=bf16"], ["run.amp", "GPU"]),
+        ({}, ["run.channels_last=true"], ["run.channels_last", "GPU"]),
+        ({}, ["run.cuda_graphs=true"], ["run.cuda_graphs", "True", "GPU runs"]),
         ({}, ["optim.momentum=1.0"], ["optim.momentum", "[0, 1)"]),
         ({}, ["optim.lr"], ["optim.lr", "key.sub=value"]),
         ({}, ["optim.lr.x=1"], ["optim.lr", "expected a number"]),

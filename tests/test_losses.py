@@ -29,6 +29,7 @@ from kdray.losses import (
     PixelwiseKD,
     SegmentationCrossEntropy,
 )
+from kdray.losses.class_sums import _chunks, class_sums
 from kdray.losses.pairwise import pool_nodes, spatial_affinity_distance
 
 IGNORE = 255
@@ -462,6 +463,25 @@ def test_i2ckd_reference_cases_are_not_trivial():
         options = {"scope": scope, "negatives": negatives, "mining": mining, "normalize": normalize}
         loss = I2CKD(C_S, C_T, 4, distance=distance, **options).double()
         assert loss(c["fs"], c["ft"], c["labels"]).item() > 0
+
+
+@pytest.mark.parametrize("chunks", [None, 1, 4, 16])
+def test_class_sums_in_chunks_equal_the_one_product(chunks):
+    """The split reduction (CUDA's path, forced here on the CPU) gives the sums and gradients of the plain product."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 5, 64, dtype=torch.float64, generator=g, requires_grad=True)
+    one_hot = F.one_hot(torch.randint(0, 3, (2, 64), generator=g), 3).mT.double().requires_grad_(True)
+    expected = torch.einsum("ncm,nkm->nck", features, one_hot)
+    got = class_sums(features, one_hot, chunks=chunks)
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn(2, 5, 3, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad((got * weights).sum(), (features, one_hot))
+    for grad, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (features, one_hot)), strict=True):
+        torch.testing.assert_close(grad, want)
+
+
+def test_class_sum_chunks_divide_the_pixels_into_pieces_of_at_least_512():
+    assert [_chunks(m) for m in (256, 1024, 8192, 12288, 1 << 20, 8191)] == [1, 2, 16, 16, 64, 1]
 
 
 def test_i2ckd_prototypes_stay_float32_under_float16_autocast():

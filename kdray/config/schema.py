@@ -200,6 +200,7 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast for student and teacher (GPU runs)
     channels_last: bool = False
+    cuda_graphs: bool = False  # the losses' forward and backward replayed as CUDA graphs (GPU runs)
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 leaves torch's default
     output_dir: str = "runs"  # each run writes under <output_dir>/<job name>/...

@@ -1,7 +1,8 @@
 """One training iteration: forward of student and teacher, the objective, the student's step, the discriminator's.
 
     with autocast:  student forward            teacher forward (no grad)
-    total, parts = objective(...)              # the first call runs the pre-flight check
+    total, parts = objective(...)              # the first call runs the pre-flight check; with
+                                               # run.cuda_graphs, by replay of two CUDA graphs
     scaler.scale(total).backward(); step       # adapters step with the student
     discriminator step on detached logits      # adversarial loss only
 
@@ -11,6 +12,7 @@ Shared by the training loop and `benchmarks/step.py`, so that what the benchmark
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdray.config import Job, LossesConfig
 from kdray.engine.distributed import RankContext, average_gradients
-from kdray.losses.objective import DistillationObjective
+from kdray.engine.graphs import GraphedObjective
+from kdray.losses.objective import DistillationObjective, StepTensors
 
 
 def autocast_for(job: Job, device: torch.device) -> contextlib.AbstractContextManager:
@@ -44,6 +47,12 @@ class TrainStep:
     job: Job
     ctx: RankContext
     checked: bool = False
+    losses: Callable[[StepTensors], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.losses is None:
+            graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda"
+            self.losses = GraphedObjective(self.objective) if graphs else self.objective
 
     @classmethod
     def build(cls, job: Job, model: nn.Module, teacher: nn.Module | None, losses: LossesConfig,
@@ -97,7 +106,7 @@ class TrainStep:
         if not self.checked:
             objective.preflight(tensors)
             self.checked = True
-        total, parts = objective(tensors)
+        total, parts = self.losses(tensors)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from kdray.errors import PreflightError
 from kdray.losses import _checks
 from kdray.losses.adapter import FeatureAdapter
+from kdray.losses.class_sums import class_sums
 from kdray.losses.labels import downsample_labels, one_hot_ignore
 
 SCOPES = ("batch", "image")
@@ -34,7 +35,7 @@ def class_prototypes(
     labels = downsample_labels(labels, features.shape[-2:])
     one_hot = one_hot_ignore(labels, num_classes, ignore_index, features.dtype).flatten(2)  # (N, K, M)
     counts = _class_counts(one_hot, scope)
-    return _class_sums(features, one_hot, scope) / counts.clamp_min(1).unsqueeze(-1), counts > 0
+    return _prototype_sums(features, one_hot, scope) / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
 def _class_counts(one_hot: Tensor, scope: str) -> Tensor:
@@ -43,10 +44,9 @@ def _class_counts(one_hot: Tensor, scope: str) -> Tensor:
     return counts.sum(dim=0) if scope == "batch" else counts
 
 
-def _class_sums(features: Tensor, one_hot: Tensor, scope: str) -> Tensor:
+def _prototype_sums(features: Tensor, one_hot: Tensor, scope: str) -> Tensor:
     """Σ_i 1[y↓_i = k] f_i: (K, C) for `scope="batch"`, (N, K, C) for "image"; one_hot (N, K, M)."""
-    # (N, C, M) @ (N, M, K): the features' own layout on the left keeps autograd's backward copy-free
-    sums = (features.flatten(2) @ one_hot.mT).mT  # (N, K, C)
+    sums = class_sums(features.flatten(2), one_hot).mT  # (N, K, C)
     return sums.sum(dim=0) if scope == "batch" else sums
 
 
@@ -181,8 +181,8 @@ class I2CKD(nn.Module):
             one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, work).flatten(2)
             counts = _class_counts(one_hot, self.scope)  # shared by the student's and the teacher's prototypes
             divisor = counts.clamp_min(1).unsqueeze(-1)
-            student_protos = _class_sums(student_features.to(work), one_hot, self.scope) / divisor
-            teacher_protos = _class_sums(teacher_features.detach().to(work), one_hot, self.scope) / divisor
+            student_protos = _prototype_sums(student_features.to(work), one_hot, self.scope) / divisor
+            teacher_protos = _prototype_sums(teacher_features.detach().to(work), one_hot, self.scope) / divisor
             present = counts > 0
             student_protos = F.linear(student_protos, self.adapter.conv.weight.flatten(1).to(work))
             if self.normalize:
