@@ -106,7 +106,7 @@ def test_every_loss_gives_the_cpu_value_and_gradients_on_cuda(full_precision):
 
 
 def _relative_error(actual, expected):
-    actual, expected = actual.detach().cpu().double(), expected.detach().double()
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
