@@ -27,24 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from losses import SHAPES, block_ms, clear_grads, loss_table, make_inputs, synchronize  # noqa: E402
-
-
-class _Call(torch.nn.Module):
-    """A loss's call as a module of its own inputs (the loss module's parameters included), for graph capture."""
-
-    def __init__(self, fn, keys, owner):
-        super().__init__()
-        self.fn, self.keys, self.owner = fn, keys, owner
-
-    def forward(self, *tensors):
-        return self.fn(dict(zip(self.keys, tensors, strict=True)))
-
-
-def graphed(fn, keys, owner, x):
-    """`fn` captured with `torch.cuda.make_graphed_callables`, callable like `fn` on the dict `x`."""
-    call = torch.cuda.make_graphed_callables(_Call(fn, keys, owner), tuple(x[k] for k in keys))
-    return lambda inputs: call(*(inputs[k] for k in keys))
+from losses import SHAPES, block_ms, clear_grads, graphed, loss_table, make_inputs, synchronize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,10 @@ is timed; one whose first forward+backward shows that the warm-up and repeats wo
 --loop-budget seconds is timed once (marked in the table). A loss and its loop version are timed in
 alternation (sample of one, sample of the other), so that a drift of the machine's speed hits both alike.
 
+On CUDA each loss is timed a second time replayed as two CUDA graphs, forward and backward (what the engine
+does with `run.cuda_graphs=true`; `--no-graphs` skips it): eager, a GPU loss is bound by dispatching its
+hundred-odd operators from Python; replayed, by its kernels.
+
 Two extra pair-wise rows show what computing it through C×C Gram matrices buys (see
 `spatial_affinity_distance`): the same loss forced through the M×M affinities, and the loss unpooled (patch 1,
 M = h·w: 2·8192² affinities, 512 MB per matrix in the M×M form at the paper's shape).
@@ -316,6 +320,7 @@ class Row:
     loop_ms: float | None
     peak: float
     loop_runs: int = 0  # how many runs the loop time is the median of
+    graphed_ms: float | None = None  # the same loss replayed as CUDA graphs (--device cuda)
 
 
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
@@ -405,6 +410,25 @@ def student_step(shape: Shape, device: torch.device):
     return step
 
 
+class _Call(torch.nn.Module):
+    """A loss's call as a module of its own inputs (the loss module's parameters included), for graph capture."""
+
+    def __init__(self, fn, keys, owner):
+        super().__init__()
+        self.fn, self.keys, self.owner = fn, keys, owner
+
+    def forward(self, *tensors):
+        return self.fn(dict(zip(self.keys, tensors, strict=True)))
+
+
+def graphed(fn, keys, owner, x):
+    """`fn`'s forward and backward captured as CUDA graphs (`torch.cuda.make_graphed_callables`, as the engine
+    does with `run.cuda_graphs`), callable like `fn` on the dict `x`."""
+    call = torch.cuda.make_graphed_callables(_Call(fn, keys, owner), tuple(x[k] for k in keys),
+                                             allow_unused_input=True)
+    return lambda inputs: call(*(inputs[k] for k in keys))
+
+
 def time_side_by_side(step, loop_step, device: torch.device, args) -> tuple[float, float | None, int]:
     """(ms, loop ms, loop runs): a loss and its loop version timed in alternation, so that both see the same
     machine (this one's speed drifts by tens of percent within minutes).
@@ -472,7 +496,18 @@ def run(args) -> list[tuple[Row, float | None]]:
             note = ""
             if loop_ms is not None:
                 note = f", loop {loop_ms:.2f} ms ({loop_runs} run{'s' if loop_runs > 1 else ''})"
-            results.append((Row(name, shape_name, ms, loop_ms, peak_mb(step, device), loop_runs), student_ms))
+            graphed_ms = None
+            if device.type == "cuda" and args.graphs:
+                replay = graphed(fn, keys, owner, x)
+
+                def graphed_step(replay=replay, x=x, keys=keys, owner=owner):
+                    clear_grads(x, keys, owner)
+                    replay(x).backward()
+
+                graphed_ms, _, _ = time_side_by_side(graphed_step, None, device, args)
+                note += f", graphed {graphed_ms:.2f} ms"
+            row = Row(name, shape_name, ms, loop_ms, peak_mb(step, device), loop_runs, graphed_ms)
+            results.append((row, student_ms))
             print(f"[{shape_name}] {name}: {ms:.2f} ms{note}", file=sys.stderr)
     return results
 
@@ -489,6 +524,9 @@ def render(results, args) -> str:
     ]
     lines += [f"# {name}: {SHAPES[name].describe()}" for name in args.shapes]
     header = ("loss", "shape", "time ms", "% of student fwd+bwd", "loop time ms", "speed-up", "peak MB")
+    with_graphs = any(row.graphed_ms is not None for row, _ in results)
+    if with_graphs:
+        header += ("graphed ms", "graphed % of student", "graphed speed-up")
     rows = [header]
     for row, student_ms in results:
         share = f"{100 * row.ms / student_ms:.2f}" if student_ms else "-"
@@ -496,7 +534,13 @@ def render(results, args) -> str:
         if row.loop_ms is not None:
             loop = f"{row.loop_ms:.2f}" + ("*" if row.loop_runs == 1 and args.loop_repeats > 1 else "")
         speedup = f"{row.loop_ms / row.ms:.1f}×" if row.loop_ms is not None else "-"
-        rows.append((row.loss, row.shape, f"{row.ms:.2f}", share, loop, speedup, f"{row.peak:.1f}"))
+        cells = (row.loss, row.shape, f"{row.ms:.2f}", share, loop, speedup, f"{row.peak:.1f}")
+        if with_graphs:
+            g = row.graphed_ms
+            cells += ("-", "-", "-") if g is None else (
+                f"{g:.2f}", f"{100 * g / student_ms:.2f}" if student_ms else "-",
+                f"{row.loop_ms / g:.1f}×" if row.loop_ms is not None else "-")
+        rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
         cells = [c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(r, widths, strict=True))]
@@ -523,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds a loop version's warm-up and repeats may take; over it, it is timed once (default 120)",
     )
     parser.add_argument("--student-repeats", type=int, default=3)
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="on CUDA, skip the losses replayed as CUDA graphs (the engine's run.cuda_graphs)")
     parser.add_argument("--no-student", dest="student", action="store_false", help="skip the student's timing")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: the tiny shape, 1 warm-up, 2 repeats, 1 student run"
