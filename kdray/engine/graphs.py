@@ -1,8 +1,11 @@
 """The objective's forward and backward as two CUDA graphs (`run.cuda_graphs`).
 
-On a GPU the distillation losses are bound by launching work, not by doing it: I2CKD dispatches ~270 operators
-for 0.6 ms of kernels, and takes 3 ms. Captured once with `torch.cuda.make_graphed_callables`, a step replays
-one graph for the losses' forward and one for their backward, whatever the number of losses.
+On a GPU the distillation losses are bound by launching work, not by doing it: at the papers' shape on an H100,
+I2CKD dispatches ~300 operators for 0.2 ms of kernels and takes 3 ms. Captured once with
+`torch.cuda.make_graphed_callables`, a step replays one graph for the losses' forward and one for their
+backward, whatever the number of losses (I2CKD alone: 0.25 ms). The student, the teacher and the
+discriminator's own step stay eager. Checked on one GPU (tests/test_gpu.py), in float32 and under AMP; not yet
+on several ranks.
 """
 
 from __future__ import annotations

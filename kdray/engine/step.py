@@ -91,7 +91,7 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One iteration on a batch already on the device; returns the total loss and its named terms (the
-        discriminator's loss among them when it steps), detached from nothing: the caller only reads them."""
+        discriminator's loss among them when it steps), to be read before the next call."""
         if self.job.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.job, self.ctx.device):
