@@ -52,11 +52,19 @@ class _Graph:
 
 
 class _ObjectiveCall(nn.Module):
-    """The objective as a function of the step's tensors (those present), returning (total, *terms)."""
+    """The objective as a function of the step's tensors (those present), returning (total, *terms).
+
+    Only the parameters trained with the student (the adapters) are this module's, so only they are inputs of
+    the graph: the discriminator, frozen in the student's adversarial term, is read as it stands. Were its
+    parameters inputs too, the step's autograd graph would hold accumulators for them on the default stream,
+    and capturing the discriminator's own loss would then fail.
+    """
 
     def __init__(self, objective: DistillationObjective, fields: tuple[str, ...]):
         super().__init__()
-        self.objective, self.fields = objective, fields
+        self.student_side = nn.ParameterList(objective.student_side_parameters())
+        self.__dict__["objective"] = objective  # not a submodule: its discriminator stays out of the inputs
+        self.fields = fields
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         present = dict(zip(self.fields, tensors, strict=True))
@@ -69,8 +77,7 @@ class GraphedObjective:
     """Callable like the objective, `(StepTensors) -> (total, {term: value})`, by graph replay.
 
     Which of the step's tensors are present is fixed at the first call (a training run's are); the losses run
-    outside autocast, as they do in the engine. The adversarial term's discriminator is frozen inside the
-    student's term, so its parameters are unused inputs of the graph.
+    outside autocast, as they do in the engine.
     """
 
     def __init__(self, objective: DistillationObjective):
