@@ -50,6 +50,9 @@ class TrainStep:
     losses: Callable[[StepTensors], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
     def __post_init__(self) -> None:
+        # the parameter lists the step all-reduces on several ranks, collected once
+        self.adapters = self.objective.student_side_parameters()
+        self.d_params = self.objective.discriminator_parameters()
         if self.losses is None:
             graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda"
             self.losses = GraphedObjective(self.objective) if graphs else self.objective
@@ -110,7 +113,7 @@ class TrainStep:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        average_gradients(objective.student_side_parameters(), self.ctx)
+        average_gradients(self.adapters, self.ctx)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -119,7 +122,7 @@ class TrainStep:
             d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits,
                                                               tensors.student_logits.detach(), images)
             d_loss.backward()
-            average_gradients(objective.discriminator_parameters(), self.ctx)
+            average_gradients(self.d_params, self.ctx)
             self.d_optimizer.step()
             parts = {**parts, "discriminator": d_loss.detach()}
         return total, parts
