@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.graph and device.type != "cuda":
+        parser.error("--graph: CUDA graphs need --device cuda")
     shape = SHAPES[args.shape]
     x = make_inputs(shape, device)
     rows = []

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=3, help="kernels to name per loss (CUDA)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     shape = SHAPES[args.shape]
     x = make_inputs(shape, device)
     rows, tops = [], []
