@@ -63,18 +63,23 @@ def _inputs(seed=0):
     }
 
 
+def _step_tensors(objective, x, device, autocast=None):
+    """(fresh leaves on `device`, the objective's StepTensors); under `autocast`, the networks' outputs come in
+    reduced precision, as autocast hands them to the losses."""
+    x = {k: v.detach().to(device) for k, v in x.items()}
+    student = [x["zs"].requires_grad_(), x["fs"].requires_grad_(), x["aux"].requires_grad_()]
+    teacher = [x["zt"], x["ft"]]
+    if autocast:
+        student, teacher = [s.to(autocast) for s in student], [t.to(autocast) for t in teacher]
+    tensors = objective.step_tensors(SegmenterOutput(*student), SegmenterOutput(*teacher, None), x["labels"],
+                                     x["images"])
+    return x, tensors
+
+
 def _evaluate(objective, x, device, autocast=None):
     """Each term's value and the gradients of the total w.r.t. the student's tensors and every parameter."""
-    x = {k: v.detach().to(device) for k, v in x.items()}  # fresh leaves on every call
-    student = [x["zs"].requires_grad_(), x["fs"].requires_grad_(), x["aux"].requires_grad_()]
     with torch.autocast("cuda", dtype=autocast) if autocast else torch.enable_grad():
-        if autocast:  # what autocast hands the losses: the networks' outputs in reduced precision
-            student = [s.to(autocast) for s in student]
-            teacher = [x["zt"].to(autocast), x["ft"].to(autocast)]
-        else:
-            teacher = [x["zt"], x["ft"]]
-        tensors = objective.step_tensors(SegmenterOutput(*student), SegmenterOutput(*teacher, None),
-                                         x["labels"], x["images"])
+        x, tensors = _step_tensors(objective, x, device, autocast)
         total, parts = objective(tensors)
         d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(),
                                                           x["images"])
@@ -127,10 +132,7 @@ def test_every_loss_stays_float32_and_finite_under_autocast(full_precision, dtyp
 def _graph_step(losses, objective, x):
     """One step of `losses` (the objective, or its graphed form): the terms and every gradient, copied."""
     objective.zero_grad(set_to_none=True)
-    x = {k: v.detach().to("cuda") for k, v in x.items()}
-    student = [x["zs"].requires_grad_(), x["fs"].requires_grad_(), x["aux"].requires_grad_()]
-    tensors = objective.step_tensors(SegmenterOutput(*student), SegmenterOutput(x["zt"], x["ft"], None),
-                                     x["labels"], x["images"])
+    x, tensors = _step_tensors(objective, x, "cuda")
     total, parts = losses(tensors)
     total.backward()
     values = {name: value.detach().clone() for name, value in {**parts, "total": total}.items()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,9 +48,11 @@ class TrainStep:
     ctx: RankContext
     checked: bool = False
     losses: Callable[[StepTensors], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    # the parameter lists the step all-reduces on several ranks, collected once from the objective
+    adapters: list[nn.Parameter] = field(init=False)
+    d_params: list[nn.Parameter] = field(init=False)
 
     def __post_init__(self) -> None:
-        # the parameter lists the step all-reduces on several ranks, collected once
         self.adapters = self.objective.student_side_parameters()
         self.d_params = self.objective.discriminator_parameters()
         if self.losses is None:
