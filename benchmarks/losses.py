@@ -4,6 +4,7 @@ same loss and next to the student network's own forward+backward.
     python benchmarks/losses.py                      # CPU, paper and demo shapes
     python benchmarks/losses.py --device cuda
     python benchmarks/losses.py --shapes demo --no-student --repeats 10
+    python benchmarks/losses.py --shapes paper --no-student --only ACE IFVD
     python benchmarks/losses.py --quick                # a tiny shape, seconds: a smoke test of the script
 
 Shapes (what is measured):
@@ -478,6 +479,8 @@ def run(args) -> list[tuple[Row, float | None]]:
         if student_ms is not None:
             results.append((Row("student fwd+bwd", shape_name, student_ms, None, student_peak), student_ms))
         for name, fn, loop, keys, owner in table:
+            if args.only and not any(word.lower() in name.lower() for word in args.only):
+                continue
 
             def step(fn=fn, x=x, keys=keys, owner=owner):
                 clear_grads(x, keys, owner)
@@ -569,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-repeats", type=int, default=3)
     parser.add_argument("--no-graphs", dest="graphs", action="store_false",
                         help="on CUDA, skip the losses replayed as CUDA graphs (the engine's run.cuda_graphs)")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="time only the losses whose names contain one of these words"
+    )
     parser.add_argument("--no-student", dest="student", action="store_false", help="skip the student's timing")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: the tiny shape, 1 warm-up, 2 repeats, 1 student run"
