@@ -565,6 +565,23 @@ def test_softmax_kl_gradient_is_exact(dim, weighted, temperature):
     torch.testing.assert_close(softmax_kl(student, teacher, dim, weight, temperature), expected.sum())
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_softmax_kl_scale_multiplies_value_and_gradient_and_takes_no_gradient(as_tensor):
+    g = torch.Generator().manual_seed(10)
+    student = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True) if as_tensor else 0.3
+    assert gradcheck(lambda s: softmax_kl(s, teacher, 1, None, 2.0, scale=scale), (student,))
+    plain = softmax_kl(student, teacher, 1, None, 2.0)
+    (plain_grad,) = torch.autograd.grad(plain, student)
+    scaled = softmax_kl(student, teacher, 1, None, 2.0, scale=scale)
+    (scaled_grad,) = torch.autograd.grad(scaled, student)
+    torch.testing.assert_close(scaled, 0.3 * plain.detach())
+    torch.testing.assert_close(scaled_grad, 0.3 * plain_grad)
+    if as_tensor:
+        assert scale.grad is None
+
+
 def test_softmax_kl_leaves_the_teacher_alone_and_works_in_half_precision():
     g = torch.Generator().manual_seed(9)
     student = torch.randn(2, 5, 3, 3, generator=g).bfloat16().requires_grad_(True)

@@ -18,8 +18,8 @@ def channel_wise_kl(student: Tensor, teacher: Tensor, temperature: float) -> Ten
     student, teacher: (N, C, h, w) with the same shape; teacher already detached. Returns a scalar.
     """
     n, c = student.shape[:2]
-    total = softmax_kl(student.flatten(2), teacher.flatten(2), dim=2, temperature=temperature)
-    return total * (temperature * temperature) / (n * c)
+    scale = temperature * temperature / (n * c)
+    return softmax_kl(student.flatten(2), teacher.flatten(2), dim=2, temperature=temperature, scale=scale)
 
 
 class ChannelWiseDistillation(nn.Module):

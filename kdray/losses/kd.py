@@ -50,16 +50,14 @@ class PixelwiseKD(nn.Module):
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
         t = self.temperature
+        factor = t * t if self.reduction == "pixel_mean" else 1.0 / student_logits.shape[1]  # or the mean over K
         if self.mask_ignore:
             if labels is None:
                 raise ValueError(f"{owner}: mask_ignore=True needs labels")
             valid = downsample_labels(labels, student_logits.shape[-2:]) != self.ignore_index  # (N, h, w)
-            total = softmax_kl(student_logits, teacher_logits, dim=1, weight=valid.unsqueeze(1), temperature=t)
             count = valid.sum().clamp_min(1)  # all pixels ignored: 0 / 1 = 0
-        else:
-            total = softmax_kl(student_logits, teacher_logits, dim=1, temperature=t)
-            count = student_logits[:, 0].numel()
-
-        if self.reduction == "pixel_mean":
-            return total / count * (t * t)
-        return total / (count * student_logits.shape[1])
+            return softmax_kl(
+                student_logits, teacher_logits, dim=1, weight=valid.unsqueeze(1), temperature=t, scale=factor / count
+            )
+        count = student_logits[:, 0].numel()
+        return softmax_kl(student_logits, teacher_logits, dim=1, temperature=t, scale=factor / count)

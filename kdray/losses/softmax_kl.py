@@ -23,7 +23,7 @@ def probabilities(log_p: Tensor) -> Tensor:
 
 class _SoftmaxKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, dim: int, weight: Tensor | None, temperature: float) -> Tensor:
+    def forward(ctx, student, teacher, dim: int, weight: Tensor | None, temperature: float, scale) -> Tensor:
         dtype = student.dtype
         with torch.autocast(student.device.type, enabled=False):
             student = student.to(torch.promote_types(dtype, torch.float32))  # half precision computed in float32
@@ -36,19 +36,20 @@ class _SoftmaxKL(torch.autograd.Function):
             pointwise = log_p_t.sub_(log_p_s)  # log p_T − log p_S, in the teacher's buffer
             if weight is not None:
                 pointwise.mul_(weight)
-            total = torch.dot(p_t.reshape(-1), pointwise.reshape(-1))
+            total = torch.dot(p_t.reshape(-1), pointwise.reshape(-1)) * scale
         ctx.save_for_backward(log_p_s, p_t, weight)
-        ctx.input_dtype, ctx.temperature = dtype, temperature
+        ctx.input_dtype, ctx.temperature, ctx.scale = dtype, temperature, scale
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
         log_p_s, p_t, weight = ctx.saved_tensors
-        grad = probabilities(log_p_s).sub_(p_t).mul_(grad_total / ctx.temperature)  # (p_S − p_T) · ∂L/∂total / T
+        # (p_S − p_T) · scale · ∂L/∂total / T
+        grad = probabilities(log_p_s).sub_(p_t).mul_(grad_total * ctx.scale / ctx.temperature)
         if weight is not None:
             grad.mul_(weight)
-        return grad.to(ctx.input_dtype), None, None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
 def softmax_kl(
@@ -57,13 +58,15 @@ def softmax_kl(
     dim: int,
     weight: Tensor | None = None,
     temperature: float = 1.0,
+    scale: float | Tensor = 1.0,
 ) -> Tensor:
-    """`Σ_j w_j Σ_k p_T,j[k] (log p_T,j[k] − log p_S,j[k])`, `p_X,j = softmax(x_X,j / T)` along `dim`.
+    """`scale · Σ_j w_j Σ_k p_T,j[k] (log p_T,j[k] − log p_S,j[k])`, `p_X,j = softmax(x_X,j / T)` along `dim`.
 
     student_logits, teacher_logits: the same shape; `dim` is the axis each distribution runs over (the classes
     for pixel-wise KD, the positions for CWD); j runs over every other index. weight: optional, broadcastable
-    to the inputs and constant along `dim` (KD's mask of non-ignored pixels), 1 when None. Returns the sum as a
-    scalar; no gradient flows to the teacher or the weight.
+    to the inputs and constant along `dim` (KD's mask of non-ignored pixels), 1 when None. scale: a number or a
+    0-d tensor (a mean's 1/count, T²), applied inside so that no extra autograd node runs. Returns a scalar; no
+    gradient flows to the teacher, the weight or the scale.
 
     The same number as `F.kl_div(log_softmax(s), log_softmax(t), log_target=True).sum()`, with the gradient
     written out: `∂/∂s_j[k] = w_j (p_S,j[k] − p_T,j[k]) / T`. One autograd node instead of five, two saved tensors
@@ -74,4 +77,6 @@ def softmax_kl(
     """
     if weight is not None:
         weight = weight.detach().to(torch.promote_types(student_logits.dtype, torch.float32))
-    return _SoftmaxKL.apply(student_logits, teacher_logits.detach(), dim, weight, temperature)
+    if isinstance(scale, Tensor):
+        scale = scale.detach()
+    return _SoftmaxKL.apply(student_logits, teacher_logits.detach(), dim, weight, temperature, scale)
