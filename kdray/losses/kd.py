@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from kdray.losses import _checks
@@ -56,6 +57,7 @@ class PixelwiseKD(nn.Module):
                 raise ValueError(f"{owner}: mask_ignore=True needs labels")
             valid = downsample_labels(labels, student_logits.shape[-2:]) != self.ignore_index  # (N, h, w)
             count = valid.sum().clamp_min(1)  # all pixels ignored: 0 / 1 = 0
+            count = count.to(torch.promote_types(student_logits.dtype, torch.float32))  # the loss's dtype
             return softmax_kl(
                 student_logits, teacher_logits, dim=1, weight=valid.unsqueeze(1), temperature=t, scale=factor / count
             )

@@ -68,12 +68,12 @@ def softmax_kl(
     0-d tensor (a mean's 1/count, T²), applied inside so that no extra autograd node runs. Returns a scalar; no
     gradient flows to the teacher, the weight or the scale.
 
-    The same number as `F.kl_div(log_softmax(s), log_softmax(t), log_target=True).sum()`, with the gradient
-    written out: `∂/∂s_j[k] = w_j (p_S,j[k] − p_T,j[k]) / T`. One autograd node instead of five, two saved tensors
-    instead of four: on 8×19×128×256 score maps (CPU) the peak memory of forward+backward falls from 95 to 38 MB
-    and the time by about 15%. Half-precision inputs are computed in float32 (the gradient comes back in
-    their dtype). Where p_T underflows to 0 the term is an exact 0 (log-probabilities stay finite). Not twice
-    differentiable.
+    The same number as `F.kl_div(log_softmax(s), log_softmax(t), log_target=True).sum()` (× scale), with the
+    gradient written out: `∂/∂s_j[k] = scale · w_j (p_S,j[k] − p_T,j[k]) / T`. One autograd node instead of five,
+    two saved tensors instead of four: on 8×19×128×256 score maps (CPU) the peak memory of forward+backward
+    falls from 95 to 38 MB and the time by about 15%. Half-precision inputs are computed in float32 (the
+    gradient comes back in their dtype). Where p_T underflows to 0 the term is an exact 0 (log-probabilities
+    stay finite). Not twice differentiable.
     """
     if weight is not None:
         weight = weight.detach().to(torch.promote_types(student_logits.dtype, torch.float32))
