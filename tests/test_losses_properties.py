@@ -7,6 +7,7 @@ resize; and option validation (`ConfigError` naming the option).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from kdray.losses import (
 from kdray.losses.ace import class_argmax
 from kdray.losses.ifvd import prototype_similarity
 from kdray.losses.pairwise import gram_is_cheaper, spatial_affinity_distance
-from kdray.losses.softmax_kl import probabilities, softmax_kl
+from kdray.losses.softmax_kl import LOG2_E, shifted_exponentials, softmax_kl
 
 IGNORE = 255
 N, K, H, W = 2, 5, 6, 8  # maps are h×w = 6×8, labels at full size 24×32
@@ -594,14 +595,34 @@ def test_softmax_kl_leaves_the_teacher_alone_and_works_in_half_precision():
     torch.testing.assert_close(student.grad.float(), reference.grad, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 6e-8), (torch.float64, 2e-16)])
-def test_probabilities_are_exp_of_log_probabilities(dtype, atol):
-    log_p = torch.linspace(-104, 0, 200_001, dtype=dtype)
-    expected = log_p.double().exp()
-    actual = probabilities(log_p)
-    assert actual.dtype == dtype
-    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=atol)
-    assert probabilities(torch.tensor([0.0, float("-inf")], dtype=dtype)).tolist() == [1.0, 0.0]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("top", [0.0, 5.0, -20.0, 100.0])
+def test_shifted_exponentials_are_exp_of_shifted_scores(dtype, temperature, top):
+    # three rows, maxima top, top − 7, top − 14; the shifted scores span [−104, 0]
+    scores = torch.linspace(0, -104 * temperature, 100_001, dtype=dtype) + top
+    scores = torch.stack([scores, scores - 7, scores - 14])[:, torch.randperm(100_001)]
+    actual, maxima = shifted_exponentials(scores, dim=1, temperature=temperature)
+    assert actual.dtype == dtype and maxima.flatten().tolist() == [top, top - 7, top - 14]
+    wide = np.longdouble  # 80-bit on x86: a reference more precise than float64
+    expected = np.exp((scores.numpy().astype(wide) - maxima.numpy().astype(wide)) / wide(temperature))
+    bound = torch.finfo(dtype).eps * (1 + np.abs(maxima.numpy().astype(wide)) * LOG2_E / (2 * temperature))
+    assert (np.abs(actual.numpy().astype(wide) - expected) <= bound).all()
+    edge, _ = shifted_exponentials(torch.tensor([[0.0, float("-inf"), -1.0]], dtype=dtype), dim=1)
+    assert edge[0, :2].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_softmax_kl_is_zero_for_equal_inputs_and_exact_near_them(dim):
+    """The per-element difference x_T − x_S keeps the value accurate where the two distributions nearly agree."""
+    g = torch.Generator().manual_seed(11)
+    teacher = torch.randn(2, 19, 64, generator=g, dtype=torch.float64) * 4
+    assert softmax_kl(teacher.float(), teacher.float(), dim).item() == 0.0
+    student = teacher + 1e-2 * torch.randn(teacher.shape, generator=g, dtype=torch.float64)
+    log_p_s, log_p_t = F.log_softmax(student, dim), F.log_softmax(teacher, dim)
+    expected = (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # ~1e-3, of terms ~1: float32 keeps ~3 digits
+    # (two dot products with x_T and x_S, a difference of ~1e2-sized sums, would be off by 2-4 %)
+    torch.testing.assert_close(softmax_kl(student.float(), teacher.float(), dim).double(), expected, rtol=5e-3, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

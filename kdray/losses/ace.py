@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from kdray.losses import _checks
 from kdray.losses.labels import downsample_labels
-from kdray.losses.softmax_kl import LOG2_E
+from kdray.losses.softmax_kl import LOG2_E, shifted_exponentials
 
 LN_2 = math.log(2.0)
 
@@ -63,9 +63,10 @@ class _AdaptiveCrossEntropyMean(torch.autograd.Function):
     and `log p_S[k] = s̃_k − log Z_S`, the sum is `Σ_i [labelled_i] log Z_S,i − Σ_i Σ_k q_i[k] s̃_i,k`: one dot
     product of the targets with s̃ and a per-pixel `log`. The targets q are built once, in the buffer of the
     teacher's `exp((z_T − max)/T)`: scaled in place by `a / Z_T`, then b added at the labels by `scatter_add_`;
-    they are also the gradient's second term. Exponentials are `exp2` of scores scaled by log₂e (`probabilities`
-    says why); shifted and scaled scores are made in one broadcast `add`. No `gather` (on CPU it costs as much
-    as KD's whole forward over this strided class axis), no chain of autograd nodes, three (N, K, h, w) tensors.
+    they are also the gradient's second term. Exponentials are `exp2` of scores scaled by log₂e
+    (`shifted_exponentials` says why); shifted and scaled scores are made in one broadcast `add`. No `gather`
+    (on CPU it costs as much as KD's whole forward over this strided class axis), no chain of autograd nodes,
+    three (N, K, h, w) tensors.
     Half-precision inputs are computed in float32.
     """
 
@@ -82,9 +83,8 @@ class _AdaptiveCrossEntropyMean(torch.autograd.Function):
                 labelled &= labels != ignore_index
             base2 = LOG2_E / temperature  # scores over T, in units of ln 2
 
-            teacher_top = teacher.amax(dim=1, keepdim=True)
+            target, teacher_top = shifted_exponentials(teacher, 1, temperature)  # Z_T · p_T
             right = (class_argmax(teacher, teacher_top) == labels) & labelled  # argmax is invariant to T
-            target = torch.add(teacher_top * -base2, teacher, alpha=base2).exp2_()  # Z_T · p_T
             soft_weight = right.to(student.dtype)  # a
             if rule == "average":
                 soft_weight.mul_(0.5)

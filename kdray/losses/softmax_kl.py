@@ -11,44 +11,60 @@ from torch.autograd.function import once_differentiable
 LOG2_E = 1.0 / math.log(2.0)
 
 
-def probabilities(log_p: Tensor) -> Tensor:
-    """`exp(log_p)`, computed as `2^(log_p · log₂e)`: a new tensor of log_p's shape and dtype.
+def shifted_exponentials(scores: Tensor, dim: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`(exp((x − m)/T), m)` with `m = max_dim x` (kept as a size-1 axis): a softmax's numerator, never above 1.
 
-    torch's CPU `exp2` kernel runs about 3× faster than its `exp` (0.05 against 0.15 ms on 2×19×64×128
-    float32, 2 threads); the scaling costs one cheap pass. For log-probabilities (≤ 0) the absolute error stays
-    below 6e-8 in float32 (measured on [−104, 0] against a float64 exp; `exp` itself: 3e-8).
+    Computed as `2^((x − m) · log₂e / T)` in one broadcast `add` and an in-place `exp2`: torch's CPU `exp2`
+    kernel runs about 3× faster than its `exp` (0.05 against 0.18 ms on 2×19×64×128 float32, 2 threads), and the
+    shift and the temperature cost no pass of their own. The price is the rounding of `x · log₂e/T` before the
+    shift: the absolute error is below ε(1 + |m| log₂e/(2T)) (ε the dtype's machine epsilon; in float32 4.5e-8
+    where m = 0, 1.0e-6 where m = 100 and T = 1, measured against an 80-bit exp). Returns a new tensor of x's
+    shape and dtype, and the max.
     """
-    return (log_p * LOG2_E).exp2_()
+    top = scores.amax(dim=dim, keepdim=True)
+    base2 = LOG2_E / temperature
+    return torch.add(top * -base2, scores, alpha=base2).exp2_(), top
 
 
 class _SoftmaxKL(torch.autograd.Function):
+    """`scale · Σ_j w_j KL(p_T,j ‖ p_S,j)` in the form that needs no log-softmax.
+
+    With `m_X = max_k x_X[k]`, `e_X = exp((x_X − m_X)/T)`, `Z_X = Σ_k e_X[k]` (so `log p_X = (x_X − m_X)/T − log Z_X`)
+    and `Σ_k p_T[k] = 1`, each row's KL is
+    `Σ_k p_T[k] (x_T[k] − x_S[k]) / T + (m_S − m_T)/T + log Z_S − log Z_T`:
+    one dot product of `q = w p_T` (built in the teacher's exp buffer) with `x_T − x_S`, plus per-row terms.
+    The gradient `scale · w (p_S − p_T) / T` is `e_S · (w scale/(T Z_S)) − q · scale/T`: two passes and no
+    exponential in the backward. Saved: e_S and q, two (…, K, …) tensors.
+    """
+
     @staticmethod
     def forward(ctx, student, teacher, dim: int, weight: Tensor | None, temperature: float, scale) -> Tensor:
         dtype = student.dtype
         with torch.autocast(student.device.type, enabled=False):
             student = student.to(torch.promote_types(dtype, torch.float32))  # half precision computed in float32
             teacher = teacher.to(student.dtype)
-            if temperature != 1:
-                student, teacher = student / temperature, teacher / temperature
-            log_p_s = torch.log_softmax(student, dim)
-            log_p_t = torch.log_softmax(teacher, dim)
-            p_t = probabilities(log_p_t)
-            pointwise = log_p_t.sub_(log_p_s)  # log p_T − log p_S, in the teacher's buffer
-            if weight is not None:
-                pointwise.mul_(weight)
-            total = torch.dot(p_t.reshape(-1), pointwise.reshape(-1)) * scale
-        ctx.save_for_backward(log_p_s, p_t, weight)
+            target, teacher_top = shifted_exponentials(teacher, dim, temperature)  # Z_T p_T
+            teacher_norm = target.sum(dim=dim, keepdim=True)
+            student_exp, student_top = shifted_exponentials(student, dim, temperature)  # Z_S p_S
+            student_norm = student_exp.sum(dim=dim, keepdim=True)
+            rows = torch.div(student_norm, teacher_norm).log_().add_(student_top - teacher_top, alpha=1 / temperature)
+            rows = rows.sum() if weight is None else torch.dot(rows.flatten(), weight.expand_as(rows).flatten())
+            target.mul_(teacher_norm.reciprocal_() if weight is None else weight / teacher_norm)  # q = w p_T
+            # Σ q (x_T − x_S), the difference taken per element: the value stays exact when student ≈ teacher
+            cross = torch.dot(target.flatten(), torch.sub(teacher, student).flatten()) / temperature
+            total = (cross + rows) * scale
+        row_weight = student_norm.reciprocal_() if weight is None else weight / student_norm  # w / Z_S
+        ctx.save_for_backward(student_exp, row_weight, target)
         ctx.input_dtype, ctx.temperature, ctx.scale = dtype, temperature, scale
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
-        log_p_s, p_t, weight = ctx.saved_tensors
-        # (p_S − p_T) · scale · ∂L/∂total / T
-        grad = probabilities(log_p_s).sub_(p_t).mul_(grad_total * ctx.scale / ctx.temperature)
-        if weight is not None:
-            grad.mul_(weight)
+        student_exp, row_weight, target = ctx.saved_tensors
+        factor = grad_total * ctx.scale / ctx.temperature  # ∂L/∂total · scale / T
+        grad = student_exp * (row_weight * factor)  # w p_S · factor
+        grad.addcmul_(target, factor, value=-1)  # − w p_T · factor
         return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
@@ -69,11 +85,10 @@ def softmax_kl(
     gradient flows to the teacher, the weight or the scale.
 
     The same number as `F.kl_div(log_softmax(s), log_softmax(t), log_target=True).sum()` (× scale), with the
-    gradient written out: `∂/∂s_j[k] = scale · w_j (p_S,j[k] − p_T,j[k]) / T`. One autograd node instead of five,
-    two saved tensors instead of four: on 8×19×128×256 score maps (CPU) the peak memory of forward+backward
-    falls from 95 to 38 MB and the time by about 15%. Half-precision inputs are computed in float32 (the
-    gradient comes back in their dtype). Where p_T underflows to 0 the term is an exact 0 (log-probabilities
-    stay finite). Not twice differentiable.
+    gradient written out: `∂/∂s_j[k] = scale · w_j (p_S,j[k] − p_T,j[k]) / T`. One autograd node, no
+    log-softmax and no division by T of either input (`_SoftmaxKL` gives the form), two saved tensors.
+    Half-precision inputs are computed in float32 (the gradient comes back in their dtype). Where p_T
+    underflows to 0 its terms are exact 0s. Not twice differentiable.
     """
     if weight is not None:
         weight = weight.detach().to(torch.promote_types(student_logits.dtype, torch.float32))
