@@ -24,11 +24,12 @@ iteration as a tensor op:
 - SKD pair-wise, CSC: loop over images and over the rows of each affinity matrix (one node, or one channel,
   at a time: its similarities to all the others).
 CE (torch's own) and the discriminator have none. The "floor" row times one log-softmax of the student's
-score map, forward and backward: every score-map loss (KD, CWD, ACE) does at least that, and one more
-log-softmax forward (the teacher's). Each loop version is checked against the kdray module's value before it
-is timed; one whose first forward+backward shows that the warm-up and repeats would exceed
---loop-budget seconds is timed once (marked in the table). A loss and its loop version are timed in
-alternation (sample of one, sample of the other), so that a drift of the machine's speed hits both alike.
+score map, forward and backward: a yardstick for the score-map losses (KD, CWD, ACE), each of which normalises
+two such maps, the student's and the teacher's, and writes the student's gradient. Each loop version is
+checked against the kdray module's value before it is timed; one whose first forward+backward shows that
+the warm-up and repeats would exceed --loop-budget seconds is timed once (marked in the table). A loss and
+its loop version are timed in alternation (sample of one, sample of the other), so that a drift of the
+machine's speed hits both alike.
 
 On CUDA each loss is timed a second time replayed as two CUDA graphs, forward and backward (what the engine
 does with `run.cuda_graphs=true`; `--no-graphs` skips it): eager, a GPU loss is bound by dispatching its
@@ -359,8 +360,8 @@ def loss_table(shape: Shape, device: torch.device):
     logits = ("zs", "zt", "labels")
     features = ("fs", "ft", "labels")
     return [
-        # Not a loss: a lower bound for the score-map losses, each of which takes at least two log-softmaxes
-        # (student and teacher) and the student's log-softmax backward.
+        # Not a loss: one softmax normalisation of a score map, forward and backward, a yardstick for the
+        # score-map losses, each of which normalises two maps (student and teacher) and writes a gradient.
         ("floor: one log-softmax fwd+bwd", lambda x: F.log_softmax(x["zs"], dim=1).mean(), None, logits, None),
         ("CE", lambda x: ce(x["zs"], x["labels"]), None, logits, None),
         ("KD", lambda x: kd(x["zs"], x["zt"]), kd_loop, logits, None),
