@@ -11,19 +11,22 @@ from torch.autograd.function import once_differentiable
 LOG2_E = 1.0 / math.log(2.0)
 
 
-def shifted_exponentials(scores: Tensor, dim: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def shifted_exponentials(
+    scores: Tensor, dim: int, temperature: float = 1.0, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """`(exp((x − m)/T), m)` with `m = max_dim x` (kept as a size-1 axis): a softmax's numerator, never above 1.
 
     Computed as `2^((x − m) · log₂e / T)` in one broadcast `add` and an in-place `exp2`: torch's CPU `exp2`
     kernel runs about 3× faster than its `exp` (0.05 against 0.18 ms on 2×19×64×128 float32, 2 threads), and the
     shift and the temperature cost no pass of their own. The price is the rounding of `x · log₂e/T` before the
     shift: the absolute error is below ε(1 + |m| log₂e/(2T)) (ε the dtype's machine epsilon; in float32 4.5e-8
-    where m = 0, 1.0e-6 where m = 100 and T = 1, measured against an 80-bit exp). Returns a new tensor of x's
-    shape and dtype, and the max.
+    where m = 0, 1.0e-6 where m = 100 and T = 1, measured against an 80-bit exp). Returns a tensor of x's
+    shape and dtype (`out` when given: a buffer the caller no longer needs, which saves a fresh allocation), and
+    the max.
     """
     top = scores.amax(dim=dim, keepdim=True)
     base2 = LOG2_E / temperature
-    return torch.add(top * -base2, scores, alpha=base2).exp2_(), top
+    return torch.add(top * -base2, scores, alpha=base2, out=out).exp2_(), top
 
 
 class _SoftmaxKL(torch.autograd.Function):
@@ -45,13 +48,15 @@ class _SoftmaxKL(torch.autograd.Function):
             teacher = teacher.to(student.dtype)
             target, teacher_top = shifted_exponentials(teacher, dim, temperature)  # Z_T p_T
             teacher_norm = target.sum(dim=dim, keepdim=True)
-            student_exp, student_top = shifted_exponentials(student, dim, temperature)  # Z_S p_S
+            target.mul_(teacher_norm.reciprocal() if weight is None else weight / teacher_norm)  # q = w p_T
+            # Σ q (x_T − x_S), the difference taken per element: the value stays exact when student ≈ teacher
+            difference = torch.sub(teacher, student)
+            cross = torch.dot(target.flatten(), difference.flatten()) / temperature
+            # the difference's buffer, read, becomes the student's: two fresh (…, K, …) tensors, not three
+            student_exp, student_top = shifted_exponentials(student, dim, temperature, out=difference)  # Z_S p_S
             student_norm = student_exp.sum(dim=dim, keepdim=True)
             rows = torch.div(student_norm, teacher_norm).log_().add_(student_top - teacher_top, alpha=1 / temperature)
             rows = rows.sum() if weight is None else torch.dot(rows.flatten(), weight.expand_as(rows).flatten())
-            target.mul_(teacher_norm.reciprocal_() if weight is None else weight / teacher_norm)  # q = w p_T
-            # Σ q (x_T − x_S), the difference taken per element: the value stays exact when student ≈ teacher
-            cross = torch.dot(target.flatten(), torch.sub(teacher, student).flatten()) / temperature
             total = (cross + rows) * scale
         row_weight = student_norm.reciprocal_() if weight is None else weight / student_norm  # w / Z_S
         ctx.save_for_backward(student_exp, row_weight, target)
