@@ -79,7 +79,7 @@ def formula(losses: LossesConfig) -> str:
     terms = []
     for name, cfg in losses.enabled().items():
         label = "CE" if name == "ce" else method_label(replace(LossesConfig(), **{name: cfg}))
-        terms.append(f"{cfg.weight:g} * {label}")
+        terms.append(f"{cfg.term_weight():g} * {label}")
     return "Loss = " + " + ".join(terms)
 
 

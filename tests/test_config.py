@@ -21,9 +21,30 @@ def test_defaults_are_the_published_recipe():
     assert job.losses.ce.enabled and job.losses.ce.aux_weight == 0.4
     assert (job.losses.cwd.weight, job.losses.cwd.temperature) == (3.0, 4.0)
     assert job.losses.pairwise.weight == 10 and job.losses.ifvd.weight == 20
-    assert (job.losses.adversarial.weight, job.losses.adversarial.d_weight) == (0.001, 0.1)
+    assert (job.losses.adversarial.term_weight(), job.losses.adversarial.d_weight) == (0.001, 0.1)
     assert job.losses.i2ckd.margin == 0.5 and job.losses.i2ckd.normalize is True
     assert job.teacher.arch == "deeplabv3_resnet101"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], 0.001),  # hinge: w_adv
+        (["losses.adversarial.objective=wgan_gp"], 0.1),  # WGAN-GP: the student's term is −w_d · mean D(z_S)
+        (["losses.adversarial.objective=wgan_gp", "losses.adversarial.d_weight=0.3"], 0.3),  # follows w_d
+        (["losses.adversarial.objective=wgan_gp", "losses.adversarial.weight=0.02"], 0.02),  # set: as set
+        (["losses.adversarial.weight=0.05"], 0.05),
+        (["losses.adversarial.weight=0"], 0.0),
+    ],
+)
+def test_the_adversarial_student_weight_follows_the_objective(overrides, expected):
+    job = job_from_dict({}, ["losses.adversarial.enabled=true", *overrides])
+    assert job.losses.adversarial.term_weight() == expected
+    from kdray.losses.objective import DistillationObjective
+
+    objective = DistillationObjective(job.losses, num_classes=5, student_channels=8, teacher_channels=16)
+    assert objective.weights["adversarial"] == expected
+    assert f"{expected:g} * HO" in objective.formula()
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
@@ -80,6 +101,9 @@ def test_hash_ignores_tracking_but_not_training_values():
         ({}, ["student.width=0"], ["student.width", "> 0"]),
         ({}, ["losses.kd.temperature=0"], ["losses.kd.temperature", "> 0"]),
         ({}, ["losses.i2ckd.margin=-0.5"], ["losses.i2ckd.margin", ">= 0"]),
+        ({}, ["losses.adversarial.weight=-0.1"], ["losses.adversarial.weight", "-0.1", ">= 0"]),
+        ({}, ["losses.adversarial.d_weight=0"], ["losses.adversarial.d_weight", "0.0", "> 0"]),
+        ({}, ["losses.adversarial.gp_weight=-1"], ["losses.adversarial.gp_weight", "-1.0", ">= 0"]),
         ({}, ["run.amp=bf16"], ["run.amp", "GPU"]),
         ({}, ["run.channels_last=true"], ["run.channels_last", "GPU"]),
         ({}, ["run.cuda_graphs=true"], ["run.cuda_graphs", "True", "GPU runs"]),

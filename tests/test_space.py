@@ -45,10 +45,48 @@ SEARCH = {
 def test_every_shipped_space_validates_against_the_demo_job():
     job_data = read_yaml(DEMO)
     spaces = sorted((REPO / "search_spaces").glob("*.yaml"))
-    assert {p.stem for p in spaces} >= {"demo", "i2ckd_weights", "i2ckd_ablation", "methods", "kd_temperature"}
+    assert {p.stem for p in spaces} >= {"demo", "i2ckd_weights", "i2ckd_ablation", "methods", "kd_temperature",
+                                        "loss_variants"}
     for path in spaces:
         space = load_space(path, job_from_dict(job_data), job_data)
         assert space.trial_count >= 1
+
+
+def _row_weights(space_file: str) -> dict[str, dict[str, float]]:
+    """Each row's enabled losses and their weights in the objective, as the demo job with the row's keys."""
+    job_data = read_yaml(DEMO)
+    rows = read_yaml(REPO / "search_spaces" / space_file)["rows"]
+    weights = {}
+    for row in rows:
+        losses = job_from_dict(job_data, row.get("set", {})).losses
+        weights[row["name"]] = {name: cfg.term_weight() for name, cfg in losses.enabled().items()}
+    return weights
+
+
+def test_the_methods_table_runs_the_published_cirkd_weights():
+    """KD 1, pair-wise 10, IFVD 20, CWD 3 at T = 4, adversarial 0.001 with the discriminator at 0.1, CSC 10,
+    I2CKD 1 at m = 0.5 (shared/kd-losses.md), written out in the file rather than taken from defaults."""
+    assert _row_weights("methods.yaml") == {
+        "Student (CE)": {"ce": 1.0},
+        "KD": {"ce": 1.0, "kd": 1.0},
+        "SKD": {"ce": 1.0, "kd": 1.0, "pairwise": 10.0, "adversarial": 0.001},
+        "IFVD": {"ce": 1.0, "kd": 1.0, "ifvd": 20.0, "adversarial": 0.001},
+        "CWD": {"ce": 1.0, "cwd": 3.0},
+        "CSC+ACE": {"ace": 1.0, "csc": 10.0},
+        "I2CKD": {"ce": 1.0, "kd": 1.0, "i2ckd": 1.0},
+    }
+    rows = {row["name"]: row.get("set", {}) for row in read_yaml(REPO / "search_spaces" / "methods.yaml")["rows"]}
+    for name in ("SKD", "IFVD"):
+        assert rows[name]["losses.adversarial.d_weight"] == 0.1 and rows[name]["losses.adversarial.weight"] == 0.001
+    assert rows["CWD"]["losses.cwd.temperature"] == 4.0 and rows["I2CKD"]["losses.i2ckd.margin"] == 0.5
+
+
+def test_the_loss_variants_carry_the_spec_weights():
+    weights = _row_weights("loss_variants.yaml")
+    assert weights["KD (element mean)"]["kd"] == 10.0
+    assert weights["CWD (features)"]["cwd"] == 50.0
+    assert weights["SKD holistic (WGAN-GP)"]["adversarial"] == 0.1  # the student's term takes w_d
+    assert weights["SKD holistic (logits + image)"]["adversarial"] == 0.001
 
 
 def test_conditional_knobs_are_never_sampled_when_their_toggle_is_off(tmp_path):

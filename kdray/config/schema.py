@@ -17,6 +17,8 @@ PAPER_SPLITS = {"synthetic": ("train", "val"), "cityscapes": ("train", "val"), "
                 "camvid": ("train", "test"), "folder": ("train", "val")}
 
 
+HINGE_STUDENT_WEIGHT = 0.001  # SKD's w_adv: the student's adversarial term under the hinge objective
+
 @dataclass
 class NormalizeConfig:
     """Input normalisation; part of the job so a teacher trained elsewhere sees the inputs it was trained on.
@@ -98,6 +100,10 @@ class LossConfig:
     enabled: bool = False
     weight: float = 1.0
 
+    def term_weight(self) -> float:
+        """The weight of this loss's term in the student's objective."""
+        return self.weight
+
 
 @dataclass
 class CrossEntropyConfig(LossConfig):
@@ -134,13 +140,20 @@ class PairwiseConfig(LossConfig):
 
 @dataclass
 class AdversarialConfig(LossConfig):
-    weight: float = 0.001  # the student's adversarial term
+    # The student's term `−weight · mean D(z_S)`. None: the spec's, w_adv = 0.001 under hinge, and under
+    # wgan_gp w_d, the discriminator's own weight (`d_weight`, 0.1), whatever it is set to.
+    weight: float | None = None
     conditioning: Literal["logits", "logits+image"] = "logits"
     objective: Literal["hinge", "wgan_gp"] = "hinge"
     d_weight: float = 0.1
     gp_weight: float = 10.0
     d_lr: float = 4e-4
     d_betas: tuple[float, float] = (0.9, 0.99)
+
+    def term_weight(self) -> float:
+        if self.weight is not None:
+            return self.weight
+        return self.d_weight if self.objective == "wgan_gp" else HINGE_STUDENT_WEIGHT
 
 
 @dataclass

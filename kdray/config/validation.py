@@ -117,8 +117,14 @@ def validate(job: Job) -> Job:
     enabled = job.losses.enabled()
     names = ", ".join(vars(job.losses))
     _require(bool(enabled), "losses", "nothing enabled", f"enable at least one of {names}")
+    adv = job.losses.adversarial
+    _positive("losses.adversarial.d_weight", adv.d_weight)  # before the weights: wgan_gp's default is it
+    _require(adv.gp_weight >= 0 and math.isfinite(adv.gp_weight), "losses.adversarial.gp_weight", adv.gp_weight,
+             "must be >= 0")
     for name, cfg in vars(job.losses).items():
-        _require(cfg.weight >= 0 and math.isfinite(cfg.weight), f"losses.{name}.weight", cfg.weight, "must be >= 0")
+        if cfg.weight is not None:  # None: a default that depends on other keys (the adversarial term's)
+            _require(cfg.weight >= 0 and math.isfinite(cfg.weight), f"losses.{name}.weight", cfg.weight,
+                     "must be >= 0")
         temperature = getattr(cfg, "temperature", None)
         if temperature is not None:
             _positive(f"losses.{name}.temperature", temperature)
@@ -128,7 +134,6 @@ def validate(job: Job) -> Job:
     _require(job.losses.ce.aux_weight >= 0, "losses.ce.aux_weight", job.losses.ce.aux_weight, "must be >= 0")
     _require(job.losses.i2ckd.margin >= 0, "losses.i2ckd.margin", job.losses.i2ckd.margin, "must be >= 0")
     _require(job.losses.csc.gamma >= 0, "losses.csc.gamma", job.losses.csc.gamma, "must be >= 0")
-    adv = job.losses.adversarial
     _positive("losses.adversarial.d_lr", adv.d_lr)
     _require(all(0 <= b < 1 for b in adv.d_betas), "losses.adversarial.d_betas", list(adv.d_betas),
              "each beta must be in [0, 1)")

@@ -37,9 +37,9 @@ class AdversarialDistillation(nn.Module):
 
     With `D(z)` the per-sample score (mean of the discriminator's output map, see `Discriminator`):
 
-    - `forward` returns the student's term `L_adv = −mean_n D(z_S)`; its config weight is w_adv = 0.001 for
-      hinge and w_d = 0.1 for WGAN-GP (the weight is applied by the objective, not here). Gradients reach the
-      student logits only: D runs with its parameters' requires_grad off for this call.
+    - `forward` returns the student's term `L_adv = −mean_n D(z_S)`, unweighted: the objective applies
+      `losses.adversarial.weight`, by default w_adv = 0.001 under hinge and w_d (`d_weight`) under WGAN-GP.
+      Gradients reach the student logits only: D runs with its parameters' requires_grad off for this call.
     - `discriminator_loss` returns D's loss, on detached student logits (weights included):
       hinge: `L_D = w_d·(mean_n relu(1 − D_n(z_T)) + mean_n relu(1 + D_n(z_S)))`;
       wgan_gp: `L_D = w_d·(mean_n D_n(z_S) − mean_n D_n(z_T)) + w_d·gp_weight·mean_n (‖∇_x̂ D_n(x̂)‖₂ − 1)²`,

@@ -100,7 +100,7 @@ class DistillationObjective(nn.Module):
             accepted = inspect.signature(cls).parameters
             options.update({k: v for k, v in context.items() if k in accepted})
             self.terms[name] = cls(**options)
-            self.weights[name] = cfg.weight
+            self.weights[name] = cfg.term_weight()
 
     @property
     def needs_teacher(self) -> bool:

@@ -68,7 +68,7 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
                                name=f"{tags.get(layout.ROW, tags[layout.METHOD])}-s{job.run.seed}-{trial_id}",
                                tags=tags, params=flatten(to_dict(job)))
-    formula = loss_formula({name: cfg.weight for name, cfg in job.losses.enabled().items()})
+    formula = loss_formula({name: cfg.term_weight() for name, cfg in job.losses.enabled().items()})
     tracker.set_tags(run_id, {layout.FORMULA: formula})
     tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
     try:
