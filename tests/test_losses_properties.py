@@ -433,6 +433,87 @@ def test_shape_mismatch_raises_preflight_error():
         I2CKD(C_T, C_T, K)(x["fs"], x["ft"], x["labels"])
 
 
+def _objective_and_tensors(overrides, student_channels=16, teacher_channels=32, size=8):
+    """A DistillationObjective from job overrides, and step tensors of a K=8 student and teacher."""
+    from kdray.config import job_from_dict
+    from kdray.losses.objective import DistillationObjective
+    from kdray.models import SegmenterOutput
+
+    losses = job_from_dict({}, overrides).losses
+    objective = DistillationObjective(losses, num_classes=8, student_channels=student_channels,
+                                      teacher_channels=teacher_channels)
+    g = torch.Generator().manual_seed(12)
+    s = SegmenterOutput(torch.randn(2, 8, size, size, generator=g),
+                        torch.randn(2, student_channels, size, size, generator=g).relu(), None)
+    t = SegmenterOutput(torch.randn(2, 8, size, size, generator=g),
+                        torch.randn(2, teacher_channels, size, size, generator=g).relu(), None)
+    labels = torch.randint(0, 8, (2, 4 * size, 4 * size), generator=g)
+    return objective, objective.step_tensors(s, t, labels, torch.randn(2, 3, 4 * size, 4 * size, generator=g))
+
+
+@pytest.mark.parametrize("name", ["ifvd", "i2ckd"])
+def test_feature_losses_resize_the_full_labels_once(name):
+    """Features at 3×3 and logits at 4×4 of 12×12 labels: one nearest resize 12 -> 3 takes rows 0, 4, 8, the
+    two in a row 12 -> 4 -> 3 would take 0, 3, 6; the objective must give the loss the full labels."""
+    objective, tensors = _objective_and_tensors([f"losses.{name}.enabled=true"], size=3)
+    g = torch.Generator().manual_seed(13)
+    labels = torch.randint(0, 8, (2, 12, 12), generator=g)
+    tensors = tensors._replace(student_logits=torch.randn(2, 8, 4, 4), teacher_logits=torch.randn(2, 8, 4, 4),
+                               labels=labels, labels_small=labels[:, ::3, ::3])
+    _, parts = objective(tensors)
+    module = objective.terms[name]
+    features = (tensors.student_features, tensors.teacher_features)
+    expected = module(*features, labels[:, ::4, ::4])
+    assert not torch.allclose(expected, module(*features, labels[:, ::3, ::3][:, :3, :3]))  # the two differ here
+    torch.testing.assert_close(parts[name], expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        # the adapter's channels do not match the teacher's: raised inside I2CKD, named by its config key
+        (["losses.i2ckd.enabled=true"], ["losses.i2ckd:", "features (2, 16, 8, 8)", "features (2, 24, 8, 8)",
+                                         "channels"]),
+        (["losses.csc.enabled=true"], ["losses.csc:", "features (2, 24, 8, 8)"]),
+    ],
+)
+def test_preflight_names_the_config_key_and_the_shapes_for_errors_inside_a_loss(overrides, fragments):
+    objective, tensors = _objective_and_tensors(overrides)
+    tensors = tensors._replace(teacher_features=torch.randn(2, 24, 8, 8))  # the objective was built for 32
+    with pytest.raises(PreflightError) as err:
+        objective.preflight(tensors)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_preflight_names_the_adversarial_loss_on_a_map_too_small_for_its_discriminator():
+    objective, tensors = _objective_and_tensors(["losses.adversarial.enabled=true"], size=1)
+    with pytest.raises(PreflightError, match=r"losses.adversarial: .*logits \(2, 8, 1, 1\).*h, w >= 2"):
+        objective.preflight(tensors)
+
+
+@pytest.mark.parametrize("objective_name", ["hinge", "wgan_gp"])
+def test_preflight_runs_the_discriminator_loss_and_leaves_no_trace(objective_name, monkeypatch):
+    overrides = ["losses.adversarial.enabled=true", f"losses.adversarial.objective={objective_name}"]
+    objective, tensors = _objective_and_tensors(overrides)
+    adversarial = objective.adversarial
+    before = {k: v.clone() for k, v in adversarial.state_dict().items()}
+    rng = torch.get_rng_state()
+    objective.preflight(tensors)  # WGAN-GP's penalty draws α and needs autograd
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = adversarial.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in adversarial.parameters())
+    assert objective.training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the discriminator's own loss failed")
+
+    monkeypatch.setattr(adversarial, "discriminator_loss", broken)
+    with pytest.raises(PreflightError, match="losses.adversarial: .*the discriminator's own loss failed"):
+        objective.preflight(tensors)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The two forms of the pair-wise distance (M×M affinities, C×C Gram matrices)
 # --------------------------------------------------------------------------------------------------------------

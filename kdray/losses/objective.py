@@ -39,7 +39,8 @@ class StepTensors(NamedTuple):
     teacher_logits: torch.Tensor | None  # (N, K, h, w)
     teacher_features: torch.Tensor | None  # (N, C_T, h, w)
     labels: torch.Tensor  # (N, H, W) int64, ignore 255
-    labels_small: torch.Tensor  # (N, h, w): labels resized to the logits by nearest neighbour
+    labels_small: torch.Tensor  # (N, h, w): labels resized to the logits by nearest neighbour (score-map losses;
+    # the feature losses resize `labels` to their maps themselves: one nearest resize, never two in a row)
     images: torch.Tensor  # (N, 3, H, W), normalised
 
 
@@ -59,11 +60,11 @@ _LOSSES: dict[str, tuple[type[nn.Module], str, str, _Call]] = {
     "adversarial": (AdversarialDistillation, "HO", "logits",
                     lambda m, t: m(t.student_logits, t.images)),
     "ifvd": (IntraClassFeatureVariation, "IFVD", "features",
-             lambda m, t: m(t.student_features, t.teacher_features, t.labels_small)),
+             lambda m, t: m(t.student_features, t.teacher_features, t.labels)),
     "csc": (ChannelSpatialCorrelation, "CSC", "features",
             lambda m, t: m(t.student_features, t.teacher_features)),
     "i2ckd": (I2CKD, "I2CKD", "features",
-              lambda m, t: m(t.student_features, t.teacher_features, t.labels_small)),
+              lambda m, t: m(t.student_features, t.teacher_features, t.labels)),
 }
 # Config keys that configure the engine around a loss rather than the loss module itself.
 _NOT_MODULE_ARGS = {"enabled", "weight", "d_lr", "d_betas"}
@@ -170,7 +171,9 @@ class DistillationObjective(nn.Module):
             try:
                 with torch.no_grad():
                     value = _LOSSES[name][3](module, t)
-            except (RuntimeError, ValueError) as err:
+                if isinstance(module, AdversarialDistillation):
+                    _preflight_discriminator(module, t)
+            except (RuntimeError, ValueError, PreflightError) as err:
                 shapes = (f"student logits {_shape(t.student_logits)}, features {_shape(t.student_features)}; "
                           f"teacher logits {_shape(t.teacher_logits)}, features {_shape(t.teacher_features)}")
                 raise PreflightError(f"losses.{name}: cannot run on {shapes}: {err}") from None
@@ -182,6 +185,15 @@ class DistillationObjective(nn.Module):
 
     def __str__(self) -> str:
         return self.formula()
+
+
+def _preflight_discriminator(module: AdversarialDistillation, t: StepTensors) -> None:
+    """The discriminator's own loss, which the engine runs after each student step (WGAN-GP's penalty needs
+    autograd): computed and dropped, in a forked RNG so that its α draw leaves the run's random stream alone."""
+    devices = [t.student_logits.device] if t.student_logits.is_cuda else []
+    grad_mode = torch.enable_grad() if module.objective == "wgan_gp" else torch.no_grad()
+    with torch.random.fork_rng(devices=devices), grad_mode:
+        module.discriminator_loss(t.teacher_logits, t.student_logits.detach(), t.images)
 
 
 def _shape(x: torch.Tensor | None) -> str:
