@@ -192,3 +192,70 @@ def test_mixed_precision_path_runs_on_cpu(tmp_path, teacher_file, amp):
     job.run.amp = amp  # past validation on purpose: there is no GPU here
     result = train(job, tmp_path / "s", progress=False)
     assert result.iterations == 2 and 0.0 <= result.final_miou <= 1.0
+
+
+def _built_step(tmp_path, teacher_file, **overrides):
+    """A `TrainStep` as `train` builds it (student, frozen teacher, objective, both optimizers) on the CPU."""
+    from kdray.engine import load_teacher
+    from kdray.engine.step import TrainStep
+
+    job = tiny_job(tmp_path, teacher_file, **overrides)
+    torch.manual_seed(0)
+    student = build_model(job.student.arch, job.data.num_classes, aux=False, width=job.student.width)
+    teacher = load_teacher(job, torch.device("cpu"))
+    return TrainStep.build(job, student, teacher, job.losses, RankContext())
+
+
+def _tiny_batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 8, (4, 32, 32), generator=generator)
+    return images, labels
+
+
+def _optimized(optimizer):
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("loss, overrides", [
+    ("i2ckd", {"losses.i2ckd.enabled": True}),
+    ("csc", {"losses.csc.enabled": True}),
+    ("cwd", {"losses.cwd.enabled": True, "losses.cwd.on": "features"}),
+], ids=["i2ckd", "csc", "cwd_features"])
+def test_adapters_are_trained_with_the_student(tmp_path, teacher_file, loss, overrides):
+    """A loss's 1×1 feature adapter is in the student's SGD and moves with it; the teacher does not move."""
+    step = _built_step(tmp_path, teacher_file, **overrides)
+    adapter = step.objective.terms[loss].adapter.conv.weight
+    optimized = _optimized(step.optimizer)
+    assert id(adapter) in optimized
+    assert all(id(p) in optimized for p in step.objective.student_side_parameters())
+    adapter_before = adapter.detach().clone()
+    teacher_before = {k: v.clone() for k, v in step.teacher.state_dict().items()}
+    images, labels = _tiny_batch()
+    for _ in range(2):
+        step(images, labels)
+    assert adapter.grad is not None and adapter.grad.abs().sum() > 0  # the loss reaches the adapter
+    assert not torch.equal(adapter.detach(), adapter_before)
+    teacher_after = step.teacher.state_dict()
+    assert all(torch.equal(value, teacher_after[key]) for key, value in teacher_before.items())
+
+
+def test_discriminator_has_its_own_adam_with_the_configured_lr_and_betas(tmp_path, teacher_file):
+    """D is trained by Adam (lr 4e-4, betas (0.9, 0.99) unless `losses.adversarial.d_lr`/`d_betas` say
+    otherwise) over exactly D's parameters; the student's SGD holds none of D's, the Adam none of the student's."""
+    step = _built_step(tmp_path, teacher_file, **{"losses.adversarial.enabled": True})
+    d_params = list(step.objective.adversarial.discriminator.parameters())
+    d_ids = {id(p) for p in d_params}
+    assert type(step.d_optimizer) is torch.optim.Adam
+    in_adam = [p for group in step.d_optimizer.param_groups for p in group["params"]]
+    assert len(in_adam) == len(d_params) and {id(p) for p in in_adam} == d_ids
+    assert not d_ids & _optimized(step.optimizer)
+    assert not {id(p) for p in step.model.parameters()} & d_ids
+    for group in step.d_optimizer.param_groups:
+        assert group["lr"] == pytest.approx(4e-4) and tuple(group["betas"]) == pytest.approx((0.9, 0.99))
+
+    step = _built_step(tmp_path, teacher_file, **{"losses.adversarial.enabled": True,
+                                                  "losses.adversarial.d_lr": 1e-3,
+                                                  "losses.adversarial.d_betas": [0.5, 0.999]})
+    for group in step.d_optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-3) and tuple(group["betas"]) == pytest.approx((0.5, 0.999))
