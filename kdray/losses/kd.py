@@ -23,7 +23,9 @@ class PixelwiseKD(nn.Module):
 
     where P = N·h·w, or with `mask_ignore=True` the number of pixels whose `y↓` is not `ignore_index` (the
     sum then runs over those pixels only; 0 when there are none). The T² keeps the gradient's scale roughly
-    independent of T (Hinton et al., section 2).
+    independent of T (Hinton et al., section 2). The log-probabilities are taken in the log-sum-exp form
+    `(z − max)/T − log Σ exp((z − max)/T)`, as `log_softmax` takes them, never as the log of a softmax
+    (`softmax_kl`).
 
     Shapes: student_logits, teacher_logits (N, K, h, w); labels (N, h, w) or (N, H, W) int64, needed only
     with `mask_ignore`. Returns a scalar.
