@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from kdray.cli import default_job, job_parser, run_main
-from kdray.config import Job, LossesConfig, job_hash, load_job
+from kdray.config import Job, job_hash, load_job
 from kdray.data import raw_dataset, split_name
 from kdray.engine import train
 from kdray.engine.progress import Progress
 from kdray.errors import CheckpointError, DataError
-from kdray.losses.objective import method_label
+from kdray.losses.objective import config_formula, method_label
 from kdray.models.public import find_public, mismatches
 
 SCAN_THREADS = min(8, os.cpu_count() or 1)  # threads reading masks for --check-data
@@ -74,15 +73,6 @@ def weight_notes(job: Job) -> list[str]:
     return notes
 
 
-def formula(losses: LossesConfig) -> str:
-    """`Loss = 1 * CE + 1 * KD`, from the config alone (the objective's own formula needs built modules)."""
-    terms = []
-    for name, cfg in losses.enabled().items():
-        label = "CE" if name == "ce" else method_label(replace(LossesConfig(), **{name: cfg}))
-        terms.append(f"{cfg.term_weight():g} * {label}")
-    return "Loss = " + " + ".join(terms)
-
-
 def plan(job: Job, sizes: dict[str, int]) -> str:
     d, o, r = job.data, job.optim, job.run
     per_worker = d.batch_size // r.workers
@@ -101,7 +91,7 @@ def plan(job: Job, sizes: dict[str, int]) -> str:
             lines.append(f"{key}: {path}" + (f" (public: {entry.note})" if entry else ""))
     lines.append(f"models: teacher {job.teacher.arch} (width {job.teacher.width}), student {job.student.arch} "
                  f"(width {job.student.width})" if job.distills else f"model: student {job.student.arch}")
-    lines.append(f"loss: {formula(job.losses)}")
+    lines.append(f"loss: {config_formula(job.losses)}")
     epochs = o.iterations * d.batch_size / max(sizes["train"], 1)
     lines.append(f"optim: SGD lr {o.lr:g}, momentum {o.momentum:g}, weight decay {o.weight_decay:g}, poly power "
                  f"{o.poly_power:g}; {o.iterations} iterations ({epochs:.1f} epochs), evaluate every "

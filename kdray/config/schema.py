@@ -16,8 +16,8 @@ DATASETS = ("synthetic", "cityscapes", "voc", "camvid", "folder")
 PAPER_SPLITS = {"synthetic": ("train", "val"), "cityscapes": ("train", "val"), "voc": ("train_aug", "val"),
                 "camvid": ("train", "test"), "folder": ("train", "val")}
 
-
 HINGE_STUDENT_WEIGHT = 0.001  # SKD's w_adv: the student's adversarial term under the hinge objective
+
 
 @dataclass
 class NormalizeConfig:

@@ -75,6 +75,11 @@ def loss_formula(weights: dict[str, float]) -> str:
     return "Loss = " + " + ".join(f"{w:g} * {_LOSSES[n][1]}" for n, w in weights.items())
 
 
+def config_formula(losses: LossesConfig) -> str:
+    """`loss_formula` of a job's losses section, without building the modules."""
+    return loss_formula({name: cfg.term_weight() for name, cfg in losses.enabled().items()})
+
+
 def method_label(losses: LossesConfig) -> str:
     """`CE`, `KD+I2CKD`, ...: the enabled distillation terms, as the papers' tables name a row."""
     names = [_LOSSES[n][1] for n in losses.enabled() if n != "ce"]

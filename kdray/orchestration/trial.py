@@ -15,7 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from kdray.config import flatten, job_from_dict, to_dict, to_yaml
 from kdray.data import class_names
-from kdray.losses.objective import loss_formula, method_label
+from kdray.losses.objective import config_formula, method_label
 from kdray.orchestration import layout
 from kdray.orchestration.space import ROW_KEY, SearchSpace
 from kdray.orchestration.tracking import Tracker
@@ -68,8 +68,7 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
                                name=f"{tags.get(layout.ROW, tags[layout.METHOD])}-s{job.run.seed}-{trial_id}",
                                tags=tags, params=flatten(to_dict(job)))
-    formula = loss_formula({name: cfg.term_weight() for name, cfg in job.losses.enabled().items()})
-    tracker.set_tags(run_id, {layout.FORMULA: formula})
+    tracker.set_tags(run_id, {layout.FORMULA: config_formula(job.losses)})
     tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
     try:
         fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
