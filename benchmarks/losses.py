@@ -43,6 +43,7 @@ M = h·w: 2·8192² affinities, 512 MB per matrix in the M×M form at the paper'
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -462,6 +463,11 @@ def time_side_by_side(step, loop_step, device: torch.device, args) -> tuple[floa
     return statistics.median(samples), loop_ms, loop_runs
 
 
+def _words(text: str) -> set[str]:
+    """`"SKD pair-wise, M×M form"` -> {"skd", "pair", "wise", "m", "form"}: the words --only matches."""
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
 def run(args) -> list[tuple[Row, float | None]]:
     device = torch.device(args.device)
     results = []
@@ -480,7 +486,7 @@ def run(args) -> list[tuple[Row, float | None]]:
         if student_ms is not None:
             results.append((Row("student fwd+bwd", shape_name, student_ms, None, student_peak), student_ms))
         for name, fn, loop, keys, owner in table:
-            if args.only and not any(word.lower() in name.lower() for word in args.only):
+            if args.only and not any(_words(query) <= _words(name) for query in args.only):
                 continue
 
             def step(fn=fn, x=x, keys=keys, owner=owner):
@@ -574,7 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-graphs", dest="graphs", action="store_false",
                         help="on CUDA, skip the losses replayed as CUDA graphs (the engine's run.cuda_graphs)")
     parser.add_argument(
-        "--only", nargs="+", metavar="NAME", help="time only the losses whose names contain one of these words"
+        "--only", nargs="+", metavar="NAME",
+        help="time only the losses whose names hold every word of one of these (whole words: KD is not SKD)",
     )
     parser.add_argument("--no-student", dest="student", action="store_false", help="skip the student's timing")
     parser.add_argument(
