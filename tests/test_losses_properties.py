@@ -32,7 +32,7 @@ from kdray.losses import (
     triplet_prototype_loss,
 )
 from kdray.losses.ace import class_argmax
-from kdray.losses.ifvd import prototype_similarity
+from kdray.losses.ifvd import prototype_similarity, squared_norms
 from kdray.losses.pairwise import gram_is_cheaper, spatial_affinity_distance
 from kdray.losses.softmax_kl import LOG2_E, shifted_exponentials, softmax_kl
 
@@ -709,6 +709,12 @@ def test_softmax_kl_is_zero_for_equal_inputs_and_exact_near_them(dim):
 # --------------------------------------------------------------------------------------------------------------
 # IFVD's cosine map: the hand-written gradient against autograd on the plain formula
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_bytes", [8, 2 * 7 * 8 * 3, 1 << 21])  # one channel per block, 3 (of 10), all
+def test_squared_norms_in_channel_blocks_are_the_plain_sum_of_squares(block_bytes):
+    features = torch.randn(2, 10, 7, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    torch.testing.assert_close(squared_norms(features, block_bytes), features.square().sum(dim=1))
+
+
 def autograd_prototype_cosine(features, labels, num_classes, eps=1e-12):
     """The formula in plain autograd ops: per-image class means gathered per pixel, F.normalize-style clamps."""
     n, c, h, w = features.shape

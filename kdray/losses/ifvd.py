@@ -40,6 +40,22 @@ def prototype_similarity(features: Tensor, one_hot: Tensor, eps: float = 1e-12) 
     return _PrototypeCosine.apply(features, one_hot, eps)
 
 
+def squared_norms(flat: Tensor, block_bytes: int = 1 << 21) -> Tensor:
+    """`Σ_c flat[:, c, :]²`: (N, C, M) -> (N, M).
+
+    On the CPU the squares are taken a block of channels at a time, so that the temporary is ~2 MB and is
+    reused from one block to the next: a fresh square of the whole map (16 MB for the teacher at the papers'
+    shape) is faulted in page by page on every call, 3.7 ms there against ~1 ms for the arithmetic. On a GPU
+    (a caching allocator) one square and one sum.
+    """
+    n, c, m = flat.shape
+    step = c if flat.is_cuda else max(1, block_bytes // (n * m * flat.element_size()))
+    total = flat[:, :step].square().sum(dim=1)
+    for start in range(step, c, step):
+        total += flat[:, start : start + step].square().sum(dim=1)
+    return total
+
+
 class _PrototypeCosine(torch.autograd.Function):
     """`prototype_similarity`, its gradient by hand. With `P = F Oᵀ / n_k` (prototypes as columns, n_k the
     class's pixel count), `d_i = f_i · P_{y_i}`, `q_i = max(|P_{y_i}|, eps)`, `r_i = max(|f_i|, eps)` and
@@ -70,7 +86,7 @@ class _PrototypeCosine(torch.autograd.Function):
             prototype_norm = prototypes.square().sum(dim=1).sqrt()  # (N, K)
             own_norm = (prototype_norm.unsqueeze(1) @ one_hot).squeeze(1)  # (N, M): |P_{y_i}|
             # max(|f|, eps) as sqrt(max(|f|², eps²)): the same number, several times faster than a norm over dim 1
-            squared_norm = flat.square().sum(dim=1)  # (N, M)
+            squared_norm = squared_norms(flat)  # (N, M)
             labelled = one_hot.sum(dim=1) > 0
             denominator = squared_norm.clamp_min(eps * eps).sqrt() * own_norm.clamp_min(eps)  # r_i q_i
             cosine = torch.where(labelled, own_dot / denominator, 1.0)
