@@ -13,6 +13,10 @@ Shapes (what is measured):
 - demo: N=8, C_T=64, C_S=32, K=8, maps 16×16, labels 128×128; student = deeplabv3_resnet18 at width 0.25
   (32 feature channels) on 8×3×128×128.
 - tiny (only with --quick or --shapes tiny): N=2, C_T=16, C_S=8, K=5, maps 9×13, labels 72×104.
+Each loss gets the labels the training objective gives it: CE and the feature losses (IFVD, I2CKD) the full
+label map, ACE the labels already resized to the score maps (y↓, which the objective makes once per step for
+every score-map loss; the resize reads one int64 per 64-byte line of the full map, 0.1–0.7 ms at the papers'
+shape on this CPU, cold or warm).
 
 The loop versions are written here as the naive implementation a researcher writes without vectorising:
 explicit Python loops over every axis the formula indexes, with only the per-pixel / per-element work of one
@@ -337,6 +341,8 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
         "fs": torch.randn(s.n, s.c_s, s.h, s.w, generator=g).relu(),
         "ft": torch.randn(s.n, s.c_t, s.h, s.w, generator=g).relu(),
         "labels": labels,
+        # y↓: what the objective hands the score-map losses (`StepTensors.labels_small`, resized once per step)
+        "labels_small": downsample_labels(labels, (s.h, s.w)),
     }
     tensors = {key: value.to(device) for key, value in tensors.items()}
     tensors["zs"].requires_grad_(True)
@@ -358,6 +364,7 @@ def loss_table(shape: Shape, device: torch.device):
     def affinity_form(fs, ft):
         return spatial_affinity_distance(pool_nodes(fs, 2), pool_nodes(ft.detach(), 2), via="affinity")
 
+    # Each loss reads the labels the objective gives it: CE and the feature losses the full map, ACE y↓.
     logits = ("zs", "zt", "labels")
     features = ("fs", "ft", "labels")
     return [
@@ -367,7 +374,7 @@ def loss_table(shape: Shape, device: torch.device):
         ("CE", lambda x: ce(x["zs"], x["labels"]), None, logits, None),
         ("KD", lambda x: kd(x["zs"], x["zt"]), kd_loop, logits, None),
         ("CWD (logits)", lambda x: cwd(x["zs"], x["zt"]), cwd_loop, logits, None),
-        ("ACE", lambda x: ace(x["zs"], x["zt"], x["labels"]), ace_loop, logits, None),
+        ("ACE", lambda x: ace(x["zs"], x["zt"], x["labels_small"]), ace_loop, ("zs", "zt", "labels_small"), None),
         ("SKD pair-wise", lambda x: pairwise(x["fs"], x["ft"]), pairwise_loop, features, None),
         # the same loss through the M×M affinities, the form `PairwiseAffinity` avoids when M is large
         ("SKD pair-wise, M×M form", lambda x: affinity_form(x["fs"], x["ft"]), None, features, None),
