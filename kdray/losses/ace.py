@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from kdray.losses import _checks
+from kdray.losses._precision import autocast_off
 from kdray.losses.labels import downsample_labels
 from kdray.losses.softmax_kl import LOG2_E, shifted_exponentials
 
@@ -74,7 +75,7 @@ class _AdaptiveCrossEntropyMean(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, temperature, rule, ignore_index):
         dtype = student.dtype
         num_classes = student.shape[1]
-        with torch.autocast(student.device.type, enabled=False):
+        with autocast_off(student.device.type):
             student = student.to(torch.promote_types(dtype, torch.float32))  # half precision computed in float32
             teacher = teacher.to(student.dtype)
             index = labels.clamp(0, num_classes - 1)  # the label's class where labelled, a class otherwise

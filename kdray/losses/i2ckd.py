@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from kdray.errors import PreflightError
 from kdray.losses import _checks
+from kdray.losses._precision import autocast_off
 from kdray.losses.adapter import FeatureAdapter
 from kdray.losses.class_sums import class_sums
 from kdray.losses.labels import downsample_labels, one_hot_ignore
@@ -177,7 +178,7 @@ class I2CKD(nn.Module):
         # In float32 at least, autocast or not: a class's feature sum over thousands of pixels overflows
         # float16, and normalising an absent class's zero prototype divides by an eps that float16 rounds to 0.
         work = torch.promote_types(student_features.dtype, torch.float32)
-        with torch.autocast(student_features.device.type, enabled=False):
+        with autocast_off(student_features.device.type):
             one_hot = one_hot_ignore(labels, self.num_classes, self.ignore_index, work).flatten(2)
             counts = _class_counts(one_hot, self.scope)  # shared by the student's and the teacher's prototypes
             divisor = counts.clamp_min(1).unsqueeze(-1)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from kdray.losses import _checks
+from kdray.losses._precision import autocast_off
 from kdray.losses.class_sums import class_sums
 from kdray.losses.labels import downsample_labels, one_hot_ignore
 
@@ -73,7 +74,7 @@ class _PrototypeCosine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: Tensor, one_hot: Tensor, eps: float) -> Tensor:
         work = torch.promote_types(features.dtype, torch.float32)
-        with torch.autocast(features.device.type, enabled=False):
+        with autocast_off(features.device.type):
             flat = features.flatten(2).to(work)  # (N, C, M)
             one_hot = one_hot.to(work)  # (N, K, M)
             counts = one_hot.sum(dim=2).clamp_min(1).unsqueeze(1)  # (N, 1, K); absent classes: zero prototypes

@@ -63,5 +63,5 @@ class PixelwiseKD(nn.Module):
             return softmax_kl(
                 student_logits, teacher_logits, dim=1, weight=valid.unsqueeze(1), temperature=t, scale=factor / count
             )
-        count = student_logits[:, 0].numel()
+        count = student_logits.numel() // student_logits.shape[1]  # N·h·w
         return softmax_kl(student_logits, teacher_logits, dim=1, temperature=t, scale=factor / count)

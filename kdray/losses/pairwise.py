@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.losses import _checks
+from kdray.losses._precision import autocast_off
 
 
 def pool_nodes(features: Tensor, patch: int) -> Tensor:
@@ -57,7 +58,7 @@ def spatial_affinity_distance(student_nodes: Tensor, teacher_nodes: Tensor, via:
         return F.mse_loss(spatial_affinity(student_nodes), spatial_affinity(teacher_nodes))
     if via != "gram":
         raise ValueError(f"spatial_affinity_distance: via must be one of 'auto', 'affinity', 'gram', got {via!r}")
-    with torch.autocast(student_nodes.device.type, enabled=False):
+    with autocast_off(student_nodes.device.type):
         unit_s = F.normalize(student_nodes.double(), dim=1)
         unit_t = F.normalize(teacher_nodes.double(), dim=1)
         total = (

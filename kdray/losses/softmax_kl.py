@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kdray.losses._precision import autocast_off
+
 LOG2_E = 1.0 / math.log(2.0)
 
 
@@ -43,7 +45,7 @@ class _SoftmaxKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, dim: int, weight: Tensor | None, temperature: float, scale) -> Tensor:
         dtype = student.dtype
-        with torch.autocast(student.device.type, enabled=False):
+        with autocast_off(student.device.type):
             student = student.to(torch.promote_types(dtype, torch.float32))  # half precision computed in float32
             teacher = teacher.to(student.dtype)
             target, teacher_top = shifted_exponentials(teacher, dim, temperature)  # Z_T p_T
@@ -51,23 +53,23 @@ class _SoftmaxKL(torch.autograd.Function):
             target.mul_(teacher_norm.reciprocal() if weight is None else weight / teacher_norm)  # q = w p_T
             # Σ q (x_T − x_S), the difference taken per element: the value stays exact when student ≈ teacher
             difference = torch.sub(teacher, student)
-            cross = torch.dot(target.flatten(), difference.flatten()) / temperature
+            cross = torch.dot(target.flatten(), difference.flatten())  # × 1/T below
             # the difference's buffer, read, becomes the student's: two fresh (…, K, …) tensors, not three
             student_exp, student_top = shifted_exponentials(student, dim, temperature, out=difference)  # Z_S p_S
             student_norm = student_exp.sum(dim=dim, keepdim=True)
             rows = torch.div(student_norm, teacher_norm).log_().add_(student_top - teacher_top, alpha=1 / temperature)
             rows = rows.sum() if weight is None else torch.dot(rows.flatten(), weight.expand_as(rows).flatten())
-            total = (cross + rows) * scale
+            total = rows.add_(cross, alpha=1 / temperature).mul_(scale)
         row_weight = student_norm.reciprocal_() if weight is None else weight / student_norm  # w / Z_S
         ctx.save_for_backward(student_exp, row_weight, target)
-        ctx.input_dtype, ctx.temperature, ctx.scale = dtype, temperature, scale
+        ctx.input_dtype, ctx.gradient_scale = dtype, scale / temperature
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
         student_exp, row_weight, target = ctx.saved_tensors
-        factor = grad_total * ctx.scale / ctx.temperature  # ∂L/∂total · scale / T
+        factor = grad_total * ctx.gradient_scale  # ∂L/∂total · scale / T
         grad = student_exp * (row_weight * factor)  # w p_S · factor
         grad.addcmul_(target, factor, value=-1)  # − w p_T · factor
         return grad.to(ctx.input_dtype), None, None, None, None, None
