@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -89,17 +90,18 @@ class _AdaptiveCrossEntropyMean(torch.autograd.Function):
             soft_weight = right.to(student.dtype)  # a
             if rule == "average":
                 soft_weight.mul_(0.5)
-            label_weight = labelled.to(student.dtype).sub_(soft_weight)  # b = [labelled] − a
+            labelled = labelled.to(student.dtype)  # as numbers from here: cheaper in arithmetic than booleans
+            label_weight = labelled - soft_weight  # b = [labelled] − a
             target.mul_((soft_weight / target.sum(dim=1)).unsqueeze(1))  # a p_T
             target.scatter_add_(1, index.unsqueeze(1), label_weight.unsqueeze(1))  # q = a p_T + b onehot(y↓)
 
             shifted = torch.add(student.amax(dim=1, keepdim=True) * -base2, student, alpha=base2)  # s̃ / ln 2
-            target_term = torch.dot(target.flatten(), shifted.flatten()) * LN_2  # Σ_i Σ_k q_i[k] s̃_i,k
+            target_term = torch.dot(target.flatten(), shifted.flatten())  # Σ_i Σ_k q_i[k] s̃_i,k / ln 2
             student_exp = shifted.exp2_()  # Z_S · p_S, in the shifted scores' buffer
             student_norm = student_exp.sum(dim=1)  # Z_S ≥ 1
             student_weight = labelled / student_norm  # [labelled] / Z_S
             count = (labels != ignore_index).sum().clamp_min(1)  # |V|
-            mean = (student_norm.log_().mul_(labelled).sum() - target_term) / count
+            mean = student_norm.log_().mul_(labelled).sum().sub_(target_term, alpha=LN_2).div_(count)
         ctx.save_for_backward(student_exp, student_weight, target, count)
         ctx.input_dtype, ctx.temperature = dtype, temperature
         return mean
@@ -110,7 +112,7 @@ class _AdaptiveCrossEntropyMean(torch.autograd.Function):
         student_exp, student_weight, target, count = ctx.saved_tensors
         scale = grad_total / (count * ctx.temperature)  # ∂L/∂mean / (T |V|)
         grad = student_exp * (student_weight * scale).unsqueeze(1)  # [labelled] p_S · ∂L/∂mean / (T |V|)
-        grad.addcmul_(target, -scale)  # − q · ∂L/∂mean / (T |V|)
+        grad.addcmul_(target, scale, value=-1)  # − q · ∂L/∂mean / (T |V|)
         return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
@@ -126,6 +128,12 @@ def class_argmax(logits: Tensor, top: Tensor | None = None) -> Tensor:
     num_classes = logits.shape[1]
     if top is None:
         top = logits.amax(dim=1, keepdim=True)
-    rank = torch.arange(num_classes, 0, -1, device=logits.device, dtype=torch.float32).view(1, -1, 1, 1)  # K − k
+    rank = _ranks(num_classes, logits.device)
     marks = torch.eq(logits, top, out=torch.empty(logits.shape, device=logits.device, dtype=torch.float32))
     return num_classes - marks.mul_(rank).amax(dim=1).long()
+
+
+@functools.lru_cache(maxsize=16)
+def _ranks(num_classes: int, device: torch.device) -> Tensor:
+    """(1, K, 1, 1) float32 K − k, made once per class count and device (read only)."""
+    return torch.arange(num_classes, 0, -1, device=device, dtype=torch.float32).view(1, -1, 1, 1)
