@@ -418,7 +418,18 @@ def test_bad_option_raises_config_error_naming_it(build, option, value):
     assert value in message
 
 
-@pytest.mark.parametrize("name", ["kd", "cwd", "ace", "pairwise", "ifvd", "i2ckd"])
+# a loss (built afresh) and the inputs it reads
+_AUTOCAST_CASES = {
+    "kd": (PixelwiseKD, ("zs", "zt")),
+    "cwd": (ChannelWiseDistillation, ("zs", "zt")),
+    "ace": (AdaptiveCrossEntropy, ("zs", "zt", "labels")),
+    "pairwise": (lambda: PairwiseAffinity(patch=1), ("fs", "ft")),
+    "ifvd": (lambda: IntraClassFeatureVariation(num_classes=K), ("fs", "ft", "labels")),
+    "i2ckd": (lambda: I2CKD(C_T, C_T, K), ("fs", "ft", "labels")),
+}
+
+
+@pytest.mark.parametrize("name", list(_AUTOCAST_CASES))
 def test_losses_compute_in_float32_under_autocast(name):
     """Under bf16 autocast (the student's forward), a loss on float32 tensors gives its float32 value: its
     products and reductions do not drop to bf16 (whose 8-bit mantissa would move it by ~1e-3). A feature
@@ -426,25 +437,11 @@ def test_losses_compute_in_float32_under_autocast(name):
     I2CKD's adapter is applied to the prototypes, inside the loss's float32 block."""
     x = make_inputs(c_s=C_T, dtype=torch.float32)
     torch.manual_seed(0)
-    module = {
-        "kd": lambda: PixelwiseKD(),
-        "cwd": lambda: ChannelWiseDistillation(),
-        "ace": lambda: AdaptiveCrossEntropy(),
-        "pairwise": lambda: PairwiseAffinity(patch=1),
-        "ifvd": lambda: IntraClassFeatureVariation(num_classes=K),
-        "i2ckd": lambda: I2CKD(C_T, C_T, K),
-    }[name]()
-    call = {
-        "kd": lambda: module(x["zs"], x["zt"]),
-        "cwd": lambda: module(x["zs"], x["zt"]),
-        "ace": lambda: module(x["zs"], x["zt"], x["labels"]),
-        "pairwise": lambda: module(x["fs"], x["ft"]),
-        "ifvd": lambda: module(x["fs"], x["ft"], x["labels"]),
-        "i2ckd": lambda: module(x["fs"], x["ft"], x["labels"]),
-    }[name]
-    expected = call()
+    build, keys = _AUTOCAST_CASES[name]
+    module = build()
+    expected = module(*(x[k] for k in keys))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        actual = call()
+        actual = module(*(x[k] for k in keys))
     assert actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
 
