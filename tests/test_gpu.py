@@ -167,6 +167,35 @@ def test_graphed_objective_replays_what_the_eager_one_computes(full_precision):
     assert all(_relative_error(values[name], value) < 1e-6 for name, value in want_values.items())
 
 
+@pytest.mark.parametrize("conditioning", ["logits", "logits+image"])
+def test_graphed_discriminator_loss_replays_what_the_eager_one_computes(full_precision, conditioning):
+    from kdray.engine.graphs import GraphedDiscriminatorLoss
+    from kdray.losses import AdversarialDistillation
+
+    torch.manual_seed(0)
+    eager = AdversarialDistillation(K, conditioning=conditioning).cuda()
+    twin = copy.deepcopy(eager)
+    graphed = GraphedDiscriminatorLoss(twin)
+    for seed in range(3):  # the capture, then two replays on new inputs
+        x = {k: v.cuda() for k, v in _inputs(seed).items()}
+        losses = []
+        for module, call in ((eager, eager.discriminator_loss), (twin, graphed)):
+            module.zero_grad(set_to_none=True)
+            loss = call(x["zt"], x["zs"], x["images"])
+            loss.backward()
+            losses.append((loss.detach().clone(), {n: p.grad.clone() for n, p in module.named_parameters()}))
+        (want, want_grads), (got, grads) = losses
+        assert _relative_error(got, want) < 1e-6, seed
+        assert set(grads) == set(want_grads)
+        for name, grad in want_grads.items():
+            assert _relative_error(grads[name], grad) < 1e-5, (seed, name)
+    for (name, buffer), (_, want) in zip(twin.named_buffers(), eager.named_buffers(), strict=True):
+        torch.testing.assert_close(buffer, want, rtol=1e-6, atol=0, msg=name)
+    x = {k: v[:1].cuda() for k, v in _inputs(seed=7).items()}  # another shape: eager, same number
+    assert _relative_error(graphed(x["zt"], x["zs"], x["images"]),
+                           eager.discriminator_loss(x["zt"], x["zs"], x["images"])) < 1e-6
+
+
 def _job(tmp_path, teacher_file, *overrides):
     """test_engine's tiny job (6 iterations, evaluations at 3 and 6) on one GPU, every loss but CE on."""
     pairs = (o.split("=", 1) for o in [*EVERY_LOSS, "losses.ce.enabled=false", "run.gpus_per_worker=1", *overrides])

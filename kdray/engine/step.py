@@ -1,10 +1,11 @@
 """One training iteration: forward of student and teacher, the objective, the student's step, the discriminator's.
 
     with autocast:  student forward            teacher forward (no grad)
-    total, parts = objective(...)              # the first call runs the pre-flight check; with
-                                               # run.cuda_graphs, by replay of two CUDA graphs
+    total, parts = objective(...)              # the first call runs the pre-flight check
     scaler.scale(total).backward(); step       # adapters step with the student
     discriminator step on detached logits      # adversarial loss only
+    (with run.cuda_graphs: the objective and the hinge discriminator loss, forward and backward, by replay of
+    CUDA graphs)
 
 Shared by the training loop and `benchmarks/step.py`, so that what the benchmark times is what a run does.
 """
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdray.config import Job, LossesConfig
 from kdray.engine.distributed import RankContext, average_gradients
-from kdray.engine.graphs import GraphedObjective
+from kdray.engine.graphs import GraphedDiscriminatorLoss, GraphedObjective
 from kdray.losses.objective import DistillationObjective, StepTensors
 
 
@@ -48,6 +49,7 @@ class TrainStep:
     ctx: RankContext
     checked: bool = False
     losses: Callable[[StepTensors], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    discriminator_loss: Callable[..., torch.Tensor] | None = None
     # the parameter lists the step all-reduces on several ranks, collected once from the objective
     adapters: list[nn.Parameter] = field(init=False)
     d_params: list[nn.Parameter] = field(init=False)
@@ -55,9 +57,13 @@ class TrainStep:
     def __post_init__(self) -> None:
         self.adapters = self.objective.student_side_parameters()
         self.d_params = self.objective.discriminator_parameters()
+        graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda"
         if self.losses is None:
-            graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda"
             self.losses = GraphedObjective(self.objective) if graphs else self.objective
+        adversarial = self.objective.adversarial
+        if self.discriminator_loss is None and adversarial is not None:
+            self.discriminator_loss = GraphedDiscriminatorLoss(adversarial) if graphs \
+                else adversarial.discriminator_loss
 
     @classmethod
     def build(cls, job: Job, model: nn.Module, teacher: nn.Module | None, losses: LossesConfig,
@@ -121,8 +127,7 @@ class TrainStep:
 
         if self.d_optimizer is not None:
             self.d_optimizer.zero_grad(set_to_none=True)
-            d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits,
-                                                              tensors.student_logits.detach(), images)
+            d_loss = self.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(), images)
             d_loss.backward()
             average_gradients(self.d_params, self.ctx)
             self.d_optimizer.step()
