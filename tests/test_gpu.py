@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from test_engine import _free_port, tiny_job
 
@@ -241,3 +242,40 @@ def test_engine_trains_inside_an_nccl_process_group(tmp_path, teacher_file):
         assert grad.tolist() == [2.0, 2.0, 2.0]
     finally:
         dist.destroy_process_group()
+
+
+def _gloo_rank_on_the_gpu(rank, port, job, out_dir, results):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True  # graphed and eager runs then differ only by what graphs change
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        result = train(job, out_dir, ctx=RankContext.current(torch.device("cuda", 0)), progress=False)
+        if rank == 0:
+            state = load_checkpoint(f"{out_dir}/checkpoint")
+            results[out_dir] = {"history": result.history,
+                                "weights": {k: v.cpu() for k, v in state["model"].items()},
+                                "objective": {k: v.cpu() for k, v in state["objective"].items()}}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cuda_graphs_on_two_ranks_train_what_eager_ranks_train(tmp_path, teacher_file):
+    """`run.cuda_graphs` under data parallelism: two ranks (gloo, both on the one GPU: nccl refuses two ranks
+    on one device) with DDP, SyncBatchNorm, and the adapters' and discriminator's all-reduces, graphed and
+    eager, reach the same weights and the same evaluations."""
+    results = mp.Manager().dict()
+    for graphs in ("false", "true"):
+        job = _job(tmp_path, teacher_file, "run.workers=2", f"run.cuda_graphs={graphs}")
+        out_dir = str(tmp_path / f"graphs-{graphs}")
+        mp.spawn(_gloo_rank_on_the_gpu, args=(_free_port(), job, out_dir, results), nprocs=2, join=True)
+    eager, graphed = results[str(tmp_path / "graphs-false")], results[str(tmp_path / "graphs-true")]
+    assert [h["iteration"] for h in graphed["history"]] == [3, 6]
+    for want, got in zip(eager["history"], graphed["history"], strict=True):
+        assert got["val/miou"] == pytest.approx(want["val/miou"], abs=1e-6)
+    for part in ("weights", "objective"):
+        assert set(graphed[part]) == set(eager[part])
+        for name, want in eager[part].items():
+            if want.is_floating_point():
+                assert _relative_error(graphed[part][name], want) < 1e-4, (part, name)
+            else:
+                assert torch.equal(graphed[part][name], want), (part, name)

@@ -155,5 +155,5 @@ def validate(job: Job) -> Job:
     _require(not r.channels_last or r.gpus_per_worker > 0, "run.channels_last", r.channels_last,
              "channels_last is for GPU runs: set run.gpus_per_worker > 0")
     _require(not r.cuda_graphs or r.gpus_per_worker > 0, "run.cuda_graphs", r.cuda_graphs,
-             "CUDA graphs are for GPU runs: set run.gpus_per_worker > 0")
+             "CUDA graphs are for GPU runs: set run.gpus_per_worker > 0 or run.cuda_graphs=false")
     return job

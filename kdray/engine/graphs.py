@@ -1,12 +1,14 @@
 """The losses' forward and backward, and the discriminator's loss, as CUDA graphs (`run.cuda_graphs`).
 
 On a GPU the distillation losses are bound by launching work, not by doing it: at the papers' shape on an H100,
-I2CKD dispatches ~300 operators for 0.2 ms of kernels and takes 3 ms. Captured once with
+I2CKD dispatches ~300 operators for 0.2 ms of kernels and takes 4 ms. Captured once with
 `torch.cuda.make_graphed_callables`, a step replays one graph for the losses' forward and one for their
 backward, whatever the number of losses (I2CKD alone: 0.25 ms); the hinge discriminator's loss likewise (its
-step: 12–16 ms eager, 2 ms replayed). The student, the teacher, the optimisers' steps and the WGAN-GP
-discriminator (random mixing, double backward) stay eager. Checked on one GPU (tests/test_gpu.py), in float32
-and under AMP; not yet on several ranks.
+step: 13–15 ms eager, 2.1 ms replayed). The student, the teacher, the optimisers' steps and the WGAN-GP
+discriminator (random mixing, double backward) stay eager. Checked (tests/test_gpu.py) on one GPU in float32
+and under AMP, and on two data-parallel ranks sharing one GPU (gloo: DDP, SyncBatchNorm and the all-reduces of
+the adapters and the discriminator around the graphs), which train what eager ranks train; not yet with nccl
+over several GPUs (the lent machines have one).
 """
 
 from __future__ import annotations
