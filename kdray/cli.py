@@ -1,4 +1,4 @@
-"""What the `python -m kdray.*` commands share: the job arguments and turning kdray errors into exit codes."""
+"""What the kdray commands share: the job arguments and turning kdray errors into exit codes."""
 
 from __future__ import annotations
 
@@ -9,23 +9,41 @@ from pathlib import Path
 
 from kdray.errors import KdrayError
 
-DEMO_JOB = "jobs/demo.yaml"
+# The demo job and space ship inside the package (package data), so the commands find them from any directory
+# and from a wheel; jobs/demo.yaml and search_spaces/demo.yaml in the source tree are links to these files.
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_JOB = "kdray/demo/job.yaml"
+
+
+def demo_file(name: str) -> str:
+    """The path of a file of the built-in demo (`job.yaml`, `space.yaml`)."""
+    return str(DEMO_DIR / name)
 
 
 def default_job() -> str:
-    """`jobs/demo.yaml` in the working directory, else the one in the source tree kdray was installed from."""
-    here = Path(DEMO_JOB)
-    if here.is_file():
-        return str(here)
-    return str(Path(__file__).resolve().parents[1] / DEMO_JOB)
+    """The built-in synthetic demo job, read from the installed package."""
+    return demo_file("job.yaml")
+
+
+class JobParser(argparse.ArgumentParser):
+    """An argument parser whose `parse_args` takes options and `key=value` overrides in any order.
+
+    Plain argparse stops filling a `nargs="*"` positional at the first option, so `a=1 --dry-run b=2` is refused
+    ("unrecognized arguments: b=2"); `parse_intermixed_args` collects the overrides from anywhere.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job", default=None, help=f"job YAML (default: {DEMO_JOB}, the synthetic demo)")
+    """The parser of a command that takes `--job JOB` and overrides; options and overrides may interleave."""
+    parser = JobParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", default=None,
+                        help=f"job YAML (default: the built-in synthetic demo, {DEMO_JOB})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override job values, e.g. losses.kd.weight=0.5 optim.iterations=200")
+                        help="override job values, e.g. losses.kd.weight=0.5 optim.iterations=200; "
+                             "they may come before, between or after the options")
     return parser
 
 

@@ -27,6 +27,8 @@ class CheckpointError(KdrayError):
 class ResourceError(KdrayError):
     """The cluster cannot provide what a run asks for (GPUs, CPUs, workers)."""
 
+    exit_code = 3
+
 
 class PreflightError(KdrayError):
     """A distillation loss cannot run on the shapes the teacher and student produce."""

@@ -7,26 +7,63 @@ of the Cityscapes/VOC evaluation scripts, where every class occurs).
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
-from kdray.errors import DataError
+from kdray.errors import ConfigError, DataError
+
+IOU_KEY_PREFIX = "val/iou/"
+# What a class name may keep in its metric key: MLflow's characters less '/' and ':' (see iou_metric_key).
+_REFUSED_IN_CLASS_NAME = re.compile(r"[^\w.\- ]")
+
+
+def iou_metric_key(class_name: str) -> str:
+    r"""The MLflow metric name a class's IoU is logged under: "val/iou/" + the class name, made loggable.
+
+    MLflow 3 accepts a metric name only if it matches `^[/\w.\- :]*$` (Unicode letters, digits and '_', then
+    '.', '-', ' ', ':', '/'; ':' refused on Windows), and only if `posixpath.normpath` leaves it unchanged and
+    it neither starts with '/' nor '..'. So it refuses "(", ")", "+", "," and "'", among others. Here every
+    character of `class_name` other than a word character, '.', '-' or ' ' becomes '_': also '/' (a class
+    name is one segment: "tv/monitor" would otherwise nest under "val/iou/tv" and, in MLflow's file store,
+    collide with a class "tv") and ':' (so the key is the same whatever platform logs it). A name that would
+    vanish as a path segment ("", ".", "..") becomes as many '_' (one for ""). Names made only of accepted
+    characters are unchanged: "traffic light" -> "val/iou/traffic light", "crack (large)" ->
+    "val/iou/crack _large_", "person+rider" -> "val/iou/person_rider", "tv/monitor" -> "val/iou/tv_monitor".
+    Distinct names can map to the same key ("a(b", "a)b"). MLflow also caps names at 250 characters, which a
+    class name longer than 242 still exceeds.
+    """
+    name = _REFUSED_IN_CLASS_NAME.sub("_", class_name)
+    if name in ("", ".", ".."):
+        name = "_" * max(len(name), 1)
+    return IOU_KEY_PREFIX + name
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
                      ) -> torch.Tensor:
     """Counts (K, K) int64, rows = ground truth, columns = prediction, pixels labelled `ignore_index` skipped.
 
-    pred, target: integer tensors of the same shape (any), prediction values in 0..K-1.
+    pred, target: integer tensors of the same shape (any); on the pixels not ignored, labels must be in
+    0..K-1 (`DataError` otherwise) and predictions too (`ConfigError` otherwise: the model predicts classes
+    the data does not have, so its class count differs from data.num_classes). The cell of a pair is
+    `t·K + p`, counted by `bincount`: an unchecked p ≥ K or < 0 would land in another pair's cell.
+    Predictions at ignored pixels are not looked at. Costs one min/max of labels and predictions, read back
+    to the host once.
     """
     if pred.shape != target.shape:
         raise DataError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
     valid = target != ignore_index
     t, p = target[valid].long(), pred[valid].long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        bad = int(t.max()) if int(t.max()) >= num_classes else int(t.min())
-        raise DataError(f"label value {bad} is outside 0..{num_classes - 1} and is not the ignore value "
-                        f"{ignore_index}")
+    if t.numel():
+        t_min, t_max, p_min, p_max = torch.stack([*torch.aminmax(t), *torch.aminmax(p)]).tolist()
+        if t_min < 0 or t_max >= num_classes:
+            raise DataError(f"label value {t_max if t_max >= num_classes else t_min} is outside "
+                            f"0..{num_classes - 1} and is not the ignore value {ignore_index}")
+        if p_min < 0 or p_max >= num_classes:
+            raise ConfigError(f"prediction value {p_max if p_max >= num_classes else p_min} is outside "
+                              f"0..{num_classes - 1} (K = {num_classes}): the model's class count must match "
+                              f"data.num_classes ({num_classes})")
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
@@ -53,8 +90,20 @@ class ConfusionMatrix:
         self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: logits (N, K, H, W) or predictions (N, H, W), labels (N, H, W)."""
-        pred = logits_or_pred.argmax(1) if logits_or_pred.dim() == target.dim() + 1 else logits_or_pred
+        """Add a batch: logits (N, K, H, W) or predictions (N, H, W), labels (N, H, W).
+
+        Raises `ConfigError` when the logits' class axis is not K or a prediction is outside 0..K-1 (the model
+        was built for another class count than data.num_classes), `DataError` for a label outside 0..K-1 that
+        is not the ignore value.
+        """
+        if logits_or_pred.dim() == target.dim() + 1:
+            if logits_or_pred.shape[1] != self.num_classes:
+                raise ConfigError(f"logits {tuple(logits_or_pred.shape)} have {logits_or_pred.shape[1]} classes on "
+                                  f"axis 1, expected K = {self.num_classes}: the model's class count must match "
+                                  f"data.num_classes ({self.num_classes})")
+            pred = logits_or_pred.argmax(1)
+        else:
+            pred = logits_or_pred
         self.counts += confusion_matrix(pred, target, self.num_classes, self.ignore_index).to(self.counts.device)
 
     def all_reduce(self) -> ConfusionMatrix:

@@ -1,27 +1,33 @@
 """`python -m kdray.sweep [--job JOB] [--space SPACE] [key=value ...]`: the distillation sweep.
 
-With no argument: the built-in demo (jobs/demo.yaml, search_spaces/demo.yaml) on an embedded local Ray and
+With no argument: the built-in demo (kdray/demo/job.yaml, kdray/demo/space.yaml) on an embedded local Ray and
 a local MLflow store, training the demo teacher first if it is missing. On a cluster: `ray up cluster.yaml`,
 then the same command on the head node (or `ray job submit -- python -m kdray.sweep ...`).
+
+exit codes:
+  0    every trial finished or was stopped early by the scheduler
+  1    a trial failed or never started (the summary says which and why; the report lists them)
+  2    bad input: the job, an override, the space, the data tree or a weights file (nothing was started)
+  3    the cluster cannot run a trial the space can produce (the row or key is named; nothing was started)
+  130  interrupted (Ctrl+C): continue with --resume
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from kdray.cli import default_job, demo_file, job_parser, run_main
 
-from kdray.cli import default_job, job_parser, run_main
-
-DEMO_SPACE = "search_spaces/demo.yaml"
+DEMO_SPACE = "kdray/demo/space.yaml"
 
 
 def default_space() -> str:
-    here = Path(DEMO_SPACE)
-    return str(here if here.is_file() else Path(__file__).resolve().parents[1] / DEMO_SPACE)
+    """The built-in demo search space, read from the installed package."""
+    return demo_file("space.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("python -m kdray.sweep", __doc__)
-    parser.add_argument("--space", default=None, help=f"search space YAML (default: {DEMO_SPACE})")
+    parser.add_argument("--space", default=None,
+                        help=f"search space YAML (default: the built-in demo space, {DEMO_SPACE})")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS if set, else an embedded local Ray)")
     parser.add_argument("--tracking-uri", default=None,
@@ -33,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-teacher", action="store_true",
                         help="train the job's teacher first when teacher.checkpoint is missing "
                              "(always on for the built-in demo)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own start-up and status output")
     args = parser.parse_args(argv)
 
     from kdray.orchestration.sweep import SweepRequest, dry_run, run_sweep, summary_table
@@ -41,18 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     request = SweepRequest(
         job_path=args.job or default_job(), space_path=args.space or default_space(), overrides=args.overrides,
         address=args.address, tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
-        smoke_test=args.smoke_test, train_teacher=args.train_teacher or demo,
+        smoke_test=args.smoke_test, train_teacher=args.train_teacher or demo, verbose=args.verbose,
     )
     if args.dry_run:
         print("\n".join(dry_run(request)))
         return 0
     outcome = run_sweep(request)
-    print(f"\nsweep {outcome.sweep_id} done in {outcome.wall_s:.0f} s ({len(outcome.trials)} trials), best first:\n")
+    ended = "interrupted" if outcome.interrupted else "ended"
+    print(f"\nsweep {outcome.sweep_id} {ended} after {outcome.wall_s:.0f} s: {outcome.counts()}; best first:\n")
     print(summary_table(outcome))
     if outcome.report_markdown:
         print(f"\n{outcome.report_markdown}\nreport files: {outcome.sweep_dir / 'report'}")
     print(f"\nMLflow: mlflow ui --backend-store-uri {outcome.tracking_uri}   (experiment {outcome.experiment!r})")
-    return 0 if outcome.complete else 130
+    if outcome.interrupted:
+        print(f"resume with: python -m kdray.sweep --resume {outcome.sweep_dir}")
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`python -m kdray.teacher --job JOB [key=value ...]`: train a job's teacher with CE and save its weights.
 
-The weights go to the job's `teacher.checkpoint` (the best evaluation), where distillation runs load them.
+The weights go to the job's `teacher.checkpoint` (the best evaluation), where distillation runs load them;
+`teacher.checkpoint: auto` (the demo's) is a per-user cache, keyed by the settings that determine the teacher.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from kdray.cli import default_job, job_parser, run_main
 from kdray.config import load_job
 from kdray.engine import train
+from kdray.engine.inputs import check_teacher_training, open_splits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     if Path(target).exists() and not args.force:
         print(f"teacher weights already at {target}; pass --force to train again")
         return 0
+    open_splits(job)  # a wrong data tree or backbone file stops here, in seconds, not after the model is built
+    for note in check_teacher_training(job):
+        print(f"note: {note}")
     out = Path(job.run.output_dir) / job.name / f"teacher-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"teacher weights: {target}\noutputs: {out}")
     result = train(job, out, role="teacher")
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.best_weights, target)

@@ -9,68 +9,16 @@ few), then goes on (with --dry-run: stops after the plan).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from kdray.cli import default_job, job_parser, run_main
 from kdray.config import Job, job_hash, load_job
-from kdray.data import raw_dataset, split_name
+from kdray.data import split_name
 from kdray.engine import train
-from kdray.engine.progress import Progress
-from kdray.errors import CheckpointError, DataError
+from kdray.engine.inputs import check_weights, open_splits
 from kdray.losses.objective import config_formula, method_label
-from kdray.models.public import find_public, mismatches
-
-SCAN_THREADS = min(8, os.cpu_count() or 1)  # threads reading masks for --check-data
-
-
-def open_splits(job: Job, full: bool = False) -> dict[str, int]:
-    """Open the train and val splits (tree checks and a few masks; every mask with `full`): role -> size."""
-    sizes = {}
-    for role in ("train", "val"):
-        dataset = raw_dataset(job.data, role)
-        sizes[role] = len(dataset)
-        if full and hasattr(dataset, "check"):
-            split = split_name(job.data, role)
-            show = Progress(len(dataset))
-            t0 = time.perf_counter()
-            dataset.check(progress=_throttled(show, f"checking {job.data.dataset} {split} masks"),
-                          workers=SCAN_THREADS)
-            show.message(f"{len(dataset)} {split} masks checked in {time.perf_counter() - t0:.1f} s")
-    if sizes["train"] < job.data.batch_size:  # the sampler would refuse it later, after the models are built
-        raise DataError(f"the {split_name(job.data, 'train')} split has {sizes['train']} images, fewer than one "
-                        f"global batch (data.batch_size={job.data.batch_size}): lower data.batch_size or add data")
-    return sizes
-
-
-def _throttled(show: Progress, label: str):
-    """A `progress(done, total)` callback that redraws about 50 times in all (one line each off a terminal)."""
-
-    def progress(done: int, total: int) -> None:
-        if done % max(1, total // 50) == 0 or done == total:
-            show.update(done, label)
-
-    return progress
-
-
-def weight_notes(job: Job) -> list[str]:
-    """Missing weight files are errors; a public file that does not suit the job is a note."""
-    needed = [("teacher.checkpoint", job.teacher.checkpoint, job.teacher.arch)] if job.distills else []
-    needed.append(("student.backbone_weights", job.student.backbone_weights, job.student.arch))
-    if job.distills and job.teacher.checkpoint is None:
-        raise CheckpointError("teacher.checkpoint: distillation needs trained teacher weights; train them with "
-                              "`python -m kdray.teacher --job <job>` or name a checkpoint file")
-    notes = []
-    n = job.data.normalize
-    for key, path, arch in needed:
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            hint = "train it with `python -m kdray.teacher --job <job>`, or " if key == "teacher.checkpoint" else ""
-            raise CheckpointError(f"{key}: {path}: no such file ({hint}see the README section on public teachers)")
-        notes += mismatches(key, path, arch, job.data.num_classes, n.mean, n.std, n.order)
-    return notes
+from kdray.models.public import find_public
 
 
 def plan(job: Job, sizes: dict[str, int]) -> str:
@@ -113,20 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     job = load_job(args.job or default_job(), args.overrides)
     sizes = open_splits(job, full=args.check_data)
+    notes = check_weights(job)
     if args.dry_run:
-        notes = weight_notes(job)
         print(plan(job, sizes))
         for note in notes:
             print(f"note: {note}")
         print("dry run: the job is valid and its data and weight files are in place; nothing was trained")
         return 0
-    for note in weight_notes(job):
+    for note in notes:
         print(f"note: {note}")
 
     if args.resume:
         out = Path(args.resume).resolve().parent
     else:
         out = Path(job.run.output_dir) / job.name / f"student-{time.strftime('%Y%m%d-%H%M%S')}"
+    if job.distills:
+        print(f"teacher: {job.teacher.checkpoint}")
+    print(f"outputs: {out}")
     result = train(job, out, role="student", resume=args.resume)
     print(f"{method_label(job.losses)} student {job.student.arch}: final mIoU {100 * result.final_miou:.2f}, "
           f"best {100 * result.best_miou:.2f} at iteration {result.best_iteration}, {result.wall_s:.0f} s; "

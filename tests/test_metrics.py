@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mlflow.utils import validation as mlflow_validation
 
-from kdray.errors import DataError
-from kdray.metrics import ConfusionMatrix, confusion_matrix, iou_per_class, mean_iou
+from kdray.errors import ConfigError, DataError
+from kdray.metrics import ConfusionMatrix, confusion_matrix, iou_metric_key, iou_per_class, mean_iou
 
 
 def naive_miou(preds, targets, k, ignore=255):
@@ -96,6 +97,90 @@ def test_label_out_of_range_is_a_clear_error():
         confusion_matrix(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 7, 255]), 4)
     with pytest.raises(DataError, match="shape"):
         confusion_matrix(torch.zeros(4, dtype=torch.long), torch.zeros(5, dtype=torch.long), 4)
+
+
+def _prediction_refusal(value: int, k: int) -> str:
+    return (rf"prediction value {value} is outside 0\.\.{k - 1} \(K = {k}\): the model's class count must match "
+            rf"data\.num_classes \({k}\)")
+
+
+@pytest.mark.parametrize("bad", [3, 9, -1])
+@pytest.mark.parametrize("entry", ["update", "function"])
+def test_prediction_outside_the_classes_is_a_clear_error(bad, entry):
+    """Before: bincount put a prediction p >= K or < 0 into the cell of another (label, prediction) pair."""
+    target = torch.tensor([[0, 1, 2, 1]])
+    pred = torch.tensor([[0, 1, bad, 2]])
+    with pytest.raises(ConfigError, match=_prediction_refusal(bad, 3)):
+        if entry == "update":
+            ConfusionMatrix(3).update(pred, target)
+        else:
+            confusion_matrix(pred, target, 3)
+
+
+def test_prediction_at_an_ignored_pixel_is_not_looked_at():
+    target = torch.tensor([[0, 1, 255]])
+    pred = torch.tensor([[0, 1, 7]])
+    cm = ConfusionMatrix(2)
+    cm.update(pred, target)
+    ref_iou, _ = naive_miou([pred], [target], 2)
+    assert cm.compute()["iou"] == ref_iou == [1.0, 1.0]
+
+
+def test_logits_with_another_class_count_are_a_clear_error():
+    with pytest.raises(ConfigError, match=r"logits \(2, 6, 3, 5\) have 6 classes on axis 1, expected K = 4: the "
+                                          r"model's class count must match data\.num_classes \(4\)"):
+        ConfusionMatrix(4).update(torch.randn(2, 6, 3, 5), torch.randint(0, 4, (2, 3, 5)))
+    with pytest.raises(ConfigError, match="have 3 classes"):
+        ConfusionMatrix(4).update(torch.randn(2, 3, 3, 5), torch.randint(0, 3, (2, 3, 5)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_valid_batches_still_match_the_reference_with_predictions_up_to_k_minus_1(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    pred, target = random_batch(gen, 2, 6, 5, 3)
+    pred[0, 0, 0], target[0, 0, 0] = 2, 0  # the extreme class on both sides
+    cm = ConfusionMatrix(3)
+    cm.update(pred, target)
+    ref_iou, ref_miou = naive_miou([pred], [target], 3)
+    assert all((math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-12 for a, b in zip(cm.compute()["iou"], ref_iou))
+    assert abs(cm.compute()["miou"] - ref_miou) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------------
+# iou_metric_key: names MLflow accepts
+# --------------------------------------------------------------------------------------------------------------
+AWKWARD_NAMES = ["crack (large)", "person+rider", "tv/monitor", "traffic light", "a:b", "x,y's", "", ".", "..",
+                 "...", "/lead", "trail/", "a//b", "../up", "tab\there", "new\nline", "Straße", "façade-1.2_x"]
+
+
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_iou_metric_key_is_accepted_by_mlflow(monkeypatch, name, windows):
+    """On either platform's rule (':' is refused on Windows): a key does not depend on where it is logged."""
+    monkeypatch.setattr(mlflow_validation, "is_windows", lambda: windows)
+    key = iou_metric_key(name)
+    assert key.startswith("val/iou/") and "/" not in key[len("val/iou/"):]
+    mlflow_validation._validate_metric_name(key)
+    mlflow_validation._validate_metric(key, 0.5, 0, 0)
+
+
+def test_iou_metric_key_replaces_each_refused_character():
+    assert iou_metric_key("crack (large)") == "val/iou/crack _large_"
+    assert iou_metric_key("person+rider") == "val/iou/person_rider"
+    assert iou_metric_key("tv/monitor") == "val/iou/tv_monitor"
+    assert iou_metric_key("a:b") == "val/iou/a_b"
+    assert [iou_metric_key(n) for n in ("", ".", "..")] == ["val/iou/_", "val/iou/_", "val/iou/__"]
+
+
+@pytest.mark.parametrize("name", ["traffic light", "road", "Straße", "façade-1.2_x", "...", "class_07", "sky 2"])
+def test_iou_metric_key_keeps_names_already_valid(name):
+    assert iou_metric_key(name) == "val/iou/" + name
+
+
+def test_iou_metric_key_of_a_key_suffix_is_itself():
+    for name in AWKWARD_NAMES:
+        suffix = iou_metric_key(name)[len("val/iou/"):]
+        assert iou_metric_key(suffix) == iou_metric_key(name)
 
 
 def _free_port() -> int:

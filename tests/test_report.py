@@ -178,7 +178,7 @@ def test_read_sweep_gives_an_arrow_table_with_states_and_history(store):
     runs = {r["run_id"]: r for r in data.runs.to_pylist()}
     assert runs[store.failed]["state"] == "failed" and runs[store.failed]["failure"] == "CUDA out of memory"
     assert runs[store.stopped]["state"] == "early_stopped" and runs[store.stopped]["last_step"] == 200
-    assert runs[store.interrupted]["state"] == "unfinished"
+    assert runs[store.interrupted]["state"] == "interrupted"
     assert data.runs.num_rows == 3 * 3 + 3 + 2
     assert data.runs.column("trial_id").to_pylist()[:5] == ["abl_0", "abl_1", "abl_2", "abl_3", "abl_5"]
     ce1 = next(r for r in runs.values() if r["trial_id"] == "abl_1")
@@ -225,7 +225,7 @@ def test_ablation_table_numbers(store, value):
     # excluded runs are counted on their row, never averaged
     assert cells(table)["+KD"]["Excluded"] == "1 failed" and rows["+KD"]["n_failed"] == 1
     assert cells(table)["+KD+I2CKD"]["Excluded"] == "1 early-stopped"
-    assert cells(table)["Student (CE)"]["Excluded"] == "1 unfinished"
+    assert cells(table)["Student (CE)"]["Excluded"] == "1 interrupted"
     which = "the last evaluation" if value == "last" else "the best evaluation"
     assert which in table.caption and "sample std (ddof=1)" in table.caption
     assert "n = 3 seeds (0, 1, 2)" in table.caption and "sweep `abl-1`" in table.caption
@@ -277,7 +277,7 @@ def test_per_class_iou_last_and_best(store, ablation_last):
 
     data = read_sweep(store.uri, "kdtest", "abl-1")
     steps = {run_id: step for _, run_id, step in best_runs(data, "best")}
-    tables = by_name(build_tables(data, "best", iou_at_best=read_iou_at(store.uri, steps, data.classes))[0])
+    tables = by_name(build_tables(data, "best", iou_at_best=read_iou_at(store.uri, steps, data.class_keys))[0])
     shown = {r[0]: r[1:] for r in tables["per_class"].rows}
     best_best = {"Teacher": TEACHER[1], "CE": 0.74, "KD": 0.76, "KD+I2CKD": 0.78, "I2CKD†": 0.58}
     for c in CLASSES:
@@ -291,7 +291,9 @@ def test_excluded_runs_are_listed_with_reasons(store, ablation_last):
     reasons = {r[0]: r[-1] for r in table.rows}
     assert reasons["abl_8"] == "CUDA out of memory"
     assert reasons["abl_13"] == "stopped early by the scheduler at iteration 200; last mIoU 62.00"
-    assert reasons["abl_3"] == "status KILLED: interrupted or still running"
+    assert reasons["abl_3"] == ("status KILLED, not stopped by the scheduler: interrupted; last mIoU 65.00 at "
+                                "iteration 100")
+    assert {r[0]: r[4] for r in table.rows}["abl_3"] == "interrupted"
     assert set(reasons) == {"abl_3", "abl_8", "abl_13", "abl_15", "abl_16"}
 
 
@@ -346,7 +348,8 @@ def test_search_summary(store):
 
 def test_write_report_writes_every_format_and_plot_and_logs_them(store, tmp_path):
     out = tmp_path / "report"
-    result = write_report(store.uri, "kdtest", "srch-1", out, formats=("md", "tex", "csv", "parquet"))
+    result = write_report(store.uri, "kdtest", "srch-1", out, formats=("md", "tex", "csv", "parquet"),
+                          log_artifacts=True)
     names = {p.name for p in result.files}
     for table in ("methods", "search_best", "search_top", "importance", "per_class", "excluded"):
         assert {f"{table}.tex", f"{table}.csv", f"{table}.parquet"} <= names
@@ -366,7 +369,7 @@ def test_write_report_writes_every_format_and_plot_and_logs_them(store, tmp_path
 
 
 def test_ablation_report_markdown_and_curves(store, tmp_path):
-    result = write_report(store.uri, "kdtest", "abl-1", tmp_path, value="best", log_artifacts=False)
+    result = write_report(store.uri, "kdtest", "abl-1", tmp_path, value="best")  # writes nothing to MLflow
     assert [p.name for p in result.files] == ["miou_vs_iteration.png", "report.md"]
     assert imread(tmp_path / "miou_vs_iteration.png").shape[0] > 100
     assert "best evaluation" in result.markdown and "| Teacher (deeplabv3_resnet101) | teacher | 80.00 |" in \
@@ -375,7 +378,7 @@ def test_ablation_report_markdown_and_curves(store, tmp_path):
 
 
 def test_csv_joins_the_seed_lists(store, tmp_path):
-    write_report(store.uri, "kdtest", "abl-1", tmp_path, formats=("csv",), plots=False, log_artifacts=False)
+    write_report(store.uri, "kdtest", "abl-1", tmp_path, formats=("csv",), plots=False)
     table = pa_csv.read_csv(tmp_path / "ablation.csv")
     rows = dict(zip(table.column("row").to_pylist(), table.column("seeds").to_pylist()))
     assert rows["+KD"] == "0;1;2"
@@ -398,7 +401,7 @@ def test_command_line(store, tmp_path, capsys):
     from kdray.cli import run_main
 
     assert main(["--experiment", "kdtest", "--sweep", "abl-1", "--tracking-uri", store.uri, "--out", str(tmp_path),
-                 "--format", "md,tex", "--no-plots", "--no-log"]) == 0
+                 "--format", "md,tex", "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# kdray report: kdtest, sweep abl-1") and (tmp_path / "ablation.tex").is_file()
     with pytest.raises(SystemExit) as exit_info:

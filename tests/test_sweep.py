@@ -39,6 +39,11 @@ def ray_cluster():
     ray.shutdown()
 
 
+def tiny_except(*keys: str) -> list[str]:
+    """TINY without the keys a space sets: an override of those is refused (it would be ignored)."""
+    return [o for o in TINY if o.split("=")[0] not in keys]
+
+
 def write(path: Path, data: dict) -> str:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
@@ -128,6 +133,10 @@ def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cl
             assert run.info.status == "FINISHED"
     failed = [t for t in outcome.trials if t.status.startswith("failed")]
     assert len(failed) == 2 and all("at iteration" in t.status for t in failed)
+    # failed trials make the sweep's outcome a failure too: exit code 1, its run FAILED with the count
+    assert outcome.exit_code == 1 and outcome.counts() == "4 finished, 2 failed"
+    sweep_run = client.get_run(outcome.parent_run_id)
+    assert sweep_run.info.status == "FAILED" and sweep_run.data.tags[layout.FAILURE] == "4 finished, 2 failed"
 
 
 def test_a_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, teacher_file):
@@ -149,7 +158,8 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
                       "optim.eval_interval": 2},
         "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
     args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
-            "--tracking-uri", uri, *TINY, "optim.iterations=6", f"run.output_dir={tmp_path}/runs",
+            "--tracking-uri", uri, *tiny_except("optim.iterations", "optim.eval_interval"),
+            f"run.output_dir={tmp_path}/runs",
             f"teacher.checkpoint={teacher_file}"]
     driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                               start_new_session=True)
@@ -171,11 +181,24 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     assert driver.returncode == 130, out[-3000:]
     sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
     before = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'")
-    assert 1 <= len(before) < 3 or any(r.info.status == "RUNNING" for r in before)
+    assert 1 <= len(before) <= 3
+    # no run is left RUNNING, the sweep's own included; the cut-short ones are KILLED, to be reopened
+    everything = client.search_runs([exp.experiment_id], "")
+    assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"], out[-3000:]
+    assert "sweep interrupted" in out and "resume with" in out
+    # the summary never calls a trial finished that did not run every iteration
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "+KD" in line]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[-1] in ("finished", "interrupted", "not started"), row
+        assert cells[-1] != "finished" or cells[-2] == "6", row
 
     request = SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir))
     outcome = run_sweep(request, say=lambda *_: None)
-    assert outcome.complete
+    assert outcome.complete and outcome.exit_code == 0, summary_table(outcome)
+    assert [t.status for t in outcome.trials] == ["finished"] * 3
+    sweep_run = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'sweep'")[0]
+    assert sweep_run.info.status == "FINISHED" and layout.FAILURE not in sweep_run.data.tags
     after = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'")
     assert len(after) == 3, [(r.data.tags[layout.TRIAL_ID], r.info.status) for r in after]
     assert sorted(r.data.tags[layout.SEED] for r in after) == ["0", "1", "2"]
@@ -227,8 +250,9 @@ def test_a_worker_killed_mid_trial_restarts_from_its_checkpoint(ray_cluster, tmp
         "overrides": {"run.workers": 2, "run.cpus_per_worker": 0.45, "run.threads": 1, "optim.iterations": 16,
                       "optim.eval_interval": 2},
         "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
-    request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
-                                              f"teacher.checkpoint={teacher_file}"], tracking_uri=uri)
+    request = SweepRequest(str(DEMO), space, [*tiny_except("optim.iterations", "optim.eval_interval"),
+                                              f"run.output_dir={tmp_path}/runs", f"teacher.checkpoint={teacher_file}"],
+                           tracking_uri=uri)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("o", run_sweep(request, say=lambda *_: None)))
     thread.start()

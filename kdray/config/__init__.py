@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from kdray.config.cache import AUTO, cached_teacher_path
 from kdray.config.loading import apply_overrides, build, flatten, parse_override, read_yaml, to_dict
 from kdray.config.schema import (
     DataConfig,
@@ -24,7 +25,7 @@ from kdray.config.schema import (
 from kdray.config.validation import validate
 
 __all__ = [
-    "DataConfig", "Job", "LossConfig", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig",
+    "AUTO", "DataConfig", "Job", "LossConfig", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig",
     "TeacherConfig", "TrackingConfig", "apply_overrides", "build", "flatten", "job_from_dict", "job_hash",
     "load_job", "parse_override", "read_yaml", "to_dict", "to_yaml", "validate",
 ]
@@ -46,9 +47,12 @@ def job_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] = 
     for section, key in _PATH_KEYS:
         node = getattr(job, section)
         value = getattr(node, key)
-        if value is not None and not Path(value).expanduser().is_absolute():
+        if value is not None and value != AUTO and not Path(value).expanduser().is_absolute():
             setattr(node, key, str((base / Path(value).expanduser()).resolve()))
-    return validate(job)
+    job = validate(job)
+    if job.teacher.checkpoint == AUTO:
+        job.teacher.checkpoint = cached_teacher_path(job)
+    return job
 
 
 def load_job(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Job:

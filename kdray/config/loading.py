@@ -1,13 +1,15 @@
 """YAML and `key.sub=value` overrides into typed dataclasses, strictly.
 
 Unknown keys and wrong types stop the load with a `ConfigError` naming the dotted key, the value and what the
-field accepts. Values of overrides are parsed as YAML scalars (`3`, `0.5`, `true`, `[512, 1024]`, `null`).
+field accepts. Values of overrides are parsed as YAML scalars (`3`, `0.5`, `true`, `[512, 1024]`, `null`). A
+float-typed key also takes scientific notation that YAML 1.1 leaves a string (`1e-4`, `1E5`), in files and overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,6 +38,17 @@ def _describe(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+# Scientific notation without a decimal point or without a signed exponent (1e-4, 1E5, -2e-3, 1.5e3): YAML 1.1,
+# which PyYAML implements, reads these as strings; a float-typed key takes them as the number they spell.
+_FLOAT_LITERAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def float_literal(text: str) -> float | None:
+    """`"1e-4"` -> 0.0001: the number a string in scientific notation spells, else None."""
+    text = text.strip()
+    return float(text) if _FLOAT_LITERAL.fullmatch(text) else None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -80,6 +93,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: got {value!r}; expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and (number := float_literal(value)) is not None:
+            return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: got {value!r}; expected a number")
         return float(value)

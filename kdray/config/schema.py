@@ -90,7 +90,8 @@ class ModelConfig:
 class TeacherConfig:
     arch: str = "deeplabv3_resnet101"
     width: float = 1.0
-    checkpoint: str | None = None  # trained teacher weights; `python -m kdray.teacher` writes here
+    checkpoint: str | None = None  # trained teacher weights; `python -m kdray.teacher` writes here; `auto`: the
+    # per-user cache (kdray/config/cache.py), keyed by the settings that determine the teacher
     backbone_weights: str | None = None  # only for training the teacher
     iterations: int | None = None  # teacher training length; None: optim.iterations
 

@@ -7,6 +7,7 @@ import math
 
 from kdray.config.schema import Job
 from kdray.errors import ConfigError
+from kdray.metrics import iou_metric_key
 
 # The largest image each dataset serves (height, width); a crop beyond it times the largest scale would be
 # mostly padding. The synthetic size comes from its own config.
@@ -28,6 +29,21 @@ def _positive(key: str, value: float) -> None:
     _require(value > 0 and math.isfinite(value), key, value, "must be > 0")
 
 
+def _require_loggable_names(names: tuple[str, ...]) -> None:
+    """Each class's IoU is an MLflow metric named after it (`kdray.metrics.iou_metric_key`, which replaces the
+    characters MLflow refuses with `_`): two names that give one key, or a key over MLflow's 250 characters,
+    would make every trial fail at its first evaluation."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = iou_metric_key(name)
+        _require(len(key) <= 250, "data.folder.class_names", name,
+                 f"a class name of at most {250 - len(iou_metric_key(''))} characters (it names an MLflow metric)")
+        _require(key not in seen, "data.folder.class_names", [seen.get(key), name],
+                 f"names that stay distinct once the characters MLflow refuses in metric names become '_' "
+                 f"(both are logged as {key!r}; letters, digits, _ . - and space are kept)")
+        seen[key] = name
+
+
 def _validate_dataset(job: Job) -> None:
     """The data rules that depend on which dataset is read: classes, split names, folder names, eval windows."""
     d = job.data
@@ -43,6 +59,7 @@ def _validate_dataset(job: Job) -> None:
                  "names must be non-empty and distinct")
         _require(d.num_classes == len(names), "data.num_classes", d.num_classes,
                  f"data.folder.class_names lists {len(names)} classes")
+        _require_loggable_names(names)
     for key in ("train_split", "val_split"):
         split = getattr(d, key)
         if split is None:

@@ -4,8 +4,8 @@
     <root>/{trainannot,valannot,testannot}/<seq>_<frame>.png
 
 An annotation has the image's file name in the split's `annot` folder and holds indices 0..10 (the classes
-below) or 11 (void, read as the ignore value). `trainval` is train and val together. The papers train on
-train and report the test split.
+below) or 11 (void, read as the ignore value); a lossy .jpg or a .mat file in an annotation's place is named
+as such. `trainval` is train and val together. The papers train on train and report the test split.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from kdray.data.files import (
     existing_dir,
     existing_root,
     pair_by_key,
+    stand_in_error,
 )
 from kdray.errors import DataError
 
@@ -44,6 +45,9 @@ class CamVid(FileSegmentation):
             if not images:
                 raise DataError(f"{image_dir}: no *.png images: the CamVid {part} split is empty")
             masks = {p.name: p for p in mask_dir.glob("*.png")}
+            missing = [(mask_dir / name,) for name in images if name not in masks]
+            if missing and (stand_in := stand_in_error(missing, len(images))):
+                raise stand_in
             pairs = pair_by_key(images, masks, "label", lambda p, d=mask_dir: str(d / p.name),
                                 lambda p, d=image_dir: str(d / p.name))
             samples += [Sample(image, mask, codec) for image, mask in pairs]

@@ -6,7 +6,8 @@
 
 Per image, the `labelTrainIds` file is read when it exists (values 0..18, 255), else the `labelIds` file
 (values 0..33) is mapped to train ids here with the official table (cityscapesScripts `labels.py`); every
-other id is ignored. Test labels are not public, so the splits are train and val.
+other id is ignored. Test labels are not public, so the splits are train and val. A lossy .jpg (or a .mat) with
+a label file's name in its place is named as such.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kdray.data.files import (
     Sample,
     existing_dir,
     existing_root,
+    stand_in_error,
     unpaired,
 )
 from kdray.errors import DataError
@@ -55,7 +57,7 @@ class Cityscapes(FileSegmentation):
         labels = {p for p in label_dir.glob("*/*_gtFine_label*Ids.png") if p.name.endswith((_TRAIN_IDS_END, _IDS_END))}
         samples, missing, bases = [], [], set()
         for image in images:
-            base = image.parent.name, image.name[: -len(_IMAGE_END)]
+            base = _image_base(image)
             bases.add(base)
             preferred, fallback = _label(label_dir, base, _TRAIN_IDS_END), _label(label_dir, base, _IDS_END)
             if preferred in labels:
@@ -65,9 +67,14 @@ class Cityscapes(FileSegmentation):
             else:
                 missing.append(image)
         if missing:
+            places = [(_label(label_dir, _image_base(p), _IDS_END), _label(label_dir, _image_base(p), _TRAIN_IDS_END))
+                      for p in missing]
+            stand_in = stand_in_error(places, len(images))  # a lossy or .mat file where the label should be
+            if stand_in is not None:
+                raise stand_in
+
             def expected_label(p: Path) -> str:
-                ids = _label(label_dir, (p.parent.name, p.name[: -len(_IMAGE_END)]), _IDS_END)
-                return f"{ids} or its {_TRAIN_IDS_END[1:]}"
+                return f"{_label(label_dir, _image_base(p), _IDS_END)} or its {_TRAIN_IDS_END[1:]}"
 
             raise unpaired(missing, len(images), "image", "label file", expected_label)
         orphans = sorted(p for p in labels if (p.parent.name, _base(p)) not in bases)
@@ -80,6 +87,11 @@ class Cityscapes(FileSegmentation):
 def _label(label_dir: Path, base: tuple[str, str], ending: str) -> Path:
     city, stem = base
     return label_dir / city / f"{stem}{ending}"
+
+
+def _image_base(image: Path) -> tuple[str, str]:
+    """(city, stem) of a `*_leftImg8bit.png` image, the key its label files share."""
+    return image.parent.name, image.name[: -len(_IMAGE_END)]
 
 
 def _base(label: Path) -> str:

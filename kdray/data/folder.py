@@ -5,8 +5,10 @@
 
 A mask is a single-channel (grey or palette) image of the same size as its image, holding class ids
 0..K-1, where K is the number of names in `data.folder.class_names`, and `data.ignore_index` (usually 255)
-for pixels that count nowhere. Lossless formats only: JPEG would blur the ids. The job names the splits
-(`data.train_split`, `data.val_split`; train and val unless set).
+for pixels that count nowhere. Lossless formats only: JPEG would blur the ids, so a masks/<stem>.jpg (.jpeg,
+.webp, or a MATLAB .mat) in place of an image's mask is named as such. Images and masks are read as viewers
+show them (EXIF orientation applied; see files.py). The job names the splits (`data.train_split`,
+`data.val_split`; train and val unless set).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from kdray.data.files import (
     existing_root,
     pair_by_key,
     ranges,
+    stand_in_error,
 )
 from kdray.errors import DataError
 
@@ -43,6 +46,9 @@ class FolderSegmentation(FileSegmentation):
         if not images:
             raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}): the {split} split is empty")
         masks = _by_stem(mask_dir, MASK_SUFFIXES)
+        missing = [(mask_dir / f"{stem}.png",) for stem in images if stem not in masks]
+        if missing and (stand_in := stand_in_error(missing, len(images))):
+            raise stand_in
         pairs = pair_by_key(images, masks, "mask", lambda p: f"{mask_dir / p.stem}.png",
                             lambda p: f"{image_dir / p.stem}.<jpg|png|...>")
         void = ignore_index if ignore_index >= 0 else None

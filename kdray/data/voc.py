@@ -7,7 +7,8 @@
 
 A split is the list file of its name. Lines may also be `"/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"`
 (the form some train_aug.txt copies use): the first word's stem is the id. Labels are read as indices with PIL,
-which serves grey and palette PNGs alike; 255 marks object boundaries and is ignored.
+which serves grey and palette PNGs alike; 255 marks object boundaries and is ignored. SBD ships its labels as
+MATLAB files (cls/<id>.mat); one of those (or a lossy .jpg) in place of a label PNG is named as such.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kdray.data.files import (
     Sample,
     existing_dir,
     existing_root,
+    stand_in_error,
     unpaired,
 )
 from kdray.errors import DataError
@@ -59,6 +61,9 @@ class VOCAug(FileSegmentation):
             raise DataError(f"{without_image[0]}: no such image, but {list_file} lists it; "
                             f"{len(without_image)} of {len(ids)} listed ids have no image")
         without_mask = [image_dir / f"{i}.jpg" for i in ids if i not in masks]
+        if without_mask and (stand_in := stand_in_error([(mask_dir / f"{p.stem}.png",) for p in without_mask],
+                                                        len(ids))):
+            raise stand_in
         if without_mask:
             raise unpaired(without_mask, len(ids), "image", "label",
                            lambda p: str(mask_dir / f"{p.stem}.png"))

@@ -33,6 +33,7 @@ from kdray.engine.progress import Progress
 from kdray.engine.sliding import window_of
 from kdray.engine.step import TrainStep, autocast_for
 from kdray.errors import CheckpointError, KdrayError
+from kdray.metrics import iou_metric_key
 from kdray.models import Segmenter, build_model, load_segmenter_weights
 from kdray.models.weights import read_state_dict
 
@@ -199,7 +200,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
                               autocast_for(job, device) if job.run.amp != "none" else None, window_of(job.data))
             metrics = {"iteration": done, "val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}
-            metrics.update({f"val/iou/{n}": v for n, v in zip(names, result["iou"])})
+            metrics.update({iou_metric_key(n): v for n, v in zip(names, result["iou"])})
             improved = result["miou"] > best[0]
             if improved:
                 best = (result["miou"], done)

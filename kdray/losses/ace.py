@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
-from kdray.losses.labels import downsample_labels
+from kdray.losses.labels import check_labels_on_cpu, downsample_labels
 from kdray.losses.softmax_kl import LOG2_E, shifted_exponentials
 
 LN_2 = math.log(2.0)
@@ -31,7 +31,9 @@ class AdaptiveCrossEntropy(nn.Module):
     it normally disables CE, explicitly.
 
     Shapes: student_logits, teacher_logits (N, K, h, w); labels (N, h, w) or (N, H, W) int64 (resized to
-    `y↓` by nearest neighbour). Returns a scalar.
+    `y↓` by nearest neighbour), each a class in 0..K-1 or `ignore_index`: `DataError` otherwise (checked on the
+    CPU, see `labels.check_labels_on_cpu`; the objective checks them once per step on any device).
+    Returns a scalar.
 
     Paper: Park & Heo, "Knowledge Distillation for Semantic Segmentation Using Channel and Spatial
     Correlations and Adaptive Cross Entropy", Sensors 20(16):4616, 2020, doi:10.3390/s20164616.
@@ -48,6 +50,7 @@ class AdaptiveCrossEntropy(nn.Module):
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
         labels = downsample_labels(labels, student_logits.shape[-2:])
+        check_labels_on_cpu(labels, student_logits.shape[1], self.ignore_index)
         return _AdaptiveCrossEntropyMean.apply(
             student_logits, teacher_logits.detach(), labels, self.temperature, self.rule, self.ignore_index
         )

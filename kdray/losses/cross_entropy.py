@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.losses import _checks
+from kdray.losses.labels import check_labels_on_cpu
 
 
 def _pixel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -20,7 +21,8 @@ class SegmentationCrossEntropy(nn.Module):
     """`L_CE = CE(up(z_S), y) + aux_weight · CE(up(z_aux), y)`.
 
     `CE(z, y) = -(1/|valid|) Σ_{i: y_i ≠ ignore} log softmax(z_i)[y_i]`, where `up` resizes logits bilinearly
-    (align_corners=False) to the labels' H×W. An all-ignore batch gives 0 with zero gradients.
+    (align_corners=False) to the labels' H×W. An all-ignore batch gives 0 with zero gradients. Labels outside
+    0..K-1 and the ignore value raise DataError (checked here on the CPU, once per step by the objective).
 
     Shapes: logits (N, K, h, w), labels (N, H, W) int64, aux_logits (N, K, h', w') or None (then no aux term).
     The auxiliary FCN head on layer3 with weight 0.4 is the PSPNet recipe (Zhao et al., "Pyramid Scene Parsing
@@ -35,6 +37,7 @@ class SegmentationCrossEntropy(nn.Module):
         self.ignore_index = _checks.integer(owner, "ignore_index", ignore_index)
 
     def forward(self, logits: Tensor, labels: Tensor, aux_logits: Tensor | None = None) -> Tensor:
+        check_labels_on_cpu(labels, logits.shape[1], self.ignore_index)  # not torch's IndexError deep inside
         loss = _pixel_cross_entropy(logits, labels, self.ignore_index)
         if aux_logits is not None and self.aux_weight > 0:
             loss = loss + self.aux_weight * _pixel_cross_entropy(aux_logits, labels, self.ignore_index)

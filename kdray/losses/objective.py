@@ -26,7 +26,7 @@ from kdray.losses.holistic import AdversarialDistillation
 from kdray.losses.i2ckd import I2CKD
 from kdray.losses.ifvd import IntraClassFeatureVariation
 from kdray.losses.kd import PixelwiseKD
-from kdray.losses.labels import downsample_labels
+from kdray.losses.labels import check_labels, downsample_labels
 from kdray.losses.pairwise import PairwiseAffinity
 
 
@@ -96,6 +96,7 @@ class DistillationObjective(nn.Module):
     def __init__(self, losses: LossesConfig, *, num_classes: int, student_channels: int,
                  teacher_channels: int | None, ignore_index: int = 255):
         super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         context = {"num_classes": num_classes, "student_channels": student_channels,
                    "teacher_channels": teacher_channels, "ignore_index": ignore_index}
         self.terms = nn.ModuleDict()
@@ -133,7 +134,13 @@ class DistillationObjective(nn.Module):
 
     def step_tensors(self, student: Any, teacher: Any | None, labels: torch.Tensor, images: torch.Tensor
                      ) -> StepTensors:
-        """Pack model outputs (float32: losses are computed in full precision even under autocast)."""
+        """Pack model outputs (float32: losses are computed in full precision even under autocast).
+
+        The labels are checked here, once per step and for every loss: `DataError` naming a value outside
+        0..K-1 that is not the ignore value (`check_labels`: one min/max, one device sync; here, outside the
+        CUDA graph that may replay the losses).
+        """
+        check_labels(labels, self.num_classes, self.ignore_index)
 
         def f32(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.float()

@@ -35,6 +35,8 @@ RESUMED_FROM = "kdray.resumed_from"  # the iteration a restarted trial last cont
 STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial
 FAILURE = "kdray.failure"  # why a FAILED run failed
 PARENT = "mlflow.parentRunId"
+SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep run of a --smoke-test sweep: not a result
+NOT_STARTED = "kdray.not_started"  # "true" on the run of a trial that never started (status FAILED or KILLED)
 
 
 
@@ -50,6 +52,9 @@ VAL_IOU_PREFIX = "val/iou/"  # + class name
 TRAIN_LOSS_PREFIX = "train/loss/"  # + term name (ce, kd, i2ckd, ..., total)
 TRAIN_LR = "train/lr"
 TRAIN_IMAGES_PER_S = "train/images_per_s"
+# What each evaluation reports to Tune (with `iteration` and `iterations_total`): the metrics a search space can
+# optimise and ASHA can compare. Everything else (per-class IoU, training terms) goes to MLflow only.
+TUNE_METRICS = (VAL_MIOU, VAL_PIXEL_ACC)
 
 # artifacts
 JOB_ARTIFACT = "config/job.yaml"

@@ -33,14 +33,18 @@ Distributions: `uniform: [low, high]`, `loguniform: [low, high]` (low > 0), `int
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kdray.config import Job, apply_overrides, flatten, job_from_dict, read_yaml, to_dict
+from kdray.config.loading import float_literal
 from kdray.errors import ConfigError
+from kdray.orchestration import layout
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
@@ -135,6 +139,9 @@ def _err(where: str, message: str) -> ConfigError:
 
 
 def _number(where: str, value: Any) -> float:
+    """A finite number; `1e-4`, which YAML 1.1 (PyYAML) reads as text, counts as its number (as in a job)."""
+    if isinstance(value, str) and float_literal(value) is not None:
+        value = float_literal(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _err(where, f"got {value!r}; expected a finite number")
     return value
@@ -182,16 +189,22 @@ def _parse_dimension(key: str, spec: Any, earlier: dict[str, Dimension], where: 
     return Dimension(key, kind, (float(low), float(high)), condition=condition)
 
 
+def _did_you_mean(value: Any, valid: Iterable[str]) -> str:
+    """` (did you mean X?)` for the closest valid names (case aside), or nothing."""
+    if not isinstance(value, str):
+        return ""
+    by_lower = {v.lower(): v for v in valid}
+    close = difflib.get_close_matches(value.lower(), sorted(by_lower), n=2)
+    return f" (did you mean {' or '.join(by_lower[c] for c in close)}?)" if close else ""
+
+
 def _check_key(key: str, job_keys: set[str], where: str) -> None:
     if key not in job_keys:
-        import difflib
-
-        close = difflib.get_close_matches(key, sorted(job_keys), n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise _err(where, f"the job has no key {key!r}{hint}")
+        raise _err(where, f"the job has no key {key!r}{_did_you_mean(key, job_keys)}")
 
 
-def _probe_values(d: Dimension) -> list[Any]:
+def probe_values(d: Dimension) -> list[Any]:
+    """The values that bound what `d` can give: both ends of a range, every choice, the fixed value."""
     if d.kind in ("fixed", "choice"):
         return list(d.args)
     return [d.args[0], d.args[1]]
@@ -222,8 +235,9 @@ def load_space(path: str | Path, job: Job, job_data: dict[str, Any]) -> SearchSp
     metric, mode = data.get("metric", "val/miou"), data.get("mode", "max")
     if mode not in ("max", "min"):
         raise _err(f"{where}: mode", f"got {mode!r}; expected max or min")
-    if not isinstance(metric, str) or not metric.startswith(("val/", "train/")):
-        raise _err(f"{where}: metric", f"got {metric!r}; expected a reported metric such as val/miou")
+    if metric not in layout.TUNE_METRICS:
+        raise _err(f"{where}: metric", f"got {metric!r}{_did_you_mean(metric, layout.TUNE_METRICS)}; a space can "
+                                       f"optimise what trials report to Tune: {', '.join(layout.TUNE_METRICS)}")
     job_keys = set(flatten(to_dict(job)))
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
@@ -284,7 +298,7 @@ def _load_search(data, where, job_keys, job_data, common) -> SearchSpace:
         at = f"{where}: space.{key}"
         _check_key(key, job_keys, at)
         dims[key] = d = _parse_dimension(key, spec, dims, at)
-        for value in _probe_values(d):
+        for value in probe_values(d):
             probe = {key: value}
             if d.condition is not None:
                 probe[d.condition[0]] = d.condition[1]

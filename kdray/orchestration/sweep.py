@@ -7,6 +7,8 @@ The sweep's own folder (`<run.output_dir>/<job>/sweeps/sweep-<id>/`) holds Tune'
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -18,15 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from kdray import __version__
-from kdray.config import Job, apply_overrides, job_from_dict, parse_override, read_yaml, to_dict
-from kdray.errors import ConfigError, ResourceError
+from kdray.config import AUTO, Job, apply_overrides, job_from_dict, parse_override, read_yaml, to_dict, to_yaml
+from kdray.engine.inputs import check_teacher_training, check_weights, open_splits
+from kdray.errors import CheckpointError, ConfigError, DataError, ResourceError
 from kdray.losses.objective import method_label
+from kdray.metrics import iou_metric_key
 from kdray.orchestration import layout
-from kdray.orchestration.resources import TRIAL_CPU, check_fits, concurrency, local_resources
-from kdray.orchestration.space import ROW_KEY, SEED_KEY, SearchSpace, load_space, plan_lines
+from kdray.orchestration.resources import TRIAL_CPU, check_fits, concurrency, local_resources, per_trial
+from kdray.orchestration.space import ROW_KEY, SEED_KEY, Dimension, SearchSpace, load_space, plan_lines, probe_values
 from kdray.orchestration.tracking import Tracker, resolve_tracking_uri
 
 STATE_FILE = "kdray_sweep.json"
+SPACE_COPY = "space"  # the sweep folder's copy of its space file: what --resume runs, and checks the file against
+
+# What a trial can end as, in the summary table. The sweep's exit code (`SweepOutcome.exit_code`, listed in
+# `kdray sweep --help`) is 0 only when every trial finished or was stopped early, 130 when interrupted, else 1.
+FINISHED, STOPPED_EARLY, FAILED, INTERRUPTED, NOT_STARTED = ("finished", "stopped early", "failed", "interrupted",
+                                                             "not started")
+
 
 
 @dataclass
@@ -40,6 +51,7 @@ class SweepRequest:
     dry_run: bool = False
     smoke_test: bool = False
     train_teacher: bool = False  # train the teacher when its checkpoint is missing
+    verbose: bool = False  # show Ray's and Tune's own output
 
 
 @dataclass
@@ -51,7 +63,11 @@ class TrialSummary:
     last: float
     best: float
     iteration: int
-    status: str  # finished | stopped early | failed: <reason>
+    status: str  # finished | stopped early | failed: <reason> | interrupted | not started
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (FINISHED, STOPPED_EARLY)
 
 
 @dataclass
@@ -63,33 +79,153 @@ class SweepOutcome:
     parent_run_id: str
     trials: list[TrialSummary]
     wall_s: float
-    complete: bool = True
+    interrupted: bool = False
     report_markdown: str | None = None  # the tables of kdray.report, also logged on the sweep's run
+    never_created: int = 0  # trials of the space that Tune had not even created when the sweep stopped
+
+    @property
+    def complete(self) -> bool:
+        """The sweep ran to its end (every trial ended, one way or another)."""
+        return not self.interrupted
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if all(t.ok for t in self.trials) and not self.never_created else 1
+
+    def counts(self) -> str:
+        """`"3 finished, 1 stopped early, 1 failed"`: every status that occurs, in a fixed order."""
+        order = (FINISHED, STOPPED_EARLY, FAILED, INTERRUPTED, NOT_STARTED)
+        tally = {s: sum(t.status.split(":")[0] == s for t in self.trials) for s in order}
+        tally[NOT_STARTED] += self.never_created
+        return ", ".join(f"{n} {s}" for s, n in tally.items() if n)
 
 
 SMOKE = {"optim.iterations": 4, "optim.eval_interval": 2, "optim.log_interval": 2}
 SMOKE_SYNTHETIC = {"data.synthetic.train_length": 64, "data.synthetic.val_length": 16, "teacher.iterations": 4}
+RESOURCE_KEYS = ("run.workers", "run.cpus_per_worker", "run.gpus_per_worker")
 
 
 def prepare(request: SweepRequest) -> tuple[dict[str, Any], Job, SearchSpace]:
     """Job data with overrides, the validated job, the validated space: everything checked, nothing run."""
     data = read_yaml(request.job_path)
     data.setdefault("name", Path(request.job_path).stem)
-    overrides = dict(parse_override(o) for o in request.overrides)
+    user = dict(parse_override(o) for o in request.overrides)
+    overrides = dict(user)
+    smoke: dict[str, Any] = {}
     if request.smoke_test:
         job = job_from_dict(data, overrides)
         smoke = {**SMOKE, **(SMOKE_SYNTHETIC if job.data.dataset == "synthetic" else {})}
         overrides = {**smoke, **overrides}
         teacher = job.teacher.checkpoint
-        if teacher and not Path(teacher).is_file():  # never cache a 4-iteration teacher as the real one
+        named = overrides.get("teacher.checkpoint", (data.get("teacher") or {}).get("checkpoint"))
+        # never cache a 4-iteration teacher as the real one (an `auto` teacher has its own key for it)
+        if teacher and named != AUTO and not Path(teacher).is_file():
             overrides.setdefault("teacher.checkpoint", str(Path(job.run.output_dir) / job.name / "smoke-teacher.pt"))
     # Resolved once, here: paths become absolute against the directory the sweep runs in, because trials
     # rebuild the job inside Tune's own working directories.
     data = to_dict(job_from_dict(apply_overrides(data, overrides)))
     space = load_space(request.space_path, job_from_dict(data), data)
-    if request.smoke_test and space.kind == "search":
-        space.num_samples = min(space.num_samples, 2)
+    refuse_shadowed_overrides(user, space, request.space_path)
+    if request.smoke_test:
+        _shrink(space, smoke)
     return data, job_from_dict(data, space.overrides), space  # the job as every trial starts from it
+
+
+def refuse_shadowed_overrides(overrides: dict[str, Any], space: SearchSpace, space_path: str) -> None:
+    """A command-line override of a key the space sets would be silently replaced in every trial: refuse it."""
+    owners: dict[str, str] = {}
+    for name, settings in space.rows:
+        owners.update({key: f"sets it in row {name!r}" for key in settings})
+    if space.kind == "ablation":
+        owners[SEED_KEY] = f"runs every seed of seeds: {list(space.seeds)}"
+    for d in space.dimensions:
+        fixed = d.kind == "fixed"
+        owners[d.key] = "fixes it in its space: section" if fixed else f"searches it ({d.kind} {list(d.args)})"
+    owners.update({key: "fixes it in its overrides: section" for key in space.overrides})
+    for key, value in overrides.items():
+        if key in owners:
+            raise ConfigError(f"{key}={value!r}: the space {space_path} {owners[key]}, so this override would be "
+                              "ignored; change the value in the space file (or a copy of it) instead")
+
+
+def _shrink(space: SearchSpace, smoke: dict[str, Any]) -> None:
+    """--smoke-test: the few iterations win over what the space fixes; at most two samples of a search."""
+    space.overrides.update({k: v for k, v in smoke.items() if k in space.overrides})
+    space.rows = tuple((name, {**settings, **{k: v for k, v in smoke.items() if k in settings}})
+                       for name, settings in space.rows)
+    if space.kind == "search":
+        space.num_samples = min(space.num_samples, 2)
+
+
+def trial_jobs(space: SearchSpace, data: dict[str, Any]) -> list[tuple[str, Job]]:
+    """Every kind of trial job the space can produce, each with where it comes from (for error messages).
+
+    Ablation: one per row. Search: the base (overrides and fixed keys); every combination of the ends of the
+    searched resource keys (what a trial asks of the cluster is their product); every other searched key at
+    each end of its range or each of its choices, one at a time (what data, weights and losses a trial uses).
+    """
+    if space.kind == "ablation":
+        return [(f"row {name!r}", job_from_dict(data, {**space.overrides, **settings}))
+                for name, settings in space.rows]
+    base = {**space.overrides, **{d.key: d.args[0] for d in space.dimensions
+                                  if d.kind == "fixed" and d.condition is None}}
+    jobs = [("the space's fixed settings", job_from_dict(data, base))]
+    searched = [d for d in space.dimensions if d.kind != "fixed"]
+    resource = [d for d in searched if d.key in RESOURCE_KEYS]
+    for combo in itertools.product(*(probe_values(d) for d in resource)) if resource else ():
+        settings = {d.key: v for d, v in zip(resource, combo)}
+        jobs.append((", ".join(f"space {k}={v!r}" for k, v in settings.items()),
+                     job_from_dict(data, {**base, **_conditions(resource), **settings})))
+    for d in searched:
+        if d.key not in RESOURCE_KEYS:
+            jobs += [(f"space {d.key}={v!r}", job_from_dict(data, {**base, **_conditions([d]), d.key: v}))
+                     for v in probe_values(d)]
+    return jobs
+
+
+def _conditions(dimensions: list[Dimension]) -> dict[str, Any]:
+    return {d.condition[0]: d.condition[1] for d in dimensions if d.condition is not None}
+
+
+def check_inputs(jobs: list[tuple[str, Job]], train_teacher: bool) -> list[str]:
+    """The data-tree and weight checks of `kdray.train --dry-run`, once for each distinct data, teacher and
+    student setting among `jobs`; DataError/CheckpointError on the first problem, naming where it comes from
+    when the space (not the job) makes it. Returns the weight notes, without repeats."""
+    seen_data, seen_weights, notes = set(), set(), []
+    for where, job in jobs:
+        d = to_dict(job)
+        data_key = json.dumps(d["data"], sort_keys=True)
+        weights_key = json.dumps([d["teacher"], d["student"], d["data"]["num_classes"], d["data"]["normalize"],
+                                  job.distills], sort_keys=True)
+        try:
+            if data_key not in seen_data:
+                seen_data.add(data_key)
+                open_splits(job)
+            if weights_key not in seen_weights:
+                seen_weights.add(weights_key)
+                notes += [n for n in check_weights(job, teacher_will_be_trained=train_teacher) if n not in notes]
+        except (DataError, CheckpointError) as err:
+            if len(jobs) == 1 or where == jobs[0][0]:
+                raise
+            raise type(err)(f"{where}: {err}") from None
+    return notes
+
+
+def check_resources(jobs: list[tuple[str, Job]], cluster: dict[str, float], nodes: list[dict[str, float]],
+                    space_path: str) -> None:
+    """ResourceError (exit code 3) naming the space and the row or key of the first trial that cannot run."""
+    for where, job in jobs:
+        try:
+            check_fits(job, cluster, nodes)
+        except ResourceError as err:
+            raise ResourceError(f"{Path(space_path).name}: {where}: {err}") from None
+
+
+def largest(jobs: list[tuple[str, Job]]) -> Job:
+    """The trial job that asks the most of the cluster (GPUs first, then CPUs): it sets how many run at once."""
+    return max((job for _, job in jobs), key=lambda j: (per_trial(j)["GPU"], per_trial(j)["CPU"]))
 
 
 def _git_commit() -> str:
@@ -115,96 +251,185 @@ def _latest_sweep(root: Path) -> Path:
 
 
 def dry_run(request: SweepRequest) -> list[str]:
+    """Validate everything a sweep would check before starting (job, space, overrides, data tree, weight files,
+    and every trial configuration against this machine when no cluster is named); the plan, as lines."""
     data, job, space = prepare(request)
-    cluster = local_resources() if not (request.address or os.environ.get("RAY_ADDRESS")) else None
+    jobs = trial_jobs(space, data)
+    teacher_job = job_from_dict(data)
+    needs_teacher = _needs_teacher(data, space)
+    notes = check_inputs(jobs, train_teacher=request.train_teacher)
+    local = not (request.address or os.environ.get("RAY_ADDRESS"))
+    cluster = local_resources() if local else None
     lines = [f"job {job.name}: student {job.student.arch} (width {job.student.width:g}), teacher "
              f"{job.teacher.arch} (width {job.teacher.width:g}), {job.optim.iterations} iterations, "
              f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "
              f"{job.data.batch_size // job.run.workers}"]
     lines += plan_lines(space, job)
-    r = job.run
-    lines.append(f"resources per trial: {r.workers} worker(s) x ({r.cpus_per_worker:g} CPU, "
-                 f"{r.gpus_per_worker:g} GPU), {'nccl' if r.gpus_per_worker else 'gloo'}")
+    asks = {}
+    for where, trial_job in jobs:
+        r = trial_job.run
+        asks.setdefault(f"{r.workers} worker(s) x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU), "
+                        f"{'nccl' if r.gpus_per_worker else 'gloo'}", where)
+    if len(asks) == 1:
+        lines.append(f"resources per trial: {next(iter(asks))}")
+    else:
+        lines.append("resources per trial, by what the space sets:")
+        lines += [f"  {where}: {what}" for what, where in asks.items()]
     if cluster is not None:
-        check_fits(job, cluster, [cluster])
-        lines.append(f"this machine: {cluster['CPU']:g} CPU, {cluster['GPU']:g} GPU -> "
-                     f"{concurrency(job, cluster, space.max_concurrent_trials)} trial(s) at once")
+        check_resources(jobs, cluster, [cluster], request.space_path)
+        if needs_teacher and not _exists(teacher_job.teacher.checkpoint):
+            check_resources([("the teacher's training", teacher_job)], cluster, [cluster], request.space_path)
+        lines.append(f"this machine: {cluster['CPU']:g} CPU, {cluster['GPU']:g} GPU -> every trial fits; "
+                     f"{concurrency(largest(jobs), cluster, space.max_concurrent_trials)} trial(s) at once")
     else:
         lines.append("cluster resources are checked when the sweep connects (--address / RAY_ADDRESS)")
-    teacher = job.teacher.checkpoint
-    if _needs_teacher(data, space):
-        state = "present" if teacher and Path(teacher).is_file() else "MISSING (trained first with --train-teacher)"
+    if needs_teacher:
+        teacher = teacher_job.teacher.checkpoint
+        state = "present, checked" if _exists(teacher) else "MISSING (trained first with --train-teacher)"
         lines.append(f"teacher weights: {teacher} ({state})")
+    lines += [f"note: {n}" for n in notes]
+    lines.append(f"MLflow store: {resolve_tracking_uri(request.tracking_uri or job.tracking.uri)}; sweep folders "
+                 f"under {Path(job.run.output_dir) / job.name / 'sweeps'}")
+    lines.append("dry run: job, space, data tree and weight files are valid; nothing was started")
     return lines
 
 
-def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
-    """Run (or resume) a sweep to the end and return its trials, best first."""
-    import ray
-    from ray import tune
+def _exists(path: str | None) -> bool:
+    return bool(path) and Path(path).is_file()
 
-    t0 = time.perf_counter()
-    if request.resume:
-        state, sweep_dir = _load_state(request)
-        data, space_path = state["job_data"], state["space_path"]
-        space = load_space(space_path, job_from_dict(data), data)
+
+@dataclass
+class _Plan:
+    """A sweep as checked before anything starts: what every later step reads."""
+
+    data: dict[str, Any]  # the job data every trial starts from (overrides applied, paths absolute)
+    job: Job  # the job with the space's overrides
+    space: SearchSpace
+    space_path: str
+    jobs: list[tuple[str, Job]]  # every kind of trial job the space can produce (trial_jobs)
+    teacher_job: Job  # the job without the space's overrides: the teacher's own training
+    needs_teacher: bool
+    train_teacher: bool  # the teacher file is missing and the sweep trains it first
+    uri: str
+    experiment: str
+    notes: list[str]
+
+
+def _plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Path | None) -> _Plan:
+    if state is not None:
+        data = state["job_data"]
+        space = load_space(_resumed_space_file(state, sweep_dir), job_from_dict(data), data)
         if state.get("num_samples"):
             space.num_samples = state["num_samples"]
-        job = job_from_dict(data, space.overrides)
+        job, space_path = job_from_dict(data, space.overrides), state["space_path"]
     else:
         data, job, space = prepare(request)
-        state = None
+        space_path = request.space_path
+    jobs = trial_jobs(space, data)
+    teacher_job = job_from_dict(data)
+    needs_teacher = _needs_teacher(data, space)
+    # a missing teacher is an error (CheckpointError, from check_inputs) unless the sweep may train it
+    notes = check_inputs(jobs, train_teacher=request.train_teacher)
+    train_teacher = needs_teacher and request.train_teacher and not _exists(teacher_job.teacher.checkpoint)
+    if train_teacher:
+        open_splits(teacher_job)
+        notes += check_teacher_training(teacher_job)
     uri = resolve_tracking_uri(request.tracking_uri or (state or {}).get("tracking_uri") or job.tracking.uri)
-    experiment = job.tracking.experiment or job.name
+    return _Plan(data, job, space, space_path, jobs, teacher_job, needs_teacher, train_teacher, uri,
+                 job.tracking.experiment or job.name, notes)
 
-    _start_ray(request.address)
+
+def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
+    """Run (or resume) a sweep to the end and return its trials, best first.
+
+    Everything that can be checked without Ray is checked before Ray starts and before anything is written to
+    MLflow: the job, the space, the overrides, the data tree, the weight files, and (on an embedded Ray) every
+    trial configuration against this machine. Whatever way the sweep ends, no MLflow run it opened is left
+    RUNNING: trials that were cut short end KILLED, the sweep's own run FINISHED, FAILED (a trial failed) or
+    KILLED (interrupted; `--resume` reopens them).
+    """
+    t0 = time.perf_counter()
+    state, sweep_dir = _load_state(request) if request.resume else (None, None)
+    plan = _plan(request, state, sweep_dir)
+    resource_jobs = plan.jobs + ([("the teacher's training", plan.teacher_job)] if plan.train_teacher else [])
+    if not (request.address or os.environ.get("RAY_ADDRESS")):
+        local = local_resources()
+        check_resources(resource_jobs, local, [local], plan.space_path)  # before an embedded Ray starts
+
+    import ray
+
+    say(f"MLflow store: {plan.uri} (experiment {plan.experiment!r}); open it with: "
+        f"mlflow ui --backend-store-uri {plan.uri}")
+    if plan.needs_teacher:
+        say(f"teacher: {plan.teacher_job.teacher.checkpoint}" + (" (missing: trained first)"
+                                                                 if plan.train_teacher else ""))
+    for note in plan.notes:
+        say(f"note: {note}")
+    _start_ray(request.address, request.verbose)
     cluster = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_fits(job, cluster, nodes)
-    tracker = Tracker(uri, experiment)
-    say(f"MLflow store: {uri} (experiment {experiment!r}); open it with: mlflow ui --backend-store-uri {uri}")
-
+    check_resources(resource_jobs, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                    plan.space_path)
+    tracker = Tracker(plan.uri, plan.experiment)
     if state is None:
-        sweep_id = time.strftime("%Y%m%d-%H%M%S")
-        root = Path(job.run.output_dir) / job.name / "sweeps"
-        sweep_dir = root / f"sweep-{sweep_id}"
-        sweep_dir.mkdir(parents=True, exist_ok=False)
-        parent = tracker.start_run(f"sweep-{sweep_id}", {
-            layout.KIND: "sweep", layout.SWEEP_ID: sweep_id, layout.SPACE: space.name, layout.SPACE_KIND: space.kind,
-            layout.METRIC: space.metric, layout.MODE: space.mode, layout.GIT_COMMIT: _git_commit(),
-            layout.VERSION: __version__, layout.DATASET: job.data.dataset,
-        })
-        from kdray.config import to_yaml
-
-        tracker.log_text(parent, to_yaml(job), layout.JOB_ARTIFACT)
-        tracker.log_text(parent, space.source, layout.SPACE_ARTIFACT)
-        state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": uri, "experiment": experiment,
-                 "job_data": data, "space_path": str(Path(request.space_path).resolve()),
-                 "num_samples": space.num_samples}
-        (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        state, sweep_dir = _start_sweep(request, plan, tracker)
     else:
         tracker.client.update_run(state["parent_run_id"], status="RUNNING")
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
-    say(f"sweep {sweep_id}: {space.trial_count} trial(s) of space {space.name!r}, folder {sweep_dir}")
+    say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
+    try:
+        outcome = _run_trials(request, plan, tracker, sweep_id, sweep_dir, parent, cluster, say)
+    except BaseException as err:  # Ctrl+C outside Tune's own handling, or a bug: close what this sweep opened
+        _close_open_runs(tracker, sweep_id, parent, isinstance(err, KeyboardInterrupt), _reason(err))
+        raise
+    outcome.wall_s = time.perf_counter() - t0
+    return outcome
 
-    # The teacher runs alone, before any trial: it takes the job's own resources (the space's overrides size the
-    # trials that run side by side), so it is the same teacher `python -m kdray.teacher --job J` trains.
-    teacher_job = job_from_dict(data)
-    teacher = teacher_job.teacher.checkpoint
-    if _needs_teacher(data, space) and not (teacher and Path(teacher).is_file()):
-        if not request.train_teacher:
-            raise ConfigError(f"teacher.checkpoint: {teacher} does not exist; train it first (python -m kdray.teacher "
-                              f"--job {request.job_path}) or pass --train-teacher")
-        check_fits(teacher_job, cluster, nodes)
-        _train_teacher(teacher_job, tracker, uri, sweep_dir, say)
-    elif _needs_teacher(data, space):
-        _record_teacher(teacher_job, tracker, say)
+
+def _start_sweep(request: SweepRequest, plan: _Plan, tracker: Tracker) -> tuple[dict[str, Any], Path]:
+    """The sweep's folder (with a copy of its space and its state file) and its MLflow run: the state."""
+    job, space = plan.job, plan.space
+    sweep_id = time.strftime("%Y%m%d-%H%M%S")
+    sweep_dir = Path(job.run.output_dir) / job.name / "sweeps" / f"sweep-{sweep_id}"
+    sweep_dir.mkdir(parents=True, exist_ok=False)
+    copy = sweep_dir / SPACE_COPY / Path(plan.space_path).name
+    copy.parent.mkdir()
+    copy.write_text(space.source)
+    tags = {layout.KIND: "sweep", layout.SWEEP_ID: sweep_id, layout.SPACE: space.name,
+            layout.SPACE_KIND: space.kind, layout.METRIC: space.metric, layout.MODE: space.mode,
+            layout.GIT_COMMIT: _git_commit(), layout.VERSION: __version__, layout.DATASET: job.data.dataset}
+    if request.smoke_test:
+        tags[layout.SMOKE_TEST] = "true"
+    parent = tracker.start_run(f"sweep-{sweep_id}", tags)
+    state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
+             "job_data": plan.data, "space_path": str(Path(plan.space_path).resolve()), "space_file": str(copy),
+             "space_sha256": _sha(space.source), "num_samples": space.num_samples}
+    try:
+        (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        tracker.log_text(parent, to_yaml(job), layout.JOB_ARTIFACT)
+        tracker.log_text(parent, space.source, layout.SPACE_ARTIFACT)
+    except BaseException as err:
+        tracker.set_tags(parent, {layout.FAILURE: _reason(err)[:5000]})
+        tracker.end_run(parent, "FAILED")
+        raise
+    return state, sweep_dir
+
+
+def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: str, sweep_dir: Path, parent: str,
+                cluster: dict[str, float], say) -> SweepOutcome:
+    from ray import tune
+
+    space = plan.space
+    if plan.train_teacher:
+        _train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say)
+    elif plan.needs_teacher and _exists(plan.teacher_job.teacher.checkpoint):
+        _record_teacher(plan.teacher_job, tracker, say)
 
     from kdray.orchestration.trial import MlflowStatusCallback, SweepContext, run_trial
 
-    context = SweepContext(sweep_id, parent, uri, experiment, str(sweep_dir), data)
+    context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), plan.data)
     trainable = tune.with_resources(partial(run_trial, space=space, sweep=context), {"cpu": TRIAL_CPU})
-    limit = concurrency(job, cluster, space.max_concurrent_trials)
+    limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
+    callbacks = [MlflowStatusCallback(plan.uri, plan.experiment, sweep_id)]
     if request.resume:
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -212,10 +437,9 @@ def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(space),
-            tune_config=_tune_config(space, job, limit),
+            tune_config=_tune_config(space, plan.job, limit),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(sweep_dir),
-                callbacks=[MlflowStatusCallback(uri, experiment, sweep_id)],
+                name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
                 # Train restarts dead workers from their checkpoint; a trial that failed stays failed
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=0,
@@ -223,23 +447,61 @@ def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
         )
     say(f"running {space.trial_count} trial(s), at most {limit} at a time")
     grid = tuner.fit()
-    trials = _summaries(grid, space, data)
-    complete = grid.num_terminated + grid.num_errors >= space.trial_count
-    report = None
-    if complete:
-        from kdray.reporting import write_report
+    trials, interrupted = _summaries(grid, space, plan.data, tracker, sweep_id)
+    never_created = max(0, space.trial_count - len(trials))
+    outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, interrupted,
+                           never_created=never_created)
+    _close_open_runs(tracker, sweep_id, None, interrupted, "the sweep ended with this trial's run still open")
+    if interrupted:  # Tune saved its state; --resume reopens the runs and continues
+        tracker.set_tags(parent, {layout.FAILURE: f"interrupted: {outcome.counts()}"})
+        tracker.end_run(parent, "KILLED")
+        say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
+        return outcome
+    from kdray.reporting import write_report
 
-        report = write_report(uri, experiment, sweep_id, sweep_dir / "report", formats=("md", "tex", "csv", "parquet"))
+    report = write_report(plan.uri, plan.experiment, sweep_id, sweep_dir / "report",
+                          formats=("md", "tex", "csv", "parquet"), log_artifacts=True)
+    outcome.report_markdown = report.markdown
+    if outcome.exit_code:
+        tracker.set_tags(parent, {layout.FAILURE: outcome.counts()})
+        tracker.end_run(parent, "FAILED")
+    else:
+        tracker.clear_tag(parent, layout.FAILURE)
         tracker.end_run(parent, "FINISHED")
-    else:  # interrupted (Ctrl+C): Tune saved its state; the runs stay RUNNING until --resume continues them
-        say(f"sweep interrupted: resume it with python -m kdray.sweep --resume {sweep_dir}")
-    return SweepOutcome(sweep_id, sweep_dir, uri, experiment, parent, trials, time.perf_counter() - t0, complete,
-                        report.markdown if report is not None else None)
+    return outcome
+
+
+def _close_open_runs(tracker: Tracker, sweep_id: str, parent: str | None, interrupted: bool, reason: str) -> None:
+    """End every trial run of the sweep still RUNNING (and the sweep's run, when given): KILLED when the sweep
+    was interrupted (resumable), FAILED otherwise, with the reason."""
+    status = "KILLED" if interrupted else "FAILED"
+    for run_id in tracker.running_runs(sweep_id):
+        if not interrupted:
+            tracker.set_tags(run_id, {layout.FAILURE: reason[:5000]})
+        tracker.end_run(run_id, status)
+    if parent is not None:
+        tracker.set_tags(parent, {layout.FAILURE: reason[:5000]})
+        tracker.end_run(parent, status)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
+    if request.overrides:
+        raise ConfigError(f"--resume continues a sweep exactly as it started; overrides are refused here (got "
+                          f"{' '.join(request.overrides)}): start a new sweep to change the job")
     if request.resume == "latest":
-        data, _, _ = prepare(request)
+        data = read_yaml(request.job_path)
+        data.setdefault("name", Path(request.job_path).stem)
         job = job_from_dict(data)
         sweep_dir = _latest_sweep(Path(job.run.output_dir) / job.name / "sweeps")
     else:
@@ -250,7 +512,24 @@ def _load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
     return json.loads(file.read_text()), sweep_dir
 
 
-def _start_ray(address: str | None) -> None:
+def _resumed_space_file(state: dict[str, Any], sweep_dir: Path) -> str:
+    """The space the sweep started with (its copy in the sweep folder); refused when the space file the sweep
+    was started from has changed since, because Tune's saved trials name rows and keys of the old one."""
+    original = Path(state["space_path"])
+    copy = state.get("space_file")
+    if not copy or not Path(copy).is_file():  # a sweep from before kdray kept a copy: the file as it is now
+        return str(original)
+    started = state.get("space_sha256") or _sha(Path(copy).read_text())
+    if original.is_file():
+        now = _sha(original.read_text())
+        if now != started:
+            raise ConfigError(f"--resume: the space file {original} changed since sweep {state['sweep_id']} started "
+                              f"(sha256 {started[:12]} then, {now[:12]} now); a sweep resumes the space it started "
+                              f"with: restore the file (a copy is in {copy}) or start a new sweep")
+    return copy
+
+
+def _start_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
@@ -304,9 +583,9 @@ def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say) -
     say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
     try:
         fit(job, role="teacher", run_id=run_id, tracking_uri=uri, name="teacher", storage_path=str(sweep_dir))
-    except Exception as err:
-        tracker.set_tags(run_id, {layout.FAILURE: str(err).strip().splitlines()[-1][:5000]})
-        tracker.end_run(run_id, "FAILED")
+    except BaseException as err:  # Ctrl+C too: the teacher's run never stays RUNNING
+        tracker.set_tags(run_id, {layout.FAILURE: _reason(err)[:5000]})
+        tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end_run(run_id, "FINISHED")
     if not Path(job.teacher.checkpoint).is_file():
@@ -338,7 +617,7 @@ def _evaluate_teacher(job: Job) -> tuple[dict[str, float], float]:
     loader = evaluation_loader(build_dataset(job.data, "val"), job.data.eval_batch_size, ctx)
     result = evaluate(teacher, loader, job.data.num_classes, job.data.ignore_index, ctx)
     metrics = {layout.VAL_MIOU: result["miou"], layout.VAL_PIXEL_ACC: result["pixel_acc"]}
-    metrics.update({layout.VAL_IOU_PREFIX + n: v for n, v in zip(class_names(job.data), result["iou"])})
+    metrics.update({iou_metric_key(n): v for n, v in zip(class_names(job.data), result["iou"])})
     return metrics, sum(p.numel() for p in teacher.parameters()) / 1e6
 
 
@@ -359,35 +638,56 @@ def _record_teacher(job: Job, tracker: Tracker, say) -> None:
     tracker.end_run(run_id, "FINISHED")
 
 
-def _summaries(grid, space: SearchSpace, job_data: dict[str, Any]) -> list[TrialSummary]:
-    out = []
-    for result in grid:
-        config = result.config or {}
-        metrics = result.metrics or {}
-        if space.kind == "ablation" and ROW_KEY not in config:  # never started (an interrupted sweep)
-            continue
+def _summaries(grid, space: SearchSpace, job_data: dict[str, Any], tracker: Tracker, sweep_id: str
+               ) -> tuple[list[TrialSummary], bool]:
+    """Each trial Tune created, best first, with what became of it; and whether the sweep was interrupted
+    (a trial still pending, running or paused when `fit` returned)."""
+    out, interrupted = [], False
+    for trial, result in zip(_tune_trials(grid), grid):
+        config = trial.config or {}
         history = result.metrics_dataframe
         series = history[space.metric].dropna().tolist() if history is not None and space.metric in history else []
         last = series[-1] if series else float("nan")
         best = (max(series) if space.mode == "max" else min(series)) if series else float("nan")
-        done, total = metrics.get("iteration", 0), metrics.get("iterations_total", 0)
-        if result.error is not None:
-            status = "failed: " + str(result.error).strip().splitlines()[-1][:200]
-        elif total and done < total:
-            status = "stopped early"
-        else:
-            status = "finished"
-        label = config.get(ROW_KEY) or method_label(job_from_dict(job_data, space.trial_overrides(config)).losses)
-        params = {k: v for k, v in config.items() if k not in (ROW_KEY,)}
-        out.append(TrialSummary(metrics.get("trial_id", "?"), label, int(config.get(SEED_KEY, 0)), params,
-                                last, best, int(done), status))
+        metrics = trial.last_result or {}
+        done, total = int(metrics.get("iteration", 0)), int(metrics.get("iterations_total", 0))
+        if trial.status == "ERROR":
+            status = f"{FAILED}: {_reason(result.error) if result.error is not None else 'the trial failed'}"[:240]
+        elif trial.status == "TERMINATED":
+            run_id = tracker.find_run(**{layout.SWEEP_ID: sweep_id, layout.TRIAL_ID: trial.trial_id})
+            if run_id is not None:  # a trial restored from its final checkpoint reports nothing new to Tune
+                done = max(done, tracker.last_step(run_id, layout.VAL_MIOU))
+            total = total or job_from_dict(job_data, space.trial_overrides(config)).optim.iterations
+            if not done:
+                status = f"{FAILED}: it ended without reporting an evaluation"
+            else:
+                status = FINISHED if done >= total else STOPPED_EARLY
+        else:  # PENDING, RUNNING or PAUSED when fit returned: the sweep was interrupted
+            interrupted = True
+            status = INTERRUPTED if done or series else NOT_STARTED
+        label = config.get(ROW_KEY) or _method(job_data, space, config)
+        params = {k: v for k, v in config.items() if k != ROW_KEY}
+        out.append(TrialSummary(trial.trial_id, label, int(config.get(SEED_KEY, 0)), params, last, best, done,
+                                status))
     sign = -1 if space.mode == "max" else 1
     out.sort(key=lambda t: (math.isnan(t.best), sign * (t.best if not math.isnan(t.best) else 0)))
-    return out
+    return out, interrupted
+
+
+def _tune_trials(grid) -> list:
+    """Tune's Trial objects behind a ResultGrid, in the grid's order (their status is not on the Results)."""
+    return list(grid._experiment_analysis.trials)
+
+
+def _method(job_data: dict[str, Any], space: SearchSpace, config: dict[str, Any]) -> str:
+    try:
+        return method_label(job_from_dict(job_data, space.trial_overrides(config)).losses)
+    except (ConfigError, KeyError):  # a config the space can no longer build: the trial failed on it
+        return "?"
 
 
 def summary_table(outcome: SweepOutcome, metric: str = "val/miou") -> str:
-    """The results, best first, as a Markdown table."""
+    """The results, best first, as a Markdown table; trials Tune never created are counted under it."""
     keys = sorted({k for t in outcome.trials for k in t.params if k != SEED_KEY})
     head = ["rank", "trial", "row / method", "seed", *keys, f"best {metric}", f"last {metric}", "iteration", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -395,6 +695,8 @@ def summary_table(outcome: SweepOutcome, metric: str = "val/miou") -> str:
         cells = [str(i), t.trial_id, t.label, str(t.seed), *(_fmt(t.params.get(k, "")) for k in keys),
                  _pct(t.best), _pct(t.last), str(t.iteration), t.status]
         lines.append("| " + " | ".join(cells) + " |")
+    if outcome.never_created:
+        lines.append(f"\n{outcome.never_created} more trial(s) of the space never started.")
     return "\n".join(lines)
 
 

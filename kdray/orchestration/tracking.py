@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,25 +18,40 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kdray.errors import ConfigError
 from kdray.orchestration import layout
 
 T = TypeVar("T")
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
+_FILTER_SAFE = re.compile(r"[\w.:/+@ -]*")  # tag values that stand in a search filter's quotes as they are
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The job's URI, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory.
 
-    Absolute, because Ray moves the workers' working directory.
+    Absolute, because Ray moves the workers' working directory. A bare path ending in `.db` is a SQLite file. A
+    bare directory path (or a `file:` URI) names MLflow's file store, which MLflow 3 refuses unless
+    MLFLOW_ALLOW_FILE_STORE=true: without that opt-in it is a ConfigError suggesting a SQLite file instead.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:  # a bare directory path: the file store
-        return str(Path(uri).resolve())
-    return uri
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
+    if "://" in uri and not uri.startswith("file:"):
+        return uri
+    if uri.startswith("file:"):
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+    else:
+        path = Path(uri)
+    path = path.expanduser().resolve()
+    if not uri.startswith("file:") and path.suffix == ".db":
+        return f"sqlite:///{path}"
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return path.as_uri()
+    raise ConfigError(f"tracking URI {uri!r} (--tracking-uri, tracking.uri or $MLFLOW_TRACKING_URI): a directory is "
+                      f"MLflow's file store, which MLflow 3 refuses; use a SQLite file, e.g. "
+                      f"sqlite:///{path / 'mlflow.db'} (or a path ending in .db)")
 
 
 def retrying(call: Callable[[], T], attempts: int = 6) -> T:
@@ -66,11 +82,26 @@ class Tracker:
         self.experiment = experiment
 
     def find_run(self, **tags: str) -> str | None:
-        """The id of the newest run carrying all these tags, if any."""
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = retrying(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1,
-                                                        order_by=["attributes.start_time DESC"]))
-        return runs[0].info.run_id if runs else None
+        """The id of the newest run carrying all these tags, if any.
+
+        Only values made of filter-safe characters go into MLflow's search filter; any other value (a path with
+        an apostrophe or a quote, which the filter grammar cannot escape) is compared here, on the runs the
+        safe part of the filter returns.
+        """
+        safe = {k: v for k, v in tags.items() if _FILTER_SAFE.fullmatch(str(v))}
+        rest = {k: str(v) for k, v in tags.items() if k not in safe}
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in safe.items())
+        token = None
+        while True:
+            page = retrying(lambda page_token=token: self.client.search_runs(
+                [self.experiment_id], filter_string=query, max_results=1 if not rest else 1000,
+                order_by=["attributes.start_time DESC"], page_token=page_token))
+            for run in page:
+                if all(run.data.tags.get(k) == v for k, v in rest.items()):
+                    return run.info.run_id
+            token = page.token
+            if not rest or not token:
+                return None
 
     def start_run(self, name: str, tags: dict[str, str]) -> str:
         run = retrying(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags))
@@ -111,6 +142,22 @@ class Tracker:
 
     def tags(self, run_id: str) -> dict[str, str]:
         return retrying(lambda: self.client.get_run(run_id)).data.tags
+
+    def clear_tag(self, run_id: str, key: str) -> None:
+        """Remove `key` from the run's tags if it is there (a stale failure reason, say)."""
+        if key in self.tags(run_id):
+            retrying(lambda: self.client.delete_tag(run_id, key))
+
+    def last_step(self, run_id: str, metric: str) -> int:
+        """The largest step (iteration) at which the run logged `metric`; 0 when it never did."""
+        return max((m.step for m in retrying(lambda: self.client.get_metric_history(run_id, metric))), default=0)
+
+    def running_runs(self, sweep_id: str) -> list[str]:
+        """The ids of the sweep's trial runs whose status is still RUNNING."""
+        query = (f"tags.`{layout.SWEEP_ID}` = '{sweep_id}' and tags.`{layout.KIND}` = 'trial' "
+                 "and attributes.status = 'RUNNING'")
+        runs = retrying(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000))
+        return [run.info.run_id for run in runs]
 
 
 class RunLogger:

@@ -60,14 +60,27 @@ def trial_tags(job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str
 
 
 def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext) -> None:
-    """The Tune trainable (wrapped with `tune.with_resources` by the sweep)."""
+    """The Tune trainable (wrapped with `tune.with_resources` by the sweep).
+
+    Its MLflow run exists before anything that can fail: a trial whose config the space cannot build (a row
+    renamed since the sweep started, say) still leaves a FAILED run with the reason, never nothing.
+    """
     trial_id = ray.tune.get_context().get_trial_id()
-    job = job_from_dict(sweep.job_data, space.trial_overrides(config))
     tracker = Tracker(sweep.tracking_uri, sweep.experiment)
-    tags = trial_tags(job, space, config)
+    try:
+        job = job_from_dict(sweep.job_data, space.trial_overrides(config))
+        tags = trial_tags(job, space, config)
+    except Exception as err:
+        reason = f"the trial's config cannot be built: {type(err).__name__}: {err}"
+        run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id, name=f"trial-{trial_id}",
+                                   tags={}, params={k: v for k, v in config.items()})
+        tracker.set_tags(run_id, {layout.FAILURE: reason[:5000]})
+        tracker.end_run(run_id, "FAILED")
+        raise TrialFailed(reason) from err
     run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
                                name=f"{tags.get(layout.ROW, tags[layout.METHOD])}-s{job.run.seed}-{trial_id}",
                                tags=tags, params=flatten(to_dict(job)))
+    tracker.clear_tag(run_id, layout.FAILURE)  # a restarted trial starts clean (a failure is written anew)
     tracker.set_tags(run_id, {layout.FORMULA: config_formula(job.losses)})
     tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
     try:
@@ -107,10 +120,15 @@ class MlflowStatusCallback(ray.tune.Callback):
             return
         last = trial.last_result or {}
         done, total = last.get("iteration", 0), last.get("iterations_total", 0)
+        if total and done < total:  # Tune's last result may predate a restore: MLflow has every evaluation
+            done = max(done, self.tracker.last_step(run_id, layout.VAL_MIOU))
+        # a trial that completes has not failed, whatever an earlier teardown wrote
+        self.tracker.clear_tag(run_id, layout.FAILURE)
         if total and done < total:
             self.tracker.set_tags(run_id, {layout.STOPPED_EARLY: "true"})
             self.tracker.end_run(run_id, "KILLED")
         else:
+            self.tracker.clear_tag(run_id, layout.STOPPED_EARLY)
             self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:

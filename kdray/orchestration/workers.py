@@ -25,7 +25,7 @@ from kdray.orchestration.tracking import RunLogger
 
 # What goes to Tune with each evaluation (the scheduler and searcher need the metric and the iteration);
 # per-class IoU and the training terms go to MLflow only.
-_TUNE_KEYS = ("iteration", layout.VAL_MIOU, layout.VAL_PIXEL_ACC)
+_TUNE_KEYS = ("iteration", *layout.TUNE_METRICS)
 
 
 def train_per_worker(config: dict[str, Any]) -> None:
@@ -36,16 +36,20 @@ def train_per_worker(config: dict[str, Any]) -> None:
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if ctx.is_main and config["run_id"] else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kdray-{role}-"))
 
+    reported = []
+
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        reported.append(metrics["iteration"])
         step = int(metrics["iteration"])
         if logger is not None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step)
             if metrics[layout.VAL_MIOU] == metrics["val/best_miou"]:  # the engine just wrote these weights
                 logger.log_artifact(scratch / f"best_{role}.pt", layout.BEST_CHECKPOINT_ARTIFACT_DIR)
-        tune_metrics = {k: metrics[k] for k in _TUNE_KEYS if k in metrics}
-        tune_metrics["iterations_total"] = config["iterations"]
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(tune_metrics, checkpoint=checkpoint)
+        ray.train.report(tune_metrics(metrics), checkpoint=checkpoint)
+
+    def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        return {**{k: metrics[k] for k in _TUNE_KEYS if k in metrics}, "iterations_total": config["iterations"]}
 
     def log(metrics: dict[str, float]) -> None:
         if logger is not None:
@@ -58,6 +62,10 @@ def train_per_worker(config: dict[str, Any]) -> None:
                 logger.set_tags({layout.RESUMED_FROM: str(load_checkpoint(resume_dir)["iteration"])})
             result = train(job, scratch, role=role, ctx=ctx, report=report, log=log, resume=resume_dir,
                            progress=False)
+        if not reported and result.history:
+            # Resumed from the final checkpoint: nothing was left to run, so tell Tune (again, on every rank) where
+            # the run ended; otherwise the restored trial would look stopped early.
+            ray.train.report(tune_metrics(result.history[-1]))
         if role == "teacher" and ctx.is_main and result.best_weights is not None:
             target = Path(job.teacher.checkpoint)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 The rule every table follows: a cell is the mean ± sample standard deviation (ddof=1) over the group's
 FINISHED runs, with n = their number. Early-stopped runs are counted but not averaged; only when a group has no
 finished run is its cell built from its early-stopped runs, and then it is flagged (`from_stopped`, a dagger in
-the tables). Failed and unfinished (interrupted, still running) runs are excluded and counted.
+the tables). Failed, not-started, interrupted, unfinished (still running) runs and finished runs without a
+value are excluded and counted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kdray.reporting.runs import EARLY_STOPPED, FAILED, FINISHED, UNFINISHED
+from kdray.reporting.runs import EARLY_STOPPED, EXCLUDED_STATES, FINISHED, STATE_LABELS
 
 VALUES = ("last", "best")
 
@@ -41,12 +42,13 @@ class Group:
 
     @property
     def excluded(self) -> str:
-        """`1 early-stopped, 1 failed`: the runs of the group not in the mean."""
-        labels = {EARLY_STOPPED: "early-stopped", FAILED: "failed", UNFINISHED: "unfinished"}
-        averaged_state = EARLY_STOPPED if self.from_stopped else FINISHED
-        parts = [f"{self.counts.get(s, 0)} {label}" for s, label in labels.items()
-                 if s != averaged_state and self.counts.get(s, 0)]
-        return ", ".join(parts)
+        """`1 early-stopped, 1 failed, 1 not started`: the runs of the group not in the mean."""
+        return count_phrase(self.counts, skip=EARLY_STOPPED if self.from_stopped else FINISHED)
+
+
+def count_phrase(counts: dict[str, int], skip: str = FINISHED) -> str:
+    """`1 early-stopped, 2 failed`: the count of each excluded state (but `skip`) that occurs, in report order."""
+    return ", ".join(f"{counts[s]} {STATE_LABELS[s]}" for s in EXCLUDED_STATES if s != skip and counts.get(s))
 
 
 def summarise(runs: pa.Table, keys: list[str], value: str) -> list[Group]:

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import create_trial
 
@@ -40,6 +40,19 @@ class Importance:
                 "sum to 1")
 
 
+def _hashable(value: object) -> object:
+    """Lists as tuples: PED-ANOVA hashes each distribution, so a choice such as [512, 1024] cannot be a list."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def hashable_space(points: list[tuple[dict[str, object], float]], space: dict[str, BaseDistribution]
+                   ) -> tuple[list[tuple[dict[str, object], float]], dict[str, BaseDistribution]]:
+    """The points and the space with list choices and values as tuples (see `_hashable`)."""
+    space = {k: CategoricalDistribution([_hashable(c) for c in d.choices])
+             if isinstance(d, CategoricalDistribution) else d for k, d in space.items()}
+    return [({k: _hashable(v) for k, v in p.items()}, value) for p, value in points], space
+
+
 def rebuild_study(points: list[tuple[dict[str, object], float]], space: dict[str, BaseDistribution],
                   maximize: bool = True) -> optuna.Study:
     """An in-memory study with one COMPLETE trial per (active params, value)."""
@@ -63,7 +76,7 @@ def param_importance(points: list[tuple[dict[str, object], float]], space: dict[
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "few trials in a regime": the quantile above already bounds it
-            study = rebuild_study(points, space, maximize)
+            study = rebuild_study(*hashable_space(points, space), maximize)
             values = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(target_quantile=quantile),
                                            params=sorted({k for p, _ in points for k in p}))
     finally:

@@ -21,7 +21,8 @@ from optuna.distributions import CategoricalDistribution
 
 from kdray.reporting.importance import Importance
 from kdray.reporting.runs import EARLY_STOPPED, FINISHED
-from kdray.reporting.search import Search, format_param
+from kdray.reporting.search import Search, format_param, in_space
+from kdray.reporting.space import Outside
 
 DPI = 120
 
@@ -73,16 +74,24 @@ def plot_curves(history: pa.Table, runs: pa.Table, groups: list[tuple[str, list[
     return _save(fig, path)
 
 
-def _axis(key: str, dist, values: list) -> tuple[list[float | None], list[float], list[str]]:
-    """Positions in [0, 1] of each trial's value on one knob's axis (None: inactive), and the axis' ticks."""
+def _choice_index(choices: tuple, value: object) -> int | None:
+    """The position of a trial's value among a knob's choices (the choice itself, as `active_params` gives it)."""
+    return next((i for i, c in enumerate(choices) if c is value), None) if not isinstance(value, Outside) else None
+
+
+def _axis(key: str, dist, params: list[dict[str, object]]) -> tuple[list[float | None], list[float], list[str]]:
+    """Positions in [0, 1] of each trial's value on one knob's axis (None: inactive, or outside the space), and
+    the axis' ticks."""
     if isinstance(dist, CategoricalDistribution):
         n = max(len(dist.choices) - 1, 1)
-        pos = [None if v is None else dist.choices.index(v) / n for v in values]
+        index = [_choice_index(dist.choices, p[key]) if key in p else None for p in params]
+        pos = [None if i is None else i / n for i in index]
         return pos, [i / n for i in range(len(dist.choices))], [format_param(c) for c in dist.choices]
     low, high = float(dist.low), float(dist.high)
     log = dist.log
     scale = (lambda x: math.log10(x)) if log else (lambda x: x)
     span = (scale(high) - scale(low)) or 1.0
+    values = [in_space(p).get(key) for p in params]
     pos = [None if v is None else (scale(float(v)) - scale(low)) / span for v in values]
     ticks = [0.0, 0.5, 1.0]
     labels = [format_param(low), format_param(10 ** ((scale(low) + scale(high)) / 2) if log else (low + high) / 2),
@@ -99,7 +108,7 @@ def plot_parallel(search: Search, path: Path, title: str) -> Path | None:
     values = [100 * t.value for t in search.trials]
     lo, hi = min(values), max(values)
     norm = Normalize(lo, hi if hi > lo else lo + 1e-9)
-    axes = [_axis(k, search.space[k].distribution, [t.params.get(k) for t in search.trials]) for k in keys]
+    axes = [_axis(k, search.space[k].distribution, [t.params for t in search.trials]) for k in keys]
     miou_pos = [norm(v) for v in values]
     inactive = -0.12
     fig = Figure(figsize=(max(6.0, 1.6 * (len(keys) + 1)), 4.8))
@@ -129,7 +138,8 @@ def plot_parallel(search: Search, path: Path, title: str) -> Path | None:
     colorbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
     colorbar.set_label("val mIoU (%)")
     fig.text(0.01, -0.02, "dashed: early-stopped trials (value at stopping); knob axes span the searched range, "
-             "on a log scale for log-uniform knobs", fontsize="x-small", ha="left", va="top")
+             "on a log scale for log-uniform knobs; below an axis: inactive, or a value outside the space (‡ in "
+             "the tables)", fontsize="x-small", ha="left", va="top")
     return _save(fig, path)
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,13 +23,21 @@ from mlflow.entities import Metric, Run, ViewType
 from mlflow.exceptions import MlflowException
 
 from kdray.errors import ConfigError
+from kdray.metrics import iou_metric_key
 from kdray.orchestration import layout
+from kdray.orchestration.tracking import resolve_tracking_uri
 
 # run states, as the tables count them
-FINISHED = "finished"  # status FINISHED, not stopped early: the only runs averaged
+FINISHED = "finished"  # status FINISHED, not stopped early, with a val/miou: the only runs averaged
 EARLY_STOPPED = "early_stopped"  # stopped by the scheduler (STOPPED_EARLY=true): counted, not averaged
 FAILED = "failed"  # status FAILED: excluded, listed with its reason
-UNFINISHED = "unfinished"  # RUNNING, or KILLED without STOPPED_EARLY (interrupted): excluded, listed
+NOT_STARTED = "not_started"  # NOT_STARTED=true (status FAILED or KILLED): the trial never ran; excluded, listed
+INTERRUPTED = "interrupted"  # KILLED without STOPPED_EARLY (Ctrl+C, a lost worker): excluded, listed
+UNFINISHED = "unfinished"  # RUNNING (or SCHEDULED): still running, or ended without a status; excluded, listed
+NO_VALUE = "no_value"  # FINISHED without any val/miou: excluded, listed
+EXCLUDED_STATES = (EARLY_STOPPED, FAILED, NOT_STARTED, INTERRUPTED, UNFINISHED, NO_VALUE)  # report order
+STATE_LABELS = {FINISHED: "finished", EARLY_STOPPED: "early-stopped", FAILED: "failed", NOT_STARTED: "not started",
+                INTERRUPTED: "interrupted", UNFINISHED: "unfinished", NO_VALUE: "no value"}
 
 _PAGE = 50_000  # the most runs MLflow returns per search page
 _TAG_COLUMNS = {  # column -> tag
@@ -39,17 +47,18 @@ _TAG_COLUMNS = {  # column -> tag
 }
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _REMOTE_THREADS = 8
-IOU_COLUMN = "iou."  # + class name: the per-class IoU of the last evaluation
+IOU_COLUMN = "iou."  # + class name (the true one, from the CLASSES tag): the per-class IoU of the last evaluation
 PARAM_COLUMN = "params."  # + flattened config key
 
 
 def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else the SQLite file `mlflow.db` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    """`$MLFLOW_TRACKING_URI`, else the SQLite file `mlflow.db` in the working directory: the sweep's default."""
+    return resolve_tracking_uri(None)
 
 
 def open_client(tracking_uri: str) -> MlflowClient:
     """A client for the store; a SQLite file that does not exist is an error (MLflow would create it empty)."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)  # as the sweep reads it: a bare path, a relative SQLite file
     if tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri[len("sqlite:///"):])
         if not path.is_file():
@@ -67,6 +76,7 @@ class SweepData:
               row, seed, teacher_arch, student_arch, dataset, formula, failure, params_m, teacher_params_m,
               start_time, end_time, miou_last, pixel_acc_last, miou_best, best_step, last_step, n_evals,
               `iou.<class>` (last evaluation), `params.<key>` (the flattened config, strings).
+              state: one of FINISHED, EARLY_STOPPED, FAILED, NOT_STARTED, INTERRUPTED, UNFINISHED, NO_VALUE.
     teachers: the experiment's teacher runs (KIND=teacher), same columns.
     history:  run_id, step, value of val/miou for every run in `runs` and `teachers` (None when not read;
               then miou_best, best_step, last_step and n_evals are null).
@@ -80,8 +90,14 @@ class SweepData:
     runs: pa.Table
     teachers: pa.Table
     history: pa.Table | None
-    classes: tuple[str, ...]  # the classes of `val/iou/<class>`, in the order the runs logged them
+    classes: tuple[str, ...]  # the class names, in class-id order (see `class_keys`)
     space_text: str | None = None  # the space file the sweep logged (config/space.yaml), when readable
+    class_keys: dict[str, str] = field(default_factory=dict)  # class name -> its per-class IoU metric key
+
+    @property
+    def smoke_test(self) -> bool:
+        """The sweep ran with --smoke-test (tag SMOKE_TEST=true): a few iterations per trial, not a result."""
+        return is_smoke_test(self.sweep_tags)
 
     @property
     def sweep_id(self) -> str:
@@ -124,29 +140,59 @@ def search_all(client: MlflowClient, experiment_id: str, filter_string: str,
             return runs
 
 
+def is_smoke_test(tags: dict[str, str]) -> bool:
+    """The sweep run's tags say it was a --smoke-test sweep."""
+    return _is_true(tags.get(layout.SMOKE_TEST))
+
+
+def _is_true(tag: str | None) -> bool:
+    return (tag or "").strip().lower() == "true"
+
+
+def _sweep_list(sweeps: list[Run]) -> str:
+    known = [r.data.tags.get(layout.SWEEP_ID, r.info.run_id) for r in sweeps]
+    return f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}"
+
+
+def latest_sweep(sweeps: list[Run], experiment: str) -> Run:
+    """The latest started sweep that is not a smoke test (`sweeps` latest first)."""
+    real = [r for r in sweeps if not is_smoke_test(r.data.tags)]
+    if not real:
+        raise ConfigError(f"experiment {experiment!r} has only smoke-test sweeps (tag {layout.SMOKE_TEST}=true): "
+                          f"pass --sweep to report one of them: {_sweep_list(sweeps)}")
+    return real[0]
+
+
 def find_sweep(client: MlflowClient, experiment_id: str, experiment: str, sweep_id: str | None) -> Run:
-    """The sweep's parent run: the one with that sweep id, or the latest started when no id is given."""
+    """The sweep's parent run: the one with that sweep id (smoke tests included), or, when no id is given, the
+    latest started one that is not a smoke test."""
     sweeps = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'sweep'",
                         order_by=["attributes.start_time DESC"])
     if not sweeps:
         raise ConfigError(f"experiment {experiment!r} has no sweep run (tag {layout.KIND}=sweep): "
                           "run `python -m kdray.sweep` first")
     if sweep_id is None:
-        return sweeps[0]
+        return latest_sweep(sweeps, experiment)
     for run in sweeps:
         if run.data.tags.get(layout.SWEEP_ID) == sweep_id:
             return run
-    known = [r.data.tags.get(layout.SWEEP_ID, r.info.run_id) for r in sweeps]
     raise ConfigError(f"no sweep {sweep_id!r} in experiment {experiment!r}; sweeps there, latest first: "
-                      f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+                      f"{_sweep_list(sweeps)}")
 
 
-def run_state(status: str, tags: dict[str, str]) -> str:
+def run_state(status: str, tags: dict[str, str], has_value: bool = True) -> str:
+    """The run's state (see the constants above) from its MLflow status, its tags and whether it logged val/miou."""
+    if _is_true(tags.get(layout.NOT_STARTED)):
+        return NOT_STARTED
     if status == "FAILED":
         return FAILED
-    if tags.get(layout.STOPPED_EARLY, "").lower() == "true":
+    if _is_true(tags.get(layout.STOPPED_EARLY)):
         return EARLY_STOPPED
-    return FINISHED if status == "FINISHED" else UNFINISHED
+    if status == "KILLED":
+        return INTERRUPTED
+    if status != "FINISHED":
+        return UNFINISHED
+    return FINISHED if has_value else NO_VALUE
 
 
 def natural_key(text: str) -> tuple:
@@ -162,29 +208,71 @@ def _number(text: str | None, cast=float):
         return None
 
 
-def runs_table(runs: list[Run]) -> tuple[pa.Table, tuple[str, ...]]:
-    """Runs as an Arrow table (columns as in `SweepData.runs`, without the history columns) and the class
-    names, in the order the runs logged their `val/iou/<class>` metrics."""
+def tagged_classes(run: Run) -> list[str] | None:
+    """The true class names the run recorded in its CLASSES tag (a JSON list, class-id order); None without one
+    (runs logged before the tag existed) or when it is not a list of names."""
+    text = run.data.tags.get(layout.CLASSES)
+    try:
+        names = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return names
+
+
+def class_keys(runs: list[Run]) -> dict[str, str]:
+    """Class name -> its per-class IoU metric key, in class-id order: the true names of the first run with a
+    CLASSES tag (the key is `iou_metric_key(name)`, as MLflow refuses some characters in metric names; or
+    `val/iou/<name>` where only that was logged, by sweeps before the sanitised keys), then, for `val/iou/` keys
+    no tagged name explains (runs without the tag), the key's suffix as the name."""
+    logged = {key: None for run in runs for key in run.data.metrics if key.startswith(layout.VAL_IOU_PREFIX)}
+    names = next((n for n in map(tagged_classes, runs) if n is not None), None)
+    keys = {name: _key_of(name, logged) for name in names or []}
+    known = set(keys.values())
+    for key in logged:
+        if key not in known:
+            keys.setdefault(key[len(layout.VAL_IOU_PREFIX):], key)
+    return keys
+
+
+def _key_of(name: str, logged: dict[str, None]) -> str:
+    key, literal = iou_metric_key(name), layout.VAL_IOU_PREFIX + name
+    return literal if key not in logged and literal in logged else key
+
+
+def shared_keys(keys: dict[str, str]) -> dict[str, list[str]]:
+    """Metric keys that several class names map to ({key: names}): whose IoU it holds cannot be told."""
+    names: dict[str, list[str]] = {}
+    for name, key in keys.items():
+        names.setdefault(key, []).append(name)
+    return {key: group for key, group in names.items() if len(group) > 1}
+
+
+def attributable(keys: dict[str, str]) -> dict[str, str]:
+    """`keys` without the classes whose metric key another class shares."""
+    shared = shared_keys(keys)
+    return {name: key for name, key in keys.items() if key not in shared}
+
+
+def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
+    """Runs as an Arrow table (columns as in `SweepData.runs`, without the history columns) and the classes,
+    name -> per-class IoU metric key, in class-id order (`class_keys`)."""
     runs = sorted(runs, key=lambda r: (_number(r.data.tags.get(layout.ROW_INDEX), int) or 0,
                                        natural_key(r.data.tags.get(layout.TRIAL_ID, "")), r.info.start_time or 0,
                                        r.info.run_id))
-    classes: dict[str, None] = {}
-    for run in runs:  # the class-id order, where the sweep recorded it
-        if layout.CLASSES in run.data.tags:
-            classes.update(dict.fromkeys(json.loads(run.data.tags[layout.CLASSES])))
-            break
+    keys = class_keys(runs)
+    readable = attributable(keys)
     param_keys: dict[str, None] = {}
     for run in runs:
-        for key in run.data.metrics:
-            if key.startswith(layout.VAL_IOU_PREFIX):
-                classes.setdefault(key[len(layout.VAL_IOU_PREFIX):])
         for key in run.data.params:
             param_keys.setdefault(key)
     rows = []
     for order, run in enumerate(runs):
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        state = run_state(run.info.status, tags, layout.VAL_MIOU in metrics)
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-               "state": run_state(run.info.status, tags), "order": order}
+               "state": state, "order": order}
         row.update({column: tags.get(tag) for column, tag in _TAG_COLUMNS.items()})
         row.update({
             "seed": _number(tags.get(layout.SEED), int),
@@ -193,7 +281,7 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, tuple[str, ...]]:
             "start_time": run.info.start_time, "end_time": run.info.end_time,
             "miou_last": metrics.get(layout.VAL_MIOU), "pixel_acc_last": metrics.get(layout.VAL_PIXEL_ACC),
         })
-        row.update({IOU_COLUMN + c: metrics.get(layout.VAL_IOU_PREFIX + c) for c in classes})
+        row.update({IOU_COLUMN + c: metrics.get(readable[c]) if c in readable else None for c in keys})
         row.update({PARAM_COLUMN + k: params.get(k) for k in param_keys})
         rows.append(row)
     schema = pa.schema(
@@ -202,8 +290,8 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, tuple[str, ...]]:
         + [("seed", pa.int64()), ("params_m", pa.float64()), ("teacher_params_m", pa.float64()),
            ("start_time", pa.timestamp("ms")), ("end_time", pa.timestamp("ms")),
            ("miou_last", pa.float64()), ("pixel_acc_last", pa.float64())]
-        + [(IOU_COLUMN + c, pa.float64()) for c in classes] + [(PARAM_COLUMN + k, pa.string()) for k in param_keys])
-    return pa.Table.from_pylist(rows, schema=schema), tuple(classes)
+        + [(IOU_COLUMN + c, pa.float64()) for c in keys] + [(PARAM_COLUMN + k, pa.string()) for k in param_keys])
+    return pa.Table.from_pylist(rows, schema=schema), keys
 
 
 def _is_local(tracking_uri: str) -> bool:
@@ -283,7 +371,7 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
         if not trials:
             raise ConfigError(f"sweep {sid!r} of experiment {experiment!r} has no trial runs yet")
         teachers = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'teacher'")
-        runs, classes = runs_table(trials)
+        runs, keys = runs_table(trials)
         teacher_runs, _ = runs_table(teachers)
         space_text = None
         if sweep_tags.get(layout.SPACE_KIND) != "ablation":
@@ -296,8 +384,8 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
         raise ConfigError(f"cannot read MLflow store {tracking_uri}: {err.message.splitlines()[0]}") from err
     return SweepData(tracking_uri=tracking_uri, experiment=experiment, experiment_id=experiment_id,
                      sweep_run_id=sweep.info.run_id, sweep_tags=sweep_tags, runs=_with_history(runs, miou),
-                     teachers=_with_history(teacher_runs, miou), history=miou, classes=classes,
-                     space_text=space_text)
+                     teachers=_with_history(teacher_runs, miou), history=miou, classes=tuple(keys),
+                     space_text=space_text, class_keys=keys)
 
 
 def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
@@ -316,12 +404,17 @@ def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | No
             os.environ[_PROGRESS_BAR] = quiet
 
 
-def read_iou_at(tracking_uri: str, steps: dict[str, int], classes: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Per-class IoU of each run at one step (the step of its best mIoU): {run_id: {class: IoU}}."""
-    pairs = [(run_id, layout.VAL_IOU_PREFIX + name) for run_id in steps for name in classes]
+def read_iou_at(tracking_uri: str, steps: dict[str, int], keys: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per-class IoU of each run at one step (the step of its best mIoU): {run_id: {class: IoU}}.
+
+    keys: class name -> metric key (`SweepData.class_keys`); classes that share a key are not read.
+    """
+    readable = attributable(keys)
+    triples = [(run_id, name, key) for run_id in steps for name, key in readable.items()]
+    pairs = [(run_id, key) for run_id, _, key in triples]
     result: dict[str, dict[str, float]] = {run_id: {} for run_id in steps}
-    for (run_id, key), points in zip(pairs, histories(open_client(tracking_uri), tracking_uri, pairs)):
+    for (run_id, name, _), points in zip(triples, histories(open_client(tracking_uri), tracking_uri, pairs)):
         at = [m.value for m in sorted(points, key=lambda m: m.timestamp) if m.step == steps[run_id]]
         if at:
-            result[run_id][key[len(layout.VAL_IOU_PREFIX):]] = at[-1]
+            result[run_id][name] = at[-1]
     return result

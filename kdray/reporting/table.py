@@ -18,7 +18,9 @@ class Table:
     header, rows: the cells as text (Unicode ± and † are turned into LaTeX by the renderer).
     align:   one of l/r per column.
     notes:   footnotes under the table (the dagger's meaning, omissions).
-    data:    the same content as numbers (fractions as percent, named `*_pct`), for CSV and Parquet.
+    data:    the same content, machine-readable, for CSV and Parquet: numbers as numbers (fractions as percent,
+             named `*_pct`; mean, std and n in their own columns, unrounded), booleans as booleans, search
+             knobs typed as their distribution (`search.knob_types`), null where a cell shows `—`.
     """
 
     name: str
@@ -29,6 +31,29 @@ class Table:
     align: str
     data: pa.Table
     notes: list[str] = field(default_factory=list)
+
+
+# the Arrow type of the columns of `Table.data` that pyarrow cannot infer when every value is null
+COLUMN_TYPES = {
+    "miou_pct_mean": pa.float64(), "miou_pct_std": pa.float64(), "n": pa.int64(), "from_stopped": pa.bool_(),
+    "best_run_id": pa.string(), "best_miou_pct": pa.float64(), "seeds": pa.list_(pa.int64()),
+    "gain_pp": pa.float64(), "params_m": pa.float64(), "iou_pct": pa.float64(), "step": pa.int64(),
+    "last_step": pa.int64(), "miou_last_pct": pa.float64(), "miou_pct": pa.float64(), "seed": pa.int64(),
+    "rank": pa.int64(), "row": pa.string(), "method": pa.string(), "trial_id": pa.string(),
+    "teacher_arch": pa.string(), "student_arch": pa.string(), "failure": pa.string(),
+}
+
+
+def typed_table(records: list[dict], types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Records as an Arrow table; columns named in `types` (or `COLUMN_TYPES`, or `n_<state>` counts) get that
+    type even when every value is null, the others are inferred."""
+    types = {**COLUMN_TYPES, **(types or {})}
+    names = list(dict.fromkeys(k for r in records for k in r))
+    columns = {}
+    for name in names:
+        kind = types.get(name, pa.int64() if name.startswith("n_") else None)
+        columns[name] = pa.array([r.get(name) for r in records], kind)
+    return pa.table(columns)
 
 
 def pct(value: float | None, digits: int = 2) -> str:

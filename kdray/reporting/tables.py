@@ -13,16 +13,39 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from kdray.orchestration import layout
-from kdray.reporting.groups import Group, summarise, value_column
-from kdray.reporting.runs import EARLY_STOPPED, FAILED, FINISHED, IOU_COLUMN, UNFINISHED, SweepData
-from kdray.reporting.table import DAGGER, DASH, Table, mean_std, millions, pct, percent_or_none, signed
+from kdray.reporting.groups import Group, count_phrase, summarise, value_column
+from kdray.reporting.runs import (
+    EARLY_STOPPED,
+    EXCLUDED_STATES,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    IOU_COLUMN,
+    NO_VALUE,
+    NOT_STARTED,
+    STATE_LABELS,
+    SweepData,
+    shared_keys,
+)
+from kdray.reporting.table import (
+    DAGGER,
+    DASH,
+    Table,
+    mean_std,
+    millions,
+    pct,
+    percent_or_none,
+    signed,
+    typed_table,
+)
 
 CE = "CE"  # the method label of a student trained with cross-entropy only (kdray.losses.objective.method_label)
 
 DAGGER_NOTE = (f"{DAGGER} built only from early-stopped runs (stopped by the scheduler before the full "
                "budget): their values at stopping, not comparable with rows of finished runs.")
-EXCLUSION_NOTE = ("Early-stopped runs are counted but excluded from the mean; failed and unfinished "
-                  "(interrupted or still running) runs are excluded; all are listed in the excluded-runs table.")
+EXCLUSION_NOTE = ("Early-stopped runs are counted but excluded from the mean; failed, not-started, interrupted "
+                  "and unfinished (still running) runs, and finished runs without a val mIoU, are excluded; all are "
+                  "listed in the excluded-runs table.")
 
 
 def describe_value(value: str) -> str:
@@ -57,9 +80,23 @@ def _caption(data: SweepData, value: str, what: str, groups: list[Group]) -> str
             f"experiment `{data.experiment}`.")
 
 
+def state_counts(data: SweepData) -> dict[str, int]:
+    """Trial runs of the sweep per state."""
+    counts: dict[str, int] = {}
+    for state in data.runs.column("state").to_pylist():
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def exclusion_note(data: SweepData) -> str:
+    """The rule, and how many of the sweep's runs it left out, by state."""
+    phrase = count_phrase(state_counts(data))
+    tally = f" This sweep: {phrase} of {data.runs.num_rows} trial runs." if phrase else ""
+    return EXCLUSION_NOTE + tally
+
+
 def _states(g: Group) -> dict:
-    return {"n_early_stopped": g.counts.get(EARLY_STOPPED, 0), "n_failed": g.counts.get(FAILED, 0),
-            "n_unfinished": g.counts.get(UNFINISHED, 0)}
+    return {f"n_{s}": g.counts.get(s, 0) for s in EXCLUDED_STATES}
 
 
 def _numbers(g: Group) -> dict:
@@ -116,13 +153,14 @@ def ablation_table(data: SweepData, value: str) -> Table | None:
         method = "/".join(methods[row])
         rows.append([row or "(no row tag)", method, mean_std(g.mean, g.std, g.from_stopped), str(g.n), gain_text,
                      g.excluded or DASH])
-        records.append({"kind": "row", "row": row, "method": method, "teacher_arch": None,
+        named = "/".join(m for m in methods[row] if m != DASH) or None  # `—` shown for a run without a method
+        records.append({"kind": "row", "row": row, "method": named, "teacher_arch": None,
                         "gain_pp": percent_or_none(gain), **_numbers(g)})
     if baseline is None:
         notes.append("No CE-only row with a value: gains omitted.")
     if any(g.from_stopped for g in groups):
         notes.append(DAGGER_NOTE)
-    notes.append(EXCLUSION_NOTE)
+    notes.append(exclusion_note(data))
     caption = _caption(data, value, "Ablation", groups)
     if baseline is not None:
         caption += f" Gain: difference of means to the CE-only student `{baseline.key[0]}`, percentage points."
@@ -130,9 +168,7 @@ def ablation_table(data: SweepData, value: str) -> Table | None:
 
 
 def _data(records: list[dict], data: SweepData, value: str) -> pa.Table:
-    table = pa.Table.from_pylist(records)
-    return (table.append_column("value", pa.array([value] * table.num_rows, pa.string()))
-            .append_column("sweep_id", pa.array([data.sweep_id] * table.num_rows, pa.string())))
+    return typed_table([{**r, "value": value, "sweep_id": data.sweep_id} for r in records])
 
 
 @dataclass(frozen=True)
@@ -198,11 +234,12 @@ def methods_table(data: SweepData, value: str) -> Table:
         p = next((params[r] for r in g.run_ids or [g.best_run_id] if params.get(r) is not None), None)
         rows.append([_pair_text(mg.pair), mg.label, millions(p), mean_std(g.mean, g.std, g.from_stopped), str(g.n),
                      _best_text(g, labels), g.excluded or DASH])
-        records.append({"teacher_arch": mg.pair[0], "student_arch": mg.pair[1], "method": mg.label, "params_m": p,
+        method = mg.label if g.key[2] is not None else None  # no method tag: `—` shown, null in the files
+        records.append({"teacher_arch": mg.pair[0], "student_arch": mg.pair[1], "method": method, "params_m": p,
                         **_numbers(g)})
     if any(mg.group.from_stopped for mg in groups):
         notes.append(DAGGER_NOTE)
-    notes.append(EXCLUSION_NOTE)
+    notes.append(exclusion_note(data))
     what = "Methods"
     if data.space_kind == "search":
         what += (" (a search sweep: the runs of a method differ in their hyperparameters, so n counts "
@@ -274,20 +311,40 @@ def per_class_table(data: SweepData, value: str, iou_at_best: dict[str, dict[str
     rows.append(["Run"] + [run_label(info[r]["trial_id"], info[r]["run_name"], r) for _, r, _ in columns])
     for label, run_id, step in columns:
         for name in data.classes:
-            records.append({"label": label, "run_id": run_id, "trial_id": info[run_id]["trial_id"],
-                            "teacher_arch": info[run_id]["teacher_arch"], "student_arch": info[run_id]["student_arch"],
+            records.append({"label": label.replace(DAGGER, ""), "from_stopped": DAGGER in label, "run_id": run_id,
+                            "trial_id": info[run_id]["trial_id"], "teacher_arch": info[run_id]["teacher_arch"],
+                            "student_arch": info[run_id]["student_arch"],
                             "class": name, "iou_pct": percent_or_none(source.get(run_id, {}).get(name)),
                             "step": step if value == "best" else None})
     at = "its last evaluation" if value == "last" else "the evaluation of its best mIoU"
     caption = (f"Per-class IoU (%) of the best run of the teacher and of each method (highest val mIoU at "
                f"{describe_value(value)}), at {at}; sweep `{data.sweep_id}`, experiment `{data.experiment}`.")
     notes = [DAGGER_NOTE] if any(DAGGER in label for label, _, _ in columns) else []
+    notes += [f"Classes {', '.join(names)} share the metric key `{key}`: which one's IoU it holds cannot be told, "
+              f"so they show {DASH}." for key, names in shared_keys(data.class_keys).items()]
     return Table("per_class", "Per-class IoU", caption, header, rows, "l" + "r" * len(columns),
                  _data(records, data, value), notes)
 
 
+def exclusion_reason(r: dict) -> str:
+    """Why a run (a record of the runs table) is not averaged."""
+    state, at = r["state"], f" at iteration {r['last_step']}" if r["last_step"] is not None else ""
+    last = f"; last mIoU {pct(r['miou_last'])}{at}" if r["miou_last"] is not None else "; no val mIoU logged"
+    if state == FAILED:
+        return r["failure"] or f"no reason recorded (tag {layout.FAILURE})"
+    if state == NOT_STARTED:
+        return r["failure"] or f"the trial never started (tag {layout.NOT_STARTED}); no reason recorded"
+    if state == EARLY_STOPPED:
+        return f"stopped early by the scheduler{at}; last mIoU {pct(r['miou_last'])}"
+    if state == INTERRUPTED:
+        return f"status KILLED, not stopped by the scheduler: interrupted{last}"
+    if state == NO_VALUE:
+        return "status FINISHED, but no val mIoU was ever logged"
+    return f"status {r['status']}: still running, or its process died without ending the run{last}"
+
+
 def excluded_table(data: SweepData) -> Table | None:
-    """Every run of the sweep that is not a finished run, with why; None when there is none."""
+    """Every run of the sweep that is not a finished run, with its state and why; None when there is none."""
     cols = ["run_id", "run_name", "trial_id", "row", "method", "seed", "status", "state", "failure", "last_step",
             "miou_last"]
     recs = [r for r in data.runs.select(cols).to_pylist() if r["state"] != FINISHED]
@@ -295,21 +352,16 @@ def excluded_table(data: SweepData) -> Table | None:
         return None
     rows, records = [], []
     for r in recs:
-        if r["state"] == FAILED:
-            reason = r["failure"] or f"no reason recorded (tag {layout.FAILURE})"
-        elif r["state"] == EARLY_STOPPED:
-            at = f" at iteration {r['last_step']}" if r["last_step"] is not None else ""
-            reason = f"stopped early by the scheduler{at}; last mIoU {pct(r['miou_last'])}"
-        else:
-            reason = f"status {r['status']}: interrupted or still running"
+        reason = exclusion_reason(r)
         seed = DASH if r["seed"] is None else str(r["seed"])
         rows.append([run_label(r["trial_id"], r["run_name"], r["run_id"]), r["run_id"][:8],
-                     r["row"] or r["method"] or DASH, seed, r["state"], reason])
+                     r["row"] or r["method"] or DASH, seed, STATE_LABELS[r["state"]], reason])
         records.append({**{k: r[k] for k in ("run_id", "trial_id", "row", "method", "seed", "status", "state",
                                               "last_step")},
-                        "miou_last_pct": percent_or_none(r["miou_last"]), "reason": reason})
-    caption = (f"Runs of sweep `{data.sweep_id}` left out of the means: failed and unfinished runs are excluded; "
-               "early-stopped runs are excluded from the means but counted in the tables' Excluded column.")
-    table = pa.Table.from_pylist(records).append_column("sweep_id", pa.array([data.sweep_id] * len(records)))
+                        "miou_last_pct": percent_or_none(r["miou_last"]), "reason": reason,
+                        "sweep_id": data.sweep_id})
+    caption = (f"The {len(recs)} of {data.runs.num_rows} trial runs of sweep `{data.sweep_id}` left out of the "
+               f"means: {count_phrase(state_counts(data))}. Early-stopped runs are counted in the tables' Excluded "
+               "column but not averaged; the others never enter a mean.")
     return Table("excluded", "Excluded runs", caption, ["Trial", "Run", "Row / method", "Seed", "State", "Reason"],
-                 rows, "llllll", table)
+                 rows, "llllll", typed_table(records))

@@ -1,7 +1,9 @@
-"""`write_report`: read a sweep, build its tables and plots, write them, log them on the sweep's parent run."""
+"""`write_report`: read a sweep, build its tables and plots, write them; log them on the sweep's parent run only
+when asked (`log_artifacts=True`: the sweep does; `python -m kdray.report` only with --log)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,17 +12,8 @@ from pathlib import Path
 from kdray.errors import ConfigError
 from kdray.orchestration import layout
 from kdray.reporting import plots, render
-from kdray.reporting.groups import VALUES
-from kdray.reporting.runs import (
-    EARLY_STOPPED,
-    FAILED,
-    FINISHED,
-    UNFINISHED,
-    SweepData,
-    open_client,
-    read_iou_at,
-    read_sweep,
-)
+from kdray.reporting.groups import VALUES, count_phrase
+from kdray.reporting.runs import FINISHED, SweepData, open_client, read_iou_at, read_sweep
 from kdray.reporting.search import Search, analyse, search_tables
 from kdray.reporting.table import Table
 from kdray.reporting.tables import (
@@ -31,9 +24,12 @@ from kdray.reporting.tables import (
     method_groups,
     methods_table,
     per_class_table,
+    state_counts,
 )
 
 FORMATS = ("md", "tex", "csv", "parquet")
+SMOKE_NOTE = (f"SMOKE TEST (tag {layout.SMOKE_TEST}=true): a few iterations per trial, run to check the pipeline; "
+              "its numbers are not results.")
 
 
 @dataclass(frozen=True)
@@ -65,13 +61,21 @@ def build_tables(data: SweepData, value: str, *, top_k: int = 10,
     if search is not None:
         tables += search_tables(data, search, value, top_k)
     tables += [per_class_table(data, value, iou_at_best), excluded_table(data)]
-    return [t for t in tables if t is not None], search
+    tables = [t for t in tables if t is not None]
+    if data.smoke_test:
+        tables = [smoke_marked(t) for t in tables]
+    return tables, search
+
+
+def smoke_marked(table: Table) -> Table:
+    """The table with its caption opened by the smoke-test warning."""
+    return dataclasses.replace(table, caption=f"{SMOKE_NOTE} {table.caption}")
 
 
 def best_iou(data: SweepData) -> dict[str, dict[str, float]]:
     """Per-class IoU at the best evaluation of each run the per-class table shows (value="best")."""
     steps = {run_id: step for _, run_id, step in best_runs(data, "best") if step is not None}
-    return read_iou_at(data.tracking_uri, steps, data.classes)
+    return read_iou_at(data.tracking_uri, steps, data.class_keys)
 
 
 def _curve_groups(data: SweepData, value: str) -> list[tuple[str, list[str]]]:
@@ -100,13 +104,15 @@ def write_plots(data: SweepData, search: Search | None, out: Path, value: str) -
 
 
 def report_markdown(data: SweepData, value: str, tables: list[Table], images: list[Path]) -> str:
-    states = data.runs.column("state").to_pylist()
-    counts = ", ".join(f"{states.count(s)} {s.replace('_', '-')}" for s in (FINISHED, EARLY_STOPPED, FAILED,
-                                                                               UNFINISHED))
+    counts = state_counts(data)
+    finished = counts.get(FINISHED, 0)
+    left_out = count_phrase(counts)
     space = data.sweep_tags.get(layout.SPACE, "?")
-    parts = [f"# kdray report: {data.experiment}, sweep {data.sweep_id}", "",
-             f"Space `{space}` ({data.space_kind}); {len(states)} trial runs: {counts}. Cells show val mIoU at "
-             f"{describe_value(value)} (`--value {value}`). Sweep run `{data.sweep_run_id}`.", ""]
+    title = f"# kdray report: {data.experiment}, sweep {data.sweep_id}" + (" (smoke test)" if data.smoke_test else "")
+    parts = [title, ""] + ([f"**{SMOKE_NOTE}**", ""] if data.smoke_test else [])
+    parts += [f"Space `{space}` ({data.space_kind}); {data.runs.num_rows} trial runs: {finished} finished"
+              f"{', ' + left_out if left_out else ''}. Cells show val mIoU at {describe_value(value)} "
+              f"(`--value {value}`). Sweep run `{data.sweep_run_id}`.", ""]
     parts += [render.markdown(t) for t in tables]
     if images:
         parts += ["### Plots", ""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in images] + [""]
@@ -115,11 +121,12 @@ def report_markdown(data: SweepData, value: str, tables: list[Table], images: li
 
 def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None, out_dir: str | Path | None = None,
                  *, value: str = "last", formats: Sequence[str] = ("md",), plots: bool = True,
-                 log_artifacts: bool = True, top_k: int = 10) -> ReportResult:
-    """Write the sweep's tables (in each of `formats`: md, tex, csv, parquet) and plots (PNG) to `out_dir`, log
-    them as artifacts of the sweep's parent run under `report/`, and return the Markdown.
+                 log_artifacts: bool = False, top_k: int = 10) -> ReportResult:
+    """Write the sweep's tables (in each of `formats`: md, tex, csv, parquet) and plots (PNG) to `out_dir`, and
+    return the Markdown. Nothing is written to MLflow unless `log_artifacts`: then the files are also logged as
+    artifacts of the sweep's parent run under `report/`.
 
-    sweep_id: None reports the experiment's latest sweep.
+    sweep_id: None reports the experiment's latest sweep that is not a smoke test (tag kdray.smoke_test).
     out_dir:  None writes to reports/<experiment>/<sweep id> under the working directory.
     value:    "last" (each run's last evaluation) or "best" (its best evaluation; reads metric histories).
     Files: report.md; <table>.tex; <table>.csv and runs.csv; <table>.parquet, runs.parquet and history.parquet;

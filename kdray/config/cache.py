@@ -1,0 +1,42 @@
+"""`teacher.checkpoint: auto`: a teacher kdray trains itself, kept in a per-user cache keyed by what it is.
+
+The file is `<cache>/teachers/<job name>-<teacher arch>-<key>.pt`, where `<cache>` is `$KDRAY_CACHE_DIR`, else
+`$XDG_CACHE_HOME/kdray`, else `~/.cache/kdray`, and `<key>` digests every setting that determines the teacher's
+weights: the data, the teacher's own section, the optimiser, the CE term, the run's seed and precision (not the
+worker count: the global batch is the same). The same job from any directory finds the same teacher; a job
+that would train a different one gets another file. The built-in demo uses it: its teacher trains once per
+machine and user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from kdray.config.loading import flatten, to_dict
+from kdray.config.schema import Job
+
+AUTO = "auto"
+_TEACHER_KEYS = ("data.", "teacher.", "optim.", "losses.ce.", "run.seed", "run.amp")
+_IGNORED = ("teacher.checkpoint", "data.loader_workers", "optim.log_interval")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("KDRAY_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache").resolve() / "kdray"
+
+
+def teacher_key(job: Job) -> str:
+    """A 12-hex digest of the settings that determine the weights `kdray.teacher` would train for `job`."""
+    flat = flatten(to_dict(job))
+    kept = {k: v for k, v in flat.items() if k.startswith(_TEACHER_KEYS) and k not in _IGNORED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cached_teacher_path(job: Job) -> str:
+    return str(cache_dir() / "teachers" / f"{job.name}-{job.teacher.arch}-{teacher_key(job)}.pt")

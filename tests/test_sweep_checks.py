@@ -1,0 +1,384 @@
+"""What a sweep checks before it starts anything, and how it reports what became of its trials.
+
+No Ray cluster is started here: every check runs before Ray (the point of them), and the outcome logic is fed
+Tune-like objects. The end-to-end sweeps are in test_sweep.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from kdray import sweep as sweep_cli
+from kdray.config import job_from_dict, load_job
+from kdray.errors import CheckpointError, ConfigError, DataError, ResourceError
+from kdray.models import build_model
+from kdray.orchestration import layout
+from kdray.orchestration.space import load_space
+from kdray.orchestration.sweep import (
+    FINISHED,
+    INTERRUPTED,
+    NOT_STARTED,
+    STOPPED_EARLY,
+    SweepOutcome,
+    SweepRequest,
+    TrialSummary,
+    _close_open_runs,
+    _resumed_space_file,
+    _summaries,
+    dry_run,
+    prepare,
+    run_sweep,
+    summary_table,
+)
+from kdray.orchestration.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "jobs" / "demo.yaml")
+DEMO_SPACE = str(REPO / "search_spaces" / "demo.yaml")
+
+
+def write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture()
+def teacher(tmp_path) -> str:
+    """Weights of the demo job's teacher (random): the checks read and fit them, nothing trains."""
+    job = load_job(DEMO)
+    path = tmp_path / "teacher.pt"
+    torch.save(build_model(job.teacher.arch, job.data.num_classes, width=job.teacher.width).state_dict(), path)
+    return str(path)
+
+
+def demo_space(tmp_path: Path, **changes) -> str:
+    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data.update(changes)
+    return write(tmp_path / "space.yaml", data)
+
+
+def request(space: str, *overrides: str, **kwargs) -> SweepRequest:
+    return SweepRequest(DEMO, space, list(overrides), **kwargs)
+
+
+# --- the space's metric -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("metric", "hint"), [("val/mIoU", "did you mean val/miou"),
+                                              ("train/loss/total", "val/miou, val/pixel_acc"),
+                                              ("val/iou/sky", "what trials report to Tune")])
+def test_a_metric_trials_do_not_report_is_refused(tmp_path, teacher, metric, hint):
+    space = demo_space(tmp_path, metric=metric)
+    with pytest.raises(ConfigError, match=f"metric: got '{metric}'.*{hint}"):
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+
+
+# --- resources of every trial the space can produce --------------------------------------------------------------
+
+def test_a_searched_resource_beyond_this_machine_is_refused_naming_the_key(tmp_path, teacher):
+    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data["space"]["run.cpus_per_worker"] = {"uniform": [0.5, 64.0]}
+    del data["points_to_evaluate"]
+    space = write(tmp_path / "cpus.yaml", data)
+    with pytest.raises(ResourceError, match=r"cpus.yaml: space run.cpus_per_worker=64.0: .*asks for 64 CPU") as err:
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+    assert err.value.exit_code == 3
+
+
+def test_an_ablation_row_beyond_this_machine_is_refused_naming_the_row(tmp_path, teacher):
+    space = write(tmp_path / "rows.yaml", {
+        "name": "rows", "seeds": [0], "overrides": {"run.cpus_per_worker": 0.5},
+        "rows": [{"name": "CE"}, {"name": "wide", "set": {"run.workers": 64, "data.batch_size": 128}}]})
+    with pytest.raises(ResourceError, match="rows.yaml: row 'wide': .*run.workers=64"):
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+
+
+def test_the_dry_run_lists_each_rows_resources(tmp_path, teacher):
+    space = write(tmp_path / "rows.yaml", {
+        "name": "rows", "seeds": [0], "overrides": {"run.cpus_per_worker": 0.5},
+        "rows": [{"name": "CE"}, {"name": "two", "set": {"run.workers": 2}}]})
+    lines = dry_run(request(space, f"teacher.checkpoint={teacher}"))
+    assert "  row 'CE': 1 worker(s) x (0.5 CPU, 0 GPU), gloo" in lines
+    assert "  row 'two': 2 worker(s) x (0.5 CPU, 0 GPU), gloo" in lines
+
+
+def test_the_sweep_command_exits_3_on_resources(tmp_path, teacher, capsys):
+    space = write(tmp_path / "rows.yaml", {"name": "rows", "seeds": [0], "rows": [
+        {"name": "big", "set": {"run.cpus_per_worker": 512.0}}]})
+    with pytest.raises(SystemExit) as exit_:
+        sweep_cli.run_main(sweep_cli.main, ["--job", DEMO, "--space", space, "--dry-run",
+                                            f"teacher.checkpoint={teacher}"])
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: rows.yaml: row 'big'")
+
+
+# --- overrides the space would silently replace ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("losses.kd.weight=2", "searches it"),
+    ("run.workers=2", "fixes it in its overrides: section"),
+    ("losses.kd.enabled=false", "fixes it in its space: section"),
+])
+def test_an_override_of_a_key_the_space_sets_is_refused(override, says):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.*demo.yaml {says}"):
+        prepare(request(DEMO_SPACE, override))
+
+
+def test_an_override_of_a_row_key_or_the_seed_in_an_ablation_is_refused(tmp_path):
+    space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0, 1],
+                                          "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
+    with pytest.raises(ConfigError, match="sets it in row '\\+KD'"):
+        prepare(request(space, "losses.kd.enabled=false"))
+    with pytest.raises(ConfigError, match="runs every seed of seeds: \\[0, 1\\]"):
+        prepare(request(space, "run.seed=3"))
+    prepare(request(space, "losses.kd.weight=2"))  # a key the space leaves alone is the user's
+
+
+def test_smoke_test_iterations_win_over_what_the_space_fixes(tmp_path, teacher):
+    space = write(tmp_path / "long.yaml", {"name": "long", "seeds": [0], "overrides": {"optim.iterations": 2000},
+                                           "rows": [{"name": "x", "set": {"optim.iterations": 3000}}]})
+    _, job, parsed = prepare(request(space, f"teacher.checkpoint={teacher}", smoke_test=True))
+    assert job.optim.iterations == 4 and parsed.rows[0][1]["optim.iterations"] == 4
+
+
+# --- data and weight files, before Ray and before MLflow ----------------------------------------------------------
+
+def _bad_teacher(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / f"{kind}.pt"
+    job = load_job(DEMO)
+    if kind == "missing":
+        return str(path)
+    if kind == "truncated":
+        torch.save(build_model(job.teacher.arch, 8, width=job.teacher.width).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "not_weights":
+        torch.save({"epoch": 3}, path)
+    elif kind == "five_classes":
+        torch.save(build_model(job.teacher.arch, 5, width=job.teacher.width).state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "teacher.checkpoint: .*missing.pt: no such file"),
+    ("truncated", "teacher.checkpoint: cannot read weights file .*truncated.pt"),
+    ("not_weights", "teacher.checkpoint: .*not_weights.pt does not hold a state dict"),
+    ("five_classes", "teacher.checkpoint: .*five_classes.pt holds a teacher for 5 classes; the job has "
+                     "data.num_classes=8"),
+])
+def test_a_bad_teacher_stops_dry_run_and_sweep_before_ray_and_mlflow(tmp_path, kind, message):
+    import ray
+
+    store = tmp_path / "mlflow.db"
+    req = request(DEMO_SPACE, f"teacher.checkpoint={_bad_teacher(tmp_path, kind)}", tracking_uri=f"sqlite:///{store}")
+    with pytest.raises(CheckpointError, match=message):
+        dry_run(req)
+    with pytest.raises(CheckpointError, match=message):
+        run_sweep(req, say=lambda *_: None)
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_a_missing_data_root_stops_the_sweep_before_ray_and_mlflow(tmp_path, teacher):
+    import ray
+
+    store = tmp_path / "mlflow.db"
+    overrides = ["data.dataset=folder", f"data.root={tmp_path / 'nowhere'}", "data.num_classes=8",
+                 "data.folder.class_names=[a, b, c, d, e, f, g, h]", f"teacher.checkpoint={teacher}"]
+    req = request(DEMO_SPACE, *overrides, tracking_uri=f"sqlite:///{store}")
+    for call in (dry_run, lambda r: run_sweep(r, say=lambda *_: None)):
+        with pytest.raises(DataError, match="data.root: .*nowhere does not exist"):
+            call(req)
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_a_searched_key_that_breaks_the_inputs_is_named(tmp_path, teacher):
+    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data["space"]["data.num_classes"] = {"choice": [8, 5]}
+    del data["points_to_evaluate"]
+    space = write(tmp_path / "classes.yaml", data)
+    with pytest.raises(CheckpointError, match="space data.num_classes=5: teacher.checkpoint: .*5"):
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+
+
+# --- MLflow filters and names ----------------------------------------------------------------------------------
+
+def test_find_run_matches_values_with_quotes(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quotes")
+    runs = {}
+    for path in ("/data/o'brien/teacher.pt", '/data/say "hi"/teacher.pt', "/data/plain/teacher.pt"):
+        runs[path] = tracker.start_run("teacher", {layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: path})
+    for path, run_id in runs.items():
+        assert tracker.find_run(**{layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: path}) == run_id
+    assert tracker.find_run(**{layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: "/data/o'brien"}) is None
+
+
+@pytest.mark.parametrize("names", [["a(b", "a)b", "c"], ["x" * 300, "y", "z"]])
+def test_class_names_mlflow_cannot_keep_apart_are_refused(tmp_path, names):
+    with pytest.raises(ConfigError, match="data.folder.class_names"):
+        job_from_dict(yaml.safe_load(Path(DEMO).read_text()),
+                      ["data.dataset=folder", f"data.root={tmp_path}", "data.num_classes=3",
+                       f"data.folder.class_names={json.dumps(names)}"])
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+def _started_sweep(tmp_path: Path) -> tuple[dict, Path, Path]:
+    original = tmp_path / "abl.yaml"
+    write(original, {"name": "abl", "seeds": [0], "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
+    sweep_dir = tmp_path / "sweep-1"
+    copy = sweep_dir / "space" / original.name
+    copy.parent.mkdir(parents=True)
+    copy.write_text(original.read_text())
+    import hashlib
+
+    state = {"sweep_id": "1", "space_path": str(original), "space_file": str(copy),
+             "space_sha256": hashlib.sha256(original.read_text().encode()).hexdigest()}
+    return state, sweep_dir, original
+
+
+def test_resume_runs_the_space_it_started_with(tmp_path):
+    state, sweep_dir, original = _started_sweep(tmp_path)
+    assert _resumed_space_file(state, sweep_dir) == state["space_file"]
+    original.unlink()  # moved away since: the copy still runs
+    assert _resumed_space_file(state, sweep_dir) == state["space_file"]
+
+
+def test_resume_after_the_space_changed_is_refused_with_both_hashes(tmp_path):
+    state, sweep_dir, original = _started_sweep(tmp_path)
+    original.write_text(original.read_text().replace("+KD", "KD renamed"))
+    with pytest.raises(ConfigError, match=r"changed since sweep 1 started \(sha256 [0-9a-f]{12} then, "
+                                          r"[0-9a-f]{12} now\)"):
+        _resumed_space_file(state, sweep_dir)
+
+
+def test_resume_with_overrides_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--resume continues a sweep exactly as it started"):
+        run_sweep(request(DEMO_SPACE, "losses.kd.weight=2", resume=str(tmp_path)), say=lambda *_: None)
+
+
+def test_a_trial_whose_config_cannot_be_built_leaves_a_failed_run(tmp_path, monkeypatch):
+    import ray.tune
+
+    from kdray.orchestration.trial import SweepContext, TrialFailed, run_trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0], "rows": [{"name": "CE"}]})
+    data = yaml.safe_load(Path(DEMO).read_text())
+    parsed = load_space(space, job_from_dict(data), data)
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0001"))
+    context = SweepContext("s1", "parent", uri, "exp", str(tmp_path), data)
+    with pytest.raises(TrialFailed, match="KeyError"):
+        run_trial({"kdray.row": "renamed row", "run.seed": 0}, space=parsed, sweep=context)
+    tracker = Tracker(uri, "exp")
+    run_id = tracker.find_run(**{layout.SWEEP_ID: "s1", layout.TRIAL_ID: "t0001"})
+    assert run_id is not None and tracker.status(run_id) == "FAILED"
+    assert "renamed row" in tracker.tags(run_id)[layout.FAILURE]
+
+
+# --- what became of each trial ------------------------------------------------------------------------------------
+
+class _Trial:
+    def __init__(self, trial_id, status, config, last_result=None, error=None):
+        self.trial_id, self.status, self.config, self.last_result = trial_id, status, config, last_result or {}
+        self._error = error
+
+    def get_error(self):
+        return self._error
+
+
+class _Grid(list):
+    """What `_summaries` reads of a ResultGrid: the results, and Tune's trials behind them."""
+
+    def __init__(self, trials):
+        super().__init__(SimpleNamespace(metrics_dataframe=None, error=t._error, metrics=t.last_result)
+                         for t in trials)
+        self._experiment_analysis = SimpleNamespace(trials=trials)
+
+
+def test_each_trial_gets_the_status_it_earned(tmp_path):
+    space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0, 1, 2, 3, 4], "rows": [{"name": "CE"}]})
+    data = yaml.safe_load(Path(DEMO).read_text())
+    parsed = load_space(space, job_from_dict(data), data)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+    config = {"kdray.row": "CE", "run.seed": 0}
+    full = {"iteration": 600, "iterations_total": 600}
+    trials = [_Trial("a", "TERMINATED", config, full),
+              _Trial("b", "TERMINATED", {**config, "run.seed": 1}, {"iteration": 150, "iterations_total": 600}),
+              _Trial("c", "ERROR", {**config, "run.seed": 2}, error=RuntimeError("Traceback\nValueError: boom")),
+              _Trial("d", "RUNNING", {**config, "run.seed": 3}, {"iteration": 150, "iterations_total": 600}),
+              _Trial("e", "PENDING", {**config, "run.seed": 4})]
+    summaries, interrupted = _summaries(_Grid(trials), parsed, data, tracker, "s1")
+    status = {t.trial_id: t.status for t in summaries}
+    assert status == {"a": FINISHED, "b": STOPPED_EARLY, "c": "failed: ValueError: boom", "d": INTERRUPTED,
+                      "e": NOT_STARTED}
+    assert interrupted
+    outcome = SweepOutcome("s1", tmp_path, "uri", "exp", "p", summaries, 1.0, interrupted)
+    assert outcome.exit_code == 130
+    assert outcome.counts() == "1 finished, 1 stopped early, 1 failed, 1 interrupted, 1 not started"
+
+
+def test_a_trial_restored_from_its_final_checkpoint_is_finished(tmp_path):
+    """Tune's last result can predate the restore; the run's MLflow history says it ran every iteration."""
+    space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0], "rows": [{"name": "CE"}]})
+    data = yaml.safe_load(Path(DEMO).read_text())
+    parsed = load_space(space, job_from_dict(data), data)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+    run_id = tracker.trial_run("s1", "a", "p", "a", {}, {})
+    tracker.run_logger(run_id).log_metrics({layout.VAL_MIOU: 0.5}, 600)
+    trial = _Trial("a", "TERMINATED", {"kdray.row": "CE", "run.seed": 0}, {})
+    summaries, interrupted = _summaries(_Grid([trial]), parsed, data, tracker, "s1")
+    assert [t.status for t in summaries] == [FINISHED] and not interrupted
+
+
+@pytest.mark.parametrize(("statuses", "code"), [([FINISHED, STOPPED_EARLY], 0), ([FINISHED, "failed: x"], 1),
+                                                ([FINISHED, NOT_STARTED], 1)])
+def test_exit_code_is_zero_only_when_every_trial_ran(tmp_path, statuses, code):
+    trials = [TrialSummary(str(i), "CE", 0, {}, 0.5, 0.5, 4, s) for i, s in enumerate(statuses)]
+    assert SweepOutcome("s", tmp_path, "u", "e", "p", trials, 1.0).exit_code == code
+
+
+def test_trials_tune_never_created_count_as_not_started(tmp_path):
+    trials = [TrialSummary("a", "CE", 0, {}, 0.5, 0.5, 4, FINISHED)]
+    outcome = SweepOutcome("s", tmp_path, "u", "e", "p", trials, 1.0, never_created=2)
+    assert outcome.exit_code == 1 and outcome.counts() == "1 finished, 2 not started"
+    assert "2 more trial(s) of the space never started" in summary_table(outcome)
+
+
+def test_closing_leaves_no_run_running(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+    parent = tracker.start_run("sweep", {layout.KIND: "sweep"})
+    ids = [tracker.trial_run("s1", t, parent, t, {}, {}) for t in ("a", "b")]
+    tracker.end_run(ids[0], "FINISHED")
+    _close_open_runs(tracker, "s1", parent, interrupted=True, reason="interrupted")
+    assert [tracker.status(i) for i in ids] == ["FINISHED", "KILLED"] and tracker.status(parent) == "KILLED"
+    assert tracker.running_runs("s1") == []
+
+
+def test_a_completed_trial_loses_a_stale_failure_tag(tmp_path):
+    from kdray.orchestration.trial import MlflowStatusCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "cb")
+    run_id = tracker.trial_run("s1", "a", "p", "a", {}, {})
+    tracker.set_tags(run_id, {layout.FAILURE: "worker group torn down"})  # left by a killed driver's teardown
+    MlflowStatusCallback(uri, "cb", "s1").on_trial_complete(0, [], _Trial("a", "TERMINATED", {},
+                                                                        {"iteration": 4, "iterations_total": 4}))
+    assert tracker.status(run_id) == "FINISHED" and layout.FAILURE not in tracker.tags(run_id)
+
+
+def test_backbone_files_are_checked_before_anything_starts(tmp_path, teacher):
+    bad = tmp_path / "backbone.pth"
+    bad.write_bytes(b"not a weights file")
+    with pytest.raises(CheckpointError, match="student.backbone_weights: cannot read weights file .*backbone.pth"):
+        dry_run(request(DEMO_SPACE, f"teacher.checkpoint={teacher}", f"student.backbone_weights={bad}"))
+    # the teacher's backbone matters only when the sweep trains the teacher
+    missing = tmp_path / "nowhere" / "teacher.pt"
+    with pytest.raises(CheckpointError, match="teacher.backbone_weights: .*backbone.pth"):
+        run_sweep(request(DEMO_SPACE, f"teacher.checkpoint={missing}", f"teacher.backbone_weights={bad}",
+                          train_teacher=True, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"), say=lambda *_: None)
+    assert not (tmp_path / "m.db").exists()
