@@ -382,3 +382,41 @@ def test_backbone_files_are_checked_before_anything_starts(tmp_path, teacher):
         run_sweep(request(DEMO_SPACE, f"teacher.checkpoint={missing}", f"teacher.backbone_weights={bad}",
                           train_teacher=True, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"), say=lambda *_: None)
     assert not (tmp_path / "m.db").exists()
+
+
+def test_after_ctrl_c_a_trial_tune_ended_short_is_interrupted_unless_the_scheduler_stopped_it(tmp_path):
+    space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0, 1, 2, 3], "rows": [{"name": "CE"}]})
+    data = yaml.safe_load(Path(DEMO).read_text())
+    parsed = load_space(space, job_from_dict(data), data)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+    scheduled = tracker.trial_run("s1", "b", "p", "b", {}, {})
+    tracker.set_tags(scheduled, {layout.STOPPED_EARLY: "true"})
+    config = {"kdray.row": "CE", "run.seed": 0}
+    trials = [_Trial("a", "TERMINATED", config, {"iteration": 600, "iterations_total": 600}),
+              _Trial("b", "TERMINATED", {**config, "run.seed": 1}, {"iteration": 150, "iterations_total": 600}),
+              _Trial("c", "TERMINATED", {**config, "run.seed": 2}, {"iteration": 300, "iterations_total": 600}),
+              _Trial("d", "TERMINATED", {**config, "run.seed": 3})]
+    summaries, interrupted = _summaries(_Grid(trials), parsed, data, tracker, "s1", ctrl_c=True)
+    assert interrupted
+    assert {t.trial_id: t.status for t in summaries} == {"a": FINISHED, "b": STOPPED_EARLY, "c": INTERRUPTED,
+                                                         "d": NOT_STARTED}
+
+
+def test_interrupt_watch_notes_ctrl_c_and_hands_it_to_tune():
+    import os
+    import signal
+
+    from kdray.orchestration.trial import INTERRUPTED, InterruptWatch
+
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # stands for Tune's
+    try:
+        INTERRUPTED.clear()
+        watch = InterruptWatch()
+        watch.on_step_begin(0, [])
+        watch.on_step_begin(1, [])  # wraps once
+        os.kill(os.getpid(), signal.SIGINT)
+        assert INTERRUPTED.is_set() and seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        INTERRUPTED.clear()

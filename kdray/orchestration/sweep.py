@@ -424,12 +424,12 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
     elif plan.needs_teacher and _exists(plan.teacher_job.teacher.checkpoint):
         _record_teacher(plan.teacher_job, tracker, say)
 
-    from kdray.orchestration.trial import MlflowStatusCallback, SweepContext, run_trial
+    from kdray.orchestration.trial import INTERRUPTED, InterruptWatch, MlflowStatusCallback, SweepContext, run_trial
 
     context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), plan.data)
     trainable = tune.with_resources(partial(run_trial, space=space, sweep=context), {"cpu": TRIAL_CPU})
     limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
-    callbacks = [MlflowStatusCallback(plan.uri, plan.experiment, sweep_id)]
+    callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id)]
     if request.resume:
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -446,8 +446,9 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
             ),
         )
     say(f"running {space.trial_count} trial(s), at most {limit} at a time")
+    INTERRUPTED.clear()
     grid = tuner.fit()
-    trials, interrupted = _summaries(grid, space, plan.data, tracker, sweep_id)
+    trials, interrupted = _summaries(grid, space, plan.data, tracker, sweep_id, INTERRUPTED.is_set())
     never_created = max(0, space.trial_count - len(trials))
     outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, interrupted,
                            never_created=never_created)
@@ -638,11 +639,15 @@ def _record_teacher(job: Job, tracker: Tracker, say) -> None:
     tracker.end_run(run_id, "FINISHED")
 
 
-def _summaries(grid, space: SearchSpace, job_data: dict[str, Any], tracker: Tracker, sweep_id: str
-               ) -> tuple[list[TrialSummary], bool]:
+def _summaries(grid, space: SearchSpace, job_data: dict[str, Any], tracker: Tracker, sweep_id: str,
+               ctrl_c: bool = False) -> tuple[list[TrialSummary], bool]:
     """Each trial Tune created, best first, with what became of it; and whether the sweep was interrupted
-    (a trial still pending, running or paused when `fit` returned)."""
-    out, interrupted = [], False
+    (`ctrl_c`, or a trial still pending, running or paused when `fit` returned).
+
+    After Ctrl+C, Tune ends the running trials TERMINATED: a trial short of its iterations then counts as
+    stopped early only if the scheduler said so first (its run carries STOPPED_EARLY), else as interrupted.
+    """
+    out, interrupted = [], ctrl_c
     for trial, result in zip(_tune_trials(grid), grid):
         config = trial.config or {}
         history = result.metrics_dataframe
@@ -658,10 +663,15 @@ def _summaries(grid, space: SearchSpace, job_data: dict[str, Any], tracker: Trac
             if run_id is not None:  # a trial restored from its final checkpoint reports nothing new to Tune
                 done = max(done, tracker.last_step(run_id, layout.VAL_MIOU))
             total = total or job_from_dict(job_data, space.trial_overrides(config)).optim.iterations
-            if not done:
+            scheduled = run_id is not None and tracker.tags(run_id).get(layout.STOPPED_EARLY) == "true"
+            if done >= total:
+                status = FINISHED
+            elif ctrl_c and not scheduled:
+                status = INTERRUPTED if done else NOT_STARTED
+            elif not done:
                 status = f"{FAILED}: it ended without reporting an evaluation"
             else:
-                status = FINISHED if done >= total else STOPPED_EARLY
+                status = STOPPED_EARLY
         else:  # PENDING, RUNNING or PAUSED when fit returned: the sweep was interrupted
             interrupted = True
             status = INTERRUPTED if done or series else NOT_STARTED

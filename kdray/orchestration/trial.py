@@ -7,6 +7,8 @@ scheduler stops is killed before it could close its own run.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,11 @@ from kdray.orchestration import layout
 from kdray.orchestration.space import ROW_KEY, SearchSpace
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.workers import fit
+
+# Set when Ctrl+C reaches the driver during `Tuner.fit`. Tune turns the first one into a graceful stop that ends
+# the running trials TERMINATED like any others, so their status cannot tell an interrupted trial from one the
+# scheduler stopped; this can. Module-level, because a restored Tuner runs the callbacks it unpickles.
+INTERRUPTED = threading.Event()
 
 
 class TrialFailed(RuntimeError):
@@ -124,7 +131,9 @@ class MlflowStatusCallback(ray.tune.Callback):
             done = max(done, self.tracker.last_step(run_id, layout.VAL_MIOU))
         # a trial that completes has not failed, whatever an earlier teardown wrote
         self.tracker.clear_tag(run_id, layout.FAILURE)
-        if total and done < total:
+        if INTERRUPTED.is_set() and not (total and done >= total):
+            self.tracker.end_run(run_id, "KILLED")  # cut short by Ctrl+C, not by the scheduler: --resume goes on
+        elif total and done < total:
             self.tracker.set_tags(run_id, {layout.STOPPED_EARLY: "true"})
             self.tracker.end_run(run_id, "KILLED")
         else:
@@ -140,3 +149,28 @@ class MlflowStatusCallback(ray.tune.Callback):
             reason = str(error).strip().splitlines()[-1] if error is not None else "the trial failed"
             self.tracker.set_tags(run_id, {layout.FAILURE: reason[:5000]})
         self.tracker.end_run(run_id, "FAILED")
+
+
+class InterruptWatch(ray.tune.Callback):
+    """Notes a Ctrl+C in `INTERRUPTED`, then lets Tune's own handler stop the run gracefully, as it would.
+
+    Tune installs its SIGINT handler when `fit` starts; the first step wraps it (handlers can only be set from the
+    main thread, where the Tune loop and its callbacks run).
+    """
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(signal.SIGINT)
+        if getattr(handler, "kdray_watch", False):
+            return
+
+        def watch(signum, frame):
+            INTERRUPTED.set()
+            if callable(handler):
+                handler(signum, frame)
+            elif handler != signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+        watch.kdray_watch = True
+        signal.signal(signal.SIGINT, watch)
