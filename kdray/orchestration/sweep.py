@@ -26,6 +26,14 @@ from kdray.errors import CheckpointError, ConfigError, DataError, ResourceError
 from kdray.losses.objective import method_label
 from kdray.metrics import iou_metric_key
 from kdray.orchestration import layout
+from kdray.orchestration.progress import (
+    SweepProgress,
+    TeacherProgress,
+    TrialLabel,
+    echo,
+    quiet_ray_output,
+    tune_verbosity,
+)
 from kdray.orchestration.resources import TRIAL_CPU, check_fits, concurrency, local_resources, per_trial
 from kdray.orchestration.space import ROW_KEY, SEED_KEY, Dimension, SearchSpace, load_space, plan_lines, probe_values
 from kdray.orchestration.tracking import Tracker, resolve_tracking_uri
@@ -339,7 +347,7 @@ def _plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Path |
                  job.tracking.experiment or job.name, notes)
 
 
-def run_sweep(request: SweepRequest, say=print) -> SweepOutcome:
+def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     """Run (or resume) a sweep to the end and return its trials, best first.
 
     Everything that can be checked without Ray is checked before Ray starts and before anything is written to
@@ -429,7 +437,9 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
     context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), plan.data)
     trainable = tune.with_resources(partial(run_trial, space=space, sweep=context), {"cpu": TRIAL_CPU})
     limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
-    callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id)]
+    callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id),
+                 SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.data),
+                               say=say)]
     if request.resume:
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -442,7 +452,7 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
                 name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
                 # Train restarts dead workers from their checkpoint; a trial that failed stays failed
                 failure_config=tune.FailureConfig(max_failures=0),
-                verbose=0,
+                verbose=tune_verbosity(request.verbose),
             ),
         )
     say(f"running {space.trial_count} trial(s), at most {limit} at a time")
@@ -536,10 +546,11 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = quiet_ray_output(verbose, local=not address)  # Ray's, Tune's and MLflow's start-up notices
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, **kwargs)
     else:
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, **kwargs)
 
 
 def _param_space(space: SearchSpace) -> dict[str, Any]:
@@ -583,7 +594,10 @@ def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say) -
     tracker.log_params(run_id, flatten(to_dict(job)))
     say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
     try:
-        fit(job, role="teacher", run_id=run_id, tracking_uri=uri, name="teacher", storage_path=str(sweep_dir))
+        with TeacherProgress(job.teacher.iterations or job.optim.iterations, say,
+                             name=f"teacher {job.teacher.arch}") as progress:
+            fit(job, role="teacher", run_id=run_id, tracking_uri=uri, name="teacher", storage_path=str(sweep_dir),
+                callbacks=[progress.callback])
     except BaseException as err:  # Ctrl+C too: the teacher's run never stays RUNNING
         tracker.set_tags(run_id, {layout.FAILURE: _reason(err)[:5000]})
         tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -635,7 +649,12 @@ def _record_teacher(job: Job, tracker: Tracker, say) -> None:
     task = ray.remote(num_cpus=job.run.cpus_per_worker, num_gpus=job.run.gpus_per_worker)(_evaluate_teacher)
     metrics, params_m = ray.get(task.remote(job))
     run_id = tracker.start_run(f"teacher-{job.teacher.arch}", _teacher_tags(job, params_m))
-    tracker.run_logger(run_id).log_metrics(metrics, 0)
+    try:
+        tracker.run_logger(run_id).log_metrics(metrics, 0)
+    except BaseException as err:
+        tracker.set_tags(run_id, {layout.FAILURE: _reason(err)[:5000]})
+        tracker.end_run(run_id, "FAILED")
+        raise
     tracker.end_run(run_id, "FINISHED")
 
 
