@@ -420,3 +420,92 @@ def test_interrupt_watch_notes_ctrl_c_and_hands_it_to_tune():
     finally:
         signal.signal(signal.SIGINT, previous)
         INTERRUPTED.clear()
+
+
+# --- found by trying it as a new user ------------------------------------------------------------------------
+
+def test_a_job_with_an_auto_teacher_may_train_it_and_a_named_missing_one_says_how(tmp_path):
+    lines = dry_run(request(DEMO_SPACE))  # jobs/demo.yaml: teacher.checkpoint auto, not trained yet
+    assert any("(missing: the sweep trains it first)" in line for line in lines)
+    with pytest.raises(CheckpointError, match="no such file; train it first .* pass --train-teacher"):
+        dry_run(request(DEMO_SPACE, f"teacher.checkpoint={tmp_path / 'absent.pt'}"))
+
+
+def test_a_tracking_server_that_does_not_answer_stops_the_sweep_before_ray(teacher):
+    import ray
+
+    from kdray.orchestration.sweep import check_store
+
+    with pytest.raises(ConfigError, match="http://127.0.0.1:1: no MLflow server answers there"):
+        check_store("http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="no MLflow server answers"):
+        dry_run(request(DEMO_SPACE, f"teacher.checkpoint={teacher}", tracking_uri="http://127.0.0.1:1"))
+    assert not ray.is_initialized()
+
+
+def _sweep_folder(root: Path, sweep_id: str, ended: str | None = None) -> Path:
+    folder = root / f"sweep-{sweep_id}"
+    folder.mkdir(parents=True)
+    state = {"sweep_id": sweep_id, "job_data": {}, "space_path": DEMO_SPACE}
+    if ended:
+        state["ended"] = ended
+    (folder / "kdray_sweep.json").write_text(json.dumps(state))
+    return folder
+
+
+def test_resume_continues_interrupted_sweeps_only(tmp_path):
+    from kdray.orchestration.sweep import _latest_sweep, _load_state
+
+    root = tmp_path / "sweeps"
+    interrupted = _sweep_folder(root, "1")
+    ended = _sweep_folder(root, "2", ended="1 finished, 1 failed")
+    assert _latest_sweep(root) == interrupted
+    with pytest.raises(ConfigError, match="sweep 2 ran to its end \\(1 finished, 1 failed\\)"):
+        _load_state(request(DEMO_SPACE, resume=str(ended)))
+    with pytest.raises(ConfigError, match="no interrupted sweep to resume .*1 sweep\\(s\\) there ran to their end"):
+        _latest_sweep(_sweep_folder(tmp_path / "other", "3", ended="2 finished").parent)
+
+
+def test_a_choice_of_1e_minus_4_is_a_number(tmp_path, teacher):
+    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data["space"]["losses.kd.weight"] = {"choice": ["1e-4", "1e-2"]}  # as YAML 1.1 reads `[1e-4, 1e-2]`
+    data["points_to_evaluate"][0]["losses.kd.weight"] = 0.0001
+    space = write(tmp_path / "choice.yaml", data)
+    job_data = yaml.safe_load(Path(DEMO).read_text())
+    parsed = load_space(space, job_from_dict(job_data), job_data)
+    assert next(d for d in parsed.dimensions if d.key == "losses.kd.weight").args == (1e-4, 1e-2)
+
+
+def test_a_seed_torch_cannot_take_is_refused():
+    with pytest.raises(ConfigError, match="run.seed: got 99999999999999999999"):
+        load_job(DEMO, ["run.seed=99999999999999999999"])
+
+
+def test_failure_reasons_lose_the_dotted_class_path():
+    from kdray.orchestration.sweep import _reason
+
+    err = RuntimeError("Traceback (most recent call last):\n  ...\nkdray.errors.DataError: a.png: mask value 9")
+    assert _reason(err) == "DataError: a.png: mask value 9"
+    assert _reason(ValueError("plain words: kept")) == "plain words: kept"
+
+
+def test_the_report_shows_only_the_sweeps_own_teacher_and_counts_trials_without_a_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from kdray.reporting.runs import sweep_teachers
+    from kdray.reporting.write import unrun_note
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("t")
+    runs = []
+    for path, smoke in (("/w/a.pt", False), ("/w/a.pt", False), ("/w/b.pt", False), ("/w/s.pt", True)):
+        tags = {layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: path, **({layout.SMOKE_TEST: "true"} if smoke
+                                                                           else {})}
+        runs.append(client.create_run(exp, tags=tags))
+    found = [client.get_run(r.info.run_id) for r in runs]
+    assert [r.info.run_id for r in sweep_teachers(found, {layout.TEACHER_CHECKPOINT: "/w/a.pt"})] == \
+        [runs[1].info.run_id]  # the latest run of its own file
+    assert len(sweep_teachers(found, {})) == 3  # an older sweep: every teacher but the smoke test's
+    data = SimpleNamespace(sweep_tags={layout.TRIALS_PLANNED: "3", layout.FAILURE: "interrupted: 1 finished"},
+                           runs=SimpleNamespace(num_rows=1))
+    assert "2 of the 3 trials the space plans have no run: they never started" in unrun_note(data)[0]

@@ -202,3 +202,17 @@ def test_file_needing_arbitrary_unpickling_is_refused_unexecuted(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read weights file"):
         read_state_dict(path)
     assert RAN == []
+
+
+def test_unreadable_files_are_named_in_one_line(tmp_path):
+    import numpy as np
+
+    empty, text, extra = tmp_path / "empty.pt", tmp_path / "text.pt", tmp_path / "extra.pt"
+    empty.write_bytes(b"")
+    text.write_text("hello")
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "best": np.float64(3.0)}, extra)
+    for path, says in ((empty, "it is empty"), (text, "not a PyTorch weights file, or a damaged one"),
+                       (extra, "holds objects besides tensors")):
+        with pytest.raises(CheckpointError, match=says) as err:
+            read_state_dict(path)
+        assert "\n" not in str(err.value) and "\x1b" not in str(err.value)

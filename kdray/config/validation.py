@@ -164,6 +164,8 @@ def validate(job: Job) -> Job:
     _require(o.log_interval >= 1, "optim.log_interval", o.log_interval, "must be >= 1")
 
     _require(r.workers >= 1, "run.workers", r.workers, "must be >= 1")
+    # seeds feed torch.manual_seed as seed * 1000 + rank, which must stay a 64-bit integer
+    _require(0 <= r.seed < 2**32, "run.seed", r.seed, f"an integer from 0 to {2**32 - 1}")
     _require(r.gpus_per_worker >= 0, "run.gpus_per_worker", r.gpus_per_worker, "must be >= 0")
     _positive("run.cpus_per_worker", r.cpus_per_worker)
     _require(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0: torch's default)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import pickle
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,10 +50,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read weights file {path}: it is empty (0 bytes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError, ...)
-        raise CheckpointError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read weights file {path}: {_load_failure(exc)}") from exc
     if isinstance(obj, Mapping):
         for key in _NESTING_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -179,6 +183,16 @@ def _meta_copy(module: nn.Module) -> nn.Module:
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
     return copy.deepcopy(module, memo)
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load refused a file, in one line (torch's own messages run to several, with terminal colours)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        return ("it holds objects besides tensors (numpy values, custom classes), which would need arbitrary "
+                "unpickling, refused for safety: save the state dict alone (torch.save(model.state_dict(), path))")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"not a PyTorch weights file, or a damaged one ({type(exc).__name__}: {first[:200] or 'no detail'})"
 
 
 def _first(items: list[str]) -> str:

@@ -28,15 +28,16 @@ TEACHER_ARCH = "kdray.teacher_arch"  # arch, with "@<width>x" when the width mul
 STUDENT_ARCH = "kdray.student_arch"
 PARAMS_M = "kdray.params_m"  # the trained model's parameters, millions (the student's for a trial)
 TEACHER_PARAMS_M = "kdray.teacher_params_m"
-TEACHER_CHECKPOINT = "kdray.teacher_checkpoint"  # on teacher runs: the weights file the run produced or scored
+TEACHER_CHECKPOINT = "kdray.teacher_checkpoint"  # teacher runs: the file they produced or scored; sweep runs: theirs
 DATASET = "kdray.dataset"
 FORMULA = "kdray.formula"  # "Loss = 1 * CE + 1 * KD + ..."
 RESUMED_FROM = "kdray.resumed_from"  # the iteration a restarted trial last continued from (worker or sweep restart)
 STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial
 FAILURE = "kdray.failure"  # why a FAILED run failed
 PARENT = "mlflow.parentRunId"
-SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep run of a --smoke-test sweep: not a result
+SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep (and teacher) run of a --smoke-test sweep: not a result
 NOT_STARTED = "kdray.not_started"  # "true" on the run of a trial that never started (status FAILED or KILLED)
+TRIALS_PLANNED = "kdray.trials_planned"  # on the sweep run: how many trials its space makes (rows x seeds, samples)
 
 
 

@@ -249,11 +249,11 @@ class SweepProgress(ray.tune.Callback):
             return
         tally = {s: sum(1 for v in self._ended.values() if v == s)
                  for s in ("finished", "stopped early", "failed", "interrupted")}
-        ended, _ = self.counts(trials)
+        done = tally["finished"] + tally["stopped early"] + tally["failed"]  # after Ctrl+C, the rest did not end
         elapsed = self.clock() - self._t0 if self._t0 is not None else 0.0
         parts = ", ".join(f"{n} {s}" for s, n in tally.items() if n)
         try:
-            self.say(f"[{len(ended)}/{max(self.total_trials, len(ended))} done] trials ended after "
+            self.say(f"[{done}/{max(self.total_trials, done)} done] trials ended after "
                      f"{_duration(elapsed)}: {parts}")
         except Exception as err:
             logging.getLogger(__name__).debug("progress line failed: %s", err)
@@ -433,6 +433,10 @@ class _DropNotice(logging.Filter):
 
 
 _token_filter = _DropNotice(_TOKEN_NOTICE)
+# After Ctrl+C Tune logs "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" and
+# "Trials did not complete: [...]"; kdray says what was interrupted and how to resume (`kdray sweep --resume`).
+_TUNE_LOGGER = "ray.tune.tune"
+_tune_interrupt_filters = (_DropNotice("Experiment has been interrupted"), _DropNotice("Trials did not complete"))
 CHATTY_LIBRARIES = ("mlflow", "optuna")
 
 
@@ -526,11 +530,12 @@ def quiet_ray_output(verbose: bool, local: bool = True, environ: MutableMapping[
         if key not in environ:
             environ[key] = value
             _saved.setdefault(("env", id(environ)), {})[key] = value
-    token_logger = logging.getLogger(_TOKEN_LOGGER)
-    if verbose:
-        token_logger.removeFilter(_token_filter)
-    elif _token_filter not in token_logger.filters:
-        token_logger.addFilter(_token_filter)
+    for name, notice in ((_TOKEN_LOGGER, _token_filter), *((_TUNE_LOGGER, f) for f in _tune_interrupt_filters)):
+        logger = logging.getLogger(name)
+        if verbose:
+            logger.removeFilter(notice)
+        elif notice not in logger.filters:
+            logger.addFilter(notice)
     _filter_raylet_messages(not verbose)
     _quiet_libraries(not verbose)
     _skip_node_ip_probe(local and not verbose)

@@ -30,8 +30,9 @@ def check_fits(job: Job, cluster: dict[str, float], nodes: list[dict[str, float]
                             "train on CPUs, or start a cluster with GPUs (ray up cluster.yaml)")
     if need["CPU"] + TRIAL_CPU > have_cpu + 1e-9:
         raise ResourceError(f"run.cpus_per_worker={r.cpus_per_worker} x run.workers={r.workers} asks for "
-                            f"{need['CPU']:g} CPU(s); the cluster has {have_cpu:g}. Lower run.cpus_per_worker "
-                            "(fractions are fine) or run.workers")
+                            f"{need['CPU']:g} CPU(s), plus {TRIAL_CPU:g} for the trial that waits on them; the "
+                            f"cluster has {have_cpu:g}. Lower run.cpus_per_worker (fractions are fine, e.g. "
+                            f"{max(0.05, math.floor((have_cpu - TRIAL_CPU) / r.workers * 20) / 20):g}) or run.workers")
     fits_somewhere = any(node.get("CPU", 0) >= r.cpus_per_worker and node.get("GPU", 0) >= r.gpus_per_worker
                          for node in nodes)
     if nodes and not fits_somewhere:

@@ -138,10 +138,16 @@ def _err(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}")
 
 
+def _yaml11_number(value: Any) -> Any:
+    """`1e-4`, which YAML 1.1 (PyYAML) reads as text, as the number it spells; anything else as it is."""
+    if isinstance(value, str) and float_literal(value) is not None:
+        return float_literal(value)
+    return value
+
+
 def _number(where: str, value: Any) -> float:
     """A finite number; `1e-4`, which YAML 1.1 (PyYAML) reads as text, counts as its number (as in a job)."""
-    if isinstance(value, str) and float_literal(value) is not None:
-        value = float_literal(value)
+    value = _yaml11_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _err(where, f"got {value!r}; expected a finite number")
     return value
@@ -149,7 +155,7 @@ def _number(where: str, value: Any) -> float:
 
 def _parse_dimension(key: str, spec: Any, earlier: dict[str, Dimension], where: str) -> Dimension:
     if not isinstance(spec, dict):
-        return Dimension(key, "fixed", (spec,))
+        return Dimension(key, "fixed", (_yaml11_number(spec),))
     kinds = [k for k in spec if k in _DISTRIBUTIONS]
     extra = set(spec) - set(_DISTRIBUTIONS) - {"if", "step", "log"}
     if len(kinds) != 1 or extra:
@@ -169,7 +175,7 @@ def _parse_dimension(key: str, spec: Any, earlier: dict[str, Dimension], where: 
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise _err(where, f"choice: got {args!r}; expected a non-empty list of values")
-        return Dimension(key, "choice", tuple(args), condition=condition)
+        return Dimension(key, "choice", tuple(_yaml11_number(v) for v in args), condition=condition)
     if not isinstance(args, list) or len(args) != 2:
         raise _err(where, f"{kind}: got {args!r}; expected [low, high]")
     low, high = (_number(f"{where}.{kind}[{i}]", v) for i, v in enumerate(args))
@@ -230,7 +236,9 @@ def load_space(path: str | Path, job: Job, job_data: dict[str, Any]) -> SearchSp
     allowed = _SEARCH_KEYS if kind == "search" else _ABLATION_KEYS
     for key in data:
         if key not in allowed:
-            raise _err(f"{where}: {key}", f"unknown key for a {kind} space; valid: {', '.join(sorted(allowed))}")
+            article = "an" if kind == "ablation" else "a"
+            raise _err(f"{where}: {key}",
+                       f"unknown key for {article} {kind} space; valid: {', '.join(sorted(allowed))}")
     name = data.get("name", path.stem)
     metric, mode = data.get("metric", "val/miou"), data.get("mode", "max")
     if mode not in ("max", "min"):
@@ -319,6 +327,7 @@ def _check_point(point: Any, dims: dict[str, Dimension], where: str) -> None:
     if not isinstance(point, dict):
         raise _err(where, f"got {point!r}; expected a mapping of searched keys to values")
     for key, value in point.items():
+        value = _yaml11_number(value)
         d = dims.get(key)
         if d is None or d.kind == "fixed":
             raise _err(where, f"{key} is not a searched key of this space")

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -252,26 +253,36 @@ def _needs_teacher(job_data: dict[str, Any], space: SearchSpace) -> bool:
 
 
 def _latest_sweep(root: Path) -> Path:
+    """The newest sweep folder under `root` that did not run to its end (interrupted, or stopped by an error)."""
     sweeps = sorted(p for p in root.glob("sweep-*") if (p / STATE_FILE).is_file())
-    if not sweeps:
-        raise ConfigError(f"--resume: no sweep to resume under {root}")
-    return sweeps[-1]
+    open_ = [p for p in sweeps if not json.loads((p / STATE_FILE).read_text()).get("ended")]
+    if not open_:
+        ended = f" ({len(sweeps)} sweep(s) there ran to their end)" if sweeps else ""
+        raise ConfigError(f"--resume: no interrupted sweep to resume under {root}{ended}")
+    return open_[-1]
+
+
+def _mark_ended(sweep_dir: Path, counts: str) -> None:
+    """Record in the sweep's state file that it ran to its end: --resume continues only interrupted sweeps."""
+    file = sweep_dir / STATE_FILE
+    file.write_text(json.dumps({**json.loads(file.read_text()), "ended": counts}, indent=1))
 
 
 def dry_run(request: SweepRequest) -> list[str]:
     """Validate everything a sweep would check before starting (job, space, overrides, data tree, weight files,
-    and every trial configuration against this machine when no cluster is named); the plan, as lines."""
-    data, job, space = prepare(request)
-    jobs = trial_jobs(space, data)
-    teacher_job = job_from_dict(data)
-    needs_teacher = _needs_teacher(data, space)
-    notes = check_inputs(jobs, train_teacher=request.train_teacher)
+    the MLflow store, and every trial configuration against this machine when no cluster is named); the plan,
+    as lines. With `resume`: the plan of the interrupted sweep as it would continue."""
+    state, sweep_dir = _load_state(request) if request.resume else (None, None)
+    plan = _plan(request, state, sweep_dir)
+    job, space, jobs, teacher_job = plan.job, plan.space, plan.jobs, plan.teacher_job
+    check_store(plan.uri)
     local = not (request.address or os.environ.get("RAY_ADDRESS"))
     cluster = local_resources() if local else None
-    lines = [f"job {job.name}: student {job.student.arch} (width {job.student.width:g}), teacher "
-             f"{job.teacher.arch} (width {job.teacher.width:g}), {job.optim.iterations} iterations, "
-             f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "
-             f"{job.data.batch_size // job.run.workers}"]
+    lines = [f"resuming sweep {state['sweep_id']} from {sweep_dir}"] if state else []
+    lines += [f"job {job.name}: student {job.student.arch} (width {job.student.width:g}), teacher "
+              f"{job.teacher.arch} (width {job.teacher.width:g}), {job.optim.iterations} iterations, "
+              f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "
+              f"{job.data.batch_size // job.run.workers}"]
     lines += plan_lines(space, job)
     asks = {}
     for where, trial_job in jobs:
@@ -284,21 +295,19 @@ def dry_run(request: SweepRequest) -> list[str]:
         lines.append("resources per trial, by what the space sets:")
         lines += [f"  {where}: {what}" for what, where in asks.items()]
     if cluster is not None:
-        check_resources(jobs, cluster, [cluster], request.space_path)
-        if needs_teacher and not _exists(teacher_job.teacher.checkpoint):
-            check_resources([("the teacher's training", teacher_job)], cluster, [cluster], request.space_path)
+        extra = [("the teacher's training", teacher_job)] if plan.train_teacher else []
+        check_resources(jobs + extra, cluster, [cluster], plan.space_path)
         lines.append(f"this machine: {cluster['CPU']:g} CPU, {cluster['GPU']:g} GPU -> every trial fits; "
                      f"{concurrency(largest(jobs), cluster, space.max_concurrent_trials)} trial(s) at once")
     else:
         lines.append("cluster resources are checked when the sweep connects (--address / RAY_ADDRESS)")
-    if needs_teacher:
+    if plan.needs_teacher:
         teacher = teacher_job.teacher.checkpoint
-        state = "present, checked" if _exists(teacher) else "MISSING (trained first with --train-teacher)"
-        lines.append(f"teacher weights: {teacher} ({state})")
-    lines += [f"note: {n}" for n in notes]
-    lines.append(f"MLflow store: {resolve_tracking_uri(request.tracking_uri or job.tracking.uri)}; sweep folders "
-                 f"under {Path(job.run.output_dir) / job.name / 'sweeps'}")
-    lines.append("dry run: job, space, data tree and weight files are valid; nothing was started")
+        how = "missing: the sweep trains it first" if plan.train_teacher else "present, checked"
+        lines.append(f"teacher weights: {teacher} ({how})")
+    lines += [f"note: {n}" for n in plan.notes]
+    lines.append(f"MLflow store: {plan.uri}; sweep folders under {Path(job.run.output_dir) / job.name / 'sweeps'}")
+    lines.append("dry run: job, space, data tree, weight files and store are valid; nothing was started")
     return lines
 
 
@@ -336,15 +345,45 @@ def _plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Path |
     jobs = trial_jobs(space, data)
     teacher_job = job_from_dict(data)
     needs_teacher = _needs_teacher(data, space)
-    # a missing teacher is an error (CheckpointError, from check_inputs) unless the sweep may train it
-    notes = check_inputs(jobs, train_teacher=request.train_teacher)
-    train_teacher = needs_teacher and request.train_teacher and not _exists(teacher_job.teacher.checkpoint)
+    may_train = request.train_teacher or (state or {}).get("train_teacher") or _auto_teacher(request, state)
+    teacher = teacher_job.teacher.checkpoint
+    if not may_train and not _exists(teacher) and any(j.distills for _, j in jobs):
+        raise CheckpointError(f"teacher.checkpoint: {teacher}: no such file; train it first (kdray teacher --job "
+                              f"{request.job_path}), pass --train-teacher, or name another file")
+    notes = check_inputs(jobs, train_teacher=may_train)
+    train_teacher = needs_teacher and may_train and not _exists(teacher)
     if train_teacher:
         open_splits(teacher_job)
         notes += check_teacher_training(teacher_job)
     uri = resolve_tracking_uri(request.tracking_uri or (state or {}).get("tracking_uri") or job.tracking.uri)
     return _Plan(data, job, space, space_path, jobs, teacher_job, needs_teacher, train_teacher, uri,
                  job.tracking.experiment or job.name, notes)
+
+
+def _auto_teacher(request: SweepRequest, state: dict[str, Any] | None) -> bool:
+    """The job leaves its teacher to kdray (`teacher.checkpoint: auto`): the sweep may train it."""
+    if state is not None:
+        return False
+    data = read_yaml(request.job_path)
+    named = dict(parse_override(o) for o in request.overrides).get("teacher.checkpoint",
+                                                                    (data.get("teacher") or {}).get("checkpoint"))
+    return named == AUTO
+
+
+def check_store(uri: str) -> None:
+    """A tracking server that does not answer is a ConfigError now, not minutes of retries after Ray started."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"tracking URI {uri}: no MLflow server answers there ({reason}); start it, or pass "
+                          "another --tracking-uri") from None
 
 
 def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
@@ -359,6 +398,7 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     t0 = time.perf_counter()
     state, sweep_dir = _load_state(request) if request.resume else (None, None)
     plan = _plan(request, state, sweep_dir)
+    check_store(plan.uri)
     resource_jobs = plan.jobs + ([("the teacher's training", plan.teacher_job)] if plan.train_teacher else [])
     if not (request.address or os.environ.get("RAY_ADDRESS")):
         local = local_resources()
@@ -380,8 +420,9 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     tracker = Tracker(plan.uri, plan.experiment)
     if state is None:
         state, sweep_dir = _start_sweep(request, plan, tracker)
-    else:
+    else:  # reopened: how it ended last time no longer holds
         tracker.client.update_run(state["parent_run_id"], status="RUNNING")
+        tracker.clear_tag(state["parent_run_id"], layout.FAILURE)
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
     say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
     try:
@@ -407,10 +448,14 @@ def _start_sweep(request: SweepRequest, plan: _Plan, tracker: Tracker) -> tuple[
             layout.GIT_COMMIT: _git_commit(), layout.VERSION: __version__, layout.DATASET: job.data.dataset}
     if request.smoke_test:
         tags[layout.SMOKE_TEST] = "true"
+    if plan.needs_teacher:  # the report's teacher row is this file's run, no other teacher of the experiment
+        tags[layout.TEACHER_CHECKPOINT] = str(plan.teacher_job.teacher.checkpoint)
+    tags[layout.TRIALS_PLANNED] = str(space.trial_count)
     parent = tracker.start_run(f"sweep-{sweep_id}", tags)
     state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
              "job_data": plan.data, "space_path": str(Path(plan.space_path).resolve()), "space_file": str(copy),
-             "space_sha256": _sha(space.source), "num_samples": space.num_samples}
+             "space_sha256": _sha(space.source), "num_samples": space.num_samples,
+             "train_teacher": plan.train_teacher}
     try:
         (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
         tracker.log_text(parent, to_yaml(job), layout.JOB_ARTIFACT)
@@ -428,7 +473,7 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
 
     space = plan.space
     if plan.train_teacher:
-        _train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say)
+        _train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say, smoke=request.smoke_test)
     elif plan.needs_teacher and _exists(plan.teacher_job.teacher.checkpoint):
         _record_teacher(plan.teacher_job, tracker, say)
 
@@ -470,6 +515,7 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
         return outcome
     from kdray.reporting import write_report
 
+    _mark_ended(sweep_dir, outcome.counts())
     report = write_report(plan.uri, plan.experiment, sweep_id, sweep_dir / "report",
                           formats=("md", "tex", "csv", "parquet"), log_artifacts=True)
     outcome.report_markdown = report.markdown
@@ -496,10 +542,13 @@ def _close_open_runs(tracker: Tracker, sweep_id: str, parent: str | None, interr
 
 
 def _reason(err: BaseException) -> str:
+    """The last line of an error's text (a worker's own exception, under Ray's wrapping), without the dotted
+    class path Ray puts before it (`kdray.errors.DataError: ...` -> `DataError: ...`)."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    last = lines[-1] if lines else type(err).__name__
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", last)
 
 
 def _sha(text: str) -> str:
@@ -520,7 +569,11 @@ def _load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
     file = sweep_dir / STATE_FILE
     if not file.is_file():
         raise ConfigError(f"--resume: {sweep_dir} is not a kdray sweep folder (no {STATE_FILE})")
-    return json.loads(file.read_text()), sweep_dir
+    state = json.loads(file.read_text())
+    if state.get("ended"):
+        raise ConfigError(f"--resume: sweep {state['sweep_id']} ran to its end ({state['ended']}); --resume "
+                          "continues an interrupted sweep: start a new sweep to run trials again")
+    return state, sweep_dir
 
 
 def _resumed_space_file(state: dict[str, Any], sweep_dir: Path) -> str:
@@ -583,14 +636,17 @@ def _tune_config(space: SearchSpace, job: Job, limit: int):
                            num_samples=space.num_samples, max_concurrent_trials=limit)
 
 
-def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say) -> None:
+def _train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, smoke: bool = False) -> None:
     from kdray.config import flatten, to_dict
     from kdray.models import build_model
     from kdray.orchestration.workers import fit
 
     model = build_model(job.teacher.arch, job.data.num_classes, width=job.teacher.width)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", _teacher_tags(job, params_m))
+    tags = _teacher_tags(job, params_m)
+    if smoke:
+        tags[layout.SMOKE_TEST] = "true"
+    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", tags)
     tracker.log_params(run_id, flatten(to_dict(job)))
     say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
     try:
@@ -676,7 +732,7 @@ def _summaries(grid, space: SearchSpace, job_data: dict[str, Any], tracker: Trac
         metrics = trial.last_result or {}
         done, total = int(metrics.get("iteration", 0)), int(metrics.get("iterations_total", 0))
         if trial.status == "ERROR":
-            status = f"{FAILED}: {_reason(result.error) if result.error is not None else 'the trial failed'}"[:240]
+            status = f"{FAILED}: {_reason(result.error) if result.error is not None else 'the trial failed'}"
         elif trial.status == "TERMINATED":
             run_id = tracker.find_run(**{layout.SWEEP_ID: sweep_id, layout.TRIAL_ID: trial.trial_id})
             if run_id is not None:  # a trial restored from its final checkpoint reports nothing new to Tune

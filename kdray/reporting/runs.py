@@ -370,7 +370,7 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
                                                    f"and tags.`{layout.KIND}` = 'trial'")
         if not trials:
             raise ConfigError(f"sweep {sid!r} of experiment {experiment!r} has no trial runs yet")
-        teachers = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'teacher'")
+        teachers = sweep_teachers(search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'teacher'"), sweep_tags)
         runs, keys = runs_table(trials)
         teacher_runs, _ = runs_table(teachers)
         space_text = None
@@ -386,6 +386,21 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
                      sweep_run_id=sweep.info.run_id, sweep_tags=sweep_tags, runs=_with_history(runs, miou),
                      teachers=_with_history(teacher_runs, miou), history=miou, classes=tuple(keys),
                      space_text=space_text, class_keys=keys)
+
+
+def sweep_teachers(teachers: list[Run], sweep_tags: dict[str, str]) -> list[Run]:
+    """The teacher run(s) of the sweep's own teacher.
+
+    A sweep that names its teacher's weights file (tag TEACHER_CHECKPOINT on the sweep's run) gets the latest
+    run of that file only: other teachers of the experiment (another width, a smoke test's 4-iteration one, an
+    earlier file at the same path) are not its teacher. An older sweep without the tag gets every teacher run
+    that is not a smoke test's.
+    """
+    path = sweep_tags.get(layout.TEACHER_CHECKPOINT)
+    if path is None:
+        return [r for r in teachers if r.data.tags.get(layout.SMOKE_TEST) != "true"]
+    same = [r for r in teachers if r.data.tags.get(layout.TEACHER_CHECKPOINT) == path]
+    return sorted(same, key=lambda r: r.info.start_time or 0)[-1:]
 
 
 def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:

@@ -113,10 +113,23 @@ def report_markdown(data: SweepData, value: str, tables: list[Table], images: li
     parts += [f"Space `{space}` ({data.space_kind}); {data.runs.num_rows} trial runs: {finished} finished"
               f"{', ' + left_out if left_out else ''}. Cells show val mIoU at {describe_value(value)} "
               f"(`--value {value}`). Sweep run `{data.sweep_run_id}`.", ""]
+    parts += unrun_note(data)
     parts += [render.markdown(t) for t in tables]
     if images:
         parts += ["### Plots", ""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in images] + [""]
     return "\n".join(parts)
+
+
+def unrun_note(data: SweepData) -> list[str]:
+    """Markdown lines for the trials the sweep planned that have no run (an interrupted sweep's), and how the
+    sweep ended when it did not end well: what no table can show, since those trials left no run to list."""
+    planned = int(data.sweep_tags.get(layout.TRIALS_PLANNED) or 0)
+    missing = planned - data.runs.num_rows
+    ended = data.sweep_tags.get(layout.FAILURE)
+    if missing > 0:
+        how = f"; the sweep ended: {ended}" if ended else ""
+        return [f"**{missing} of the {planned} trials the space plans have no run: they never started{how}.**", ""]
+    return [f"**The sweep ended: {ended}.**", ""] if ended else []
 
 
 def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None, out_dir: str | Path | None = None,
