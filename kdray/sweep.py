@@ -14,6 +14,8 @@ exit codes:
 
 from __future__ import annotations
 
+import signal
+
 from kdray.cli import default_job, demo_file, job_parser, run_main
 
 DEMO_SPACE = "kdray/demo/space.yaml"
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("\n".join(dry_run(request)))
         return 0
+    # `kill` (SIGTERM) ends the sweep as Ctrl+C does past Tune's graceful stop: the runs it opened are closed
+    signal.signal(signal.SIGTERM, _interrupt)
     outcome = run_sweep(request)
     ended = "interrupted" if outcome.interrupted else "ended"
     print(f"\nsweep {outcome.sweep_id} {ended} after {outcome.wall_s:.0f} s: {outcome.counts()}; best first:\n")
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.interrupted:
         print(f"resume with: python -m kdray.sweep --resume {outcome.sweep_dir}")
     return outcome.exit_code
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
