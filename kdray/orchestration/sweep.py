@@ -427,8 +427,11 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
     try:
         outcome = _run_trials(request, plan, tracker, sweep_id, sweep_dir, parent, cluster, say)
-    except BaseException as err:  # Ctrl+C outside Tune's own handling, or a bug: close what this sweep opened
-        _close_open_runs(tracker, sweep_id, parent, isinstance(err, KeyboardInterrupt), _reason(err))
+    except BaseException as err:  # Ctrl+C outside Tune's own handling, SIGTERM, or a bug: close what it opened
+        # Ray's core answers SIGTERM with sys.exit(1): like Ctrl+C, an interruption (KILLED, resumable)
+        stopped = isinstance(err, (KeyboardInterrupt, SystemExit))
+        _close_open_runs(tracker, sweep_id, parent, stopped, "terminated" if isinstance(err, SystemExit)
+                         else _reason(err))
         raise
     outcome.wall_s = time.perf_counter() - t0
     return outcome
