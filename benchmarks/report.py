@@ -3,7 +3,7 @@
     python benchmarks/report.py                     # a search sweep of 1,000 trials, 10 evaluations each
     python benchmarks/report.py --kind ablation     # 10 rows x 100 seeds
     python benchmarks/report.py --db /tmp/bench.db  # keep the store (reused when it exists)
-    # read through a tracking server backed by that store (start servers inside shared/bin/loopback-only):
+    # read through a tracking server backed by that store (start servers in a loopback-only network namespace):
     python benchmarks/report.py --db /tmp/bench.db --read-uri http://127.0.0.1:5055
 
 Each run is fabricated with one `log_batch` (val/miou and per-class IoU at every evaluation, the flattened

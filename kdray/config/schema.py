@@ -1,6 +1,6 @@
 """The job: what one distillation (or teacher) run trains, as typed dataclasses.
 
-Every field has the default of the published recipe (CIRKD / I2CKD, see shared/kd-losses.md) unless a comment
+Every field has the default of the published recipe (CIRKD / I2CKD; loss docstrings cite theirs) unless a comment
 says otherwise. The loss sections' option names are the constructor arguments of the loss modules in
 `kdray.losses`, so `losses.kd.temperature=4` reaches `PixelwiseKD(temperature=4)` unchanged.
 """

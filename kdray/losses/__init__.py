@@ -1,4 +1,5 @@
-"""Distillation losses for semantic segmentation: one module per method, as `shared/kd-losses.md` defines.
+"""Distillation losses for semantic segmentation: one module per method, each docstring with its
+formula and paper.
 
 Each loss is an `nn.Module` returning an unweighted scalar (the objective applies the config weight); teacher
 tensors are detached inside. Constructor keywords are the job config's option names.

@@ -1,6 +1,6 @@
 """Resource checks before anything waits: a request the cluster cannot meet fails now, with a message.
 
-(A Ray placement group that can never be satisfied is retried forever; shared/ray-notes.md.)
+(Ray retries a placement group that can never be satisfied forever, silently.)
 """
 
 from __future__ import annotations
