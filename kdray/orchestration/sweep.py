@@ -128,9 +128,8 @@ def prepare(request: SweepRequest) -> tuple[dict[str, Any], Job, SearchSpace]:
         smoke = {**SMOKE, **(SMOKE_SYNTHETIC if job.data.dataset == "synthetic" else {})}
         overrides = {**smoke, **overrides}
         teacher = job.teacher.checkpoint
-        named = overrides.get("teacher.checkpoint", (data.get("teacher") or {}).get("checkpoint"))
         # never cache a 4-iteration teacher as the real one (an `auto` teacher has its own key for it)
-        if teacher and named != AUTO and not Path(teacher).is_file():
+        if teacher and _named_teacher(data, overrides) != AUTO and not Path(teacher).is_file():
             overrides.setdefault("teacher.checkpoint", str(Path(job.run.output_dir) / job.name / "smoke-teacher.pt"))
     # Resolved once, here: paths become absolute against the directory the sweep runs in, because trials
     # rebuild the job inside Tune's own working directories.
@@ -350,24 +349,27 @@ def _plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Path |
     if not may_train and not _exists(teacher) and any(j.distills for _, j in jobs):
         raise CheckpointError(f"teacher.checkpoint: {teacher}: no such file; train it first (kdray teacher --job "
                               f"{request.job_path}), pass --train-teacher, or name another file")
-    notes = check_inputs(jobs, train_teacher=may_train)
     train_teacher = needs_teacher and may_train and not _exists(teacher)
+    teacher_training = [("the teacher's training", teacher_job)] if train_teacher else []
+    notes = check_inputs(jobs + teacher_training, train_teacher=may_train)
     if train_teacher:
-        open_splits(teacher_job)
         notes += check_teacher_training(teacher_job)
     uri = resolve_tracking_uri(request.tracking_uri or (state or {}).get("tracking_uri") or job.tracking.uri)
     return _Plan(data, job, space, space_path, jobs, teacher_job, needs_teacher, train_teacher, uri,
                  job.tracking.experiment or job.name, notes)
 
 
+def _named_teacher(data: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """`teacher.checkpoint` as the job file and its overrides write it, before paths are resolved."""
+    return overrides.get("teacher.checkpoint", (data.get("teacher") or {}).get("checkpoint"))
+
+
 def _auto_teacher(request: SweepRequest, state: dict[str, Any] | None) -> bool:
     """The job leaves its teacher to kdray (`teacher.checkpoint: auto`): the sweep may train it."""
     if state is not None:
         return False
-    data = read_yaml(request.job_path)
-    named = dict(parse_override(o) for o in request.overrides).get("teacher.checkpoint",
-                                                                    (data.get("teacher") or {}).get("checkpoint"))
-    return named == AUTO
+    overrides = dict(parse_override(o) for o in request.overrides)
+    return _named_teacher(read_yaml(request.job_path), overrides) == AUTO
 
 
 def check_store(uri: str) -> None:
@@ -510,14 +512,13 @@ def _run_trials(request: SweepRequest, plan: _Plan, tracker: Tracker, sweep_id: 
     never_created = max(0, space.trial_count - len(trials))
     outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, interrupted,
                            never_created=never_created)
-    _close_open_runs(tracker, sweep_id, None, interrupted, "the sweep ended with this trial's run still open")
     if interrupted:  # Tune saved its state; --resume reopens the runs and continues
-        tracker.set_tags(parent, {layout.FAILURE: f"interrupted: {outcome.counts()}"})
-        tracker.end_run(parent, "KILLED")
+        _close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
         say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
         return outcome
     from kdray.reporting import write_report
 
+    _close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
     _mark_ended(sweep_dir, outcome.counts())
     report = write_report(plan.uri, plan.experiment, sweep_id, sweep_dir / "report",
                           formats=("md", "tex", "csv", "parquet"), log_artifacts=True)
