@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from kdray.data import Cityscapes  # noqa: E402
+from kdray.data.cityscapes import Cityscapes  # noqa: E402
 from kdray.engine.inputs import SCAN_THREADS  # noqa: E402
 
 H, W = 1024, 2048

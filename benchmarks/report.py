@@ -23,7 +23,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from kdray.orchestration import layout
+from kdray import contract
 from kdray.reporting import write_report
 
 CLASSES = ("background", "road", "disc", "box", "ring", "cross", "boat", "triangle")  # the synthetic dataset's
@@ -46,14 +46,14 @@ def fabricate(uri: str, kind: str, runs: int, evals: int, seed: int = 0) -> floa
     start = time.perf_counter()
     artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"  # next to the store, not ./mlruns
     eid = client.create_experiment("bench", artifact_location=artifacts.as_uri())
-    tags = {layout.KIND: "sweep", layout.SWEEP_ID: "bench-1", layout.SPACE: f"bench-{kind}", layout.SPACE_KIND: kind,
-            layout.METRIC: layout.VAL_MIOU, layout.MODE: "max"}
+    tags = {contract.KIND: "sweep", contract.SWEEP_ID: "bench-1", contract.SPACE: f"bench-{kind}",
+            contract.SPACE_KIND: kind, contract.METRIC: contract.VAL_MIOU, contract.MODE: "max"}
     parent = client.create_run(eid, tags=tags).info.run_id
     if kind == "search":
-        client.log_text(parent, SPACE, layout.SPACE_ARTIFACT)
-    teacher = client.create_run(eid, tags={layout.KIND: "teacher", layout.TEACHER_ARCH: "deeplabv3_resnet101",
-                                           layout.PARAMS_M: "61.1"}).info.run_id
-    client.log_batch(teacher, metrics=[Metric(layout.VAL_MIOU, 0.78, 0, 100 * (i + 1)) for i in range(evals)])
+        client.log_text(parent, SPACE, contract.SPACE_ARTIFACT)
+    teacher = client.create_run(eid, tags={contract.KIND: "teacher", contract.TEACHER_ARCH: "deeplabv3_resnet101",
+                                           contract.PARAMS_M: "61.1"}).info.run_id
+    client.log_batch(teacher, metrics=[Metric(contract.VAL_MIOU, 0.78, 0, 100 * (i + 1)) for i in range(evals)])
     client.set_terminated(teacher)
     seeds = max(runs // len(METHODS), 1)
     for i in range(runs):
@@ -71,22 +71,22 @@ def fabricate(uri: str, kind: str, runs: int, evals: int, seed: int = 0) -> floa
         config.update({f"optim.k{j}": j for j in range(40)})  # the rest of a flattened config
         state = "stopped" if rng.random() < 0.05 else "failed" if rng.random() < 0.01 else "finished"
         n = 3 if state == "stopped" else evals
-        trial_tags = {layout.KIND: "trial", layout.SWEEP_ID: "bench-1", layout.TRIAL_ID: f"bench_{i:05d}",
-                      layout.METHOD: method, layout.SEED: str(seed_), layout.TEACHER_ARCH: "deeplabv3_resnet101",
-                      layout.STUDENT_ARCH: "deeplabv3_resnet18", layout.PARAMS_M: "13.6", layout.PARENT: parent}
+        trial_tags = {contract.KIND: "trial", contract.SWEEP_ID: "bench-1", contract.TRIAL_ID: f"bench_{i:05d}",
+                      contract.METHOD: method, contract.SEED: str(seed_), contract.TEACHER_ARCH: "deeplabv3_resnet101",
+                      contract.STUDENT_ARCH: "deeplabv3_resnet18", contract.PARAMS_M: "13.6", contract.PARENT: parent}
         if row:
-            trial_tags[layout.ROW] = row
+            trial_tags[contract.ROW] = row
         if state == "stopped":
-            trial_tags[layout.STOPPED_EARLY] = "true"
+            trial_tags[contract.STOPPED_EARLY] = "true"
         if state == "failed":
-            trial_tags[layout.FAILURE] = "fabricated failure"
+            trial_tags[contract.FAILURE] = "fabricated failure"
         run_id = client.create_run(eid, tags=trial_tags).info.run_id
         curve = level * (1 - np.exp(-np.arange(1, n + 1) / 3)) + rng.normal(0, 0.005, n)
         metrics = []
         for k, value in enumerate(curve):
             step = 100 * (k + 1)
-            metrics.append(Metric(layout.VAL_MIOU, float(value), k, step))
-            metrics += [Metric(layout.VAL_IOU_PREFIX + c, float(value + 0.01 * j - 0.035), k, step)
+            metrics.append(Metric(contract.VAL_MIOU, float(value), k, step))
+            metrics += [Metric(contract.VAL_IOU_PREFIX + c, float(value + 0.01 * j - 0.035), k, step)
                         for j, c in enumerate(CLASSES)]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in config.items()])
         client.set_terminated(run_id, {"stopped": "KILLED", "failed": "FAILED"}.get(state, "FINISHED"))

@@ -7,37 +7,13 @@ of the Cityscapes/VOC evaluation scripts, where every class occurs).
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.distributed as dist
 
+from kdray.contract import VAL_IOU_PREFIX, iou_metric_key  # noqa: F401 (re-exported: the metric names live there)
 from kdray.errors import ConfigError, DataError
 
-IOU_KEY_PREFIX = "val/iou/"
-# What a class name may keep in its metric key: MLflow's characters less '/' and ':' (see iou_metric_key).
-_REFUSED_IN_CLASS_NAME = re.compile(r"[^\w.\- ]")
-
-
-def iou_metric_key(class_name: str) -> str:
-    r"""The MLflow metric name a class's IoU is logged under: "val/iou/" + the class name, made loggable.
-
-    MLflow 3 accepts a metric name only if it matches `^[/\w.\- :]*$` (Unicode letters, digits and '_', then
-    '.', '-', ' ', ':', '/'; ':' refused on Windows), and only if `posixpath.normpath` leaves it unchanged and
-    it neither starts with '/' nor '..'. So it refuses "(", ")", "+", "," and "'", among others. Here every
-    character of `class_name` other than a word character, '.', '-' or ' ' becomes '_': also '/' (a class
-    name is one segment: "tv/monitor" would otherwise nest under "val/iou/tv" and, in MLflow's file store,
-    collide with a class "tv") and ':' (so the key is the same whatever platform logs it). A name that would
-    vanish as a path segment ("", ".", "..") becomes as many '_' (one for ""). Names made only of accepted
-    characters are unchanged: "traffic light" -> "val/iou/traffic light", "crack (large)" ->
-    "val/iou/crack _large_", "person+rider" -> "val/iou/person_rider", "tv/monitor" -> "val/iou/tv_monitor".
-    Distinct names can map to the same key ("a(b", "a)b"). MLflow also caps names at 250 characters, which a
-    class name longer than 242 still exceeds.
-    """
-    name = _REFUSED_IN_CLASS_NAME.sub("_", class_name)
-    if name in ("", ".", ".."):
-        name = "_" * max(len(name), 1)
-    return IOU_KEY_PREFIX + name
+IOU_KEY_PREFIX = VAL_IOU_PREFIX
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", action="store_true",
                         help="also log the files on the sweep's parent run under report/ (default: write files only)")
     args = parser.parse_args(argv)
-    from kdray.orchestration.tracking import resolve_tracking_uri
+    from kdray.contract import resolve_tracking_uri
     from kdray.reporting import default_tracking_uri, write_report  # mlflow, optuna, matplotlib: seconds to import
 
     formats = [f.strip() for spec in (args.format or ["md"]) for f in spec.split(",") if f.strip()]

@@ -16,8 +16,8 @@ from kdray import __main__ as dispatcher
 from kdray.cli import default_job, job_parser
 from kdray.config import load_job
 from kdray.config.loading import float_literal
+from kdray.contract import resolve_tracking_uri
 from kdray.errors import ConfigError
-from kdray.orchestration.tracking import resolve_tracking_uri
 from kdray.sweep import default_space
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import torch
 from torchvision import tv_tensors
 
 from kdray.config import DataConfig
-from kdray.data import IterationBatchSampler, SyntheticSegmentation, build_dataset, train_transforms
+from kdray.data import IterationBatchSampler, build_dataset, train_transforms
+from kdray.data.synthetic import SyntheticSegmentation
 from kdray.errors import DataError
 
 

@@ -15,8 +15,12 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from kdray.cli import run_main
-from kdray.data import CamVid, Cityscapes, FolderSegmentation, TransformedDataset, VOCAug, eval_transforms
+from kdray.data import TransformedDataset, eval_transforms
+from kdray.data.camvid import CamVid
+from kdray.data.cityscapes import Cityscapes
 from kdray.data.files import WorkerDataError, image_header, read_image, read_mask
+from kdray.data.folder import FolderSegmentation
+from kdray.data.voc import VOCAug
 from kdray.errors import DataError
 
 ABC = ("a", "b", "c")

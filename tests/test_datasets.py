@@ -19,9 +19,12 @@ from torchvision import tv_tensors
 
 from kdray import train as train_cli
 from kdray.config import load_job
-from kdray.config.schema import DataConfig, FolderConfig
-from kdray.data import CamVid, Cityscapes, FolderSegmentation, VOCAug, build_dataset, class_names, raw_dataset
-from kdray.data.cityscapes import LABEL_TO_TRAIN_ID
+from kdray.config.schema import DataConfig
+from kdray.data import build_dataset, class_names, raw_dataset
+from kdray.data.camvid import CamVid
+from kdray.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
+from kdray.data.folder import FolderOptions, FolderSegmentation
+from kdray.data.voc import VOCAug
 from kdray.engine import RankContext
 from kdray.engine.evaluate import evaluate, evaluation_loader
 from kdray.engine.sliding import slide_logits, starts, window_of
@@ -202,9 +205,10 @@ def test_folder_dataset_pairs_by_stem(tmp_path):
 @pytest.mark.parametrize("dataset", sorted(TREES))
 def test_build_dataset_dispatches_with_the_paper_splits(tmp_path, dataset):
     root = TREES[dataset](tmp_path)
-    folder = FolderConfig(("a", "b", "c")) if dataset == "folder" else FolderConfig()
     k = {"cityscapes": 19, "voc": 21, "camvid": 11, "folder": 3}[dataset]
-    cfg = DataConfig(dataset=dataset, root=str(root), num_classes=k, crop=(16, 16), folder=folder)
+    cfg = DataConfig(dataset=dataset, root=str(root), num_classes=k, crop=(16, 16))
+    if dataset == "folder":
+        cfg.folder = FolderOptions(("a", "b", "c"))
     sizes = {"cityscapes": (3, 2), "voc": (4, 2), "camvid": (3, 2), "folder": (3, 2)}[dataset]
     assert (len(raw_dataset(cfg, "train")), len(raw_dataset(cfg, "val"))) == sizes  # camvid val = test
     image, mask = build_dataset(cfg, "train")[(0, 7)]
@@ -220,7 +224,9 @@ def test_class_names_need_no_files():
         "road", "sidewalk", "building"]
     assert class_names(DataConfig(dataset="voc", num_classes=21))[-1] == "tvmonitor"
     assert class_names(DataConfig(dataset="camvid", num_classes=11))[0] == "sky"
-    assert class_names(DataConfig(dataset="folder", num_classes=2, folder=FolderConfig(("x", "y")))) == ["x", "y"]
+    folder = DataConfig(dataset="folder", num_classes=2)
+    folder.folder = FolderOptions(("x", "y"))
+    assert class_names(folder) == ["x", "y"]
 
 
 # --- bad trees --------------------------------------------------------------------------------------------------

@@ -82,8 +82,7 @@ def _evaluate(objective, x, device, autocast=None):
     with torch.autocast("cuda", dtype=autocast) if autocast else torch.enable_grad():
         x, tensors = _step_tensors(objective, x, device, autocast)
         total, parts = objective(tensors)
-        d_loss = objective.adversarial.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(),
-                                                          x["images"])
+        d_loss = objective.owned_loss("adversarial", tensors)
     total.backward()
     d_loss.backward()
     grads = {name: x[name].grad for name in ("zs", "fs", "aux")}
@@ -169,32 +168,40 @@ def test_graphed_objective_replays_what_the_eager_one_computes(full_precision):
 
 
 @pytest.mark.parametrize("conditioning", ["logits", "logits+image"])
-def test_graphed_discriminator_loss_replays_what_the_eager_one_computes(full_precision, conditioning):
-    from kdray.engine.graphs import GraphedDiscriminatorLoss
-    from kdray.losses import AdversarialDistillation
+def test_graphed_owned_loss_replays_what_the_eager_one_computes(full_precision, conditioning):
+    """The discriminator's loss (the adversarial loss's OwnedStep, hinge) replayed as a graph."""
+    from kdray.config import job_from_dict
+    from kdray.engine.graphs import GraphedOwnedLoss
+    from kdray.losses import StepTensors
 
     torch.manual_seed(0)
-    eager = AdversarialDistillation(K, conditioning=conditioning).cuda()
+    losses = job_from_dict({}, ["losses.adversarial.enabled=true",
+                                f"losses.adversarial.conditioning={conditioning}"]).losses
+    eager = DistillationObjective(losses, num_classes=K, student_channels=C_S, teacher_channels=C_T).cuda()
     twin = copy.deepcopy(eager)
-    graphed = GraphedDiscriminatorLoss(twin)
+    graphed = GraphedOwnedLoss(twin, "adversarial")
+
+    def tensors(x):
+        return StepTensors({"teacher.logits": x["zt"], "student.logits": x["zs"], "images": x["images"]})
+
     for seed in range(3):  # the capture, then two replays on new inputs
         x = {k: v.cuda() for k, v in _inputs(seed).items()}
         losses = []
-        for module, call in ((eager, eager.discriminator_loss), (twin, graphed)):
+        for module, call in ((eager, lambda t: eager.owned_loss("adversarial", t)), (twin, graphed)):
             module.zero_grad(set_to_none=True)
-            loss = call(x["zt"], x["zs"], x["images"])
+            loss = call(tensors(x))
             loss.backward()
-            losses.append((loss.detach().clone(), {n: p.grad.clone() for n, p in module.named_parameters()}))
+            losses.append((loss.detach().clone(), {n: p.grad.clone() for n, p in module.named_parameters()
+                                                   if p.grad is not None}))
         (want, want_grads), (got, grads) = losses
         assert _relative_error(got, want) < 1e-6, seed
-        assert set(grads) == set(want_grads)
+        assert set(grads) == set(want_grads) and want_grads
         for name, grad in want_grads.items():
             assert _relative_error(grads[name], grad) < 1e-5, (seed, name)
     for (name, buffer), (_, want) in zip(twin.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(buffer, want, rtol=1e-6, atol=0, msg=name)
     x = {k: v[:1].cuda() for k, v in _inputs(seed=7).items()}  # another shape: eager, same number
-    assert _relative_error(graphed(x["zt"], x["zs"], x["images"]),
-                           eager.discriminator_loss(x["zt"], x["zs"], x["images"])) < 1e-6
+    assert _relative_error(graphed(tensors(x)), eager.owned_loss("adversarial", tensors(x))) < 1e-6
 
 
 def _job(tmp_path, teacher_file, *overrides):

@@ -486,11 +486,11 @@ def test_feature_losses_resize_the_full_labels_once(name):
     objective, tensors = _objective_and_tensors([f"losses.{name}.enabled=true"], size=3)
     g = torch.Generator().manual_seed(13)
     labels = torch.randint(0, 8, (2, 12, 12), generator=g)
-    tensors = tensors._replace(student_logits=torch.randn(2, 8, 4, 4), teacher_logits=torch.randn(2, 8, 4, 4),
-                               labels=labels, labels_small=labels[:, ::3, ::3])
+    tensors = tensors.replace({"student.logits": torch.randn(2, 8, 4, 4), "teacher.logits": torch.randn(2, 8, 4, 4),
+                               "labels": labels, "labels.at_logits": labels[:, ::3, ::3]})
     _, parts = objective(tensors)
     module = objective.terms[name]
-    features = (tensors.student_features, tensors.teacher_features)
+    features = (tensors["student.features[head]"], tensors["teacher.features[head]"])
     expected = module(*features, labels[:, ::4, ::4])
     assert not torch.allclose(expected, module(*features, labels[:, ::3, ::3][:, :3, :3]))  # the two differ here
     torch.testing.assert_close(parts[name], expected)
@@ -507,7 +507,7 @@ def test_feature_losses_resize_the_full_labels_once(name):
 )
 def test_preflight_names_the_config_key_and_the_shapes_for_errors_inside_a_loss(overrides, fragments):
     objective, tensors = _objective_and_tensors(overrides)
-    tensors = tensors._replace(teacher_features=torch.randn(2, 24, 8, 8))  # the objective was built for 32
+    tensors = tensors.replace({"teacher.features[head]": torch.randn(2, 24, 8, 8)})  # the objective was built for 32
     with pytest.raises(PreflightError) as err:
         objective.preflight(tensors)
     for fragment in fragments:
@@ -524,7 +524,7 @@ def test_preflight_names_the_adversarial_loss_on_a_map_too_small_for_its_discrim
 def test_preflight_runs_the_discriminator_loss_and_leaves_no_trace(objective_name, monkeypatch):
     overrides = ["losses.adversarial.enabled=true", f"losses.adversarial.objective={objective_name}"]
     objective, tensors = _objective_and_tensors(overrides)
-    adversarial = objective.adversarial
+    adversarial = objective.terms["adversarial"]
     before = {k: v.clone() for k, v in adversarial.state_dict().items()}
     rng = torch.get_rng_state()
     objective.preflight(tensors)  # WGAN-GP's penalty draws α and needs autograd

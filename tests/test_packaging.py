@@ -82,7 +82,7 @@ def test_kdray_command_and_demo_data_are_declared():
 def test_wheel_runs_the_demo_sweep_from_an_empty_directory(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from kdray.orchestration import layout
+    from kdray import contract
 
     # Build from a copy of the files a wheel is made of, so the build leaves nothing in the source tree.
     source = tmp_path / "source"
@@ -117,6 +117,6 @@ def test_wheel_runs_the_demo_sweep_from_an_empty_directory(tmp_path):
     assert Path(state["space_path"]).is_relative_to(target)  # the packaged demo space
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("demo").experiment_id
-    trials = client.search_runs([experiment], f"tags.`{layout.SWEEP_ID}` = '{state['sweep_id']}' and "
-                                              f"tags.`{layout.KIND}` = 'trial'")
+    trials = client.search_runs([experiment], f"tags.`{contract.SWEEP_ID}` = '{state['sweep_id']}' and "
+                                              f"tags.`{contract.KIND}` = 'trial'")
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)

@@ -25,8 +25,8 @@ from kdray.orchestration.progress import (
     quiet_ray_output,
     sampled,
 )
-from kdray.orchestration.space import ROW_KEY, SEED_KEY
 from kdray.orchestration.sweep import SweepRequest, prepare
+from kdray.space import ROW_KEY, SEED_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "demo.yaml"
@@ -221,12 +221,12 @@ def test_pickle_round_trip_drops_say_and_clock():
 
 
 def test_trial_label_names_ablation_rows_and_search_methods(tmp_path):
-    data, _, space = prepare(SweepRequest(str(DEMO), str(REPO / "search_spaces" / "i2ckd_ablation.yaml")))
-    label = TrialLabel(space, data)
+    base, _, space = prepare(SweepRequest(str(DEMO), str(REPO / "search_spaces" / "i2ckd_ablation.yaml")))
+    label = TrialLabel(space, base)
     assert label(FakeTrial("ab_00004", {ROW_KEY: "+KD", SEED_KEY: 1})) == "trial ab_00004 +KD seed 1"
 
-    data, _, space = prepare(SweepRequest(str(DEMO), str(REPO / "search_spaces" / "demo.yaml")))
-    label = pickle.loads(pickle.dumps(TrialLabel(space, data)))  # Tune pickles it into tuner.pkl
+    base, _, space = prepare(SweepRequest(str(DEMO), str(REPO / "search_spaces" / "demo.yaml")))
+    label = pickle.loads(pickle.dumps(TrialLabel(space, base)))  # Tune pickles it into tuner.pkl
     config = {"losses.kd.enabled": True, "losses.kd.weight": 1.0, "losses.kd.temperature": 1.0,  # fixed + sampled
               "losses.i2ckd.enabled": True,
               "losses.i2ckd.weight": 1.0, "losses.i2ckd.margin": 0.5}

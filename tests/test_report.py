@@ -24,8 +24,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import create_trial
 
+from kdray import contract
 from kdray.errors import ConfigError
-from kdray.orchestration import layout
 from kdray.report import main
 from kdray.reporting import build_tables, read_sweep, write_report
 from kdray.reporting.runs import histories, natural_key, read_iou_at
@@ -35,8 +35,8 @@ from kdray.reporting.tables import best_runs
 STEPS = (100, 200, 300)
 CLASSES = ("road", "sidewalk", "car")  # not alphabetical: the tables keep the logged order
 OFFSETS = {"road": 0.10, "sidewalk": 0.0, "car": -0.10}  # per-class IoU = mIoU + offset, at every evaluation
-ARCHS = {layout.TEACHER_ARCH: "deeplabv3_resnet101", layout.STUDENT_ARCH: "deeplabv3_resnet18",
-         layout.PARAMS_M: "13.6000", layout.DATASET: "synthetic"}
+ARCHS = {contract.TEACHER_ARCH: "deeplabv3_resnet101", contract.STUDENT_ARCH: "deeplabv3_resnet18",
+         contract.PARAMS_M: "13.6000", contract.DATASET: "synthetic"}
 
 # ablation: row -> method, then per seed (last, best) of val/miou over the three evaluations
 CE_RUNS = {0: (0.70, 0.71), 1: (0.72, 0.73), 2: (0.71, 0.74)}
@@ -85,8 +85,8 @@ class Store:
         run = self.client.create_run(experiment_id, start_time=self.clock, tags=tags, run_name=name)
         metrics = []
         for i, (step, v) in enumerate(zip(steps, values)):
-            metrics.append(Metric(layout.VAL_MIOU, v, self.clock + i, step))
-            metrics += [Metric(layout.VAL_IOU_PREFIX + c, v + OFFSETS[c], self.clock + i, step) for c in CLASSES]
+            metrics.append(Metric(contract.VAL_MIOU, v, self.clock + i, step))
+            metrics += [Metric(contract.VAL_IOU_PREFIX + c, v + OFFSETS[c], self.clock + i, step) for c in CLASSES]
         self.client.log_batch(run.info.run_id, metrics=metrics,
                               params=[Param(k, str(v)) for k, v in (params or {}).items()])
         self.client.set_terminated(run.info.run_id, status, end_time=self.clock + 500)
@@ -94,8 +94,8 @@ class Store:
 
 
 def trial_tags(sweep_id, trial_id, method, seed, **extra):
-    return {layout.KIND: "trial", layout.SWEEP_ID: sweep_id, layout.TRIAL_ID: trial_id, layout.METHOD: method,
-            layout.SEED: str(seed), **ARCHS, **extra}
+    return {contract.KIND: "trial", contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: trial_id, contract.METHOD: method,
+            contract.SEED: str(seed), **ARCHS, **extra}
 
 
 def config(seed, kd=False, i2ckd=False, **more):
@@ -107,37 +107,37 @@ def config(seed, kd=False, i2ckd=False, **more):
 def store(tmp_path_factory):
     s = Store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     eid = s.client.create_experiment("kdtest", artifact_location=s.artifacts)
-    s.teacher = s.run(eid, {layout.KIND: "teacher", layout.TEACHER_ARCH: "deeplabv3_resnet101",
-                            layout.PARAMS_M: "61.1000"}, history(*TEACHER), name="teacher")
-    s.abl = s.run(eid, {layout.KIND: "sweep", layout.SWEEP_ID: "abl-1", layout.SPACE: "tiny-ablation",
-                        layout.SPACE_KIND: "ablation", layout.METRIC: layout.VAL_MIOU, layout.MODE: "max"})
+    s.teacher = s.run(eid, {contract.KIND: "teacher", contract.TEACHER_ARCH: "deeplabv3_resnet101",
+                            contract.PARAMS_M: "61.1000"}, history(*TEACHER), name="teacher")
+    s.abl = s.run(eid, {contract.KIND: "sweep", contract.SWEEP_ID: "abl-1", contract.SPACE: "tiny-ablation",
+                        contract.SPACE_KIND: "ablation", contract.METRIC: contract.VAL_MIOU, contract.MODE: "max"})
     rows = [("Student (CE)", "CE", CE_RUNS, {}), ("+KD", "KD", KD_RUNS, {"kd": True}),
             ("+KD+I2CKD", "KD+I2CKD", KDI_RUNS, {"kd": True, "i2ckd": True})]
     # created in reverse row order: the tables must follow the trial ids (natural order), not creation time
     for r, (row, method, runs, flags) in reversed(list(enumerate(rows))):
         for seed, (last, best) in runs.items():
-            s.run(eid, trial_tags("abl-1", f"abl_{5 * r + seed}", method, seed, **{layout.ROW: row}),
+            s.run(eid, trial_tags("abl-1", f"abl_{5 * r + seed}", method, seed, **{contract.ROW: row}),
                   history(last, best), params=config(seed, **flags))
-    s.failed = s.run(eid, trial_tags("abl-1", "abl_8", "KD", 3, **{layout.ROW: "+KD",
-                                                                   layout.FAILURE: "CUDA out of memory"}),
+    s.failed = s.run(eid, trial_tags("abl-1", "abl_8", "KD", 3, **{contract.ROW: "+KD",
+                                                                   contract.FAILURE: "CUDA out of memory"}),
                      [0.5], params=config(3, kd=True), status="FAILED")
-    s.stopped = s.run(eid, trial_tags("abl-1", "abl_13", "KD+I2CKD", 3, **{layout.ROW: "+KD+I2CKD",
-                                                                           layout.STOPPED_EARLY: "true"}),
+    s.stopped = s.run(eid, trial_tags("abl-1", "abl_13", "KD+I2CKD", 3, **{contract.ROW: "+KD+I2CKD",
+                                                                           contract.STOPPED_EARLY: "true"}),
                       [0.60, 0.62], params=config(3, kd=True, i2ckd=True), status="KILLED")
-    s.interrupted = s.run(eid, trial_tags("abl-1", "abl_3", "CE", 3, **{layout.ROW: "Student (CE)"}),
+    s.interrupted = s.run(eid, trial_tags("abl-1", "abl_3", "CE", 3, **{contract.ROW: "Student (CE)"}),
                           [0.65], params=config(3), status="KILLED")
     for seed, values in I2CKD_STOPPED.items():
-        s.run(eid, trial_tags("abl-1", f"abl_{15 + seed}", "I2CKD", seed, **{layout.ROW: "+I2CKD",
-                                                                             layout.STOPPED_EARLY: "true"}),
+        s.run(eid, trial_tags("abl-1", f"abl_{15 + seed}", "I2CKD", seed, **{contract.ROW: "+I2CKD",
+                                                                             contract.STOPPED_EARLY: "true"}),
               values, params=config(seed, i2ckd=True), status="KILLED")
-    s.search = s.run(eid, {layout.KIND: "sweep", layout.SWEEP_ID: "srch-1", layout.SPACE: "tiny-search",
-                           layout.SPACE_KIND: "search", layout.METRIC: layout.VAL_MIOU, layout.MODE: "max"})
-    s.client.log_text(s.search, SPACE_YAML, layout.SPACE_ARTIFACT)
+    s.search = s.run(eid, {contract.KIND: "sweep", contract.SWEEP_ID: "srch-1", contract.SPACE: "tiny-search",
+                           contract.SPACE_KIND: "search", contract.METRIC: contract.VAL_MIOU, contract.MODE: "max"})
+    s.client.log_text(s.search, SPACE_YAML, contract.SPACE_ARTIFACT)
     s.search_runs = {}
     for trial, (w, en, m, state, last, best) in SEARCH.items():
-        extra = {layout.STOPPED_EARLY: "true"} if state == "STOPPED" else {}
+        extra = {contract.STOPPED_EARLY: "true"} if state == "STOPPED" else {}
         if state == "FAILED":
-            extra[layout.FAILURE] = "loss is NaN at iteration 120"
+            extra[contract.FAILURE] = "loss is NaN at iteration 120"
         values = history(last, best) if last is not None else []
         if state == "STOPPED":
             values = values[:2]
@@ -364,7 +364,7 @@ def test_write_report_writes_every_format_and_plot_and_logs_them(store, tmp_path
     parquet = pq.read_table(out / "methods.parquet")
     assert parquet.equals(result.tables["methods"].data)
     assert pa_csv.read_csv(out / "methods.csv").num_rows == parquet.num_rows
-    logged = {f.path for f in store.client.list_artifacts(store.search, layout.REPORT_ARTIFACT_DIR)}
+    logged = {f.path for f in store.client.list_artifacts(store.search, contract.REPORT_ARTIFACT_DIR)}
     assert {"report/report.md", "report/importance.png", "report/methods.tex"} <= logged
 
 
@@ -374,7 +374,7 @@ def test_ablation_report_markdown_and_curves(store, tmp_path):
     assert imread(tmp_path / "miou_vs_iteration.png").shape[0] > 100
     assert "best evaluation" in result.markdown and "| Teacher (deeplabv3_resnet101) | teacher | 80.00 |" in \
         result.markdown
-    assert store.client.list_artifacts(store.abl, layout.REPORT_ARTIFACT_DIR) == []
+    assert store.client.list_artifacts(store.abl, contract.REPORT_ARTIFACT_DIR) == []
 
 
 def test_csv_joins_the_seed_lists(store, tmp_path):
@@ -430,7 +430,7 @@ def test_remote_stores_read_histories_in_threads():
             time.sleep(0.01)
             return [Metric(key, float(run_id), 0, 100)]
 
-    pairs = [(str(i), layout.VAL_MIOU) for i in range(32)]
+    pairs = [(str(i), contract.VAL_MIOU) for i in range(32)]
     remote, local = Client(), Client()
     assert [h[0].value for h in histories(remote, "http://tracking:5000", pairs)] == list(range(32))
     assert [h[0].value for h in histories(local, "sqlite:////tmp/x.db", pairs)] == list(range(32))

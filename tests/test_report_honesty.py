@@ -19,9 +19,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from optuna.distributions import FloatDistribution
 
+from kdray import contract
 from kdray.errors import ConfigError
 from kdray.metrics import iou_metric_key
-from kdray.orchestration import layout
 from kdray.report import main
 from kdray.reporting import build_tables, read_sweep, write_report
 from kdray.reporting.runs import read_iou_at
@@ -100,13 +100,13 @@ PRODUCED = {
 }
 NAMES = ["road", "crack (large)", "person+rider", "tv/monitor", "a(b", "a)b"]  # the last two share a key
 EXCLUDED = {  # trial -> (status, extra tags, val mIoU history)
-    "x_0": ("FAILED", {layout.FAILURE: "CUDA out of memory"}, [0.4]),
-    "x_1": ("FAILED", {layout.NOT_STARTED: "true", layout.FAILURE: "no GPU left for the trial"}, []),
-    "x_2": ("KILLED", {layout.NOT_STARTED: "true"}, []),
+    "x_0": ("FAILED", {contract.FAILURE: "CUDA out of memory"}, [0.4]),
+    "x_1": ("FAILED", {contract.NOT_STARTED: "true", contract.FAILURE: "no GPU left for the trial"}, []),
+    "x_2": ("KILLED", {contract.NOT_STARTED: "true"}, []),
     "x_3": ("KILLED", {}, [0.5]),
     "x_4": ("RUNNING", {}, [0.55]),
     "x_5": ("FINISHED", {}, []),
-    "x_6": ("KILLED", {layout.STOPPED_EARLY: "true"}, [0.6, 0.62]),
+    "x_6": ("KILLED", {contract.STOPPED_EARLY: "true"}, [0.6, 0.62]),
 }
 
 
@@ -129,7 +129,7 @@ class Store:
         run_id = self.client.create_run(eid, start_time=self.clock, tags=tags).info.run_id
         metrics = []
         for i, (step, v) in enumerate(zip(STEPS, values)):
-            metrics.append(Metric(layout.VAL_MIOU, v, self.clock + i, step))
+            metrics.append(Metric(contract.VAL_MIOU, v, self.clock + i, step))
             metrics += [Metric(key, v + off, self.clock + i, step) for key, off in (iou or {}).items()]
         self.client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in (params or {}).items()])
         if status != "RUNNING":
@@ -137,14 +137,14 @@ class Store:
         return run_id
 
     def sweep(self, eid, sweep_id, kind="search", **tags):
-        return self.run(eid, {layout.KIND: "sweep", layout.SWEEP_ID: sweep_id, layout.SPACE: sweep_id,
-                              layout.SPACE_KIND: kind, **tags})
+        return self.run(eid, {contract.KIND: "sweep", contract.SWEEP_ID: sweep_id, contract.SPACE: sweep_id,
+                              contract.SPACE_KIND: kind, **tags})
 
 
 def trial_tags(sweep_id, trial_id, method="KD", seed=0, **extra):
-    return {layout.KIND: "trial", layout.SWEEP_ID: sweep_id, layout.TRIAL_ID: trial_id, layout.METHOD: method,
-            layout.SEED: str(seed), layout.TEACHER_ARCH: "deeplabv3_resnet101",
-            layout.STUDENT_ARCH: "deeplabv3_resnet18", **extra}
+    return {contract.KIND: "trial", contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: trial_id, contract.METHOD: method,
+            contract.SEED: str(seed), contract.TEACHER_ARCH: "deeplabv3_resnet101",
+            contract.STUDENT_ARCH: "deeplabv3_resnet18", **extra}
 
 
 def history(last):
@@ -157,8 +157,8 @@ def store(tmp_path_factory):
     # a search sweep with every kind of knob value, every kind of excluded run, and class names MLflow refuses
     eid = s.experiment("honest")
     s.search = s.sweep(eid, "kinds")
-    s.client.log_text(s.search, SPACE_YAML, layout.SPACE_ARTIFACT)
-    classes = {layout.CLASSES: json.dumps(NAMES)}
+    s.client.log_text(s.search, SPACE_YAML, contract.SPACE_ARTIFACT)
+    classes = {contract.CLASSES: json.dumps(NAMES)}
     offsets = {iou_metric_key(n): 0.01 * i for i, n in enumerate(NAMES)}
     s.kinds = {}
     for trial, (values, miou) in KINDS.items():
@@ -168,8 +168,8 @@ def store(tmp_path_factory):
     for trial, (status, extra, values) in EXCLUDED.items():
         tags = trial_tags("kinds", trial, **classes, **extra)
         if trial == "x_2":  # a trial that never started may carry no method either
-            del tags[layout.METHOD]
-        params = {} if layout.NOT_STARTED in extra else {**DEFAULTS, **KINDS["k_1"][0]}
+            del tags[contract.METHOD]
+        params = {} if contract.NOT_STARTED in extra else {**DEFAULTS, **KINDS["k_1"][0]}
         s.excluded[trial] = s.run(eid, tags, values, params, status, iou=offsets)
     # the same trials without the space file: knobs inferred from the params (lists, None, text)
     s.bare = s.sweep(eid, "bare")
@@ -179,18 +179,19 @@ def store(tmp_path_factory):
     eid = s.experiment("smoky")
     s.real = s.sweep(eid, "real", kind="ablation")
     for seed in (0, 1):
-        s.run(eid, trial_tags("real", f"r_{seed}", "CE", seed, **{layout.ROW: "CE"}), history(0.7 + seed / 100))
-    s.smoke = s.sweep(eid, "smoke", kind="ablation", **{layout.SMOKE_TEST: "true"})
-    s.run(eid, trial_tags("smoke", "s_0", "CE", 0, **{layout.ROW: "CE"}), history(0.1))
+        s.run(eid, trial_tags("real", f"r_{seed}", "CE", seed, **{contract.ROW: "CE"}), history(0.7 + seed / 100))
+    s.smoke = s.sweep(eid, "smoke", kind="ablation", **{contract.SMOKE_TEST: "true"})
+    s.run(eid, trial_tags("smoke", "s_0", "CE", 0, **{contract.ROW: "CE"}), history(0.1))
     eid = s.experiment("only-smoke")
-    s.sweep(eid, "smoke-1", kind="ablation", **{layout.SMOKE_TEST: "True"})
+    s.sweep(eid, "smoke-1", kind="ablation", **{contract.SMOKE_TEST: "True"})
     # runs of sweeps before the sanitised keys: no CLASSES tag (names from the keys), or the tag with raw keys
     eid = s.experiment("legacy")
     s.sweep(eid, "untagged", kind="ablation")
-    s.run(eid, trial_tags("untagged", "u_0", **{layout.ROW: "KD"}), history(0.7),
+    s.run(eid, trial_tags("untagged", "u_0", **{contract.ROW: "KD"}), history(0.7),
           iou={"val/iou/road": 0.1, "val/iou/car": -0.1})
     s.sweep(eid, "raw-keys", kind="ablation")
-    s.run(eid, trial_tags("raw-keys", "w_0", **{layout.ROW: "KD", layout.CLASSES: json.dumps(["tv/monitor", "car"])}),
+    s.run(eid, trial_tags("raw-keys", "w_0",
+                          **{contract.ROW: "KD", contract.CLASSES: json.dumps(["tv/monitor", "car"])}),
           history(0.7), iou={"val/iou/tv/monitor": 0.1, "val/iou/car": -0.1})
     return s
 
@@ -222,7 +223,7 @@ def test_report_only_reads_mlflow_unless_told_to_log(store, tmp_path, capsys):
     assert main(["--experiment", "smoky", "--sweep", "real", "--tracking-uri", store.uri, "--out",
                  str(tmp_path / "c"), "--no-plots", "--log"]) == 0
     assert f"logged under report/ of run {store.real}" in capsys.readouterr().out
-    assert [f.path for f in store.client.list_artifacts(store.real, layout.REPORT_ARTIFACT_DIR)] == [
+    assert [f.path for f in store.client.list_artifacts(store.real, contract.REPORT_ARTIFACT_DIR)] == [
         "report/report.md"]
 
 

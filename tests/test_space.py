@@ -12,7 +12,7 @@ import yaml
 
 from kdray.config import job_from_dict, read_yaml
 from kdray.errors import ConfigError
-from kdray.orchestration.space import ROW_KEY, SEED_KEY, load_space, sample_config
+from kdray.space import ROW_KEY, SEED_KEY, load_space, sample_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "demo.yaml"
@@ -26,7 +26,7 @@ def space_file(tmp_path, data) -> Path:
 
 def load(tmp_path, data):
     job_data = read_yaml(DEMO)
-    return load_space(space_file(tmp_path, data), job_from_dict(job_data), job_data)
+    return load_space(space_file(tmp_path, data), job_from_dict(job_data))
 
 
 SEARCH = {
@@ -48,7 +48,7 @@ def test_every_shipped_space_validates_against_the_demo_job():
     assert {p.stem for p in spaces} >= {"demo", "i2ckd_weights", "i2ckd_ablation", "methods", "kd_temperature",
                                         "loss_variants"}
     for path in spaces:
-        space = load_space(path, job_from_dict(job_data), job_data)
+        space = load_space(path, job_from_dict(job_data))
         assert space.trial_count >= 1
 
 

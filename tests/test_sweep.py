@@ -17,8 +17,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from kdray import contract
 from kdray.errors import ResourceError
-from kdray.orchestration import layout
 from kdray.orchestration.sweep import SweepRequest, run_sweep, summary_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -53,7 +53,7 @@ def children(uri: str, experiment: str, sweep_id: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id],
-                                      f"tags.`{layout.SWEEP_ID}` = '{sweep_id}' and tags.`{layout.KIND}` = 'trial'")
+                                      f"tags.`{contract.SWEEP_ID}` = '{sweep_id}' and tags.`{contract.KIND}` = 'trial'")
 
 
 def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp_path):
@@ -74,24 +74,24 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
 
     client, runs = children(uri, "demo", outcome.sweep_id)
     parent = client.get_run(outcome.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.tags[layout.KIND] == "sweep"
+    assert parent.info.status == "FINISHED" and parent.data.tags[contract.KIND] == "sweep"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} == {"config/job.yaml",
                                                                                     "config/space.yaml"}
-    reported = {a.path for a in client.list_artifacts(parent.info.run_id, layout.REPORT_ARTIFACT_DIR)}
+    reported = {a.path for a in client.list_artifacts(parent.info.run_id, contract.REPORT_ARTIFACT_DIR)}
     assert {"report/report.md", "report/miou_vs_iteration.png"} <= reported
     assert outcome.report_markdown and "mIoU" in outcome.report_markdown
-    assert len(runs) == 2 and len({r.data.tags[layout.TRIAL_ID] for r in runs}) == 2
+    assert len(runs) == 2 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 2
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert run.data.tags[layout.PARENT] == outcome.parent_run_id
-        assert run.data.tags[layout.METHOD] in {"KD", "KD+I2CKD"}
+        assert run.data.tags[contract.PARENT] == outcome.parent_run_id
+        assert run.data.tags[contract.METHOD] in {"KD", "KD+I2CKD"}
         assert run.data.params["run.workers"] == "2" and "losses.kd.weight" in run.data.params
-        history = client.get_metric_history(run.info.run_id, layout.VAL_MIOU)
+        history = client.get_metric_history(run.info.run_id, contract.VAL_MIOU)
         assert [m.step for m in history] == [2, 4]
         assert client.get_metric_history(run.info.run_id, "train/loss/kd")
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == \
             ["checkpoints/best_student.pt"]
-    teachers = client.search_runs([parent.info.experiment_id], f"tags.`{layout.KIND}` = 'teacher'")
+    teachers = client.search_runs([parent.info.experiment_id], f"tags.`{contract.KIND}` = 'teacher'")
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"  # trained once, as its own run
     # alone, with the job's own resources: the space's overrides size the trials that share the machine
     assert (teachers[0].data.params["run.workers"], teachers[0].data.params["run.threads"]) == ("1", "2")
@@ -113,22 +113,22 @@ def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cl
     outcome = run_sweep(request, say=lambda *_: None)
     assert outcome.complete and len(outcome.trials) == 6
     client, runs = children(uri, "demo", outcome.sweep_id)
-    combos = sorted((r.data.tags[layout.ROW], r.data.tags[layout.SEED]) for r in runs)
-    assert {r.data.tags[layout.ROW]: r.data.tags[layout.ROW_INDEX] for r in runs} == \
+    combos = sorted((r.data.tags[contract.ROW], r.data.tags[contract.SEED]) for r in runs)
+    assert {r.data.tags[contract.ROW]: r.data.tags[contract.ROW_INDEX] for r in runs} == \
         {"Student (CE)": "0", "+KD": "1", "diverges": "2"}
     assert "Student (CE)" in outcome.report_markdown and "diverges" in outcome.report_markdown
     # the given (untracked) teacher was scored once and recorded, so the tables have their teacher row
-    teachers = client.search_runs([runs[0].info.experiment_id], f"tags.`{layout.KIND}` = 'teacher'")
+    teachers = client.search_runs([runs[0].info.experiment_id], f"tags.`{contract.KIND}` = 'teacher'")
     assert len(teachers) == 1
-    assert teachers[0].data.tags[layout.TEACHER_CHECKPOINT] == str((tmp_path / "teacher.pt").resolve())
-    assert 0 <= teachers[0].data.metrics[layout.VAL_MIOU] <= 1
+    assert teachers[0].data.tags[contract.TEACHER_CHECKPOINT] == str((tmp_path / "teacher.pt").resolve())
+    assert 0 <= teachers[0].data.metrics[contract.VAL_MIOU] <= 1
     assert "Teacher" in outcome.report_markdown
     assert combos == sorted((row, seed) for row in ("Student (CE)", "+KD", "diverges") for seed in ("0", "1"))
     for run in runs:
-        if run.data.tags[layout.ROW] == "diverges":
+        if run.data.tags[contract.ROW] == "diverges":
             assert run.info.status == "FAILED"
-            assert "is nan at iteration" in run.data.tags[layout.FAILURE] or \
-                "is inf at iteration" in run.data.tags[layout.FAILURE]
+            assert "is nan at iteration" in run.data.tags[contract.FAILURE] or \
+                "is inf at iteration" in run.data.tags[contract.FAILURE]
         else:
             assert run.info.status == "FINISHED"
     failed = [t for t in outcome.trials if t.status.startswith("failed")]
@@ -136,7 +136,7 @@ def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cl
     # failed trials make the sweep's outcome a failure too: exit code 1, its run FAILED with the count
     assert outcome.exit_code == 1 and outcome.counts() == "4 finished, 2 failed"
     sweep_run = client.get_run(outcome.parent_run_id)
-    assert sweep_run.info.status == "FAILED" and sweep_run.data.tags[layout.FAILURE] == "4 finished, 2 failed"
+    assert sweep_run.info.status == "FAILED" and sweep_run.data.tags[contract.FAILURE] == "4 finished, 2 failed"
 
 
 def test_a_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, teacher_file):
@@ -172,7 +172,7 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
             exp = client.get_experiment_by_name("demo")
             if exp is not None:
                 finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and "
-                                              f"tags.`{layout.KIND}` = 'trial'")
+                                              f"tags.`{contract.KIND}` = 'trial'")
         except Exception:  # the database is still being created by the driver
             pass
     assert finished, "no trial finished in time"
@@ -180,7 +180,7 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     out, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, out[-3000:]
     sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
-    before = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'")
+    before = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
     assert 1 <= len(before) <= 3
     # no run is left RUNNING, the sweep's own included; the cut-short ones are KILLED, to be reopened
     everything = client.search_runs([exp.experiment_id], "")
@@ -197,14 +197,14 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     outcome = run_sweep(request, say=lambda *_: None)
     assert outcome.complete and outcome.exit_code == 0, summary_table(outcome)
     assert [t.status for t in outcome.trials] == ["finished"] * 3
-    sweep_run = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'sweep'")[0]
-    assert sweep_run.info.status == "FINISHED" and layout.FAILURE not in sweep_run.data.tags
-    after = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'")
-    assert len(after) == 3, [(r.data.tags[layout.TRIAL_ID], r.info.status) for r in after]
-    assert sorted(r.data.tags[layout.SEED] for r in after) == ["0", "1", "2"]
+    sweep_run = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'sweep'")[0]
+    assert sweep_run.info.status == "FINISHED" and contract.FAILURE not in sweep_run.data.tags
+    after = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
+    assert len(after) == 3, [(r.data.tags[contract.TRIAL_ID], r.info.status) for r in after]
+    assert sorted(r.data.tags[contract.SEED] for r in after) == ["0", "1", "2"]
     assert all(r.info.status == "FINISHED" for r in after)
     for run in after:  # a resumed trial continued its own run: one history, no repeated steps
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, layout.VAL_MIOU)]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
         assert steps[-1] == 6 and len(steps) == len(set(steps)) or sorted(set(steps)) == [2, 4, 6]
     print(f"MLflow trial runs: {len(before)} before the resume, {len(after)} after")
 
@@ -229,9 +229,9 @@ def test_status_callback_marks_stopped_and_failed_runs(tmp_path):
     callback.on_trial_complete(0, [], _Trial("b", {"iteration": 4, "iterations_total": 10}))
     callback.on_trial_error(0, [], _Trial("c", {}, RuntimeError("Traceback...\nValueError: out of memory")))
     assert tracker.status(ids["a"]) == "FINISHED"
-    assert tracker.status(ids["b"]) == "KILLED" and tracker.tags(ids["b"])[layout.STOPPED_EARLY] == "true"
+    assert tracker.status(ids["b"]) == "KILLED" and tracker.tags(ids["b"])[contract.STOPPED_EARLY] == "true"
     assert tracker.status(ids["c"]) == "FAILED"
-    assert tracker.tags(ids["c"])[layout.FAILURE] == "ValueError: out of memory"
+    assert tracker.tags(ids["c"])[contract.FAILURE] == "ValueError: out of memory"
     # the same trial id again (a restored trial) continues its run instead of creating a second one
     assert tracker.trial_run("s1", "b", "p", "b", {}, {}) == ids["b"]
 
@@ -261,8 +261,8 @@ def test_a_worker_killed_mid_trial_restarts_from_its_checkpoint(ray_cluster, tmp
         time.sleep(0.5)
         try:
             exp = client.get_experiment_by_name("demo")
-            runs = client.search_runs([exp.experiment_id], f"tags.`{layout.KIND}` = 'trial'") if exp else []
-            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, layout.VAL_MIOU)] if runs else []
+            runs = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'") if exp else []
+            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, contract.VAL_MIOU)] if runs else []
         except Exception:  # the store is still being set up
             continue
         pids = _train_worker_pids()
@@ -276,7 +276,7 @@ def test_a_worker_killed_mid_trial_restarts_from_its_checkpoint(ray_cluster, tmp
     assert result.complete and [t.status for t in result.trials] == ["finished"]
     _, runs = children(uri, "demo", result.sweep_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run: the restart continued it
-    assert int(runs[0].data.tags[layout.RESUMED_FROM]) >= 2  # the new worker group resumed from a checkpoint
+    assert int(runs[0].data.tags[contract.RESUMED_FROM]) >= 2  # the new worker group resumed from a checkpoint
     # iterations after the resumed checkpoint are evaluated twice (before and after the restart)
-    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, layout.VAL_MIOU)})
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, contract.VAL_MIOU)})
     assert steps == list(range(2, 17, 2))

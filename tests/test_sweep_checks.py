@@ -14,12 +14,13 @@ import pytest
 import torch
 import yaml
 
+from kdray import contract
 from kdray import sweep as sweep_cli
 from kdray.config import job_from_dict, load_job
 from kdray.errors import CheckpointError, ConfigError, DataError, ResourceError
 from kdray.models import build_model
-from kdray.orchestration import layout
-from kdray.orchestration.space import load_space
+from kdray.orchestration.outcome import close_open_runs
+from kdray.orchestration.resume import resumed_space_file
 from kdray.orchestration.sweep import (
     FINISHED,
     INTERRUPTED,
@@ -28,15 +29,14 @@ from kdray.orchestration.sweep import (
     SweepOutcome,
     SweepRequest,
     TrialSummary,
-    _close_open_runs,
-    _resumed_space_file,
-    _summaries,
     dry_run,
     prepare,
     run_sweep,
     summary_table,
 )
 from kdray.orchestration.tracking import Tracker
+from kdray.orchestration.tune_setup import summaries as trial_summaries
+from kdray.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "demo.yaml")
@@ -211,10 +211,10 @@ def test_find_run_matches_values_with_quotes(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quotes")
     runs = {}
     for path in ("/data/o'brien/teacher.pt", '/data/say "hi"/teacher.pt', "/data/plain/teacher.pt"):
-        runs[path] = tracker.start_run("teacher", {layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: path})
+        runs[path] = tracker.start_run("teacher", {contract.KIND: "teacher", contract.TEACHER_CHECKPOINT: path})
     for path, run_id in runs.items():
-        assert tracker.find_run(**{layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: path}) == run_id
-    assert tracker.find_run(**{layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: "/data/o'brien"}) is None
+        assert tracker.find_run(**{contract.KIND: "teacher", contract.TEACHER_CHECKPOINT: path}) == run_id
+    assert tracker.find_run(**{contract.KIND: "teacher", contract.TEACHER_CHECKPOINT: "/data/o'brien"}) is None
 
 
 @pytest.mark.parametrize("names", [["a(b", "a)b", "c"], ["x" * 300, "y", "z"]])
@@ -243,9 +243,9 @@ def _started_sweep(tmp_path: Path) -> tuple[dict, Path, Path]:
 
 def test_resume_runs_the_space_it_started_with(tmp_path):
     state, sweep_dir, original = _started_sweep(tmp_path)
-    assert _resumed_space_file(state, sweep_dir) == state["space_file"]
+    assert resumed_space_file(state, sweep_dir) == state["space_file"]
     original.unlink()  # moved away since: the copy still runs
-    assert _resumed_space_file(state, sweep_dir) == state["space_file"]
+    assert resumed_space_file(state, sweep_dir) == state["space_file"]
 
 
 def test_resume_after_the_space_changed_is_refused_with_both_hashes(tmp_path):
@@ -253,7 +253,7 @@ def test_resume_after_the_space_changed_is_refused_with_both_hashes(tmp_path):
     original.write_text(original.read_text().replace("+KD", "KD renamed"))
     with pytest.raises(ConfigError, match=r"changed since sweep 1 started \(sha256 [0-9a-f]{12} then, "
                                           r"[0-9a-f]{12} now\)"):
-        _resumed_space_file(state, sweep_dir)
+        resumed_space_file(state, sweep_dir)
 
 
 def test_resume_with_overrides_is_refused(tmp_path):
@@ -269,15 +269,15 @@ def test_a_trial_whose_config_cannot_be_built_leaves_a_failed_run(tmp_path, monk
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0], "rows": [{"name": "CE"}]})
     data = yaml.safe_load(Path(DEMO).read_text())
-    parsed = load_space(space, job_from_dict(data), data)
+    parsed = load_space(space, job_from_dict(data))
     monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0001"))
     context = SweepContext("s1", "parent", uri, "exp", str(tmp_path), data)
     with pytest.raises(TrialFailed, match="KeyError"):
         run_trial({"kdray.row": "renamed row", "run.seed": 0}, space=parsed, sweep=context)
     tracker = Tracker(uri, "exp")
-    run_id = tracker.find_run(**{layout.SWEEP_ID: "s1", layout.TRIAL_ID: "t0001"})
+    run_id = tracker.find_run(**{contract.SWEEP_ID: "s1", contract.TRIAL_ID: "t0001"})
     assert run_id is not None and tracker.status(run_id) == "FAILED"
-    assert "renamed row" in tracker.tags(run_id)[layout.FAILURE]
+    assert "renamed row" in tracker.tags(run_id)[contract.FAILURE]
 
 
 # --- what became of each trial ------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class _Trial:
 
 
 class _Grid(list):
-    """What `_summaries` reads of a ResultGrid: the results, and Tune's trials behind them."""
+    """What `summaries` reads of a ResultGrid: the results, and Tune's trials behind them."""
 
     def __init__(self, trials):
         super().__init__(SimpleNamespace(metrics_dataframe=None, error=t._error, metrics=t.last_result)
@@ -303,7 +303,7 @@ class _Grid(list):
 def test_each_trial_gets_the_status_it_earned(tmp_path):
     space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0, 1, 2, 3, 4], "rows": [{"name": "CE"}]})
     data = yaml.safe_load(Path(DEMO).read_text())
-    parsed = load_space(space, job_from_dict(data), data)
+    parsed = load_space(space, job_from_dict(data))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
     config = {"kdray.row": "CE", "run.seed": 0}
     full = {"iteration": 600, "iterations_total": 600}
@@ -312,7 +312,7 @@ def test_each_trial_gets_the_status_it_earned(tmp_path):
               _Trial("c", "ERROR", {**config, "run.seed": 2}, error=RuntimeError("Traceback\nValueError: boom")),
               _Trial("d", "RUNNING", {**config, "run.seed": 3}, {"iteration": 150, "iterations_total": 600}),
               _Trial("e", "PENDING", {**config, "run.seed": 4})]
-    summaries, interrupted = _summaries(_Grid(trials), parsed, data, tracker, "s1")
+    summaries, interrupted = trial_summaries(_Grid(trials), parsed, job_from_dict(data), tracker, "s1")
     status = {t.trial_id: t.status for t in summaries}
     assert status == {"a": FINISHED, "b": STOPPED_EARLY, "c": "failed: ValueError: boom", "d": INTERRUPTED,
                       "e": NOT_STARTED}
@@ -326,12 +326,12 @@ def test_a_trial_restored_from_its_final_checkpoint_is_finished(tmp_path):
     """Tune's last result can predate the restore; the run's MLflow history says it ran every iteration."""
     space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0], "rows": [{"name": "CE"}]})
     data = yaml.safe_load(Path(DEMO).read_text())
-    parsed = load_space(space, job_from_dict(data), data)
+    parsed = load_space(space, job_from_dict(data))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
     run_id = tracker.trial_run("s1", "a", "p", "a", {}, {})
-    tracker.run_logger(run_id).log_metrics({layout.VAL_MIOU: 0.5}, 600)
+    tracker.run_logger(run_id).log_metrics({contract.VAL_MIOU: 0.5}, 600)
     trial = _Trial("a", "TERMINATED", {"kdray.row": "CE", "run.seed": 0}, {})
-    summaries, interrupted = _summaries(_Grid([trial]), parsed, data, tracker, "s1")
+    summaries, interrupted = trial_summaries(_Grid([trial]), parsed, job_from_dict(data), tracker, "s1")
     assert [t.status for t in summaries] == [FINISHED] and not interrupted
 
 
@@ -351,10 +351,10 @@ def test_trials_tune_never_created_count_as_not_started(tmp_path):
 
 def test_closing_leaves_no_run_running(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
-    parent = tracker.start_run("sweep", {layout.KIND: "sweep"})
+    parent = tracker.start_run("sweep", {contract.KIND: "sweep"})
     ids = [tracker.trial_run("s1", t, parent, t, {}, {}) for t in ("a", "b")]
     tracker.end_run(ids[0], "FINISHED")
-    _close_open_runs(tracker, "s1", parent, interrupted=True, reason="interrupted")
+    close_open_runs(tracker, "s1", parent, interrupted=True, why="interrupted")
     assert [tracker.status(i) for i in ids] == ["FINISHED", "KILLED"] and tracker.status(parent) == "KILLED"
     assert tracker.running_runs("s1") == []
 
@@ -365,10 +365,10 @@ def test_a_completed_trial_loses_a_stale_failure_tag(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "cb")
     run_id = tracker.trial_run("s1", "a", "p", "a", {}, {})
-    tracker.set_tags(run_id, {layout.FAILURE: "worker group torn down"})  # left by a killed driver's teardown
+    tracker.set_tags(run_id, {contract.FAILURE: "worker group torn down"})  # left by a killed driver's teardown
     MlflowStatusCallback(uri, "cb", "s1").on_trial_complete(0, [], _Trial("a", "TERMINATED", {},
                                                                         {"iteration": 4, "iterations_total": 4}))
-    assert tracker.status(run_id) == "FINISHED" and layout.FAILURE not in tracker.tags(run_id)
+    assert tracker.status(run_id) == "FINISHED" and contract.FAILURE not in tracker.tags(run_id)
 
 
 def test_backbone_files_are_checked_before_anything_starts(tmp_path, teacher):
@@ -387,16 +387,16 @@ def test_backbone_files_are_checked_before_anything_starts(tmp_path, teacher):
 def test_after_ctrl_c_a_trial_tune_ended_short_is_interrupted_unless_the_scheduler_stopped_it(tmp_path):
     space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0, 1, 2, 3], "rows": [{"name": "CE"}]})
     data = yaml.safe_load(Path(DEMO).read_text())
-    parsed = load_space(space, job_from_dict(data), data)
+    parsed = load_space(space, job_from_dict(data))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
     scheduled = tracker.trial_run("s1", "b", "p", "b", {}, {})
-    tracker.set_tags(scheduled, {layout.STOPPED_EARLY: "true"})
+    tracker.set_tags(scheduled, {contract.STOPPED_EARLY: "true"})
     config = {"kdray.row": "CE", "run.seed": 0}
     trials = [_Trial("a", "TERMINATED", config, {"iteration": 600, "iterations_total": 600}),
               _Trial("b", "TERMINATED", {**config, "run.seed": 1}, {"iteration": 150, "iterations_total": 600}),
               _Trial("c", "TERMINATED", {**config, "run.seed": 2}, {"iteration": 300, "iterations_total": 600}),
               _Trial("d", "TERMINATED", {**config, "run.seed": 3})]
-    summaries, interrupted = _summaries(_Grid(trials), parsed, data, tracker, "s1", ctrl_c=True)
+    summaries, interrupted = trial_summaries(_Grid(trials), parsed, job_from_dict(data), tracker, "s1", ctrl_c=True)
     assert interrupted
     assert {t.trial_id: t.status for t in summaries} == {"a": FINISHED, "b": STOPPED_EARLY, "c": INTERRUPTED,
                                                          "d": NOT_STARTED}
@@ -454,16 +454,16 @@ def _sweep_folder(root: Path, sweep_id: str, ended: str | None = None) -> Path:
 
 
 def test_resume_continues_interrupted_sweeps_only(tmp_path):
-    from kdray.orchestration.sweep import _latest_sweep, _load_state
+    from kdray.orchestration.resume import latest_sweep, load_state
 
     root = tmp_path / "sweeps"
     interrupted = _sweep_folder(root, "1")
     ended = _sweep_folder(root, "2", ended="1 finished, 1 failed")
-    assert _latest_sweep(root) == interrupted
+    assert latest_sweep(root) == interrupted
     with pytest.raises(ConfigError, match="sweep 2 ran to its end \\(1 finished, 1 failed\\)"):
-        _load_state(request(DEMO_SPACE, resume=str(ended)))
+        load_state(request(DEMO_SPACE, resume=str(ended)))
     with pytest.raises(ConfigError, match="no interrupted sweep to resume .*1 sweep\\(s\\) there ran to their end"):
-        _latest_sweep(_sweep_folder(tmp_path / "other", "3", ended="2 finished").parent)
+        latest_sweep(_sweep_folder(tmp_path / "other", "3", ended="2 finished").parent)
 
 
 def test_a_choice_of_1e_minus_4_is_a_number(tmp_path, teacher):
@@ -472,7 +472,7 @@ def test_a_choice_of_1e_minus_4_is_a_number(tmp_path, teacher):
     data["points_to_evaluate"][0]["losses.kd.weight"] = 0.0001
     space = write(tmp_path / "choice.yaml", data)
     job_data = yaml.safe_load(Path(DEMO).read_text())
-    parsed = load_space(space, job_from_dict(job_data), job_data)
+    parsed = load_space(space, job_from_dict(job_data))
     assert next(d for d in parsed.dimensions if d.key == "losses.kd.weight").args == (1e-4, 1e-2)
 
 
@@ -482,11 +482,11 @@ def test_a_seed_torch_cannot_take_is_refused():
 
 
 def test_failure_reasons_lose_the_dotted_class_path():
-    from kdray.orchestration.sweep import _reason
+    from kdray.orchestration.outcome import reason
 
     err = RuntimeError("Traceback (most recent call last):\n  ...\nkdray.errors.DataError: a.png: mask value 9")
-    assert _reason(err) == "DataError: a.png: mask value 9"
-    assert _reason(ValueError("plain words: kept")) == "plain words: kept"
+    assert reason(err) == "DataError: a.png: mask value 9"
+    assert reason(ValueError("plain words: kept")) == "plain words: kept"
 
 
 def test_the_report_shows_only_the_sweeps_own_teacher_and_counts_trials_without_a_run(tmp_path):
@@ -499,13 +499,13 @@ def test_the_report_shows_only_the_sweeps_own_teacher_and_counts_trials_without_
     exp = client.create_experiment("t")
     runs = []
     for path, smoke in (("/w/a.pt", False), ("/w/a.pt", False), ("/w/b.pt", False), ("/w/s.pt", True)):
-        tags = {layout.KIND: "teacher", layout.TEACHER_CHECKPOINT: path, **({layout.SMOKE_TEST: "true"} if smoke
+        tags = {contract.KIND: "teacher", contract.TEACHER_CHECKPOINT: path, **({contract.SMOKE_TEST: "true"} if smoke
                                                                            else {})}
         runs.append(client.create_run(exp, tags=tags))
     found = [client.get_run(r.info.run_id) for r in runs]
-    assert [r.info.run_id for r in sweep_teachers(found, {layout.TEACHER_CHECKPOINT: "/w/a.pt"})] == \
+    assert [r.info.run_id for r in sweep_teachers(found, {contract.TEACHER_CHECKPOINT: "/w/a.pt"})] == \
         [runs[1].info.run_id]  # the latest run of its own file
     assert len(sweep_teachers(found, {})) == 3  # an older sweep: every teacher but the smoke test's
-    data = SimpleNamespace(sweep_tags={layout.TRIALS_PLANNED: "3", layout.FAILURE: "interrupted: 1 finished"},
+    data = SimpleNamespace(sweep_tags={contract.TRIALS_PLANNED: "3", contract.FAILURE: "interrupted: 1 finished"},
                            runs=SimpleNamespace(num_rows=1))
     assert "2 of the 3 trials the space plans have no run: they never started" in unrun_note(data)[0]

@@ -14,7 +14,6 @@ from kdray.config.loading import apply_overrides, build, flatten, parse_override
 from kdray.config.schema import (
     DataConfig,
     Job,
-    LossConfig,
     LossesConfig,
     ModelConfig,
     OptimConfig,
@@ -23,11 +22,12 @@ from kdray.config.schema import (
     TrackingConfig,
 )
 from kdray.config.validation import validate
+from kdray.plugins import import_plugins, resolve_entries
 
 __all__ = [
-    "AUTO", "DataConfig", "Job", "LossConfig", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig",
+    "AUTO", "DataConfig", "Job", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig",
     "TeacherConfig", "TrackingConfig", "apply_overrides", "build", "flatten", "job_from_dict", "job_hash",
-    "load_job", "parse_override", "read_yaml", "to_dict", "to_yaml", "validate",
+    "load_job", "override", "parse_override", "read_yaml", "to_dict", "to_yaml", "validate",
 ]
 
 # Paths a job names are resolved against the directory the command runs in, once, at load: Ray moves the
@@ -38,12 +38,20 @@ _PATH_KEYS = (
 )
 
 
-def job_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] = (), base: Path | None = None) -> Job:
-    """Build, resolve paths and validate a job from plain data plus `key=value` overrides."""
+def job_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] = (), base: Path | None = None,
+                  plugin_sources: dict[str, str] | None = None) -> Job:
+    """Build, resolve paths and validate a job from plain data plus `key=value` overrides.
+
+    The job's `plugins` are imported first (`kdray.plugins`; `plugin_sources` holds the text of plugin files
+    this machine may lack, as shipped with a trial)."""
     if not isinstance(overrides, dict):
         overrides = dict(parse_override(o) for o in overrides)
-    job = build(Job, apply_overrides(data, overrides))
+    data = apply_overrides(data, overrides)
     base = base or Path.cwd()
+    # The plugins first: the losses and datasets they register are sections of the rest of the job.
+    data["plugins"] = list(resolve_entries(data.get("plugins", ()), base))
+    import_plugins(data["plugins"], plugin_sources)
+    job = build(Job, data)
     for section, key in _PATH_KEYS:
         node = getattr(job, section)
         value = getattr(node, key)
@@ -53,6 +61,17 @@ def job_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] = 
     if job.teacher.checkpoint == AUTO:
         job.teacher.checkpoint = cached_teacher_path(job)
     return job
+
+
+def override(job: Job, changes: dict[str, Any]) -> Job:
+    """A new validated job: `job` with dotted-key `changes` (`{"losses.kd.weight": 2.0}`), checked as
+    `job_from_dict` checks a job; `job` itself is left as it is.
+
+    The job's own paths are absolute already (resolved when it was built); a relative path among `changes`
+    resolves against the working directory, as in `job_from_dict`. An `auto` teacher checkpoint the job
+    resolved stays the file it resolved to, unless `changes` names `teacher.checkpoint` again.
+    """
+    return job_from_dict(to_dict(job), dict(changes))
 
 
 def load_job(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Job:
@@ -67,7 +86,7 @@ def to_yaml(job: Job) -> str:
 
 
 # Keys that change where results go or how often they are printed, not what is trained.
-_NOT_HASHED = ("tracking", "run.output_dir", "optim.log_interval", "data.loader_workers")
+_NOT_HASHED = ("plugins", "tracking", "run.output_dir", "optim.log_interval", "data.loader_workers")
 
 
 def job_hash(job: Job) -> str:

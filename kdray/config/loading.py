@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from kdray.config.options import RegistrySections
 from kdray.errors import ConfigError
 
 T = TypeVar("T")
@@ -36,7 +37,8 @@ def _describe(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
+        extra = list(tp.registered_sections()) if issubclass(tp, RegistrySections) else []
+        return "a mapping of " + ", ".join([*(f.name for f in dataclasses.fields(tp)), *extra])
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -109,21 +111,32 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a plain mapping; missing keys keep their defaults."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    sections = cls.registered_sections() if issubclass(cls, RegistrySections) else {}
+    kwargs, built_sections = {}, {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key in sections:
+            built_sections[key] = _convert(value, sections[key], dotted)
+        elif key in names:
+            kwargs[key] = _convert(value, hints[key], dotted)
+        else:
+            valid = [*names, *sections]
+            close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys here: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    return cls(**kwargs)
+            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+    obj = cls(**kwargs)
+    for key, section in built_sections.items():
+        setattr(obj, key, section)
+    return obj
 
 
 def to_dict(obj: Any) -> Any:
     """The dataclass as plain YAML-ready data (tuples become lists)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, RegistrySections):
+            out.update((name, to_dict(section)) for name, section in obj.sections().items())
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj

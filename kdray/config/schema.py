@@ -1,22 +1,17 @@
 """The job: what one distillation (or teacher) run trains, as typed dataclasses.
 
 Every field has the default of the published recipe (CIRKD / I2CKD; loss docstrings cite theirs) unless a comment
-says otherwise. The loss sections' option names are the constructor arguments of the loss modules in
-`kdray.losses`, so `losses.kd.temperature=4` reaches `PixelwiseKD(temperature=4)` unchanged.
+says otherwise. The `losses` section is filled from the loss registry: each loss declares its options (the
+constructor arguments of its module, so `losses.kd.temperature=4` reaches `PixelwiseKD(temperature=4)`) in its
+own file under `kdray/losses/`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-DATASETS = ("synthetic", "cityscapes", "voc", "camvid", "folder")
-# The (train, evaluation) splits the papers use, taken when data.train_split / data.val_split are not set.
-# CamVid is reported on its test split.
-PAPER_SPLITS = {"synthetic": ("train", "val"), "cityscapes": ("train", "val"), "voc": ("train_aug", "val"),
-                "camvid": ("train", "test"), "folder": ("train", "val")}
-
-HINGE_STUDENT_WEIGHT = 0.001  # SKD's w_adv: the student's adversarial term under the hinge objective
+from kdray.config.options import RegistrySections
 
 
 @dataclass
@@ -33,31 +28,17 @@ class NormalizeConfig:
     order: Literal["rgb", "bgr"] = "rgb"
 
 
-@dataclass
-class SyntheticConfig:
-    """The built-in procedural dataset (kdray.data.synthetic); only read when `data.dataset` is synthetic."""
+@dataclass(eq=False, repr=False)
+class DataConfig(RegistrySections):
+    """The `data` section: which dataset is read and how, plus one sub-section per registered dataset that has
+    options (`kdray.data.register_dataset`), each that dataset's options dataclass, declared in its own file under
+    `kdray/data/` (`data.<dataset>.<option>`). Only the selected dataset's options are read and checked."""
 
-    image_size: int = 64
-    train_length: int = 4096
-    val_length: int = 256
-    seed: int = 0
+    section_kind = "dataset"
 
-
-@dataclass
-class FolderConfig:
-    """A user's own data (kdray.data.folder): `<root>/<split>/images/<stem>.<ext>` paired with
-    `<root>/<split>/masks/<stem>.png` holding class ids 0..K-1 and `data.ignore_index`. Only read when
-    `data.dataset` is folder."""
-
-    class_names: tuple[str, ...] | None = None  # one name per class id, in id order; sets K = data.num_classes
-
-
-@dataclass
-class DataConfig:
-    dataset: Literal["synthetic", "cityscapes", "voc", "camvid", "folder"] = "synthetic"
+    dataset: str = "synthetic"  # a registered dataset's name (a built-in one, or a plugin's); default: the demo's
     root: str | None = None
-    # The splits trained on and evaluated on; None takes the papers' choice (PAPER_SPLITS above):
-    # cityscapes train/val, voc train_aug/val, camvid train/test, folder train/val.
+    # The splits trained on and evaluated on; None takes the papers' choice (the dataset's `paper_splits`).
     train_split: str | None = None
     val_split: str | None = None
     num_classes: int = 8
@@ -74,8 +55,12 @@ class DataConfig:
     eval_crop: tuple[int, int] | None = None  # (height, width) of a window; None: data.crop
     eval_stride: tuple[int, int] | None = None  # None: two thirds of the window
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    folder: FolderConfig = field(default_factory=FolderConfig)
+
+    @classmethod
+    def registered_sections(cls) -> dict[str, type]:
+        from kdray.data import DATASETS  # the built-ins register on import; plugins when a job imports them
+
+        return {name: DATASETS[name].options for name in sorted(DATASETS) if DATASETS[name].options is not None}
 
 
 @dataclass
@@ -96,104 +81,34 @@ class TeacherConfig:
     iterations: int | None = None  # teacher training length; None: optim.iterations
 
 
-@dataclass
-class LossConfig:
-    enabled: bool = False
-    weight: float = 1.0
+@dataclass(init=False, eq=False, repr=False)
+class LossesConfig(RegistrySections):
+    """The `losses` section: one sub-section per registered loss (`kdray.losses.register_loss`), each
+    that loss's config dataclass, declared in the loss's own file: `losses.kd.temperature`, `losses.i2ckd.margin`, ...
+    A loss is trained when its `enabled` is true; `ce` is the one enabled by default."""
 
-    def term_weight(self) -> float:
-        """The weight of this loss's term in the student's objective."""
-        return self.weight
+    section_kind = "loss"
 
+    def __init__(self, **sections: Any):
+        for name, section in sections.items():
+            if name not in type(self).registered_sections():
+                from kdray.losses.registry import loss_spec
 
-@dataclass
-class CrossEntropyConfig(LossConfig):
-    enabled: bool = True
-    aux_weight: float = 0.4
+                loss_spec(name)  # ConfigError with a did-you-mean
+            self.__dict__[name] = section
+        self.__post_init__()
 
+    @classmethod
+    def registered_sections(cls) -> dict[str, type]:
+        import kdray.losses  # noqa: F401  # plugins register when a job imports them
+        from kdray.losses.registry import LOSSES, loss_order  # importing kdray.losses registers the built-ins
 
-@dataclass
-class KDConfig(LossConfig):
-    temperature: float = 1.0
-    reduction: Literal["pixel_mean", "element_mean"] = "pixel_mean"
-    mask_ignore: bool = False
+        return {name: LOSSES[name].config for name in loss_order()}
 
-
-@dataclass
-class CWDConfig(LossConfig):
-    weight: float = 3.0
-    temperature: float = 4.0
-    on: Literal["logits", "features", "both"] = "logits"
-    feature_scale: float = 50.0 / 3.0  # at weight 3 the feature term carries the published 50
-
-
-@dataclass
-class ACEConfig(LossConfig):
-    rule: Literal["replace", "average"] = "replace"
-    temperature: float = 1.0
-
-
-@dataclass
-class PairwiseConfig(LossConfig):
-    weight: float = 10.0
-    patch: int = 2
-
-
-@dataclass
-class AdversarialConfig(LossConfig):
-    # The student's term `−weight · mean D(z_S)`. None: the spec's, w_adv = 0.001 under hinge, and under
-    # wgan_gp w_d, the discriminator's own weight (`d_weight`, 0.1), whatever it is set to.
-    weight: float | None = None
-    conditioning: Literal["logits", "logits+image"] = "logits"
-    objective: Literal["hinge", "wgan_gp"] = "hinge"
-    d_weight: float = 0.1
-    gp_weight: float = 10.0
-    d_lr: float = 4e-4
-    d_betas: tuple[float, float] = (0.9, 0.99)
-
-    def term_weight(self) -> float:
-        if self.weight is not None:
-            return self.weight
-        return self.d_weight if self.objective == "wgan_gp" else HINGE_STUDENT_WEIGHT
-
-
-@dataclass
-class IFVDConfig(LossConfig):
-    weight: float = 20.0
-
-
-@dataclass
-class CSCConfig(LossConfig):
-    weight: float = 10.0
-    patch: int = 2
-    gamma: float = 1.0
-
-
-@dataclass
-class I2CKDConfig(LossConfig):
-    margin: float = 0.5
-    scope: Literal["batch", "image"] = "batch"
-    negatives: Literal["student", "teacher"] = "student"
-    mining: Literal["all", "hardest"] = "all"
-    normalize: bool = True
-    distance: Literal["l2", "squared_l2"] = "l2"
-
-
-@dataclass
-class LossesConfig:
-    ce: CrossEntropyConfig = field(default_factory=CrossEntropyConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    cwd: CWDConfig = field(default_factory=CWDConfig)
-    ace: ACEConfig = field(default_factory=ACEConfig)
-    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
-    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-    ifvd: IFVDConfig = field(default_factory=IFVDConfig)
-    csc: CSCConfig = field(default_factory=CSCConfig)
-    i2ckd: I2CKDConfig = field(default_factory=I2CKDConfig)
-
-    def enabled(self) -> dict[str, LossConfig]:
-        """The enabled losses by name, in declaration order."""
-        return {name: cfg for name, cfg in vars(self).items() if cfg.enabled}
+    def enabled(self) -> dict[str, Any]:
+        """The enabled losses by name, in the registry's order (`LossSpec.position`): the order of the
+        objective's terms, of its formula and of the method label."""
+        return {name: cfg for name, cfg in self.sections().items() if cfg.enabled}
 
 
 @dataclass
@@ -236,8 +151,13 @@ class Job:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Python files or importable modules that register losses or datasets (`kdray.plugins`); imported before the
+    # rest of the job is read, on the driver and on every worker. Paths are resolved against the working directory.
+    plugins: tuple[str, ...] = ()
 
     @property
     def distills(self) -> bool:
-        """True when some enabled loss needs the teacher (anything but CE)."""
-        return any(name != "ce" for name in self.losses.enabled())
+        """True when some enabled loss reads a teacher tensor (every distillation loss; not CE)."""
+        from kdray.losses import LOSSES
+
+        return any(LOSSES[name].needs_teacher(cfg) for name, cfg in self.losses.enabled().items())

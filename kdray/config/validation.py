@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import difflib
 import math
+from typing import TYPE_CHECKING
 
 from kdray.config.schema import Job
 from kdray.errors import ConfigError
 from kdray.metrics import iou_metric_key
 
-# The largest image each dataset serves (height, width); a crop beyond it times the largest scale would be
-# mostly padding. The synthetic size comes from its own config.
-DATASET_IMAGE_SIZE = {"cityscapes": (1024, 2048), "camvid": (360, 480), "voc": (500, 500)}
-# Class counts of the fixed-label datasets; a folder dataset's comes from data.folder.class_names.
-DATASET_CLASSES = {"cityscapes": 19, "voc": 21, "camvid": 11}
-# Split names each loader knows; VOC takes any ImageSets/Segmentation/<split>.txt and a folder any <root>/<split>.
-# Cityscapes test labels are not public, so only train and val can be trained or evaluated on.
-DATASET_SPLITS = {"synthetic": ("train", "val"), "cityscapes": ("train", "val"),
-                  "camvid": ("train", "val", "test", "trainval")}
+if TYPE_CHECKING:
+    from kdray.data.registry import DatasetSpec
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -29,44 +23,38 @@ def _positive(key: str, value: float) -> None:
     _require(value > 0 and math.isfinite(value), key, value, "must be > 0")
 
 
-def _require_loggable_names(names: tuple[str, ...]) -> None:
+def _require_loggable_names(names: tuple[str, ...], key: str) -> None:
     """Each class's IoU is an MLflow metric named after it (`kdray.metrics.iou_metric_key`, which replaces the
     characters MLflow refuses with `_`): two names that give one key, or a key over MLflow's 250 characters,
-    would make every trial fail at its first evaluation."""
+    would make every trial fail at its first evaluation. `key` names where the names come from."""
     seen: dict[str, str] = {}
     for name in names:
-        key = iou_metric_key(name)
-        _require(len(key) <= 250, "data.folder.class_names", name,
+        metric = iou_metric_key(name)
+        _require(len(metric) <= 250, key, name,
                  f"a class name of at most {250 - len(iou_metric_key(''))} characters (it names an MLflow metric)")
-        _require(key not in seen, "data.folder.class_names", [seen.get(key), name],
+        _require(metric not in seen, key, [seen.get(metric), name],
                  f"names that stay distinct once the characters MLflow refuses in metric names become '_' "
-                 f"(both are logged as {key!r}; letters, digits, _ . - and space are kept)")
-        seen[key] = name
+                 f"(both are logged as {metric!r}; letters, digits, _ . - and space are kept)")
+        seen[metric] = name
 
 
-def _validate_dataset(job: Job) -> None:
-    """The data rules that depend on which dataset is read: classes, split names, folder names, eval windows."""
+def _validate_dataset(job: Job, spec: DatasetSpec) -> None:
+    """The data rules that depend on which dataset is read (its registered spec): classes, split names, eval
+    windows."""
     d = job.data
-    if d.dataset in DATASET_CLASSES:
-        k = DATASET_CLASSES[d.dataset]
-        _require(d.num_classes == k, "data.num_classes", d.num_classes, f"the {d.dataset} dataset has {k} classes")
-    if d.dataset == "folder":
-        names = d.folder.class_names
-        shown = list(names) if names is not None else None
-        _require(names is not None and len(names) >= 2, "data.folder.class_names", shown,
-                 "the folder dataset needs one name per class id, in id order (at least 2)")
-        _require(len(set(names)) == len(names) and all(n.strip() for n in names), "data.folder.class_names", shown,
-                 "names must be non-empty and distinct")
-        _require(d.num_classes == len(names), "data.num_classes", d.num_classes,
-                 f"data.folder.class_names lists {len(names)} classes")
-        _require_loggable_names(names)
+    names = spec.names(spec.options_of(d))
+    if spec.strict_class_count:
+        rule = (f"{spec.class_source()} lists {len(names)} classes" if isinstance(spec.class_names, str)
+                else f"the {spec.name} dataset has {len(names)} classes")
+        _require(d.num_classes == len(names), "data.num_classes", d.num_classes, rule)
+    _require_loggable_names(names, spec.class_source() if isinstance(spec.class_names, str) else "data.dataset")
     for key in ("train_split", "val_split"):
         split = getattr(d, key)
         if split is None:
             continue
-        known = DATASET_SPLITS.get(d.dataset)
-        if known is not None:
-            _require(split in known, f"data.{key}", split, f"the {d.dataset} splits are {', '.join(known)}")
+        if spec.splits is not None:
+            _require(split in spec.splits, f"data.{key}", split,
+                     f"the {spec.name} splits are {', '.join(spec.splits)}")
         else:
             _require(bool(split.strip()) and not any(c in split for c in "/\\") and split not in (".", ".."),
                      f"data.{key}", split, "a split name (a list file or folder name), not a path")
@@ -80,10 +68,24 @@ def _validate_dataset(job: Job) -> None:
                      f"must be 1..{window[i]} (the window side), or the windows would leave gaps")
 
 
+def _validate_losses(job: Job) -> None:
+    """Each loss's options against the ranges its registered config declares (`kdray.losses.registry`)."""
+    from kdray.losses import LOSSES  # plain torch, same layer as the models
+
+    sections = job.losses.sections()
+    _require(bool(job.losses.enabled()), "losses", "nothing enabled", f"enable at least one of {', '.join(sections)}")
+    for name, cfg in sections.items():
+        LOSSES[name].check(cfg)
+
+
 def validate(job: Job) -> Job:
     """Check `job` as a whole; returns it unchanged so calls can chain."""
     d, o, r = job.data, job.optim, job.run
     _require(bool(job.name.strip()) and "/" not in job.name, "name", job.name, "a non-empty name without '/'")
+
+    from kdray.data import dataset_spec  # the registry; plain torch, same layer as the models
+
+    spec = dataset_spec(d.dataset)  # ConfigError with a did-you-mean for a name nothing registered
 
     _require(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
     _require(d.ignore_index >= d.num_classes or d.ignore_index < 0, "data.ignore_index", d.ignore_index,
@@ -92,28 +94,25 @@ def validate(job: Job) -> Job:
         _require(side >= 8, f"data.crop[{i}]", side, "must be >= 8 (output stride 8)")
     lo, hi = d.scale_range
     _require(0 < lo <= hi, "data.scale_range", list(d.scale_range), "needs 0 < low <= high")
-    if d.dataset == "synthetic":
-        _require(d.synthetic.image_size >= 16, "data.synthetic.image_size", d.synthetic.image_size, "must be >= 16")
-        _require(d.synthetic.train_length >= 1, "data.synthetic.train_length", d.synthetic.train_length,
-                 "must be >= 1")
-        _require(d.synthetic.val_length >= 1, "data.synthetic.val_length", d.synthetic.val_length, "must be >= 1")
-        max_h = max_w = d.synthetic.image_size
-    else:
+    spec.check(d)  # the dataset's own options: their ranges and rules
+    if spec.needs_root:
         _require(d.root is not None, "data.root", d.root, f"the {d.dataset} dataset needs the path of its tree")
-        max_h, max_w = DATASET_IMAGE_SIZE.get(d.dataset, (1 << 16, 1 << 16))
-    max_crop = (int(max_h * hi), int(max_w * hi))
-    _require(d.crop[0] <= max_crop[0] and d.crop[1] <= max_crop[1], "data.crop", list(d.crop),
-             f"the {d.dataset} images are at most {max_h}x{max_w}, {max_crop[0]}x{max_crop[1]} at scale {hi}: "
-             "the crop must fit in that")
+    largest = spec.largest_image(spec.options_of(d))  # None: no bound (a user's own images)
+    if largest is not None:
+        max_h, max_w = largest
+        max_crop = (int(max_h * hi), int(max_w * hi))
+        _require(d.crop[0] <= max_crop[0] and d.crop[1] <= max_crop[1], "data.crop", list(d.crop),
+                 f"the {d.dataset} images are at most {max_h}x{max_w}, {max_crop[0]}x{max_crop[1]} at scale {hi}: "
+                 "the crop must fit in that")
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _require(d.batch_size % r.workers == 0, "data.batch_size", d.batch_size,
              f"the global batch must split evenly over run.workers={r.workers}")
     _require(d.batch_size // r.workers >= 2, "data.batch_size", d.batch_size,
              f"each of the run.workers={r.workers} workers needs at least 2 images per step (BatchNorm)")
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
-    _require(d.dataset != "voc" or d.eval_batch_size == 1, "data.eval_batch_size", d.eval_batch_size,
-             "VOC images differ in size, so they are evaluated one at a time: set 1")
-    _validate_dataset(job)
+    _require(not spec.eval_batch_one or d.eval_batch_size == 1, "data.eval_batch_size", d.eval_batch_size,
+             f"the {d.dataset} images differ in size, so they are evaluated one at a time: set 1")
+    _validate_dataset(job, spec)
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     for i, s in enumerate(d.normalize.std):
         _positive(f"data.normalize.std[{i}]", s)
@@ -131,29 +130,7 @@ def validate(job: Job) -> Job:
     if job.teacher.iterations is not None:
         _require(job.teacher.iterations >= 1, "teacher.iterations", job.teacher.iterations, "must be >= 1")
 
-    enabled = job.losses.enabled()
-    names = ", ".join(vars(job.losses))
-    _require(bool(enabled), "losses", "nothing enabled", f"enable at least one of {names}")
-    adv = job.losses.adversarial
-    _positive("losses.adversarial.d_weight", adv.d_weight)  # before the weights: wgan_gp's default is it
-    _require(adv.gp_weight >= 0 and math.isfinite(adv.gp_weight), "losses.adversarial.gp_weight", adv.gp_weight,
-             "must be >= 0")
-    for name, cfg in vars(job.losses).items():
-        if cfg.weight is not None:  # None: a default that depends on other keys (the adversarial term's)
-            _require(cfg.weight >= 0 and math.isfinite(cfg.weight), f"losses.{name}.weight", cfg.weight,
-                     "must be >= 0")
-        temperature = getattr(cfg, "temperature", None)
-        if temperature is not None:
-            _positive(f"losses.{name}.temperature", temperature)
-        for knob in ("patch",):
-            if hasattr(cfg, knob):
-                _require(getattr(cfg, knob) >= 1, f"losses.{name}.{knob}", getattr(cfg, knob), "must be >= 1")
-    _require(job.losses.ce.aux_weight >= 0, "losses.ce.aux_weight", job.losses.ce.aux_weight, "must be >= 0")
-    _require(job.losses.i2ckd.margin >= 0, "losses.i2ckd.margin", job.losses.i2ckd.margin, "must be >= 0")
-    _require(job.losses.csc.gamma >= 0, "losses.csc.gamma", job.losses.csc.gamma, "must be >= 0")
-    _positive("losses.adversarial.d_lr", adv.d_lr)
-    _require(all(0 <= b < 1 for b in adv.d_betas), "losses.adversarial.d_betas", list(adv.d_betas),
-             "each beta must be in [0, 1)")
+    _validate_losses(job)
 
     _positive("optim.lr", o.lr)
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")

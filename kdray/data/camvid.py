@@ -22,6 +22,7 @@ from kdray.data.files import (
     pair_by_key,
     stand_in_error,
 )
+from kdray.data.registry import register_dataset
 from kdray.errors import DataError
 
 CLASS_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
@@ -30,6 +31,9 @@ VOID = 11
 LAYOUT = "train/, trainannot/, val/, valannot/, test/ and testannot/"
 
 
+# The papers report CamVid on its test split.
+@register_dataset("camvid", class_names=CLASS_NAMES, splits=("train", "val", "test", "trainval"),
+                  paper_splits=("train", "test"), void=VOID, image_size=(360, 480))
 class CamVid(FileSegmentation):
     dataset = "camvid"
 

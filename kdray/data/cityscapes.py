@@ -24,6 +24,7 @@ from kdray.data.files import (
     stand_in_error,
     unpaired,
 )
+from kdray.data.registry import register_dataset
 from kdray.errors import DataError
 
 CLASS_NAMES = (
@@ -39,6 +40,9 @@ _IMAGE_END, _TRAIN_IDS_END, _IDS_END = "_leftImg8bit.png", "_gtFine_labelTrainId
 LAYOUT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"
 
 
+# Test labels are not public, so only train and val can be trained or evaluated on.
+@register_dataset("cityscapes", class_names=CLASS_NAMES, splits=("train", "val"), paper_splits=("train", "val"),
+                  void=255, label_map=LABEL_TO_TRAIN_ID, image_size=(1024, 2048))
 class Cityscapes(FileSegmentation):
     dataset = "cityscapes"
 

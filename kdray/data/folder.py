@@ -14,8 +14,10 @@ show them (EXIF orientation applied; see files.py). The job names the splits (`d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from kdray.config.options import require
 from kdray.data.files import (
     SAMPLE_MASKS,
     FileSegmentation,
@@ -27,6 +29,7 @@ from kdray.data.files import (
     ranges,
     stand_in_error,
 )
+from kdray.data.registry import DatasetRequest, register_dataset
 from kdray.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -34,6 +37,29 @@ MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 LAYOUT = "<split>/images/ and <split>/masks/ with matching file stems"
 
 
+@dataclass
+class FolderOptions:
+    """The `data.folder` section; only read when `data.dataset` is folder."""
+
+    class_names: tuple[str, ...] | None = None  # one name per class id, in id order; sets K = data.num_classes
+
+    def check(self, prefix: str) -> None:
+        names = self.class_names
+        shown = list(names) if names is not None else None
+        require(names is not None and len(names) >= 2, f"{prefix}.class_names", shown,
+                "the folder dataset needs one name per class id, in id order (at least 2)")
+        require(len(set(names)) == len(names) and all(n.strip() for n in names), f"{prefix}.class_names", shown,
+                "names must be non-empty and distinct")
+
+
+def _build(request: DatasetRequest) -> FolderSegmentation:
+    return FolderSegmentation(request.root, request.split, request.options.class_names or (), request.ignore_index,
+                              request.sample_check)
+
+
+# Any <root>/<split> folder is a split; images may be of any size. The masks hold data.ignore_index itself.
+@register_dataset("folder", class_names="class_names", paper_splits=("train", "val"), options=FolderOptions,
+                  build=_build)
 class FolderSegmentation(FileSegmentation):
     dataset = "folder"
 

@@ -25,6 +25,7 @@ from kdray.data.files import (
     stand_in_error,
     unpaired,
 )
+from kdray.data.registry import register_dataset
 from kdray.errors import DataError
 
 CLASS_NAMES = (
@@ -39,6 +40,10 @@ def mask_folder(split: str) -> str:
     return "SegmentationClassAug" if split.endswith("_aug") else "SegmentationClass"
 
 
+# Any ImageSets/Segmentation/<split>.txt is a split. VOC images are at most 500x500 and differ in size, so they
+# are evaluated one at a time.
+@register_dataset("voc", class_names=CLASS_NAMES, paper_splits=("train_aug", "val"), void=255,
+                  image_size=(500, 500), eval_batch_one=True)
 class VOCAug(FileSegmentation):
     dataset = "voc"
 

@@ -1,8 +1,8 @@
 """Resumable run checkpoints: one directory holding `checkpoint.pt`, written atomically.
 
 A checkpoint holds everything that determines the rest of the run: student (and adapters), discriminator,
-both optimizers, the grad scaler, the iteration, every rank's RNG state, the best result so far, and the
-hash of the job it was made for. A resume with a different job is refused with both hashes.
+the student's optimizer and the losses' own ones, the grad scaler, the iteration, every rank's RNG state, the best
+result so far, and the hash of the job it was made for. A resume with a different job is refused with both hashes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from kdray.errors import CheckpointError
 
 FILENAME = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2  # 2: the losses' own optimizers under "owned_optimizers" by loss name (1: "d_optimizer")
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:

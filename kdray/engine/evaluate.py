@@ -4,11 +4,14 @@ With a `window` (data.eval_mode: slide) the logits come from overlapping windows
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from kdray.contract import Evaluation, improves
 from kdray.engine.distributed import RankContext
 from kdray.engine.sliding import Window, slide_logits
 from kdray.metrics import ConfusionMatrix
@@ -42,3 +45,13 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, ignore_inde
         cm.update(logits, labels)
     model.train(was_training)
     return cm.all_reduce().compute()
+
+
+def judge(iteration: int, scores: dict[str, object], classes: Sequence[str], best_miou: float) -> Evaluation:
+    """The typed evaluation at `iteration` of `scores` (what `evaluate` returns), given the run's best mIoU before
+    it (-inf at the start): `is_best` when it beats that strictly (`kdray.contract.improves`; ties and NaN do not)."""
+    miou = float(scores["miou"])  # type: ignore[arg-type]
+    is_best = improves(miou, best_miou)
+    iou = tuple(float(v) for v in scores["iou"])  # type: ignore[union-attr]
+    return Evaluation(iteration, miou, float(scores["pixel_acc"]), tuple(classes), iou,  # type: ignore[arg-type]
+                      miou if is_best else best_miou, is_best)

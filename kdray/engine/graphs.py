@@ -1,14 +1,15 @@
 """The losses' forward and backward, and the discriminator's loss, as CUDA graphs (`run.cuda_graphs`).
 
-On a GPU the distillation losses are bound by launching work, not by doing it: at the papers' shape on an H100,
-I2CKD dispatches ~300 operators for 0.2 ms of kernels and takes 4 ms. Captured once with
-`torch.cuda.make_graphed_callables`, a step replays one graph for the losses' forward and one for their
-backward, whatever the number of losses (I2CKD alone: 0.25 ms); the hinge discriminator's loss likewise (its
-step: 13–15 ms eager, 2.1 ms replayed). The student, the teacher, the optimisers' steps and the WGAN-GP
+On a GPU the distillation losses are bound by launching work, not by doing it: a loss dispatches a few hundred
+small operators from Python, and the host's time per operator exceeds the kernels' (the README's Performance
+section has the measured figures; `benchmarks/profile_losses.py` and `benchmarks/losses.py` print them).
+Captured once with `torch.cuda.make_graphed_callables`, a step replays one graph for the losses' forward and one
+for their backward, whatever the number of losses, so their cost falls to that of their kernels; the hinge
+discriminator's loss likewise. The student, the teacher, the optimisers' steps and the WGAN-GP
 discriminator (random mixing, double backward) stay eager. Checked (tests/test_gpu.py) on one GPU in float32
 and under AMP, and on two data-parallel ranks sharing one GPU (gloo: DDP, SyncBatchNorm and the all-reduces of
 the adapters and the discriminator around the graphs), which train what eager ranks train; not yet with nccl
-over several GPUs (the lent machines have one).
+over several GPUs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kdray.losses.holistic import AdversarialDistillation
-from kdray.losses.objective import DistillationObjective, StepTensors
+from kdray.losses.inputs import StepTensors
+from kdray.losses.objective import DistillationObjective
+from kdray.losses.registry import LOSSES
 
 
 class _Graph:
@@ -54,24 +56,22 @@ class _Graph:
 
 
 class _ObjectiveCall(nn.Module):
-    """The objective as a function of the step's tensors (those present), returning (total, *terms).
+    """The objective as a function of the step's tensors (those present, by key), returning (total, *terms).
 
     Only the parameters trained with the student (the adapters) are this module's, so only they are inputs of
-    the graph: the discriminator, frozen in the student's adversarial term, is read as it stands. Were its
-    parameters inputs too, the step's autograd graph would hold accumulators for them on the default stream,
-    and capturing the discriminator's own loss would then fail.
+    the graph: parameters a loss trains with its own optimizer (the discriminator, frozen in the student's
+    adversarial term) are read as they stand. Were they inputs too, the step's autograd graph would hold
+    accumulators for them on the default stream, and capturing the discriminator's own loss would then fail.
     """
 
-    def __init__(self, objective: DistillationObjective, fields: tuple[str, ...]):
+    def __init__(self, objective: DistillationObjective, keys: tuple[str, ...]):
         super().__init__()
         self.student_side = nn.ParameterList(objective.student_side_parameters())
-        self.__dict__["objective"] = objective  # not a submodule: its discriminator stays out of the inputs
-        self.fields = fields
+        self.__dict__["objective"] = objective  # not a submodule: the owned parameters stay out of the inputs
+        self.keys = keys
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        present = dict(zip(self.fields, tensors, strict=True))
-        step = StepTensors(**{name: present.get(name) for name in StepTensors._fields})
-        total, parts = self.objective(step)
+        total, parts = self.objective(StepTensors(dict(zip(self.keys, tensors, strict=True))))
         return (total, *parts.values())
 
 
@@ -88,33 +88,37 @@ class GraphedObjective:
         self._graphs: dict[tuple[str, ...], _Graph] = {}
 
     def __call__(self, tensors: StepTensors) -> tuple[Tensor, dict[str, Tensor]]:
-        fields = tuple(name for name in StepTensors._fields if getattr(tensors, name) is not None)
-        if fields not in self._graphs:
-            self._graphs[fields] = _Graph(_ObjectiveCall(self.objective, fields), self.objective)
-        total, *parts = self._graphs[fields](*(getattr(tensors, name) for name in fields))
+        keys = tuple(tensors)
+        if keys not in self._graphs:
+            self._graphs[keys] = _Graph(_ObjectiveCall(self.objective, keys), self.objective)
+        total, *parts = self._graphs[keys](*(tensors[key] for key in keys))
         return total, dict(zip(self.terms, parts, strict=True))
 
 
-class _DiscriminatorLoss(nn.Module):
-    def __init__(self, adversarial: AdversarialDistillation):
+class _OwnedLossCall(nn.Module):
+    def __init__(self, objective: DistillationObjective, name: str, keys: tuple[str, ...]):
         super().__init__()
-        self.adversarial = adversarial
+        self.__dict__["objective"] = objective
+        self.name, self.keys = name, keys
 
-    def forward(self, teacher_logits: Tensor, student_logits: Tensor, *images: Tensor) -> Tensor:
-        return self.adversarial.discriminator_loss(teacher_logits, student_logits, *images)
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.objective.owned_loss(self.name, StepTensors(dict(zip(self.keys, tensors, strict=True))))
 
 
-class GraphedDiscriminatorLoss:
-    """`adversarial.discriminator_loss(teacher_logits, student_logits, images)` by graph replay for the hinge
-    objective; WGAN-GP (random mixing weights, a gradient penalty through a double backward) runs eagerly."""
+class GraphedOwnedLoss:
+    """`objective.owned_loss(name, tensors)` (the discriminator's loss) by graph replay when the loss's spec says
+    it may be (`OwnedStep.graphable`: the hinge objective); otherwise eager (WGAN-GP: random mixing weights, a
+    gradient penalty through a double backward)."""
 
-    def __init__(self, adversarial: AdversarialDistillation):
-        self.adversarial = adversarial
-        self._graph = _Graph(_DiscriminatorLoss(adversarial), adversarial)
-        self._uses_images = adversarial.conditioning == "logits+image"
+    def __init__(self, objective: DistillationObjective, name: str):
+        self.objective, self.name = objective, name
+        owned = LOSSES[name].owned
+        config = objective.configs[name]
+        self._keys = tuple(str(i) for i in owned.inputs(config).values())
+        self._graph = _Graph(_OwnedLossCall(objective, name, self._keys), objective.terms[name]) \
+            if owned.graphable(config) else None
 
-    def __call__(self, teacher_logits: Tensor, student_logits: Tensor, images: Tensor | None = None) -> Tensor:
-        if self.adversarial.objective != "hinge":
-            return self.adversarial.discriminator_loss(teacher_logits, student_logits, images)
-        extra = (images,) if self._uses_images else ()
-        return self._graph(teacher_logits.detach(), student_logits.detach(), *extra)
+    def __call__(self, tensors: StepTensors) -> Tensor:
+        if self._graph is None:
+            return self.objective.owned_loss(self.name, tensors)
+        return self._graph(*(tensors[key].detach() for key in self._keys))

@@ -5,10 +5,11 @@ on one process or on every rank of a data-parallel group.
         lr = lr0 * (1 - i/iterations)^power                    # poly schedule, per iteration
         teacher forward (eval, no grad)   student forward      # same precision (autocast) for both
         total = sum_k w_k * loss_k        backward, step        # adapters train with the student
-        discriminator step on detached logits (adversarial loss only)
-        every eval_interval: mIoU on the val split -> report(metrics, checkpoint_dir)
+        each loss-owned optimizer's step (the holistic loss's discriminator, on detached logits)
+        every eval_interval: mIoU on the val split -> report(evaluation, checkpoint_dir)
 
-The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log` callables.
+The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log` callables. What it reports is
+spelled by `kdray.contract`: a typed `Evaluation` per evaluation, metric names for the training log.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdray import contract
 from kdray.config import Job, LossesConfig, job_hash
+from kdray.contract import Evaluation
 from kdray.data import IterationBatchSampler, build_dataset, class_names
 from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdray.engine.distributed import RankContext, gather_objects, mean_over_ranks
-from kdray.engine.evaluate import evaluate, evaluation_loader
+from kdray.engine.evaluate import evaluate, evaluation_loader, judge
 from kdray.engine.progress import Progress
 from kdray.engine.sliding import window_of
 from kdray.engine.step import TrainStep, autocast_for
 from kdray.errors import CheckpointError, KdrayError
-from kdray.metrics import iou_metric_key
 from kdray.models import Segmenter, build_model, load_segmenter_weights
 from kdray.models.weights import read_state_dict
 
-Report = Callable[[dict[str, float], "str | None"], None]
+# report(evaluation, checkpoint_dir): every rank, after each evaluation; the directory on the main rank only
+Report = Callable[[Evaluation, "str | None"], None]
 Log = Callable[[dict[str, float]], None]
 
 
@@ -52,7 +55,7 @@ class NonFiniteLossError(KdrayError):
 @dataclass
 class RunResult:
     iterations: int
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
+    history: list[dict[str, float]] = field(default_factory=list)  # Evaluation.metrics() of each evaluation
     best_miou: float = float("nan")
     best_iteration: int = -1
     wall_s: float = 0.0
@@ -61,7 +64,7 @@ class RunResult:
 
     @property
     def final_miou(self) -> float:
-        return self.history[-1]["val/miou"] if self.history else float("nan")
+        return self.history[-1][contract.VAL_MIOU] if self.history else float("nan")
 
 
 @dataclass
@@ -109,11 +112,12 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
           progress: bool = True, stop_after: int | None = None) -> RunResult:
     """Train one run of `job` and return its evaluation history.
 
-    `report(metrics, checkpoint_dir)` is called on every rank after each evaluation (the same number of times
-    on each, as Ray Train requires); `checkpoint_dir` is the directory of a resumable checkpoint on the main
-    rank and None elsewhere. `log(metrics)` is called on the main rank every `optim.log_interval` iterations.
-    `resume` names a checkpoint directory to continue from. `stop_after` ends the run early after that
-    iteration (a test's stand-in for an interruption).
+    `report(evaluation, checkpoint_dir)` is called on every rank after each evaluation (the same number of
+    times on each, as Ray Train requires) with a `kdray.contract.Evaluation`; when its `is_best`, the main rank
+    has just written its weights to `<output_dir>/best_<role>.pt`. `checkpoint_dir` is the directory of a
+    resumable checkpoint on the main rank and None elsewhere. `log(metrics)` is called on the main rank every
+    `optim.log_interval` iterations (keys from `kdray.contract`). `resume` names a checkpoint directory to
+    continue from. `stop_after` ends the run early after that iteration (a test's stand-in for an interruption).
     """
     t_start = time.perf_counter()
     ctx = ctx or RankContext.current()
@@ -125,8 +129,8 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
 
     setup = _setup(job, role, device)
     step = TrainStep.build(job, setup.model, setup.teacher, setup.losses, ctx)
-    model, objective, optimizer, d_optimizer, scaler = (step.model, step.objective, step.optimizer,
-                                                        step.d_optimizer, step.scaler)
+    model, objective, optimizer, owned_optimizers, scaler = (step.model, step.objective, step.optimizer,
+                                                             step.owned_optimizers, step.scaler)
     optim_cfg = job.optim
 
     digest = job_hash(job) + ("" if role == "student" else "-teacher")
@@ -136,8 +140,8 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
-        if d_optimizer is not None:
-            d_optimizer.load_state_dict(state["d_optimizer"])
+        for name, owned in owned_optimizers.items():
+            owned.load_state_dict(state["owned_optimizers"][name])
         scaler.load_state_dict(state["scaler"])
         start, best, history = state["iteration"], tuple(state["best"]), list(state["history"])
         rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
@@ -185,45 +189,43 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
 
         if done % optim_cfg.log_interval == 0 or done == stop:
             elapsed = time.perf_counter() - window_t
-            metrics = {f"train/loss/{k}": v / window_n for k, v in window.items()}
-            metrics.update({"train/lr": lr, "train/images_per_s": window_images / max(elapsed, 1e-9),
-                            "iteration": done})
+            metrics = {contract.train_loss_key(k): v / window_n for k, v in window.items()}
+            metrics.update({contract.TRAIN_LR: lr,
+                            contract.TRAIN_IMAGES_PER_S: window_images / max(elapsed, 1e-9),
+                            contract.ITERATION: done})
             if ctx.is_main:
                 if log is not None:
                     log(metrics)
                 terms = " ".join(f"{k} {v / window_n:.3f}" for k, v in window.items() if k != "total")
-                show.update(done, f"loss {metrics['train/loss/total']:.3f} ({terms}) "
-                                  f"{metrics['train/images_per_s']:.0f} img/s")
+                show.update(done, f"loss {metrics[contract.TRAIN_LOSS_TOTAL]:.3f} ({terms}) "
+                                  f"{metrics[contract.TRAIN_IMAGES_PER_S]:.0f} img/s")
             window, window_n, window_t, window_images = {}, 0, time.perf_counter(), 0
 
         if done % optim_cfg.eval_interval == 0 or done == iterations:
             result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
                               autocast_for(job, device) if job.run.amp != "none" else None, window_of(job.data))
-            metrics = {"iteration": done, "val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"]}
-            metrics.update({iou_metric_key(n): v for n, v in zip(names, result["iou"])})
-            improved = result["miou"] > best[0]
-            if improved:
-                best = (result["miou"], done)
-            metrics["val/best_miou"] = best[0]  # restored on resume, so "is this the best?" survives restarts
-            history.append(metrics)
+            evaluation = judge(done, result, names, best[0])  # best: restored on resume
+            if evaluation.is_best:
+                best = (evaluation.miou, done)
+            history.append(evaluation.metrics())
             rng_states = gather_objects(
                 {"cpu": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ctx)
             checkpoint_dir = None
             if ctx.is_main:
-                if improved:
+                if evaluation.is_best:
                     _save_weights(model, output_dir / f"best_{role}.pt")
                 checkpoint_dir = str(save_checkpoint(output_dir / "checkpoint", {
                     "job_hash": digest, "role": role, "iteration": done,
                     "model": model.state_dict(), "objective": objective.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "d_optimizer": d_optimizer.state_dict() if d_optimizer is not None else None,
+                    "owned_optimizers": {name: o.state_dict() for name, o in owned_optimizers.items()},
                     "scaler": scaler.state_dict(), "rng": rng_states, "best": list(best), "history": history,
                 }))
-                show.message(f"eval @ {done}: mIoU {100 * result['miou']:.2f}  "
+                show.message(f"eval @ {done}: mIoU {100 * evaluation.miou:.2f}  "
                              f"(best {100 * best[0]:.2f} @ {best[1]})")
             if report is not None:
-                report(metrics, checkpoint_dir)
+                report(evaluation, checkpoint_dir)
 
     best_path = output_dir / f"best_{role}.pt"
     return RunResult(stop, history, best[0] if best[1] >= 0 else float("nan"), best[1],

@@ -3,9 +3,12 @@
     with autocast:  student forward            teacher forward (no grad)
     total, parts = objective(...)              # the first call runs the pre-flight check
     scaler.scale(total).backward(); step       # adapters step with the student
-    discriminator step on detached logits      # adversarial loss only
+    each loss-owned optimizer's step           # the discriminator's (holistic loss) on detached logits
     (with run.cuda_graphs: the objective and the hinge discriminator loss, forward and backward, by replay of
     CUDA graphs)
+
+The layers some enabled loss reads features of (`backbone.layer3`, ...) are captured by forward hooks on
+student and teacher (`kdray.models.FeatureTaps`); none are hooked when no loss asks.
 
 Shared by the training loop and `benchmarks/step.py`, so that what the benchmark times is what a run does.
 """
@@ -22,8 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdray.config import Job, LossesConfig
 from kdray.engine.distributed import RankContext, average_gradients
-from kdray.engine.graphs import GraphedDiscriminatorLoss, GraphedObjective
-from kdray.losses.objective import DistillationObjective, StepTensors
+from kdray.engine.graphs import GraphedObjective, GraphedOwnedLoss
+from kdray.losses.inputs import StepTensors
+from kdray.losses.objective import DistillationObjective, required_taps
+from kdray.models.taps import FeatureTaps, tap_channels
 
 
 def autocast_for(job: Job, device: torch.device) -> contextlib.AbstractContextManager:
@@ -43,27 +48,40 @@ class TrainStep:
     teacher: nn.Module | None
     objective: DistillationObjective
     optimizer: torch.optim.Optimizer
-    d_optimizer: torch.optim.Optimizer | None
+    owned_optimizers: dict[str, torch.optim.Optimizer]  # loss name -> the optimizer of its own parameters
     scaler: torch.amp.GradScaler
     job: Job
     ctx: RankContext
     checked: bool = False
     losses: Callable[[StepTensors], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
-    discriminator_loss: Callable[..., torch.Tensor] | None = None
+    # loss name -> its owned loss as a function of the step's tensors (graph-replayed where it may be)
+    owned_losses: dict[str, Callable[[StepTensors], torch.Tensor]] = field(default_factory=dict)
     # the parameter lists the step all-reduces on several ranks, collected once from the objective
     adapters: list[nn.Parameter] = field(init=False)
-    d_params: list[nn.Parameter] = field(init=False)
+    owned_params: dict[str, list[nn.Parameter]] = field(init=False)
+    student_taps: FeatureTaps | None = field(init=False)
+    teacher_taps: FeatureTaps | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.adapters = self.objective.student_side_parameters()
-        self.d_params = self.objective.discriminator_parameters()
+        self.owned_params = {name: self.objective.owned_parameters(name) for name in self.owned_optimizers}
         graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda"
         if self.losses is None:
             self.losses = GraphedObjective(self.objective) if graphs else self.objective
-        adversarial = self.objective.adversarial
-        if self.discriminator_loss is None and adversarial is not None:
-            self.discriminator_loss = GraphedDiscriminatorLoss(adversarial) if graphs \
-                else adversarial.discriminator_loss
+        for name in self.owned_optimizers:
+            if name not in self.owned_losses:
+                self.owned_losses[name] = GraphedOwnedLoss(self.objective, name) if graphs \
+                    else (lambda t, name=name: self.objective.owned_loss(name, t))
+        student_taps = required_taps(self.job.losses, "student")
+        teacher_taps = required_taps(self.job.losses, "teacher")
+        self.student_taps = FeatureTaps(self.model, sorted(student_taps)) if student_taps else None
+        self.teacher_taps = FeatureTaps(self.teacher, sorted(teacher_taps)) \
+            if teacher_taps and self.teacher is not None else None
+
+    @property
+    def d_optimizer(self) -> torch.optim.Optimizer | None:
+        """The holistic loss's discriminator optimizer (the only owned one among the built-ins), or None."""
+        return next(iter(self.owned_optimizers.values()), None)
 
     @classmethod
     def build(cls, job: Job, model: nn.Module, teacher: nn.Module | None, losses: LossesConfig,
@@ -76,10 +94,13 @@ class TrainStep:
         if job.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
             teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+        taps = {"student": {tap: tap_channels(model, tap) for tap in required_taps(losses, "student")}}
+        if teacher is not None:
+            taps["teacher"] = {tap: tap_channels(teacher, tap) for tap in required_taps(losses, "teacher")}
         objective = DistillationObjective(
             losses, num_classes=job.data.num_classes, student_channels=model.feature_channels,
             teacher_channels=teacher.feature_channels if teacher is not None else None,
-            ignore_index=job.data.ignore_index,
+            ignore_index=job.data.ignore_index, tap_channels=taps,
         ).to(device)
         trained: nn.Module = model
         if ctx.distributed:
@@ -89,12 +110,10 @@ class TrainStep:
         o = job.optim
         params = [p for p in [*model.parameters(), *objective.student_side_parameters()] if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        d_optimizer = None
-        if objective.discriminator_parameters():
-            adv = job.losses.adversarial
-            d_optimizer = torch.optim.Adam(objective.discriminator_parameters(), lr=adv.d_lr, betas=adv.d_betas)
+        owned = {name: step.optimizer(objective.owned_parameters(name), cfg)
+                 for name, step, _, cfg in objective.owned_steps()}
         scaler = torch.amp.GradScaler(device.type, enabled=job.run.amp == "fp16")
-        return cls(model, trained, teacher, objective, optimizer, d_optimizer, scaler, job, ctx)
+        return cls(model, trained, teacher, objective, optimizer, owned, scaler, job, ctx)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -107,13 +126,14 @@ class TrainStep:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.job, self.ctx.device):
             student_out = self.trained(images)
+            student_taps = self.student_taps.collect(student_out) if self.student_taps is not None else None
+            teacher_out = teacher_taps = None
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_out = self.teacher(images)
-            else:
-                teacher_out = None
+                teacher_taps = self.teacher_taps.collect(teacher_out) if self.teacher_taps is not None else None
         objective = self.objective
-        tensors = objective.step_tensors(student_out, teacher_out, labels, images)
+        tensors = objective.step_tensors(student_out, teacher_out, labels, images, student_taps, teacher_taps)
         if not self.checked:
             objective.preflight(tensors)
             self.checked = True
@@ -125,11 +145,11 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-        if self.d_optimizer is not None:
-            self.d_optimizer.zero_grad(set_to_none=True)
-            d_loss = self.discriminator_loss(tensors.teacher_logits, tensors.student_logits.detach(), images)
-            d_loss.backward()
-            average_gradients(self.d_params, self.ctx)
-            self.d_optimizer.step()
-            parts = {**parts, "discriminator": d_loss.detach()}
+        for name, optimizer in self.owned_optimizers.items():
+            optimizer.zero_grad(set_to_none=True)
+            owned_loss = self.owned_losses[name](tensors)
+            owned_loss.backward()
+            average_gradients(self.owned_params[name], self.ctx)
+            optimizer.step()
+            parts = {**parts, self.objective.owned_label(name): owned_loss.detach()}
         return total, parts

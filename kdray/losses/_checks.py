@@ -65,3 +65,24 @@ def same_grid(owner: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Te
             f"{owner}: {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must be (N, C, h, w) "
             "with the same N, h and w"
         )
+
+
+def label_map(owner: str, labels: torch.Tensor, name: str, like: torch.Tensor) -> None:
+    """Labels must be (N, H, W) int64 with the N of the map `name` (`like`) they label; any H×W (the loss resizes
+    them). One `PreflightError` naming both shapes, instead of a broadcasting error deep inside the loss."""
+    if labels.dim() != 3 or labels.dtype != torch.int64 or labels.shape[0] != like.shape[0]:
+        raise PreflightError(
+            f"{owner}: labels {tuple(labels.shape)} {labels.dtype} must be (N, H, W) int64 with the N of "
+            f"{name} {tuple(like.shape)}"
+        )
+
+
+def empty_batch(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """The loss of an empty batch (N = 0): exactly 0.0, in float32 at least, and connected to `tensors` (the
+    student's inputs, the adapter's weight) so that backward runs and gives them zero gradients.
+
+    Every loss returns this when N = 0 (the contract in `kdray.losses.registry`), where its mean would be 0/0.
+    """
+    present = [t for t in tensors if t is not None]
+    dtype = torch.promote_types(present[0].dtype, torch.float32)
+    return sum(t.sum().to(dtype) for t in present) * 0.0

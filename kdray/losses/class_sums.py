@@ -12,8 +12,8 @@ def class_sums(features: Tensor, one_hot: Tensor, chunks: int | None = None) -> 
     """`S[n, c, k] = Σ_i one_hot[n, k, i] · features[n, c, i]`: (N, C, M), (N, K, M) -> (N, C, K).
 
     A product whose reduction (M = h·w pixels, 8192 at the papers' shape) dwarfs its output (C×K, e.g.
-    256×19): cuBLAS runs it on a handful of thread blocks, 0.45 ms on an H100 for the student side of I2CKD at
-    the papers' shape. On CUDA the pixels are split into chunks of about 512, one batched product gives each
+    256×19): cuBLAS runs it on a handful of thread blocks, so most of a GPU idles through a long serial
+    reduction. On CUDA the pixels are split into chunks of about 512, one batched product gives each
     chunk's sums and a sum adds them up: many blocks, and the two copies this takes are of the inputs' size.
     On the CPU (where the one product is fast) it is that product, features on the left, as autograd's
     backward then needs no copy. `chunks` (dividing M) overrides the choice, on any device. Differentiable in

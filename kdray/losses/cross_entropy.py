@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.losses import _checks
+from kdray.losses.inputs import LABELS, STUDENT_AUX_LOGITS, STUDENT_LOGITS, optional
 from kdray.losses.labels import check_labels_on_cpu
+from kdray.losses.registry import LossConfig, register_loss
 
 
 def _pixel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -17,6 +22,18 @@ def _pixel_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> T
     return total / valid
 
 
+
+
+@dataclass
+class CrossEntropyConfig(LossConfig):
+    """`losses.ce`: see `SegmentationCrossEntropy`; the one loss enabled by default."""
+
+    enabled: bool = True
+    aux_weight: float = option(0.4, at_least=0)
+
+
+@register_loss("ce", position=0, config=CrossEntropyConfig, label="CE",
+               reads={"logits": STUDENT_LOGITS, "labels": LABELS, "aux_logits": optional(STUDENT_AUX_LOGITS)})
 class SegmentationCrossEntropy(nn.Module):
     """`L_CE = CE(up(z_S), y) + aux_weight · CE(up(z_aux), y)`.
 
@@ -37,6 +54,7 @@ class SegmentationCrossEntropy(nn.Module):
         self.ignore_index = _checks.integer(owner, "ignore_index", ignore_index)
 
     def forward(self, logits: Tensor, labels: Tensor, aux_logits: Tensor | None = None) -> Tensor:
+        _checks.label_map(type(self).__name__, labels, "logits", logits)
         check_labels_on_cpu(labels, logits.shape[1], self.ignore_index)  # not torch's IndexError deep inside
         loss = _pixel_cross_entropy(logits, labels, self.ignore_index)
         if aux_logits is not None and self.aux_weight > 0:

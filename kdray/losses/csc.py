@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.losses import _checks
 from kdray.losses.adapter import FeatureAdapter
+from kdray.losses.inputs import STUDENT_FEATURES, TEACHER_FEATURES
 from kdray.losses.pairwise import pool_nodes, spatial_affinity_distance
+from kdray.losses.registry import LossConfig, register_loss
 
 
 def channel_affinity(nodes: Tensor) -> Tensor:
@@ -16,6 +21,19 @@ def channel_affinity(nodes: Tensor) -> Tensor:
     return unit @ unit.transpose(1, 2)
 
 
+
+
+@dataclass
+class CSCConfig(LossConfig):
+    """`losses.csc`: see `ChannelSpatialCorrelation`."""
+
+    weight: float = option(10.0, at_least=0)
+    patch: int = option(2, at_least=1)
+    gamma: float = option(1.0, at_least=0)
+
+
+@register_loss("csc", position=70, config=CSCConfig, label="CSC",
+               reads={"student_features": STUDENT_FEATURES, "teacher_features": TEACHER_FEATURES})
 class ChannelSpatialCorrelation(nn.Module):
     """CSC: `L = mean (A_sp,S − A_sp,T)² + γ · mean (A_ch,S − A_ch,T)²`.
 
@@ -39,6 +57,8 @@ class ChannelSpatialCorrelation(nn.Module):
         self.adapter = FeatureAdapter(student_channels, teacher_channels)
 
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
+        if student_features.shape[0] == 0:
+            return _checks.empty_batch(student_features, self.adapter.conv.weight)
         projected = self.adapter(student_features)
         _checks.same_shape(
             type(self).__name__, "adapter(student_features)", projected, "teacher_features", teacher_features

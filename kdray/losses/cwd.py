@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.errors import ConfigError
 from kdray.losses import _checks
 from kdray.losses.adapter import FeatureAdapter
+from kdray.losses.inputs import STUDENT_FEATURES, STUDENT_LOGITS, TEACHER_FEATURES, TEACHER_LOGITS
+from kdray.losses.registry import LossConfig, register_loss
 from kdray.losses.softmax_kl import softmax_kl
 
 TARGETS = ("logits", "features", "both")
@@ -22,6 +28,26 @@ def channel_wise_kl(student: Tensor, teacher: Tensor, temperature: float) -> Ten
     return softmax_kl(student.flatten(2), teacher.flatten(2), dim=2, temperature=temperature, scale=scale)
 
 
+
+
+@dataclass
+class CWDConfig(LossConfig):
+    """`losses.cwd`: see `ChannelWiseDistillation`."""
+
+    weight: float = option(3.0, at_least=0)
+    temperature: float = option(4.0, above=0)
+    on: Literal["logits", "features", "both"] = "logits"
+    feature_scale: float = option(50.0 / 3.0, at_least=0)  # at weight 3 the feature term carries the published 50
+
+
+def _cwd_reads(cfg: CWDConfig) -> dict:
+    reads = {"student_logits": STUDENT_LOGITS, "teacher_logits": TEACHER_LOGITS}
+    if cfg.on != "logits":
+        reads.update(student_features=STUDENT_FEATURES, teacher_features=TEACHER_FEATURES)
+    return reads
+
+
+@register_loss("cwd", position=20, config=CWDConfig, label="CWD", reads=_cwd_reads)
 class ChannelWiseDistillation(nn.Module):
     """CWD: `L = T²/(N·C) Σ_{n,c} KL(φ(x_T)_{n,c} || φ(x_S)_{n,c})`, `φ(x)_{n,c} = softmax(x_{n,c,:}/T)`.
 
@@ -72,6 +98,9 @@ class ChannelWiseDistillation(nn.Module):
         teacher_features: Tensor | None = None,
     ) -> Tensor:
         owner = type(self).__name__
+        if student_logits.shape[0] == 0:
+            weight = None if self.adapter is None else self.adapter.conv.weight
+            return _checks.empty_batch(student_logits, student_features, weight)
         loss = None
         if self.on in ("logits", "both"):
             _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
@@ -61,3 +63,23 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+    def __reduce__(self):
+        # torch refuses to pickle spectral-normalised (parametrized) layers, and Ray ships the losses by pickle:
+        # D travels as its input width, mode and state dict (weights, BatchNorm statistics, power-iteration vectors).
+        return _unpickle_discriminator, (self.layers[0].num_features, self.training, self.state_dict())
+
+    def __deepcopy__(self, memo: dict) -> Discriminator:
+        # copy.deepcopy would take the pickle route above; keep torch's own (parametrized layers copy themselves,
+        # and a memo of replacement tensors, as `kdray.models.weights` passes, is honoured)
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+def _unpickle_discriminator(in_channels: int, training: bool, state: dict[str, Tensor]) -> Discriminator:
+    with torch.device("meta"):  # no initialisation to draw (and no random numbers taken): the state replaces it
+        discriminator = Discriminator(in_channels)
+    discriminator.load_state_dict(state, assign=True)
+    return discriminator.train(training)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.errors import PreflightError
 from kdray.losses import _checks
 from kdray.losses.discriminator import Discriminator
+from kdray.losses.inputs import IMAGES, STUDENT_LOGITS, TEACHER_LOGITS
+from kdray.losses.registry import LossConfig, OwnedStep, register_loss
 
 CONDITIONINGS = ("logits", "logits+image")
 OBJECTIVES = ("hinge", "wgan_gp")
@@ -32,6 +37,46 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+
+HINGE_STUDENT_WEIGHT = 0.001  # SKD's w_adv: the student's adversarial term under the hinge objective
+
+
+@dataclass
+class AdversarialConfig(LossConfig):
+    """`losses.adversarial`: see `AdversarialDistillation`; `d_lr` and `d_betas` are its discriminator's Adam."""
+
+    # The student's term `−weight · mean D(z_S)`. None: the published one, w_adv = 0.001 under hinge, and under
+    # wgan_gp w_d, the discriminator's own weight (`d_weight`, 0.1), whatever it is set to.
+    weight: float | None = option(None, at_least=0)
+    conditioning: Literal["logits", "logits+image"] = "logits"
+    objective: Literal["hinge", "wgan_gp"] = "hinge"
+    d_weight: float = option(0.1, above=0)
+    gp_weight: float = option(10.0, at_least=0)
+    d_lr: float = option(4e-4, above=0, engine=True)
+    d_betas: tuple[float, float] = option((0.9, 0.99), at_least=0, below=1, engine=True)
+
+    def term_weight(self) -> float:
+        if self.weight is not None:
+            return self.weight
+        return self.d_weight if self.objective == "wgan_gp" else HINGE_STUDENT_WEIGHT
+
+
+def _with_images(cfg: AdversarialConfig, reads: dict) -> dict:
+    return {**reads, "images": IMAGES} if cfg.conditioning == "logits+image" else reads
+
+
+_DISCRIMINATOR_STEP = OwnedStep(
+    label="discriminator",
+    parameters=lambda module: module.discriminator.parameters(),
+    optimizer=lambda params, cfg: torch.optim.Adam(params, lr=cfg.d_lr, betas=cfg.d_betas),
+    loss="discriminator_loss",
+    reads=lambda cfg: _with_images(cfg, {"teacher_logits": TEACHER_LOGITS, "student_logits": STUDENT_LOGITS}),
+    graphable=lambda cfg: cfg.objective == "hinge",  # WGAN-GP draws mixing weights and backpropagates twice
+)
+
+
+@register_loss("adversarial", position=50, config=AdversarialConfig, label="HO", owned=_DISCRIMINATOR_STEP,
+               reads=lambda cfg: _with_images(cfg, {"student_logits": STUDENT_LOGITS}))
 class AdversarialDistillation(nn.Module):
     """SKD holistic distillation: teacher logits are "real", student logits "fake" for a critic D.
 
@@ -105,6 +150,8 @@ class AdversarialDistillation(nn.Module):
         return out.to(torch.promote_types(out.dtype, torch.float32)).mean(dim=(1, 2, 3))
 
     def forward(self, student_logits: Tensor, images: Tensor | None = None) -> Tensor:
+        if student_logits.shape[0] == 0:
+            return _checks.empty_batch(student_logits)
         with _frozen(self.discriminator):
             return -self.score(student_logits, images).mean()
 
@@ -118,6 +165,8 @@ class AdversarialDistillation(nn.Module):
         """L_D (see the class docstring). `alpha`: (N,) WGAN-GP mixing weights, drawn U(0, 1) when None."""
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
+        if student_logits.shape[0] == 0:  # zero gradients for D, not the NaNs of BatchNorm and a mean over nothing
+            return _checks.empty_batch(student_logits, *self.discriminator.parameters())
         real, fake = teacher_logits.detach(), student_logits.detach()
         score_real, score_fake = self.score(real, images), self.score(fake, images)
         if self.objective == "hinge":

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.errors import PreflightError
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
 from kdray.losses.adapter import FeatureAdapter
 from kdray.losses.class_sums import class_sums
+from kdray.losses.inputs import LABELS, STUDENT_FEATURES, TEACHER_FEATURES
 from kdray.losses.labels import downsample_labels, one_hot_ignore
+from kdray.losses.registry import LossConfig, register_loss
 
 SCOPES = ("batch", "image")
 NEGATIVES = ("student", "teacher")
@@ -114,6 +120,22 @@ def triplet_prototype_loss(
     return (hardest * weight).sum()
 
 
+
+
+@dataclass
+class I2CKDConfig(LossConfig):
+    """`losses.i2ckd`: see `I2CKD`."""
+
+    margin: float = option(0.5, at_least=0)
+    scope: Literal["batch", "image"] = "batch"
+    negatives: Literal["student", "teacher"] = "student"
+    mining: Literal["all", "hardest"] = "all"
+    normalize: bool = True
+    distance: Literal["l2", "squared_l2"] = "l2"
+
+
+@register_loss("i2ckd", position=80, config=I2CKDConfig, label="I2CKD",
+               reads={"student_features": STUDENT_FEATURES, "teacher_features": TEACHER_FEATURES, "labels": LABELS})
 class I2CKD(nn.Module):
     """I2CKD: triplet loss between teacher and student class prototypes (eqs. 1-3 of the paper).
 
@@ -174,6 +196,9 @@ class I2CKD(nn.Module):
                 f"{owner}: student_features {tuple(student_features.shape)} and teacher_features "
                 f"{tuple(teacher_features.shape)} must have {expected[0]} and {expected[1]} channels"
             )
+        _checks.label_map(owner, labels, "student_features", student_features)
+        if student_features.shape[0] == 0:
+            return _checks.empty_batch(student_features, self.adapter.conv.weight)
         labels = downsample_labels(labels, student_features.shape[-2:])
         # In float32 at least, autocast or not: a class's feature sum over thousands of pixels overflows
         # float16, and normalising an absent class's zero prototype divides by an eps that float16 rounds to 0.

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from kdray.config.options import option
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
 from kdray.losses.class_sums import class_sums
+from kdray.losses.inputs import LABELS, STUDENT_FEATURES, TEACHER_FEATURES
 from kdray.losses.labels import downsample_labels, one_hot_ignore
+from kdray.losses.registry import LossConfig, register_loss
 
 
 def _class_one_hot(labels: Tensor, num_classes: int | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
@@ -46,7 +51,7 @@ def squared_norms(flat: Tensor, block_bytes: int = 1 << 21) -> Tensor:
 
     On the CPU the squares are taken a block of channels at a time, so that the temporary is ~2 MB and is
     reused from one block to the next: a fresh square of the whole map (16 MB for the teacher at the papers'
-    shape) is faulted in page by page on every call, 3.7 ms there against ~1 ms for the arithmetic. On a GPU
+    shape) is faulted in page by page on every call, which costs several times the arithmetic. On a GPU
     (a caching allocator) one square and one sum.
     """
     n, c, m = flat.shape
@@ -67,8 +72,7 @@ class _PrototypeCosine(torch.autograd.Function):
 
     Both class-indexed terms of ∂L/∂f come out of one product `[P | ∂L/∂P / n] @ [O·a ; O]` (inner size 2K),
     so the backward runs two batched products over the features where autograd runs three, and keeps no
-    intermediate of the features' size (student features 2×128×64×128: forward+backward 19.2 → 13.6 ms on
-    CPU, measured side by side against the autograd version).
+    intermediate of the features' size (the CPU saving over autograd on the plain formula: README, Performance).
     """
 
     @staticmethod
@@ -78,8 +82,8 @@ class _PrototypeCosine(torch.autograd.Function):
             flat = features.flatten(2).to(work)  # (N, C, M)
             one_hot = one_hot.to(work)  # (N, K, M)
             counts = one_hot.sum(dim=2).clamp_min(1).unsqueeze(1)  # (N, 1, K); absent classes: zero prototypes
-            # (N, C, K). No gradient needed (the teacher) on the CPU: (N, K, M) @ (N, M, C), ~1.5× faster there (1.7
-            # against 2.6 ms at C = 256, M = 8192) than the product with the features' own layout on the left.
+            # (N, C, K). No gradient needed (the teacher) on the CPU: (N, K, M) @ (N, M, C), faster there than the
+            # product with the features' own layout on the left (README, Performance).
             cpu_teacher = not (ctx.needs_input_grad[0] or flat.is_cuda)
             sums = (one_hot @ flat.mT).mT if cpu_teacher else class_sums(flat, one_hot)
             prototypes = sums / counts  # (N, C, K)
@@ -120,6 +124,17 @@ class _PrototypeCosine(torch.autograd.Function):
         return grad_flat.view(ctx.input_shape).to(ctx.input_dtype), None, None
 
 
+
+
+@dataclass
+class IFVDConfig(LossConfig):
+    """`losses.ifvd`: see `IntraClassFeatureVariation`."""
+
+    weight: float = option(20.0, at_least=0)
+
+
+@register_loss("ifvd", position=60, config=IFVDConfig, label="IFVD",
+               reads={"student_features": STUDENT_FEATURES, "teacher_features": TEACHER_FEATURES, "labels": LABELS})
 class IntraClassFeatureVariation(nn.Module):
     """IFVD: `L = (1/(N·h·w)) Σ_{n,i} (s_S,i − s_T,i)²`, `s_X,i = cos(f_X,i, c_X,n,y↓_i)`.
 
@@ -147,6 +162,9 @@ class IntraClassFeatureVariation(nn.Module):
     def forward(self, student_features: Tensor, teacher_features: Tensor, labels: Tensor) -> Tensor:
         owner = type(self).__name__
         _checks.same_grid(owner, "student_features", student_features, "teacher_features", teacher_features)
+        _checks.label_map(owner, labels, "student_features", student_features)
+        if student_features.shape[0] == 0:
+            return _checks.empty_batch(student_features)
         labels = downsample_labels(labels, student_features.shape[-2:])
         one_hot = _class_one_hot(labels, self.num_classes, self.ignore_index, student_features.dtype)
         s_s = prototype_similarity(student_features, one_hot)

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.losses import _checks
+from kdray.losses.inputs import LABELS_AT_LOGITS, STUDENT_LOGITS, TEACHER_LOGITS
 from kdray.losses.labels import downsample_labels
+from kdray.losses.registry import LossConfig, register_loss
 from kdray.losses.softmax_kl import softmax_kl
 
 REDUCTIONS = ("pixel_mean", "element_mean")
 
 
+
+
+@dataclass
+class KDConfig(LossConfig):
+    """`losses.kd`: see `PixelwiseKD`."""
+
+    temperature: float = option(1.0, above=0)
+    reduction: Literal["pixel_mean", "element_mean"] = "pixel_mean"
+    mask_ignore: bool = False
+
+
+def _kd_reads(cfg: KDConfig) -> dict:
+    reads = {"student_logits": STUDENT_LOGITS, "teacher_logits": TEACHER_LOGITS}
+    return {**reads, "labels": LABELS_AT_LOGITS} if cfg.mask_ignore else reads
+
+
+@register_loss("kd", position=10, config=KDConfig, label="KD", reads=_kd_reads)
 class PixelwiseKD(nn.Module):
     """Hinton's KD applied independently at every pixel of the score map.
 
@@ -52,6 +75,10 @@ class PixelwiseKD(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         owner = type(self).__name__
         _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
+        if self.mask_ignore and labels is not None:
+            _checks.label_map(owner, labels, "student_logits", student_logits)
+        if student_logits.shape[0] == 0:
+            return _checks.empty_batch(student_logits)
         t = self.temperature
         factor = t * t if self.reduction == "pixel_mean" else 1.0 / student_logits.shape[1]  # or the mean over K
         if self.mask_ignore:

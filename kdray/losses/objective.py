@@ -2,77 +2,30 @@
 
     L = w_ce * CE + w_kd * KD + w_i2ckd * I2CKD + ...   (the job's `losses` section says which and how much)
 
-Each loss module takes explicit tensors; the table `_INPUTS` below says which of the step's tensors each one
-reads, so the modules stay testable on their own and the objective is the one place that wires them.
+Every loss comes from the registry (`kdray.losses.registry`): its spec says how to build it and which of the
+step's tensors (`kdray.losses.inputs`) it reads, so the objective wires any registered loss, built-in or
+plugin, the same way, and the modules stay testable on their own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from kdray.config.schema import LossesConfig
 from kdray.errors import PreflightError
-from kdray.losses.ace import AdaptiveCrossEntropy
-from kdray.losses.cross_entropy import SegmentationCrossEntropy
-from kdray.losses.csc import ChannelSpatialCorrelation
-from kdray.losses.cwd import ChannelWiseDistillation
-from kdray.losses.holistic import AdversarialDistillation
-from kdray.losses.i2ckd import I2CKD
-from kdray.losses.ifvd import IntraClassFeatureVariation
-from kdray.losses.kd import PixelwiseKD
+from kdray.losses import _checks
+from kdray.losses.inputs import HEAD, IMAGES, LABELS, LABELS_AT_LOGITS, StepInput, StepTensors
 from kdray.losses.labels import check_labels, downsample_labels
-from kdray.losses.pairwise import PairwiseAffinity
-
-
-class StepTensors(NamedTuple):
-    """What one training step offers the losses. Teacher tensors carry no gradient."""
-
-    student_logits: torch.Tensor  # (N, K, h, w)
-    student_features: torch.Tensor  # (N, C_S, h, w)
-    student_aux_logits: torch.Tensor | None  # (N, K, h', w') or None
-    teacher_logits: torch.Tensor | None  # (N, K, h, w)
-    teacher_features: torch.Tensor | None  # (N, C_T, h, w)
-    labels: torch.Tensor  # (N, H, W) int64, ignore 255
-    labels_small: torch.Tensor  # (N, h, w): labels resized to the logits by nearest neighbour (score-map losses;
-    # the feature losses resize `labels` to their maps themselves: one nearest resize, never two in a row)
-    images: torch.Tensor  # (N, 3, H, W), normalised
-
-
-# name -> (module class, display name, which tensors it reads, how it is called)
-_Call = Callable[[nn.Module, StepTensors], torch.Tensor]
-_LOSSES: dict[str, tuple[type[nn.Module], str, str, _Call]] = {
-    "ce": (SegmentationCrossEntropy, "CE", "",
-           lambda m, t: m(t.student_logits, t.labels, t.student_aux_logits)),
-    "kd": (PixelwiseKD, "KD", "logits",
-           lambda m, t: m(t.student_logits, t.teacher_logits, t.labels_small)),
-    "cwd": (ChannelWiseDistillation, "CWD", "logits+features",
-            lambda m, t: m(t.student_logits, t.teacher_logits, t.student_features, t.teacher_features)),
-    "ace": (AdaptiveCrossEntropy, "ACE", "logits",
-            lambda m, t: m(t.student_logits, t.teacher_logits, t.labels_small)),
-    "pairwise": (PairwiseAffinity, "PA", "features",
-                 lambda m, t: m(t.student_features, t.teacher_features)),
-    "adversarial": (AdversarialDistillation, "HO", "logits",
-                    lambda m, t: m(t.student_logits, t.images)),
-    "ifvd": (IntraClassFeatureVariation, "IFVD", "features",
-             lambda m, t: m(t.student_features, t.teacher_features, t.labels)),
-    "csc": (ChannelSpatialCorrelation, "CSC", "features",
-            lambda m, t: m(t.student_features, t.teacher_features)),
-    "i2ckd": (I2CKD, "I2CKD", "features",
-              lambda m, t: m(t.student_features, t.teacher_features, t.labels)),
-}
-# Config keys that configure the engine around a loss rather than the loss module itself.
-_NOT_MODULE_ARGS = {"enabled", "weight", "d_lr", "d_betas"}
+from kdray.losses.registry import LOSSES, LossContext, OwnedStep
 
 
 def loss_formula(weights: dict[str, float]) -> str:
     """`Loss = 1 * CE + 1 * KD + 1 * I2CKD` for the enabled losses' weights, as logged with every run."""
-    return "Loss = " + " + ".join(f"{w:g} * {_LOSSES[n][1]}" for n, w in weights.items())
+    return "Loss = " + " + ".join(f"{w:g} * {LOSSES[n].label}" for n, w in weights.items())
 
 
 def config_formula(losses: LossesConfig) -> str:
@@ -81,76 +34,125 @@ def config_formula(losses: LossesConfig) -> str:
 
 
 def method_label(losses: LossesConfig) -> str:
-    """`CE`, `KD+I2CKD`, ...: the enabled distillation terms, as the papers' tables name a row."""
-    names = [_LOSSES[n][1] for n in losses.enabled() if n != "ce"]
+    """`CE`, `KD+I2CKD`, ...: the enabled distillation terms (those reading the teacher), as the papers' tables
+    name a row; `CE` when there are none."""
+    names = [LOSSES[n].label for n, cfg in losses.enabled().items() if LOSSES[n].needs_teacher(cfg)]
     return "+".join(names) if names else "CE"
+
+
+def required_taps(losses: LossesConfig, side: str) -> set[str]:
+    """The layers of `side` (student/teacher) whose features some enabled loss reads, `head` aside (every
+    forward gives it): what the engine captures, nothing when no loss asks."""
+    taps = set()
+    for name, cfg in losses.enabled().items():
+        taps |= LOSSES[name].taps(cfg, side)
+    return taps - {HEAD}
 
 
 class DistillationObjective(nn.Module):
     """Builds the enabled losses from the config and sums them with their weights.
 
     Trainable parts (feature adapters) are ordinary parameters of this module and go to the student's
-    optimizer; the adversarial loss's discriminator is trained separately (see `discriminator_parameters`).
+    optimizer; parameters a loss trains with its own optimizer (`OwnedStep`: the holistic loss's discriminator)
+    are listed by `owned_steps` and kept out of `student_side_parameters`.
+
+    student_channels / teacher_channels: C of the `head` tap; `tap_channels` gives those of other taps
+    (`{"student": {tap: C}, "teacher": {tap: C}}`).
     """
 
     def __init__(self, losses: LossesConfig, *, num_classes: int, student_channels: int,
-                 teacher_channels: int | None, ignore_index: int = 255):
+                 teacher_channels: int | None, ignore_index: int = 255,
+                 tap_channels: Mapping[str, Mapping[str, int]] | None = None):
         super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        context = {"num_classes": num_classes, "student_channels": student_channels,
-                   "teacher_channels": teacher_channels, "ignore_index": ignore_index}
+        taps = tap_channels or {}
+        student = {HEAD: student_channels, **taps.get("student", {})}
+        teacher = {**({HEAD: teacher_channels} if teacher_channels is not None else {}), **taps.get("teacher", {})}
+        context = LossContext(num_classes, ignore_index, student, teacher)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
+        self.configs: dict[str, Any] = {}
+        self.inputs: dict[str, dict[str, StepInput]] = {}
         for name, cfg in losses.enabled().items():
-            cls = _LOSSES[name][0]
-            options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MODULE_ARGS}
-            accepted = inspect.signature(cls).parameters
-            options.update({k: v for k, v in context.items() if k in accepted})
-            self.terms[name] = cls(**options)
+            spec = LOSSES[name]
+            self.terms[name] = spec.make(cfg, context)
             self.weights[name] = cfg.term_weight()
+            self.configs[name] = cfg
+            self.inputs[name] = spec.inputs(cfg)
 
     @property
     def needs_teacher(self) -> bool:
-        return any(_LOSSES[n][2] for n in self.terms)
+        return any(LOSSES[n].needs_teacher(cfg) for n, cfg in self.configs.items())
 
-    @property
-    def adversarial(self) -> AdversarialDistillation | None:
-        return self.terms["adversarial"] if "adversarial" in self.terms else None  # type: ignore[return-value]  # noqa: SIM401
+    def owned_steps(self) -> list[tuple[str, OwnedStep, nn.Module, Any]]:
+        """`(loss name, its OwnedStep, the loss module, its config)` of each loss training parameters of its own."""
+        return [(name, LOSSES[name].owned, self.terms[name], cfg) for name, cfg in self.configs.items()
+                if LOSSES[name].owned is not None]
+
+    def owned_label(self, name: str) -> str:
+        """The name of loss `name`'s own loss in the logged breakdown (`discriminator`)."""
+        return LOSSES[name].owned.label
+
+    def owned_parameters(self, name: str) -> list[nn.Parameter]:
+        owned = LOSSES[name].owned
+        return list(owned.parameters(self.terms[name])) if owned is not None else []
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
-        adv = self.adversarial
-        return list(adv.discriminator.parameters()) if adv is not None else []
+        """Every parameter trained by a loss's own optimizer (the discriminator's)."""
+        return [p for name, *_ in self.owned_steps() for p in self.owned_parameters(name)]
 
     def student_side_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained with the student (adapters): everything but the discriminator."""
+        """Parameters trained with the student (adapters): everything but the losses' owned parameters."""
         skip = {id(p) for p in self.discriminator_parameters()}
         return [p for p in self.parameters() if id(p) not in skip]
 
+    def term(self, name: str, t: StepTensors) -> torch.Tensor:
+        """Loss `name` on the step's tensors, unweighted."""
+        return self.terms[name](**{arg: t.get(i) for arg, i in self.inputs[name].items()})
+
+    def owned_loss(self, name: str, t: StepTensors) -> torch.Tensor:
+        """The scalar loss `name`'s own optimizer minimises, on detached step tensors."""
+        owned = LOSSES[name].owned
+        reads = owned.inputs(self.configs[name])
+        tensors = {arg: (None if (x := t.get(i)) is None else x.detach()) for arg, i in reads.items()}
+        return getattr(self.terms[name], owned.loss)(**tensors)
+
     def forward(self, t: StepTensors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss (scalar) and each term before weighting, by config name."""
-        parts = {name: _LOSSES[name][3](module, t) for name, module in self.terms.items()}
+        parts = {name: self.term(name, t) for name in self.terms}
         total = sum(self.weights[name] * value for name, value in parts.items())
         return total, parts  # type: ignore[return-value]
 
-    def step_tensors(self, student: Any, teacher: Any | None, labels: torch.Tensor, images: torch.Tensor
-                     ) -> StepTensors:
-        """Pack model outputs (float32: losses are computed in full precision even under autocast).
+    def step_tensors(self, student: Any, teacher: Any | None, labels: torch.Tensor, images: torch.Tensor,
+                     student_taps: Mapping[str, torch.Tensor] | None = None,
+                     teacher_taps: Mapping[str, torch.Tensor] | None = None) -> StepTensors:
+        """Pack model outputs and captured taps by input key (float32: losses are computed in full precision
+        even under autocast).
 
-        The labels are checked here, once per step and for every loss: `DataError` naming a value outside
+        The labels are checked here, once per step and for every loss: PreflightError unless they are (N, H, W)
+        int64 with the logits' N, and `DataError` naming a value outside
         0..K-1 that is not the ignore value (`check_labels`: one min/max, one device sync; here, outside the
         CUDA graph that may replay the losses).
         """
+        _checks.label_map("the objective", labels, "the student's logits", student.logits)
         check_labels(labels, self.num_classes, self.ignore_index)
 
         def f32(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.float()
 
-        return StepTensors(
-            f32(student.logits), f32(student.features), f32(student.aux_logits),
-            f32(teacher.logits) if teacher is not None else None,
-            f32(teacher.features) if teacher is not None else None,
-            labels, downsample_labels(labels, student.logits.shape[-2:]), images,
-        )
+        tensors: dict[str, torch.Tensor | None] = {
+            "student.logits": f32(student.logits), f"student.features[{HEAD}]": f32(student.features),
+            "student.aux_logits": f32(student.aux_logits),
+        }
+        if teacher is not None:
+            tensors.update({"teacher.logits": f32(teacher.logits), f"teacher.features[{HEAD}]": f32(teacher.features)})
+        for side, taps in (("student", student_taps), ("teacher", teacher_taps)):
+            for tap, value in (taps or {}).items():
+                tensors.setdefault(f"{side}.features[{tap}]", f32(value))
+        tensors[str(LABELS)] = labels
+        tensors[str(LABELS_AT_LOGITS)] = downsample_labels(labels, student.logits.shape[-2:])
+        tensors[str(IMAGES)] = images
+        return StepTensors(tensors)
 
     def preflight(self, t: StepTensors) -> None:
         """Check that every enabled loss can run on these shapes; PreflightError naming the loss otherwise.
@@ -161,36 +163,46 @@ class DistillationObjective(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            self._preflight(t)
+            for name in self.terms:
+                self._preflight(name, t)
         finally:
             self.train(was_training)
 
-    def _preflight(self, t: StepTensors) -> None:
-        for name, module in self.terms.items():
-            reads = _LOSSES[name][2]
-            pairs = []
-            if "logits" in reads:
-                pairs.append(("logits", t.student_logits, t.teacher_logits, slice(1, None)))
-            if "features" in reads and (name != "cwd" or module.on != "logits"):
-                pairs.append(("features", t.student_features, t.teacher_features, slice(2, None)))
-            for what, s, te, dims in pairs:
-                if te is None:
-                    raise PreflightError(f"losses.{name}: needs the teacher's {what}, but no teacher is loaded")
-                if s.shape[dims] != te.shape[dims]:
-                    sizes = "class/spatial" if what == "logits" else "spatial"
-                    raise PreflightError(f"losses.{name}: student {what} {tuple(s.shape)} and teacher {what} "
-                                         f"{tuple(te.shape)} differ in their {sizes} size")
-            try:
-                with torch.no_grad():
-                    value = _LOSSES[name][3](module, t)
-                if isinstance(module, AdversarialDistillation):
-                    _preflight_discriminator(module, t)
-            except (RuntimeError, ValueError, PreflightError) as err:
-                shapes = (f"student logits {_shape(t.student_logits)}, features {_shape(t.student_features)}; "
-                          f"teacher logits {_shape(t.teacher_logits)}, features {_shape(t.teacher_features)}")
-                raise PreflightError(f"losses.{name}: cannot run on {shapes}: {err}") from None
-            if value.dim() != 0:
-                raise PreflightError(f"losses.{name}: returned shape {tuple(value.shape)}, expected a scalar")
+    def _preflight(self, name: str, t: StepTensors) -> None:
+        spec, cfg = LOSSES[name], self.configs[name]
+        reads = spec.all_inputs(cfg)
+        for i in reads:
+            if i.side is not None and i.required and i.key not in t:
+                whose = "no teacher is loaded" if i.side == "teacher" else "the step has none"
+                raise PreflightError(f"losses.{name}: needs the {i.side}'s {_what(i)}, but {whose}")
+        for i in reads:  # a student tensor and its teacher counterpart must agree where the loss compares them
+            twin = StepInput(i.key.replace("student.", "teacher.", 1))
+            if i.side != "student" or twin.key not in {r.key for r in reads} or i not in t or twin not in t:
+                continue
+            s, te = t[i], t[twin]
+            dims = slice(2, None) if i.tap is not None else slice(1, None)
+            if s.shape[dims] != te.shape[dims]:
+                sizes = "spatial" if i.tap is not None else "class/spatial"
+                raise PreflightError(f"losses.{name}: student {_what(i)} {tuple(s.shape)} and teacher {_what(i)} "
+                                     f"{tuple(te.shape)} differ in their {sizes} size")
+        try:
+            with torch.no_grad():
+                value = self.term(name, t)
+            if spec.owned is not None:
+                self._preflight_owned(name, t)
+        except (RuntimeError, ValueError, TypeError, PreflightError) as err:
+            raise PreflightError(f"losses.{name}: cannot run on {t.describe()}: {err}") from None
+        if value.dim() != 0:
+            raise PreflightError(f"losses.{name}: returned shape {tuple(value.shape)}, expected a scalar")
+
+    def _preflight_owned(self, name: str, t: StepTensors) -> None:
+        """The loss's own optimizer's loss, which the engine runs after each student step: computed and dropped,
+        with autograd on (WGAN-GP's penalty differentiates) and in a forked RNG so that its draws leave the
+        run's random stream alone."""
+        logits = t.student_logits
+        devices = [logits.device] if logits.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            self.owned_loss(name, t)
 
     def formula(self) -> str:
         return loss_formula(self.weights)
@@ -199,14 +211,6 @@ class DistillationObjective(nn.Module):
         return self.formula()
 
 
-def _preflight_discriminator(module: AdversarialDistillation, t: StepTensors) -> None:
-    """The discriminator's own loss, which the engine runs after each student step (WGAN-GP's penalty needs
-    autograd): computed and dropped, in a forked RNG so that its α draw leaves the run's random stream alone."""
-    devices = [t.student_logits.device] if t.student_logits.is_cuda else []
-    grad_mode = torch.enable_grad() if module.objective == "wgan_gp" else torch.no_grad()
-    with torch.random.fork_rng(devices=devices), grad_mode:
-        module.discriminator_loss(t.teacher_logits, t.student_logits.detach(), t.images)
-
-
-def _shape(x: torch.Tensor | None) -> str:
-    return "none" if x is None else str(tuple(x.shape))
+def _what(i: StepInput) -> str:
+    """`logits`, `features` (of the head), `features of backbone.layer3`, ... for messages."""
+    return f"features of {i.tap}" if i.tap not in (None, HEAD) else i.kind

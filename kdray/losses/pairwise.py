@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdray.config.options import option
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
+from kdray.losses.inputs import STUDENT_FEATURES, TEACHER_FEATURES
+from kdray.losses.registry import LossConfig, register_loss
 
 
 def pool_nodes(features: Tensor, patch: int) -> Tensor:
@@ -71,6 +76,18 @@ def spatial_affinity_distance(student_nodes: Tensor, teacher_nodes: Tensor, via:
     return mean.to(torch.promote_types(student_nodes.dtype, torch.float32))
 
 
+
+
+@dataclass
+class PairwiseConfig(LossConfig):
+    """`losses.pairwise`: see `PairwiseAffinity`."""
+
+    weight: float = option(10.0, at_least=0)
+    patch: int = option(2, at_least=1)
+
+
+@register_loss("pairwise", position=40, config=PairwiseConfig, label="PA",
+               reads={"student_features": STUDENT_FEATURES, "teacher_features": TEACHER_FEATURES})
 class PairwiseAffinity(nn.Module):
     """SKD pair-wise: `L = (1/(N·M·M)) Σ_n Σ_{a,b} (A_T[n,a,b] − A_S[n,a,b])²`.
 
@@ -93,6 +110,8 @@ class PairwiseAffinity(nn.Module):
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
         owner = type(self).__name__
         _checks.same_grid(owner, "student_features", student_features, "teacher_features", teacher_features)
+        if student_features.shape[0] == 0:
+            return _checks.empty_batch(student_features)
         nodes_s = pool_nodes(student_features, self.patch)
         nodes_t = pool_nodes(teacher_features.detach(), self.patch)
         return spatial_affinity_distance(nodes_s, nodes_t)

@@ -26,6 +26,7 @@ from kdray.models.fcn_head import FCNHead
 from kdray.models.pspnet import PSPHead
 from kdray.models.resnet import BACKBONES, BasicBlock, Bottleneck, ResNet
 from kdray.models.segmenter import Segmenter, SegmenterOutput
+from kdray.models.taps import FeatureTaps, tap_channels, tap_names, tap_stride
 from kdray.models.weights import load_backbone_weights, load_segmenter_weights, read_state_dict
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "HEADS",
     "BasicBlock",
     "Bottleneck",
+    "FeatureTaps",
     "HeadSpec",
     "ResNet",
     "Segmenter",
@@ -42,6 +44,9 @@ __all__ = [
     "load_backbone_weights",
     "load_segmenter_weights",
     "read_state_dict",
+    "tap_channels",
+    "tap_names",
+    "tap_stride",
 ]
 
 

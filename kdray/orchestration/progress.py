@@ -29,9 +29,9 @@ import ray
 import ray.train
 import ray.tune
 
+from kdray import contract
 from kdray.engine.progress import Progress, _duration
-from kdray.orchestration import layout
-from kdray.orchestration.space import ROW_KEY, SEED_KEY
+from kdray.space import ROW_KEY, SEED_KEY
 
 Say = Callable[[str], None]
 
@@ -40,7 +40,7 @@ def echo(line: str) -> None:
     """print, flushed: progress must show when stdout is a pipe or a file (`| tee`, `ray job submit` logs)."""
     print(line, flush=True)
 
-_NAMES = {layout.VAL_MIOU: "mIoU", layout.VAL_PIXEL_ACC: "pixel acc"}
+_NAMES = {contract.VAL_MIOU: "mIoU", contract.VAL_PIXEL_ACC: "pixel acc"}
 
 
 def value_text(metric: str, value: float | None) -> str:
@@ -92,21 +92,22 @@ def _fmt(value: Any) -> str:
 
 class TrialLabel:
     """`trial <id> <ablation row, else method> seed <seed>`, from the trial's sampled config. Picklable (Tune
-    pickles its callbacks into tuner.pkl): it holds the space and the job data, never a closure."""
+    pickles its callbacks into tuner.pkl): it holds the space and the job every trial starts from, never a
+    closure."""
 
-    def __init__(self, space, job_data: dict[str, Any]):
-        self.space, self.job_data = space, job_data
+    def __init__(self, space, job):
+        self.space, self.job = space, job
         self._cache: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": {}}
 
     def describe(self, config: dict[str, Any]) -> str:
-        from kdray.config import job_from_dict
+        from kdray.config import override
         from kdray.losses.objective import method_label
 
         try:
-            job = job_from_dict(self.job_data, self.space.trial_overrides(config))
+            job = override(self.job, self.space.trial_overrides(config))
             return f"{config.get(ROW_KEY) or method_label(job.losses)} seed {job.run.seed}"
         except Exception:  # a label never stops a sweep
             return str(config.get(ROW_KEY, "")).strip()
@@ -146,7 +147,7 @@ class SweepProgress(ray.tune.Callback):
     errs on the long side until the first rungs are decided.
     """
 
-    def __init__(self, total_trials: int, metric: str = layout.VAL_MIOU, mode: str = "max",
+    def __init__(self, total_trials: int, metric: str = contract.VAL_MIOU, mode: str = "max",
                  label: Callable[[Any], str] | None = None, say: Say = echo, clock: Callable[[], float] | None = None):
         self.total_trials, self.metric, self.mode = total_trials, metric, mode
         self.label = label or plain_label
@@ -195,7 +196,7 @@ class SweepProgress(ray.tune.Callback):
             logging.getLogger(__name__).debug("progress line failed: %s", err)
 
     def _track(self, trial, result: dict[str, Any]) -> None:
-        done, total = result.get("iteration"), result.get("iterations_total")
+        done, total = result.get(contract.ITERATION), result.get(contract.ITERATIONS_TOTAL)
         if done is not None and total:
             self._fraction[trial.trial_id] = min(1.0, float(done) / float(total))
         value = result.get(self.metric)
@@ -226,7 +227,7 @@ class SweepProgress(ray.tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
         self._track(trial, last)
-        done, total = last.get("iteration", 0), last.get("iterations_total", 0)
+        done, total = last.get(contract.ITERATION, 0), last.get(contract.ITERATIONS_TOTAL, 0)
         status = "stopped early" if total and done < total else "finished"
         if status == "stopped early" and interrupted():
             status = "interrupted"  # Ctrl+C: Tune ends running trials as it ends stopped ones
@@ -323,7 +324,7 @@ class TeacherProgress:
     Each line is `Progress`'s (`[####....] 150/900 <text> | 1m10s elapsed, eta 5m50s`) after `name`.
     """
 
-    def __init__(self, total: int, say: Say = echo, name: str = "teacher", metric: str = layout.VAL_MIOU,
+    def __init__(self, total: int, say: Say = echo, name: str = "teacher", metric: str = contract.VAL_MIOU,
                  poll_s: float = 1.0) -> None:
         self.total, self.say, self.name, self.metric, self.poll_s = total, say, name, metric, poll_s
         self.progress = Progress(total, stream=_SayStream(say, f"{name} "))
@@ -340,9 +341,9 @@ class TeacherProgress:
             if self.best is None or value > self.best:
                 self.best = value
             return f"{metric_text(self.metric, value)} (best {value_text(self.metric, self.best)})"
-        if "train/loss/total" in item:
-            rate = item.get("train/images_per_s")
-            return f"loss {item['train/loss/total']:.3f}" + (f", {rate:.0f} img/s" if rate else "")
+        if contract.TRAIN_LOSS_TOTAL in item:
+            rate = item.get(contract.TRAIN_IMAGES_PER_S)
+            return f"loss {item[contract.TRAIN_LOSS_TOTAL]:.3f}" + (f", {rate:.0f} img/s" if rate else "")
         return None
 
     def show(self, item: dict[str, Any]) -> None:
@@ -350,8 +351,8 @@ class TeacherProgress:
             self.say(f"{self.name}: a worker failed: {item['error']}")
             return
         text = self.line_text(item)
-        if text is not None and item.get("iteration") is not None:
-            self.progress.update(int(item["iteration"]), text)
+        if text is not None and item.get(contract.ITERATION) is not None:
+            self.progress.update(int(item[contract.ITERATION]), text)
 
     def _drain(self) -> None:
         try:

@@ -7,7 +7,6 @@ by its trial id before one is created: a restored or retried trial continues its
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import time
@@ -18,40 +17,14 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from kdray.errors import ConfigError
-from kdray.orchestration import layout
+from kdray import contract
+from kdray.contract import resolve_tracking_uri
+
+__all__ = ["RunLogger", "Tracker", "resolve_tracking_uri", "retrying"]  # the store's URI: kdray.contract
 
 T = TypeVar("T")
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
 _FILTER_SAFE = re.compile(r"[\w.:/+@ -]*")  # tag values that stand in a search filter's quotes as they are
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The job's URI, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory.
-
-    Absolute, because Ray moves the workers' working directory. A bare path ending in `.db` is a SQLite file. A
-    bare directory path (or a `file:` URI) names MLflow's file store, which MLflow 3 refuses unless
-    MLFLOW_ALLOW_FILE_STORE=true: without that opt-in it is a ConfigError suggesting a SQLite file instead.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
-    if "://" in uri and not uri.startswith("file:"):
-        return uri
-    if uri.startswith("file:"):
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
-    else:
-        path = Path(uri)
-    path = path.expanduser().resolve()
-    if not uri.startswith("file:") and path.suffix == ".db":
-        return f"sqlite:///{path}"
-    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
-        return path.as_uri()
-    raise ConfigError(f"tracking URI {uri!r} (--tracking-uri, tracking.uri or $MLFLOW_TRACKING_URI): a directory is "
-                      f"MLflow's file store, which MLflow 3 refuses; use a SQLite file, e.g. "
-                      f"sqlite:///{path / 'mlflow.db'} (or a path ending in .db)")
 
 
 def retrying(call: Callable[[], T], attempts: int = 6) -> T:
@@ -110,12 +83,12 @@ class Tracker:
     def trial_run(self, sweep_id: str, trial_id: str, parent_run_id: str, name: str, tags: dict[str, str],
                   params: dict[str, Any]) -> str:
         """The trial's run: found by (sweep, trial) id, else created as a child of the sweep's run."""
-        run_id = self.find_run(**{layout.SWEEP_ID: sweep_id, layout.TRIAL_ID: trial_id})
+        run_id = self.find_run(**{contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: trial_id})
         if run_id is not None:
             retrying(lambda: self.client.update_run(run_id, status="RUNNING"))
             return run_id
-        all_tags = {layout.PARENT: parent_run_id, layout.KIND: "trial", layout.SWEEP_ID: sweep_id,
-                    layout.TRIAL_ID: trial_id, **tags}
+        all_tags = {contract.PARENT: parent_run_id, contract.KIND: "trial", contract.SWEEP_ID: sweep_id,
+                    contract.TRIAL_ID: trial_id, **tags}
         run_id = self.start_run(name, all_tags)
         self.log_params(run_id, params)
         return run_id
@@ -154,7 +127,7 @@ class Tracker:
 
     def running_runs(self, sweep_id: str) -> list[str]:
         """The ids of the sweep's trial runs whose status is still RUNNING."""
-        query = (f"tags.`{layout.SWEEP_ID}` = '{sweep_id}' and tags.`{layout.KIND}` = 'trial' "
+        query = (f"tags.`{contract.SWEEP_ID}` = '{sweep_id}' and tags.`{contract.KIND}` = 'trial' "
                  "and attributes.status = 'RUNNING'")
         runs = retrying(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000))
         return [run.info.run_id for run in runs]

@@ -1,36 +1,40 @@
 """One Tune trial: a job with the trial's overrides, trained by Ray Train workers, recorded as one MLflow run.
 
 Also the driver-side callback that gives each trial's run its final MLflow status, since a trial the
-scheduler stops is killed before it could close its own run.
+scheduler stops is killed before it could close its own run. A trial that fails raises `TrialFailed` with its
+reason: the callback and the sweep's summary take the reason from that error, not from the run's tags.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import ray.cloudpickle
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from kdray.config import flatten, job_from_dict, to_dict, to_yaml
+from kdray import contract
+from kdray.config import Job, flatten, job_from_dict, to_dict, to_yaml
 from kdray.data import class_names
 from kdray.losses.objective import config_formula, method_label
-from kdray.orchestration import layout
-from kdray.orchestration.space import ROW_KEY, SearchSpace
+from kdray.orchestration.outcome import TrialFailed, is_trial_failure
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.workers import fit
+from kdray.space import ROW_KEY, SearchSpace
 
 # Set when Ctrl+C reaches the driver during `Tuner.fit`. Tune turns the first one into a graceful stop that ends
 # the running trials TERMINATED like any others, so their status cannot tell an interrupted trial from one the
 # scheduler stopped; this can. Module-level, because a restored Tuner runs the callbacks it unpickles.
 INTERRUPTED = threading.Event()
 
-
-class TrialFailed(RuntimeError):
-    """The trial's training stopped on purpose (a non-finite loss); the message is the reason."""
+__all__ = ["INTERRUPTED", "InterruptWatch", "MlflowStatusCallback", "SweepContext", "TrialFailed", "run_trial",
+           "trial_tags"]
 
 
 @dataclass(frozen=True)
@@ -42,27 +46,27 @@ class SweepContext:
     tracking_uri: str
     experiment: str
     storage_path: str  # the Tune experiment folder; each trial's Train run lives under it
-    job_data: dict[str, Any]
+    job_data: dict[str, Any]  # the job every trial starts from, as plain data: a trial builds its Job from it
     teacher_params_m: float | None = None
 
 
-def trial_tags(job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str]:
+def trial_tags(job: Job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str]:
     from kdray.models import build_model
 
     student = build_model(job.student.arch, job.data.num_classes, aux=job.student.aux, width=job.student.width)
     tags = {
-        layout.METHOD: method_label(job.losses),
-        layout.SEED: str(job.run.seed),
-        layout.TEACHER_ARCH: layout.arch_label(job.teacher.arch, job.teacher.width),
-        layout.STUDENT_ARCH: layout.arch_label(job.student.arch, job.student.width),
-        layout.PARAMS_M: f"{sum(p.numel() for p in student.parameters()) / 1e6:.4f}",
-        layout.DATASET: job.data.dataset,
-        layout.SPACE: space.name,
+        contract.METHOD: method_label(job.losses),
+        contract.SEED: str(job.run.seed),
+        contract.TEACHER_ARCH: contract.arch_label(job.teacher.arch, job.teacher.width),
+        contract.STUDENT_ARCH: contract.arch_label(job.student.arch, job.student.width),
+        contract.PARAMS_M: f"{sum(p.numel() for p in student.parameters()) / 1e6:.4f}",
+        contract.DATASET: job.data.dataset,
+        contract.SPACE: space.name,
     }
     if ROW_KEY in config:
-        tags[layout.ROW] = config[ROW_KEY]
-        tags[layout.ROW_INDEX] = str([name for name, _ in space.rows].index(config[ROW_KEY]))
-    tags[layout.CLASSES] = json.dumps(class_names(job.data))
+        tags[contract.ROW] = config[ROW_KEY]
+        tags[contract.ROW_INDEX] = str([name for name, _ in space.rows].index(config[ROW_KEY]))
+    tags[contract.CLASSES] = json.dumps(class_names(job.data))
     return tags
 
 
@@ -78,28 +82,30 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
         job = job_from_dict(sweep.job_data, space.trial_overrides(config))
         tags = trial_tags(job, space, config)
     except Exception as err:
-        reason = f"the trial's config cannot be built: {type(err).__name__}: {err}"
+        why = f"the trial's config cannot be built: {type(err).__name__}: {err}"
         run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id, name=f"trial-{trial_id}",
                                    tags={}, params={k: v for k, v in config.items()})
-        tracker.set_tags(run_id, {layout.FAILURE: reason[:5000]})
+        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
         tracker.end_run(run_id, "FAILED")
-        raise TrialFailed(reason) from err
+        raise TrialFailed(why) from err
     run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
-                               name=f"{tags.get(layout.ROW, tags[layout.METHOD])}-s{job.run.seed}-{trial_id}",
+                               name=f"{tags.get(contract.ROW, tags[contract.METHOD])}-s{job.run.seed}-{trial_id}",
                                tags=tags, params=flatten(to_dict(job)))
-    tracker.clear_tag(run_id, layout.FAILURE)  # a restarted trial starts clean (a failure is written anew)
-    tracker.set_tags(run_id, {layout.FORMULA: config_formula(job.losses)})
-    tracker.log_text(run_id, to_yaml(job), layout.JOB_ARTIFACT)
+    tracker.clear_tag(run_id, contract.FAILURE)  # a restarted trial starts clean (a failure is written anew)
+    tracker.set_tags(run_id, {contract.FORMULA: config_formula(job.losses)})
+    tracker.log_text(run_id, to_yaml(job), contract.JOB_ARTIFACT)
     try:
-        fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
-            storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
+        result = fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
+                     storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
     except Exception as err:  # the last line of Train's error is the worker's own exception
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        tracker.set_tags(run_id, {layout.FAILURE: lines[-1].strip()[:5000]})
-        raise
-    failure = tracker.tags(run_id).get(layout.FAILURE)
-    if failure:
-        raise TrialFailed(failure)
+        why = lines[-1].strip()
+        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+        raise TrialFailed(why) from err
+    if result.return_value:  # the workers stopped on purpose, and said why
+        why = str(result.return_value)
+        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+        raise TrialFailed(why)
 
 
 class MlflowStatusCallback(ray.tune.Callback):
@@ -119,7 +125,7 @@ class MlflowStatusCallback(ray.tune.Callback):
         return self._tracker
 
     def _run_id(self, trial) -> str | None:
-        return self.tracker.find_run(**{layout.SWEEP_ID: self.sweep_id, layout.TRIAL_ID: trial.trial_id})
+        return self.tracker.find_run(**{contract.SWEEP_ID: self.sweep_id, contract.TRIAL_ID: trial.trial_id})
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self._run_id(trial)
@@ -128,27 +134,42 @@ class MlflowStatusCallback(ray.tune.Callback):
         last = trial.last_result or {}
         done, total = last.get("iteration", 0), last.get("iterations_total", 0)
         if total and done < total:  # Tune's last result may predate a restore: MLflow has every evaluation
-            done = max(done, self.tracker.last_step(run_id, layout.VAL_MIOU))
+            done = max(done, self.tracker.last_step(run_id, contract.VAL_MIOU))
         # a trial that completes has not failed, whatever an earlier teardown wrote
-        self.tracker.clear_tag(run_id, layout.FAILURE)
+        self.tracker.clear_tag(run_id, contract.FAILURE)
         if INTERRUPTED.is_set() and not (total and done >= total):
             self.tracker.end_run(run_id, "KILLED")  # cut short by Ctrl+C, not by the scheduler: --resume goes on
         elif total and done < total:
-            self.tracker.set_tags(run_id, {layout.STOPPED_EARLY: "true"})
+            self.tracker.set_tags(run_id, {contract.STOPPED_EARLY: "true"})
             self.tracker.end_run(run_id, "KILLED")
         else:
-            self.tracker.clear_tag(run_id, layout.STOPPED_EARLY)
+            self.tracker.clear_tag(run_id, contract.STOPPED_EARLY)
             self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self._run_id(trial)
         if run_id is None:
             return
-        if layout.FAILURE not in self.tracker.tags(run_id):
-            error = trial.get_error()
-            reason = str(error).strip().splitlines()[-1] if error is not None else "the trial failed"
-            self.tracker.set_tags(run_id, {layout.FAILURE: reason[:5000]})
+        error = _trial_error(trial)
+        if not is_trial_failure(error):  # a TrialFailed's run has its reason already (run_trial wrote it)
+            text = str(error).strip() if error is not None else ""
+            why = text.splitlines()[-1] if text else "the trial failed"
+            self.tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
         self.tracker.end_run(run_id, "FAILED")
+
+
+def _trial_error(trial) -> BaseException | str | None:
+    """The exception a trial failed with, else its text trace. Tune writes both next to the trial on the driver
+    (`pickled_error_file`, `error_file`) before it calls `on_trial_error`, and copies them to the trial's storage
+    (where `get_pickled_error` and `get_error` look) only later: the driver's copies first."""
+    for attr, binary in (("pickled_error_file", True), ("error_file", False)):
+        path = getattr(trial, attr, None)
+        if isinstance(path, str) and Path(path).is_file():
+            with contextlib.suppress(Exception):
+                return ray.cloudpickle.loads(Path(path).read_bytes()) if binary else Path(path).read_text()
+    pickled = getattr(trial, "get_pickled_error", None)
+    error = pickled() if callable(pickled) else None
+    return error if error is not None else trial.get_error()
 
 
 class InterruptWatch(ray.tune.Callback):

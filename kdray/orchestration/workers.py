@@ -2,7 +2,8 @@
 
 `train_per_worker` is the plain loop plus three bridges: Ray's checkpoint to resume from, each evaluation to
 `ray.train.report` (every rank, the same number of times; rank 0 attaches the checkpoint), and rank 0's
-metrics to the trial's MLflow run.
+metrics to the trial's MLflow run. A run that stops on purpose (a non-finite loss) returns its reason: `fit`
+hands it back as `Result.return_value` (rank 0's), and the trial decides what it means.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from kdray import contract
 from kdray.config import Job
+from kdray.contract import Evaluation
 from kdray.engine import NonFiniteLossError, RankContext, load_checkpoint, train
-from kdray.orchestration import layout
 from kdray.orchestration.tracking import RunLogger
 
-# What goes to Tune with each evaluation (the scheduler and searcher need the metric and the iteration);
-# per-class IoU and the training terms go to MLflow only.
-_TUNE_KEYS = ("iteration", *layout.TUNE_METRICS)
 
-
-def train_per_worker(config: dict[str, Any]) -> None:
+def train_per_worker(config: dict[str, Any]) -> str | None:
+    """One worker's run; returns None, or why the run stopped without finishing (every rank alike)."""
     job: Job = config["job"]
     role: str = config["role"]
     context = ray.train.get_context()
@@ -38,46 +37,46 @@ def train_per_worker(config: dict[str, Any]) -> None:
 
     reported = []
 
-    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        reported.append(metrics["iteration"])
-        step = int(metrics["iteration"])
+    def report(evaluation: Evaluation, checkpoint_dir: str | None) -> None:
+        reported.append(evaluation.iteration)
         if logger is not None:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step)
-            if metrics[layout.VAL_MIOU] == metrics["val/best_miou"]:  # the engine just wrote these weights
-                logger.log_artifact(scratch / f"best_{role}.pt", layout.BEST_CHECKPOINT_ARTIFACT_DIR)
+            log(evaluation.metrics())
+            if evaluation.is_best:  # the engine just wrote these weights
+                logger.log_artifact(scratch / f"best_{role}.pt", contract.BEST_CHECKPOINT_ARTIFACT_DIR)
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(tune_metrics(metrics), checkpoint=checkpoint)
-
-    def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
-        return {**{k: metrics[k] for k in _TUNE_KEYS if k in metrics}, "iterations_total": config["iterations"]}
+        ray.train.report({**evaluation.tune_metrics(), contract.ITERATIONS_TOTAL: config["iterations"]},
+                         checkpoint=checkpoint)
 
     def log(metrics: dict[str, float]) -> None:
         if logger is not None:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, int(metrics["iteration"]))
+            step = int(metrics[contract.ITERATION])
+            logger.log_metrics({k: v for k, v in metrics.items() if k != contract.ITERATION}, step)
 
     resume = ray.train.get_checkpoint()
     try:
         with resume.as_directory() if resume is not None else contextlib.nullcontext(None) as resume_dir:
             if resume_dir is not None and logger is not None:
-                logger.set_tags({layout.RESUMED_FROM: str(load_checkpoint(resume_dir)["iteration"])})
+                logger.set_tags({contract.RESUMED_FROM: str(load_checkpoint(resume_dir)["iteration"])})
             result = train(job, scratch, role=role, ctx=ctx, report=report, log=log, resume=resume_dir,
                            progress=False)
         if not reported and result.history:
             # Resumed from the final checkpoint: nothing was left to run, so tell Tune (again, on every rank) where
             # the run ended; otherwise the restored trial would look stopped early.
-            ray.train.report(tune_metrics(result.history[-1]))
+            last = result.history[-1]
+            ray.train.report({**{k: last[k] for k in (contract.ITERATION, *contract.TUNE_METRICS)},
+                              contract.ITERATIONS_TOTAL: config["iterations"]})
         if role == "teacher" and ctx.is_main and result.best_weights is not None:
             target = Path(job.teacher.checkpoint)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(result.best_weights, target)
     except NonFiniteLossError as err:
         # Every rank saw the same averaged loss and stops here together. Ending normally (rather than raising)
-        # keeps Ray Train from restarting the workers on a run that would diverge again; the trial reads the
-        # reason from its MLflow run and fails.
-        if logger is not None:
-            logger.set_tags({layout.FAILURE: str(err)})
+        # keeps Ray Train from restarting the workers on a run that would diverge again; the reason goes back
+        # as the function's value, and the trial fails with it.
+        return str(err)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return None
 
 
 def scaling_config(job: Job) -> ScalingConfig:
@@ -91,7 +90,8 @@ def scaling_config(job: Job) -> ScalingConfig:
 def fit(job: Job, *, role: str, run_id: str | None, tracking_uri: str, name: str, storage_path: str,
         max_failures: int = 2, callbacks: list | None = None) -> ray.train.Result:
     """Run the engine for `job` on Ray Train workers and wait for it. `name` must be stable across restarts:
-    a restarted trial finds its checkpoint by it."""
+    a restarted trial finds its checkpoint by it. The result's `return_value` is None, or the reason the run
+    stopped on purpose (see `train_per_worker`)."""
     iterations = (job.teacher.iterations or job.optim.iterations) if role == "teacher" else job.optim.iterations
     trainer = TorchTrainer(
         train_per_worker,

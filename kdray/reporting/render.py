@@ -21,14 +21,20 @@ _LATEX_SYMBOLS = {"±": r"$\pm$", DAGGER: r"$^\dagger$", "→": r"$\rightarrow$"
                   "Δ": r"$\Delta$", "`": ""}
 
 
-def markdown(table: Table, level: int = 3) -> str:
-    """Heading, caption, the table, then its footnotes."""
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:
+    """A Markdown (GFM) table: `align` has one letter per column, `r` right-aligned, anything else left; a `|`
+    in a cell is escaped. kdray's one Markdown table writer (the report's tables, the sweep's summary)."""
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |"
 
-    rule = "|" + "|".join("---:" if a == "r" else ":---" for a in table.align) + "|"
-    parts = [f"{'#' * level} {table.title}", "", table.caption, "", line(table.header), rule,
-             *(line(r) for r in table.rows)]
+    rule = "|" + "|".join("---:" if a == "r" else ":---" for a in align) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def markdown(table: Table, level: int = 3) -> str:
+    """Heading, caption, the table, then its footnotes."""
+    parts = [f"{'#' * level} {table.title}", "", table.caption, "",
+             markdown_table(table.header, table.rows, table.align)]
     if table.notes:
         parts += [""] + [f"{note}  " for note in table.notes]
     return "\n".join(parts) + "\n"

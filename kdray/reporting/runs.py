@@ -1,10 +1,10 @@
 """Read one sweep of an MLflow experiment into Arrow tables: one row per run, and the val/miou history.
 
-Every name comes from `kdray.orchestration.layout`. Only the MLflow client's public API is used, so any
+Every name comes from `kdray.contract`. Only the MLflow client's public API is used, so any
 tracking URI works (a SQLite file, a tracking server). `search_runs` gives each metric's last value; the best
-value over a run needs the metric's history, one `get_metric_history` call per run (1-3 ms each on a local SQLite
-store, about 50 ms through a tracking server; `benchmarks/report.py` measures it), so histories are read only
-when asked for, and from a server by several threads.
+value over a run needs the metric's history, one `get_metric_history` call per run (a local SQLite store answers
+each quickly, a tracking server adds a network round trip to each; `benchmarks/report.py` measures both), so
+histories are read only when asked for, and from a server by several threads.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from kdray import contract
+from kdray.contract import iou_metric_key, resolve_tracking_uri
 from kdray.errors import ConfigError
-from kdray.metrics import iou_metric_key
-from kdray.orchestration import layout
-from kdray.orchestration.tracking import resolve_tracking_uri
 
 # run states, as the tables count them
 FINISHED = "finished"  # status FINISHED, not stopped early, with a val/miou: the only runs averaged
@@ -41,9 +40,10 @@ STATE_LABELS = {FINISHED: "finished", EARLY_STOPPED: "early-stopped", FAILED: "f
 
 _PAGE = 50_000  # the most runs MLflow returns per search page
 _TAG_COLUMNS = {  # column -> tag
-    "trial_id": layout.TRIAL_ID, "method": layout.METHOD, "row": layout.ROW, "teacher_arch": layout.TEACHER_ARCH,
-    "student_arch": layout.STUDENT_ARCH, "dataset": layout.DATASET, "formula": layout.FORMULA,
-    "failure": layout.FAILURE,
+    "trial_id": contract.TRIAL_ID, "method": contract.METHOD, "row": contract.ROW,
+    "teacher_arch": contract.TEACHER_ARCH,
+    "student_arch": contract.STUDENT_ARCH, "dataset": contract.DATASET, "formula": contract.FORMULA,
+    "failure": contract.FAILURE,
 }
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _REMOTE_THREADS = 8
@@ -101,12 +101,12 @@ class SweepData:
 
     @property
     def sweep_id(self) -> str:
-        return self.sweep_tags.get(layout.SWEEP_ID, self.sweep_run_id)
+        return self.sweep_tags.get(contract.SWEEP_ID, self.sweep_run_id)
 
     @property
     def space_kind(self) -> str:
         """`ablation` or `search`: the tag, else `ablation` when the trials carry row names."""
-        kind = self.sweep_tags.get(layout.SPACE_KIND)
+        kind = self.sweep_tags.get(contract.SPACE_KIND)
         if kind:
             return kind
         return "ablation" if any(self.runs.column("row").to_pylist()) else "search"
@@ -142,7 +142,7 @@ def search_all(client: MlflowClient, experiment_id: str, filter_string: str,
 
 def is_smoke_test(tags: dict[str, str]) -> bool:
     """The sweep run's tags say it was a --smoke-test sweep."""
-    return _is_true(tags.get(layout.SMOKE_TEST))
+    return _is_true(tags.get(contract.SMOKE_TEST))
 
 
 def _is_true(tag: str | None) -> bool:
@@ -150,7 +150,7 @@ def _is_true(tag: str | None) -> bool:
 
 
 def _sweep_list(sweeps: list[Run]) -> str:
-    known = [r.data.tags.get(layout.SWEEP_ID, r.info.run_id) for r in sweeps]
+    known = [r.data.tags.get(contract.SWEEP_ID, r.info.run_id) for r in sweeps]
     return f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}"
 
 
@@ -158,7 +158,7 @@ def latest_sweep(sweeps: list[Run], experiment: str) -> Run:
     """The latest started sweep that is not a smoke test (`sweeps` latest first)."""
     real = [r for r in sweeps if not is_smoke_test(r.data.tags)]
     if not real:
-        raise ConfigError(f"experiment {experiment!r} has only smoke-test sweeps (tag {layout.SMOKE_TEST}=true): "
+        raise ConfigError(f"experiment {experiment!r} has only smoke-test sweeps (tag {contract.SMOKE_TEST}=true): "
                           f"pass --sweep to report one of them: {_sweep_list(sweeps)}")
     return real[0]
 
@@ -166,15 +166,15 @@ def latest_sweep(sweeps: list[Run], experiment: str) -> Run:
 def find_sweep(client: MlflowClient, experiment_id: str, experiment: str, sweep_id: str | None) -> Run:
     """The sweep's parent run: the one with that sweep id (smoke tests included), or, when no id is given, the
     latest started one that is not a smoke test."""
-    sweeps = search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'sweep'",
+    sweeps = search_all(client, experiment_id, f"tags.`{contract.KIND}` = 'sweep'",
                         order_by=["attributes.start_time DESC"])
     if not sweeps:
-        raise ConfigError(f"experiment {experiment!r} has no sweep run (tag {layout.KIND}=sweep): "
+        raise ConfigError(f"experiment {experiment!r} has no sweep run (tag {contract.KIND}=sweep): "
                           "run `python -m kdray.sweep` first")
     if sweep_id is None:
         return latest_sweep(sweeps, experiment)
     for run in sweeps:
-        if run.data.tags.get(layout.SWEEP_ID) == sweep_id:
+        if run.data.tags.get(contract.SWEEP_ID) == sweep_id:
             return run
     raise ConfigError(f"no sweep {sweep_id!r} in experiment {experiment!r}; sweeps there, latest first: "
                       f"{_sweep_list(sweeps)}")
@@ -182,11 +182,11 @@ def find_sweep(client: MlflowClient, experiment_id: str, experiment: str, sweep_
 
 def run_state(status: str, tags: dict[str, str], has_value: bool = True) -> str:
     """The run's state (see the constants above) from its MLflow status, its tags and whether it logged val/miou."""
-    if _is_true(tags.get(layout.NOT_STARTED)):
+    if _is_true(tags.get(contract.NOT_STARTED)):
         return NOT_STARTED
     if status == "FAILED":
         return FAILED
-    if _is_true(tags.get(layout.STOPPED_EARLY)):
+    if _is_true(tags.get(contract.STOPPED_EARLY)):
         return EARLY_STOPPED
     if status == "KILLED":
         return INTERRUPTED
@@ -211,7 +211,7 @@ def _number(text: str | None, cast=float):
 def tagged_classes(run: Run) -> list[str] | None:
     """The true class names the run recorded in its CLASSES tag (a JSON list, class-id order); None without one
     (runs logged before the tag existed) or when it is not a list of names."""
-    text = run.data.tags.get(layout.CLASSES)
+    text = run.data.tags.get(contract.CLASSES)
     try:
         names = json.loads(text) if text is not None else None
     except ValueError:
@@ -226,18 +226,18 @@ def class_keys(runs: list[Run]) -> dict[str, str]:
     CLASSES tag (the key is `iou_metric_key(name)`, as MLflow refuses some characters in metric names; or
     `val/iou/<name>` where only that was logged, by sweeps before the sanitised keys), then, for `val/iou/` keys
     no tagged name explains (runs without the tag), the key's suffix as the name."""
-    logged = {key: None for run in runs for key in run.data.metrics if key.startswith(layout.VAL_IOU_PREFIX)}
+    logged = {key: None for run in runs for key in run.data.metrics if key.startswith(contract.VAL_IOU_PREFIX)}
     names = next((n for n in map(tagged_classes, runs) if n is not None), None)
     keys = {name: _key_of(name, logged) for name in names or []}
     known = set(keys.values())
     for key in logged:
         if key not in known:
-            keys.setdefault(key[len(layout.VAL_IOU_PREFIX):], key)
+            keys.setdefault(key[len(contract.VAL_IOU_PREFIX):], key)
     return keys
 
 
 def _key_of(name: str, logged: dict[str, None]) -> str:
-    key, literal = iou_metric_key(name), layout.VAL_IOU_PREFIX + name
+    key, literal = iou_metric_key(name), contract.VAL_IOU_PREFIX + name
     return literal if key not in logged and literal in logged else key
 
 
@@ -258,8 +258,8 @@ def attributable(keys: dict[str, str]) -> dict[str, str]:
 def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
     """Runs as an Arrow table (columns as in `SweepData.runs`, without the history columns) and the classes,
     name -> per-class IoU metric key, in class-id order (`class_keys`)."""
-    runs = sorted(runs, key=lambda r: (_number(r.data.tags.get(layout.ROW_INDEX), int) or 0,
-                                       natural_key(r.data.tags.get(layout.TRIAL_ID, "")), r.info.start_time or 0,
+    runs = sorted(runs, key=lambda r: (_number(r.data.tags.get(contract.ROW_INDEX), int) or 0,
+                                       natural_key(r.data.tags.get(contract.TRIAL_ID, "")), r.info.start_time or 0,
                                        r.info.run_id))
     keys = class_keys(runs)
     readable = attributable(keys)
@@ -270,16 +270,16 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
     rows = []
     for order, run in enumerate(runs):
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-        state = run_state(run.info.status, tags, layout.VAL_MIOU in metrics)
+        state = run_state(run.info.status, tags, contract.VAL_MIOU in metrics)
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
                "state": state, "order": order}
         row.update({column: tags.get(tag) for column, tag in _TAG_COLUMNS.items()})
         row.update({
-            "seed": _number(tags.get(layout.SEED), int),
-            "params_m": _number(tags.get(layout.PARAMS_M)),
-            "teacher_params_m": _number(tags.get(layout.TEACHER_PARAMS_M)),
+            "seed": _number(tags.get(contract.SEED), int),
+            "params_m": _number(tags.get(contract.PARAMS_M)),
+            "teacher_params_m": _number(tags.get(contract.TEACHER_PARAMS_M)),
             "start_time": run.info.start_time, "end_time": run.info.end_time,
-            "miou_last": metrics.get(layout.VAL_MIOU), "pixel_acc_last": metrics.get(layout.VAL_PIXEL_ACC),
+            "miou_last": metrics.get(contract.VAL_MIOU), "pixel_acc_last": metrics.get(contract.VAL_PIXEL_ACC),
         })
         row.update({IOU_COLUMN + c: metrics.get(readable[c]) if c in readable else None for c in keys})
         row.update({PARAM_COLUMN + k: params.get(k) for k in param_keys})
@@ -300,8 +300,8 @@ def _is_local(tracking_uri: str) -> bool:
 
 def histories(client: MlflowClient, tracking_uri: str, pairs: list[tuple[str, str]]) -> list[list[Metric]]:
     """The history of each (run id, metric key), one `get_metric_history` call each (MLflow's client has no bulk
-    call). A tracking server answers each in tens of milliseconds, so remote stores are read by several threads
-    (7x faster on 1,000 runs, benchmarks/report.py); a local store is read in turn (threads only contend)."""
+    call). Against a tracking server each call waits mostly on the network, so remote stores are read by several
+    threads, which overlap those waits; a local store is read in turn (threads only contend)."""
     def one(pair: tuple[str, str]) -> list[Metric]:
         return client.get_metric_history(*pair)
 
@@ -311,7 +311,7 @@ def histories(client: MlflowClient, tracking_uri: str, pairs: list[tuple[str, st
         return list(pool.map(one, pairs))
 
 
-def read_history(client: MlflowClient, tracking_uri: str, run_ids: list[str], key: str = layout.VAL_MIOU
+def read_history(client: MlflowClient, tracking_uri: str, run_ids: list[str], key: str = contract.VAL_MIOU
                  ) -> pa.Table:
     """run_id, step, value of one metric for each run, ordered by run then step."""
     ids, steps, values = [], [], []
@@ -363,19 +363,19 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
         experiment_id = find_experiment(client, experiment)
         sweep = find_sweep(client, experiment_id, experiment, sweep_id)
         sweep_tags = dict(sweep.data.tags)
-        sid = sweep_tags.get(layout.SWEEP_ID)
+        sid = sweep_tags.get(contract.SWEEP_ID)
         if sid is None:
-            raise ConfigError(f"sweep run {sweep.info.run_id} has no {layout.SWEEP_ID} tag: cannot find its trials")
-        trials = search_all(client, experiment_id, f"tags.`{layout.SWEEP_ID}` = {_quoted(sid, 'sweep id')} "
-                                                   f"and tags.`{layout.KIND}` = 'trial'")
+            raise ConfigError(f"sweep run {sweep.info.run_id} has no {contract.SWEEP_ID} tag: cannot find its trials")
+        trials = search_all(client, experiment_id, f"tags.`{contract.SWEEP_ID}` = {_quoted(sid, 'sweep id')} "
+                                                   f"and tags.`{contract.KIND}` = 'trial'")
         if not trials:
             raise ConfigError(f"sweep {sid!r} of experiment {experiment!r} has no trial runs yet")
-        teachers = sweep_teachers(search_all(client, experiment_id, f"tags.`{layout.KIND}` = 'teacher'"), sweep_tags)
+        teachers = sweep_teachers(search_all(client, experiment_id, f"tags.`{contract.KIND}` = 'teacher'"), sweep_tags)
         runs, keys = runs_table(trials)
         teacher_runs, _ = runs_table(teachers)
         space_text = None
-        if sweep_tags.get(layout.SPACE_KIND) != "ablation":
-            space_text = read_text_artifact(client, sweep.info.run_id, layout.SPACE_ARTIFACT)
+        if sweep_tags.get(contract.SPACE_KIND) != "ablation":
+            space_text = read_text_artifact(client, sweep.info.run_id, contract.SPACE_ARTIFACT)
         miou = None
         if history:
             ids = runs.column("run_id").to_pylist() + teacher_runs.column("run_id").to_pylist()
@@ -396,10 +396,10 @@ def sweep_teachers(teachers: list[Run], sweep_tags: dict[str, str]) -> list[Run]
     earlier file at the same path) are not its teacher. An older sweep without the tag gets every teacher run
     that is not a smoke test's.
     """
-    path = sweep_tags.get(layout.TEACHER_CHECKPOINT)
+    path = sweep_tags.get(contract.TEACHER_CHECKPOINT)
     if path is None:
-        return [r for r in teachers if r.data.tags.get(layout.SMOKE_TEST) != "true"]
-    same = [r for r in teachers if r.data.tags.get(layout.TEACHER_CHECKPOINT) == path]
+        return [r for r in teachers if r.data.tags.get(contract.SMOKE_TEST) != "true"]
+    same = [r for r in teachers if r.data.tags.get(contract.TEACHER_CHECKPOINT) == path]
     return sorted(same, key=lambda r: r.info.start_time or 0)[-1:]
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import yaml
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from kdray.orchestration import layout
+from kdray import contract
 from kdray.reporting.groups import count_phrase, value_column
 from kdray.reporting.importance import Importance, param_importance
 from kdray.reporting.runs import EARLY_STOPPED, FINISHED, SweepData
@@ -167,9 +167,9 @@ def _left_out(data: SweepData) -> str:
 
 
 def _metric_note(data: SweepData) -> str:
-    metric, mode = data.sweep_tags.get(layout.METRIC), data.sweep_tags.get(layout.MODE)
-    if metric and metric != layout.VAL_MIOU:
-        return f" The sweep optimised {metric} ({mode or '?'}); this ranking uses {layout.VAL_MIOU}."
+    metric, mode = data.sweep_tags.get(contract.METRIC), data.sweep_tags.get(contract.MODE)
+    if metric and metric != contract.VAL_MIOU:
+        return f" The sweep optimised {metric} ({mode or '?'}); this ranking uses {contract.VAL_MIOU}."
     return ""
 
 

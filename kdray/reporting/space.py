@@ -1,7 +1,7 @@
 """The knobs a search sweep varied, as Optuna distributions, and where each was active.
 
-From the space file the sweep logged on its parent run (`config/space.yaml`, the format documented in
-`kdray.orchestration.space`): `uniform`, `loguniform`, `int` and `choice` knobs with their bounds, and `if:` for
+From the space file the sweep logged on its parent run (`config/space.yaml`), read by the sweep's own parser
+(`kdray.space.parse_space`): `uniform`, `loguniform`, `int` and `choice` knobs with their bounds, and `if:` for
 a knob sampled only when an earlier choice has a value. Without that file (runs logged by other tools), the knobs
 are inferred from the runs' params:
 - a knob is a config key with at least two distinct values among the runs that did not fail, except the seed
@@ -11,7 +11,7 @@ are inferred from the runs' params:
 - a loss's knobs (`losses.<name>.<knob>`) are conditional on `losses.<name>.enabled` being true when that toggle
   is itself a knob.
 
-Params come back as MLflow stored them: `str(value)` of the flattened job config (`kdray.orchestration.tracking`),
+Params come back as MLflow stored them: `str(value)` of the flattened job config (`Tracker.log_params`),
 so `None`, `True`, `[512, 1024]`, `0.0001`, `1.0` (a float field given `1`) and the text `1` (a string field) all
 arrive as text. A knob's value is recovered against its distribution: a choice is the one whose `str()` is the
 stored text, else the one equal to the text read as a Python literal (`1.0` is the choice `1`: the job made the
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from kdray.errors import ConfigError
 from kdray.reporting.runs import FAILED, PARAM_COLUMN
+from kdray.space import SEED_KEY, Dimension, parse_space  # SEED_KEY: the replicate axis, never a knob
 
-SEED_KEY = "run.seed"  # the replicate axis (kdray.orchestration.space.SEED_KEY), never a knob
 _INT = re.compile(r"[+-]?\d+")
 _LOSS_KNOB = re.compile(r"(losses\.[^.]+)\.(.+)")
 
@@ -120,41 +120,24 @@ def _choice(text: str, choices: tuple) -> object:
 
 
 def from_space_file(text: str) -> dict[str, Knob] | None:
-    """The knobs of a search space file; None when the text is not one (an ablation, unreadable YAML)."""
+    """The knobs of a search space file, as the sweep's parser reads it; None when the text is not one (an
+    ablation, unreadable YAML, a space the parser refuses)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        space = parse_space(text, "the sweep's space file")
+    except ConfigError:
         return None
-    space = data.get("space") if isinstance(data, dict) else None
-    if not isinstance(space, dict):
+    if space.kind != "search":
         return None
-    knobs: dict[str, Knob] = {}
-    for key, spec in space.items():
-        if not isinstance(spec, dict):
-            continue  # a fixed value
-        condition = spec.get("if")
-        if condition is not None:
-            condition = next(iter(condition.items())) if isinstance(condition, dict) else (condition, True)
-        dist = _distribution(spec)
-        if dist is None:
-            return None
-        knobs[key] = Knob(dist, condition)
-    return knobs
+    return {d.key: Knob(distribution(d), d.condition) for d in space.dimensions if d.kind != "fixed"}
 
 
-def _distribution(spec: dict) -> BaseDistribution | None:
-    """The Optuna distribution of one knob's spec; None when it is not one."""
-    try:
-        if "choice" in spec:
-            return categorical(spec["choice"])
-        if "int" in spec:
-            return IntDistribution(*spec["int"], log=bool(spec.get("log", False)), step=spec.get("step") or 1)
-        if "uniform" in spec or "loguniform" in spec:
-            low, high = spec.get("uniform") or spec["loguniform"]
-            return FloatDistribution(float(low), float(high), log="loguniform" in spec)
-    except (TypeError, ValueError):
-        return None
-    return None
+def distribution(d: Dimension) -> BaseDistribution:
+    """The Optuna distribution of a searched dimension, as the sweep's `sample_config` asks Optuna for it."""
+    if d.kind == "choice":
+        return categorical(list(d.args))
+    if d.kind == "int":
+        return IntDistribution(d.args[0], d.args[1], log=d.log, step=d.step or 1)
+    return FloatDistribution(d.args[0], d.args[1], log=d.kind == "loguniform")
 
 
 def categorical(choices: list) -> CategoricalDistribution:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from kdray.orchestration import layout
+from kdray import contract
 from kdray.reporting.groups import Group, count_phrase, summarise, value_column
 from kdray.reporting.runs import (
     EARLY_STOPPED,
@@ -74,7 +74,7 @@ def _seeds_phrase(groups: list[Group]) -> str:
 
 
 def _caption(data: SweepData, value: str, what: str, groups: list[Group]) -> str:
-    space = data.sweep_tags.get(layout.SPACE)
+    space = data.sweep_tags.get(contract.SPACE)
     return (f"{what}: val mIoU (%) at {describe_value(value)}, mean ± sample std (ddof=1) over the finished runs "
             f"of each row, {_seeds_phrase(groups)}; sweep `{data.sweep_id}`{f' (space {space})' if space else ''}, "
             f"experiment `{data.experiment}`.")
@@ -138,7 +138,7 @@ def ablation_table(data: SweepData, value: str) -> Table | None:
     for arch in _teacher_archs(data, teachers):
         g = teachers.get(arch)
         if g is None:
-            notes.append(f"No teacher run ({arch}, tag {layout.KIND}=teacher) in experiment `{data.experiment}`: "
+            notes.append(f"No teacher run ({arch}, tag {contract.KIND}=teacher) in experiment `{data.experiment}`: "
                          "teacher row omitted.")
             continue
         rows.append([f"Teacher ({arch})", "teacher", mean_std(g.mean, g.std), str(g.n), DASH, g.excluded or DASH])
@@ -223,7 +223,7 @@ def methods_table(data: SweepData, value: str) -> Table:
             seen_pairs.append(mg.pair)
             t = teachers.get(mg.pair[0])
             if t is None:
-                notes.append(f"No teacher run for {mg.pair[0] or 'this pair'} (tag {layout.KIND}=teacher) in "
+                notes.append(f"No teacher run for {mg.pair[0] or 'this pair'} (tag {contract.KIND}=teacher) in "
                              f"experiment `{data.experiment}`: teacher row omitted.")
             else:
                 p = teacher_params.get(t.best_run_id) or trial_teacher_params.get(mg.pair[0])
@@ -331,9 +331,9 @@ def exclusion_reason(r: dict) -> str:
     state, at = r["state"], f" at iteration {r['last_step']}" if r["last_step"] is not None else ""
     last = f"; last mIoU {pct(r['miou_last'])}{at}" if r["miou_last"] is not None else "; no val mIoU logged"
     if state == FAILED:
-        return r["failure"] or f"no reason recorded (tag {layout.FAILURE})"
+        return r["failure"] or f"no reason recorded (tag {contract.FAILURE})"
     if state == NOT_STARTED:
-        return r["failure"] or f"the trial never started (tag {layout.NOT_STARTED}); no reason recorded"
+        return r["failure"] or f"the trial never started (tag {contract.NOT_STARTED}); no reason recorded"
     if state == EARLY_STOPPED:
         return f"stopped early by the scheduler{at}; last mIoU {pct(r['miou_last'])}"
     if state == INTERRUPTED:

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdray import contract
 from kdray.errors import ConfigError
-from kdray.orchestration import layout
 from kdray.reporting import plots, render
 from kdray.reporting.groups import VALUES, count_phrase
 from kdray.reporting.runs import FINISHED, SweepData, open_client, read_iou_at, read_sweep
@@ -28,7 +28,7 @@ from kdray.reporting.tables import (
 )
 
 FORMATS = ("md", "tex", "csv", "parquet")
-SMOKE_NOTE = (f"SMOKE TEST (tag {layout.SMOKE_TEST}=true): a few iterations per trial, run to check the pipeline; "
+SMOKE_NOTE = (f"SMOKE TEST (tag {contract.SMOKE_TEST}=true): a few iterations per trial, run to check the pipeline; "
               "its numbers are not results.")
 
 
@@ -107,7 +107,7 @@ def report_markdown(data: SweepData, value: str, tables: list[Table], images: li
     counts = state_counts(data)
     finished = counts.get(FINISHED, 0)
     left_out = count_phrase(counts)
-    space = data.sweep_tags.get(layout.SPACE, "?")
+    space = data.sweep_tags.get(contract.SPACE, "?")
     title = f"# kdray report: {data.experiment}, sweep {data.sweep_id}" + (" (smoke test)" if data.smoke_test else "")
     parts = [title, ""] + ([f"**{SMOKE_NOTE}**", ""] if data.smoke_test else [])
     parts += [f"Space `{space}` ({data.space_kind}); {data.runs.num_rows} trial runs: {finished} finished"
@@ -123,9 +123,9 @@ def report_markdown(data: SweepData, value: str, tables: list[Table], images: li
 def unrun_note(data: SweepData) -> list[str]:
     """Markdown lines for the trials the sweep planned that have no run (an interrupted sweep's), and how the
     sweep ended when it did not end well: what no table can show, since those trials left no run to list."""
-    planned = int(data.sweep_tags.get(layout.TRIALS_PLANNED) or 0)
+    planned = int(data.sweep_tags.get(contract.TRIALS_PLANNED) or 0)
     missing = planned - data.runs.num_rows
-    ended = data.sweep_tags.get(layout.FAILURE)
+    ended = data.sweep_tags.get(contract.FAILURE)
     if missing > 0:
         how = f"; the sweep ended: {ended}" if ended else ""
         return [f"**{missing} of the {planned} trials the space plans have no run: they never started{how}.**", ""]
@@ -194,7 +194,7 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     if log_artifacts:
         client = open_client(tracking_uri)
         for path in files:
-            client.log_artifact(data.sweep_run_id, str(path), layout.REPORT_ARTIFACT_DIR)
+            client.log_artifact(data.sweep_run_id, str(path), contract.REPORT_ARTIFACT_DIR)
     timings["write"] = time.perf_counter() - start
     return ReportResult(markdown=text, files=tuple(files), tables={t.name: t for t in tables},
                         experiment=experiment, sweep_id=data.sweep_id, sweep_run_id=data.sweep_run_id, value=value,

@@ -29,6 +29,9 @@ An **ablation** space runs every row x seed, no sampling:
 Distributions: `uniform: [low, high]`, `loguniform: [low, high]` (low > 0), `int: [low, high]` (inclusive;
 `step`, `log` optional), `choice: [...]`. `if: KEY` makes a knob conditional on an earlier boolean choice
 (`if: {KEY: VALUE}` on a given value): when the toggle is off, the knob is never sampled.
+
+One parser for both readers: the sweep (`load_space`, which also checks every key and value against the job)
+and the report (`parse_space`, on the copy the sweep logged, with no job at hand).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kdray.config import Job, apply_overrides, flatten, job_from_dict, read_yaml, to_dict
+import yaml
+
+from kdray import contract
+from kdray.config import Job, flatten, override, read_yaml, to_dict
 from kdray.config.loading import float_literal
 from kdray.errors import ConfigError
-from kdray.orchestration import layout
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
@@ -204,8 +209,8 @@ def _did_you_mean(value: Any, valid: Iterable[str]) -> str:
     return f" (did you mean {' or '.join(by_lower[c] for c in close)}?)" if close else ""
 
 
-def _check_key(key: str, job_keys: set[str], where: str) -> None:
-    if key not in job_keys:
+def _check_key(key: str, job_keys: set[str] | None, where: str) -> None:
+    if job_keys is not None and key not in job_keys:
         raise _err(where, f"the job has no key {key!r}{_did_you_mean(key, job_keys)}")
 
 
@@ -216,20 +221,36 @@ def probe_values(d: Dimension) -> list[Any]:
     return [d.args[0], d.args[1]]
 
 
-def _check_values(job_data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+def _check_values(job: Job | None, base: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
     """Build the job with these overrides: a value the job would refuse is refused here, before any trial."""
+    if job is None:
+        return
     try:
-        job_from_dict(apply_overrides(job_data, base), overrides)
+        override(job, {**base, **overrides})
     except ConfigError as err:
         raise _err(where, f"gives an invalid job: {err}") from None
 
 
-def load_space(path: str | Path, job: Job, job_data: dict[str, Any]) -> SearchSpace:
-    """Read and validate a space file against `job` (built from `job_data`); ConfigError on the first problem."""
+def load_space(path: str | Path, job: Job) -> SearchSpace:
+    """Read and validate a space file against `job` (every key it names, every value it can give); ConfigError
+    on the first problem."""
     path = Path(path)
-    data = read_yaml(path)
-    source = path.read_text()
-    where = path.name
+    return _parse(read_yaml(path), path.read_text(), path.name, path.stem, job)
+
+
+def parse_space(text: str, name: str = "space") -> SearchSpace:
+    """A space from its YAML text (the copy a sweep logged), checked as `load_space` checks it except against a
+    job: the keys and values are not; `name` when the text names none. ConfigError on the first problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{name}: not readable YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping of space settings, got {type(data).__name__}")
+    return _parse(data, text, name, name, None)
+
+
+def _parse(data: dict[str, Any], source: str, where: str, stem: str, job: Job | None) -> SearchSpace:
     kind = data.get("kind", "ablation" if "rows" in data else "search")
     if kind not in ("search", "ablation"):
         raise _err(f"{where}: kind", f"got {kind!r}; expected search or ablation")
@@ -239,31 +260,31 @@ def load_space(path: str | Path, job: Job, job_data: dict[str, Any]) -> SearchSp
             article = "an" if kind == "ablation" else "a"
             raise _err(f"{where}: {key}",
                        f"unknown key for {article} {kind} space; valid: {', '.join(sorted(allowed))}")
-    name = data.get("name", path.stem)
+    name = data.get("name", stem)
     metric, mode = data.get("metric", "val/miou"), data.get("mode", "max")
     if mode not in ("max", "min"):
         raise _err(f"{where}: mode", f"got {mode!r}; expected max or min")
-    if metric not in layout.TUNE_METRICS:
-        raise _err(f"{where}: metric", f"got {metric!r}{_did_you_mean(metric, layout.TUNE_METRICS)}; a space can "
-                                       f"optimise what trials report to Tune: {', '.join(layout.TUNE_METRICS)}")
-    job_keys = set(flatten(to_dict(job)))
+    if metric not in contract.TUNE_METRICS:
+        raise _err(f"{where}: metric", f"got {metric!r}{_did_you_mean(metric, contract.TUNE_METRICS)}; a space can "
+                                       f"optimise what trials report to Tune: {', '.join(contract.TUNE_METRICS)}")
+    job_keys = set(flatten(to_dict(job))) if job is not None else None
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise _err(f"{where}: overrides", f"got {overrides!r}; expected a mapping of job keys to values")
     for key in overrides:
         _check_key(key, job_keys, f"{where}: overrides.{key}")
-    _check_values(job_data, {}, overrides, f"{where}: overrides")
+    _check_values(job, {}, overrides, f"{where}: overrides")
     concurrent = data.get("max_concurrent_trials")
     if concurrent is not None and (not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1):
         raise _err(f"{where}: max_concurrent_trials", f"got {concurrent!r}; expected an integer >= 1")
     common = {"name": name, "kind": kind, "metric": metric, "mode": mode, "overrides": overrides,
               "max_concurrent_trials": concurrent, "source": source}
     if kind == "ablation":
-        return _load_ablation(data, where, job_keys, job_data, common)
-    return _load_search(data, where, job_keys, job_data, common)
+        return _load_ablation(data, where, job_keys, job, common)
+    return _load_search(data, where, job_keys, job, common)
 
 
-def _load_ablation(data, where, job_keys, job_data, common) -> SearchSpace:
+def _load_ablation(data, where, job_keys, job, common) -> SearchSpace:
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
@@ -283,7 +304,7 @@ def _load_ablation(data, where, job_keys, job_data, common) -> SearchSpace:
             raise _err(f"{at}.set", f"got {settings!r}; expected a mapping of job keys to values")
         for key in settings:
             _check_key(key, job_keys, f"{at}.set.{key}")
-        _check_values(job_data, common["overrides"], settings, f"{at} ({row['name']})")
+        _check_values(job, common["overrides"], settings, f"{at} ({row['name']})")
         rows.append((row["name"], settings))
     names = [r[0] for r in rows]
     if len(set(names)) != len(names):
@@ -291,7 +312,7 @@ def _load_ablation(data, where, job_keys, job_data, common) -> SearchSpace:
     return SearchSpace(**common, seeds=tuple(seeds), rows=tuple(rows))
 
 
-def _load_search(data, where, job_keys, job_data, common) -> SearchSpace:
+def _load_search(data, where, job_keys, job, common) -> SearchSpace:
     num_samples = data.get("num_samples", 1)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise _err(f"{where}: num_samples", f"got {num_samples!r}; expected an integer >= 1")
@@ -310,7 +331,7 @@ def _load_search(data, where, job_keys, job_data, common) -> SearchSpace:
             probe = {key: value}
             if d.condition is not None:
                 probe[d.condition[0]] = d.condition[1]
-            _check_values(job_data, common["overrides"], probe, f"{at} = {value!r}")
+            _check_values(job, common["overrides"], probe, f"{at} = {value!r}")
     if not any(d.kind != "fixed" for d in dims.values()):
         raise _err(f"{where}: space", "nothing to search: every key is fixed (use overrides, or an ablation)")
     points = data.get("points_to_evaluate") or []

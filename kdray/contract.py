@@ -1,0 +1,182 @@
+"""The run contract: the names kdray writes and `kdray.report` reads, and the evaluation the engine hands up.
+
+Below every layer (plain Python, nothing from kdray but its errors), so that the engine, orchestration and the
+report all spell a metric or a tag the same way and none of them imports another to learn it.
+
+MLflow layout:
+
+    experiment  = the job's name (or tracking.experiment)
+    sweep run   = parent, one per `python -m kdray.sweep`         tags: KIND=sweep, SWEEP_ID, SPACE, SPACE_KIND, ...
+    trial runs  = children (mlflow.parentRunId = sweep run)  tags: KIND=trial, SWEEP_ID, TRIAL_ID, METHOD, SEED, ...
+    teacher run = the teacher's own training, when kdray did it    tags: KIND=teacher, TEACHER_ARCH, PARAMS_M
+
+Params of a trial are its flattened job config (`losses.kd.weight`, ...). Metrics carry the iteration as step.
+Status: FINISHED; KILLED for trials the scheduler stopped early (STOPPED_EARLY=true) or that were interrupted;
+FAILED with the reason in FAILURE.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdray.errors import ConfigError
+
+# tags
+KIND = "kdray.kind"  # sweep | trial | teacher
+SWEEP_ID = "kdray.sweep_id"
+SPACE = "kdray.space"  # the search space's name
+SPACE_KIND = "kdray.space_kind"  # search | ablation
+METRIC = "kdray.metric"  # the metric the sweep optimises (val/miou)
+MODE = "kdray.mode"  # max | min
+GIT_COMMIT = "kdray.git_commit"
+VERSION = "kdray.version"
+TRIAL_ID = "kdray.trial_id"
+METHOD = "kdray.method"  # CE, KD, KD+I2CKD, ...: the enabled distillation terms
+ROW = "kdray.row"  # the ablation row's name (ablation sweeps only)
+ROW_INDEX = "kdray.row_index"  # its position in the space's list of rows
+CLASSES = "kdray.classes"  # JSON list of the class names, in class-id order
+SEED = "kdray.seed"
+TEACHER_ARCH = "kdray.teacher_arch"  # arch, with "@<width>x" when the width multiplier is not 1
+STUDENT_ARCH = "kdray.student_arch"
+PARAMS_M = "kdray.params_m"  # the trained model's parameters, millions (the student's for a trial)
+TEACHER_PARAMS_M = "kdray.teacher_params_m"
+TEACHER_CHECKPOINT = "kdray.teacher_checkpoint"  # teacher runs: the file they produced or scored; sweep runs: theirs
+DATASET = "kdray.dataset"
+FORMULA = "kdray.formula"  # "Loss = 1 * CE + 1 * KD + ..."
+RESUMED_FROM = "kdray.resumed_from"  # the iteration a restarted trial last continued from (worker or sweep restart)
+STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial
+FAILURE = "kdray.failure"  # why a FAILED run failed
+PARENT = "mlflow.parentRunId"
+SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep (and teacher) run of a --smoke-test sweep: not a result
+NOT_STARTED = "kdray.not_started"  # "true" on the run of a trial that never started (status FAILED or KILLED)
+TRIALS_PLANNED = "kdray.trials_planned"  # on the sweep run: how many trials its space makes (rows x seeds, samples)
+
+
+def arch_label(arch: str, width: float) -> str:
+    """`deeplabv3_resnet18`, or `deeplabv3_resnet18@0.125x` for a width-reduced variant."""
+    return arch if width == 1 else f"{arch}@{width:g}x"
+
+
+# metrics (step = iteration)
+ITERATION = "iteration"  # not an MLflow metric (it is the step); the key Tune's results and ASHA order by
+ITERATIONS_TOTAL = "iterations_total"  # with every Tune result: how far the trial would go
+VAL_MIOU = "val/miou"
+VAL_BEST_MIOU = "val/best_miou"  # the best val/miou of the run so far, this evaluation included
+VAL_PIXEL_ACC = "val/pixel_acc"
+VAL_IOU_PREFIX = "val/iou/"  # + class name, made loggable (iou_metric_key)
+TRAIN_LOSS_PREFIX = "train/loss/"  # + term name (ce, kd, i2ckd, ..., total)
+TRAIN_LOSS_TOTAL = TRAIN_LOSS_PREFIX + "total"
+TRAIN_LR = "train/lr"
+TRAIN_IMAGES_PER_S = "train/images_per_s"
+# What each evaluation reports to Tune (with ITERATION and ITERATIONS_TOTAL): the metrics a search space can
+# optimise and ASHA can compare. Everything else (per-class IoU, training terms) goes to MLflow only.
+TUNE_METRICS = (VAL_MIOU, VAL_PIXEL_ACC)
+
+# artifacts
+JOB_ARTIFACT = "config/job.yaml"
+SPACE_ARTIFACT = "config/space.yaml"
+BEST_CHECKPOINT_ARTIFACT_DIR = "checkpoints"  # holds best_student.pt
+REPORT_ARTIFACT_DIR = "report"  # the tables and plots on the sweep run
+
+# What a class name may keep in its metric key: MLflow's characters less '/' and ':' (see iou_metric_key).
+_REFUSED_IN_CLASS_NAME = re.compile(r"[^\w.\- ]")
+
+
+def iou_metric_key(class_name: str) -> str:
+    r"""The MLflow metric name a class's IoU is logged under: "val/iou/" + the class name, made loggable.
+
+    MLflow 3 accepts a metric name only if it matches `^[/\w.\- :]*$` (Unicode letters, digits and '_', then
+    '.', '-', ' ', ':', '/'; ':' refused on Windows), and only if `posixpath.normpath` leaves it unchanged and
+    it neither starts with '/' nor '..'. So it refuses "(", ")", "+", "," and "'", among others. Here every
+    character of `class_name` other than a word character, '.', '-' or ' ' becomes '_': also '/' (a class
+    name is one segment: "tv/monitor" would otherwise nest under "val/iou/tv" and, in MLflow's file store,
+    collide with a class "tv") and ':' (so the key is the same whatever platform logs it). A name that would
+    vanish as a path segment ("", ".", "..") becomes as many '_' (one for ""). Names made only of accepted
+    characters are unchanged: "traffic light" -> "val/iou/traffic light", "crack (large)" ->
+    "val/iou/crack _large_", "person+rider" -> "val/iou/person_rider", "tv/monitor" -> "val/iou/tv_monitor".
+    Distinct names can map to the same key ("a(b", "a)b"). MLflow also caps names at 250 characters, which a
+    class name longer than 242 still exceeds.
+    """
+    name = _REFUSED_IN_CLASS_NAME.sub("_", class_name)
+    if name in ("", ".", ".."):
+        name = "_" * max(len(name), 1)
+    return VAL_IOU_PREFIX + name
+
+
+def train_loss_key(term: str) -> str:
+    """`train/loss/<term>`: one distillation term's (or the total's) mean over a logging window."""
+    return TRAIN_LOSS_PREFIX + term
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a run on its val split, as the engine reports it (every rank gets the same one).
+
+    `iou[k]` is class `classes[k]`'s IoU (NaN for a class absent from labels and predictions alike); `miou`,
+    `pixel_acc` and the IoUs are fractions in [0, 1]. `best_miou` is the best mIoU of the run so far, this
+    evaluation included, restored on resume; `is_best` says whether this evaluation set it (its weights are the
+    run's best ones now). A tie with the earlier best, or a NaN mIoU, is not a new best.
+    """
+
+    iteration: int
+    miou: float
+    pixel_acc: float
+    classes: tuple[str, ...]
+    iou: tuple[float, ...]
+    best_miou: float
+    is_best: bool
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.iou):
+            raise ValueError(f"Evaluation: {len(self.classes)} class names for {len(self.iou)} IoU values")
+
+    def metrics(self) -> dict[str, float]:
+        """The evaluation as MLflow metrics (with ITERATION, the step): val/miou, val/pixel_acc, one val/iou/<class>
+        per class, val/best_miou."""
+        out: dict[str, float] = {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc}
+        out.update({iou_metric_key(name): value for name, value in zip(self.classes, self.iou)})
+        out[VAL_BEST_MIOU] = self.best_miou
+        return out
+
+    def tune_metrics(self) -> dict[str, float]:
+        """What Tune gets of it: ITERATION and TUNE_METRICS (the caller adds ITERATIONS_TOTAL)."""
+        return {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc}
+
+
+def improves(miou: float, best: float) -> bool:
+    """Whether an evaluation's mIoU is a new best over `best` (-inf before the first): strictly greater, so a
+    tie keeps the earlier evaluation's weights, and a NaN never counts."""
+    return not math.isnan(miou) and miou > best
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The job's URI, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory: the store
+    a sweep writes and the report reads, spelled the same way by both.
+
+    Absolute, because Ray moves the workers' working directory. A bare path ending in `.db` is a SQLite file. A
+    bare directory path (or a `file:` URI) names MLflow's file store, which MLflow 3 refuses unless
+    MLFLOW_ALLOW_FILE_STORE=true: without that opt-in it is a ConfigError suggesting a SQLite file instead.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
+    if "://" in uri and not uri.startswith("file:"):
+        return uri
+    if uri.startswith("file:"):
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+    else:
+        path = Path(uri)
+    path = path.expanduser().resolve()
+    if not uri.startswith("file:") and path.suffix == ".db":
+        return f"sqlite:///{path}"
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return path.as_uri()
+    raise ConfigError(f"tracking URI {uri!r} (--tracking-uri, tracking.uri or $MLFLOW_TRACKING_URI): a directory is "
+                      f"MLflow's file store, which MLflow 3 refuses; use a SQLite file, e.g. "
+                      f"sqlite:///{path / 'mlflow.db'} (or a path ending in .db)")

@@ -1,0 +1,140 @@
+"""What became of a sweep and of each of its trials: statuses, failure reasons as values, the summary table,
+and closing the MLflow runs a sweep leaves open however it ends.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdray import contract
+from kdray.orchestration.tracking import Tracker
+from kdray.space import SEED_KEY
+
+# What a trial can end as, in the summary table. The sweep's exit code (`SweepOutcome.exit_code`, listed in
+# `kdray sweep --help`) is 0 only when every trial finished or was stopped early, 130 when interrupted, else 1.
+FINISHED, STOPPED_EARLY, FAILED, INTERRUPTED, NOT_STARTED = ("finished", "stopped early", "failed", "interrupted",
+                                                             "not started")
+
+
+class TrialFailed(RuntimeError):
+    """A trial ended as a failure on purpose (a non-finite loss, a config its space cannot build, its workers'
+    error); `reason` is the one line its run's FAILURE tag and the sweep's summary show."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def reason(err: BaseException) -> str:
+    """The last line of an error's text (a worker's own exception, under Ray's wrapping), without the dotted
+    class path Ray puts before it (`kdray.errors.DataError: ...` -> `DataError: ...`)."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", last)
+
+
+def is_trial_failure(err: object) -> bool:
+    """Whether `err` is a `TrialFailed` (Ray re-raises a remote exception as an instance of its class, with the
+    original as `cause`)."""
+    return isinstance(err, TrialFailed) or isinstance(getattr(err, "cause", None), TrialFailed)
+
+
+def failure_reason(err: BaseException | str | None, default: str = "the trial failed") -> str:
+    """Why a trial failed, as its summary says it: a `TrialFailed`'s own reason, else the last line of the error
+    Tune kept (`reason`); without the dotted class path either way."""
+    if err is None or (isinstance(err, str) and not err.strip()):
+        return default
+    if isinstance(err, str):  # Tune's text trace, when the error itself could not be pickled
+        return reason(RuntimeError(err))
+    if is_trial_failure(err):
+        return reason(err if isinstance(err, TrialFailed) else err.cause)  # type: ignore[attr-defined]
+    return reason(err)
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    label: str
+    seed: int
+    params: dict[str, Any]
+    last: float
+    best: float
+    iteration: int
+    status: str  # finished | stopped early | failed: <reason> | interrupted | not started
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (FINISHED, STOPPED_EARLY)
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    sweep_dir: Path
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    trials: list[TrialSummary]
+    wall_s: float
+    interrupted: bool = False
+    report_markdown: str | None = None  # the tables of kdray.report, also logged on the sweep's run
+    never_created: int = 0  # trials of the space that Tune had not even created when the sweep stopped
+
+    @property
+    def complete(self) -> bool:
+        """The sweep ran to its end (every trial ended, one way or another)."""
+        return not self.interrupted
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if all(t.ok for t in self.trials) and not self.never_created else 1
+
+    def counts(self) -> str:
+        """`"3 finished, 1 stopped early, 1 failed"`: every status that occurs, in a fixed order."""
+        order = (FINISHED, STOPPED_EARLY, FAILED, INTERRUPTED, NOT_STARTED)
+        tally = {s: sum(t.status.split(":")[0] == s for t in self.trials) for s in order}
+        tally[NOT_STARTED] += self.never_created
+        return ", ".join(f"{n} {s}" for s, n in tally.items() if n)
+
+
+def summary_table(outcome: SweepOutcome, metric: str = contract.VAL_MIOU) -> str:
+    """The results, best first, as a Markdown table; trials Tune never created are counted under it."""
+    from kdray.reporting.render import markdown_table
+
+    keys = sorted({k for t in outcome.trials for k in t.params if k != SEED_KEY})
+    head = ["rank", "trial", "row / method", "seed", *keys, f"best {metric}", f"last {metric}", "iteration", "status"]
+    rows = [[str(i), t.trial_id, t.label, str(t.seed), *(_fmt(t.params.get(k, "")) for k in keys),
+             _pct(t.best), _pct(t.last), str(t.iteration), t.status] for i, t in enumerate(outcome.trials, 1)]
+    text = markdown_table(head, rows, "rllr" + "l" * len(keys) + "rrrl")
+    if outcome.never_created:
+        text += f"\n\n{outcome.never_created} more trial(s) of the space never started."
+    return text
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def close_open_runs(tracker: Tracker, sweep_id: str, parent: str | None, interrupted: bool, why: str) -> None:
+    """End every trial run of the sweep still RUNNING (and the sweep's run, when given): KILLED when the sweep
+    was interrupted (resumable), FAILED otherwise, with the reason."""
+    status = "KILLED" if interrupted else "FAILED"
+    for run_id in tracker.running_runs(sweep_id):
+        if not interrupted:
+            tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+        tracker.end_run(run_id, status)
+    if parent is not None:
+        tracker.set_tags(parent, {contract.FAILURE: why[:5000]})
+        tracker.end_run(parent, status)

@@ -1,0 +1,126 @@
+"""A sweep's folder and its state: `<run.output_dir>/<job>/sweeps/sweep-<id>/` holds Tune's experiment state, a
+copy of the space file and `kdray_sweep.json` (the job as data, the space, the MLflow ids), so `--resume` finds
+everything it needs there, and refuses a sweep that ran to its end or whose space file changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdray import __version__, contract
+from kdray.config import job_from_dict, read_yaml, to_dict, to_yaml
+from kdray.errors import ConfigError
+from kdray.orchestration.outcome import reason
+from kdray.orchestration.tracking import Tracker
+
+if TYPE_CHECKING:
+    from kdray.orchestration.plan import Plan, SweepRequest
+
+STATE_FILE = "kdray_sweep.json"
+SPACE_COPY = "space"  # the sweep folder's copy of its space file: what --resume runs, and checks the file against
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def latest_sweep(root: Path) -> Path:
+    """The newest sweep folder under `root` that did not run to its end (interrupted, or stopped by an error)."""
+    sweeps = sorted(p for p in root.glob("sweep-*") if (p / STATE_FILE).is_file())
+    open_ = [p for p in sweeps if not json.loads((p / STATE_FILE).read_text()).get("ended")]
+    if not open_:
+        ended = f" ({len(sweeps)} sweep(s) there ran to their end)" if sweeps else ""
+        raise ConfigError(f"--resume: no interrupted sweep to resume under {root}{ended}")
+    return open_[-1]
+
+
+def mark_ended(sweep_dir: Path, counts: str) -> None:
+    """Record in the sweep's state file that it ran to its end: --resume continues only interrupted sweeps."""
+    file = sweep_dir / STATE_FILE
+    file.write_text(json.dumps({**json.loads(file.read_text()), "ended": counts}, indent=1))
+
+
+def load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
+    """The state of the sweep `request.resume` names ("latest": the job's newest interrupted one) and its folder."""
+    if request.overrides:
+        raise ConfigError(f"--resume continues a sweep exactly as it started; overrides are refused here (got "
+                          f"{' '.join(request.overrides)}): start a new sweep to change the job")
+    if request.resume == "latest":
+        data = read_yaml(request.job_path)
+        data.setdefault("name", Path(request.job_path).stem)
+        job = job_from_dict(data)
+        sweep_dir = latest_sweep(Path(job.run.output_dir) / job.name / "sweeps")
+    else:
+        sweep_dir = Path(request.resume).resolve()
+    file = sweep_dir / STATE_FILE
+    if not file.is_file():
+        raise ConfigError(f"--resume: {sweep_dir} is not a kdray sweep folder (no {STATE_FILE})")
+    state = json.loads(file.read_text())
+    if state.get("ended"):
+        raise ConfigError(f"--resume: sweep {state['sweep_id']} ran to its end ({state['ended']}); --resume "
+                          "continues an interrupted sweep: start a new sweep to run trials again")
+    return state, sweep_dir
+
+
+def resumed_space_file(state: dict[str, Any], sweep_dir: Path) -> str:
+    """The space the sweep started with (its copy in the sweep folder); refused when the space file the sweep
+    was started from has changed since, because Tune's saved trials name rows and keys of the old one."""
+    original = Path(state["space_path"])
+    copy = state.get("space_file")
+    if not copy or not Path(copy).is_file():  # a sweep from before kdray kept a copy: the file as it is now
+        return str(original)
+    started = state.get("space_sha256") or sha(Path(copy).read_text())
+    if original.is_file():
+        now = sha(original.read_text())
+        if now != started:
+            raise ConfigError(f"--resume: the space file {original} changed since sweep {state['sweep_id']} started "
+                              f"(sha256 {started[:12]} then, {now[:12]} now); a sweep resumes the space it started "
+                              f"with: restore the file (a copy is in {copy}) or start a new sweep")
+    return copy
+
+
+def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[dict[str, Any], Path]:
+    """The sweep's folder (with a copy of its space and its state file) and its MLflow run: the state."""
+    job, space = plan.job, plan.space
+    sweep_id = time.strftime("%Y%m%d-%H%M%S")
+    sweep_dir = Path(job.run.output_dir) / job.name / "sweeps" / f"sweep-{sweep_id}"
+    sweep_dir.mkdir(parents=True, exist_ok=False)
+    copy = sweep_dir / SPACE_COPY / Path(plan.space_path).name
+    copy.parent.mkdir()
+    copy.write_text(space.source)
+    tags = {contract.KIND: "sweep", contract.SWEEP_ID: sweep_id, contract.SPACE: space.name,
+            contract.SPACE_KIND: space.kind, contract.METRIC: space.metric, contract.MODE: space.mode,
+            contract.GIT_COMMIT: git_commit(), contract.VERSION: __version__, contract.DATASET: job.data.dataset}
+    if request.smoke_test:
+        tags[contract.SMOKE_TEST] = "true"
+    if plan.needs_teacher:  # the report's teacher row is this file's run, no other teacher of the experiment
+        tags[contract.TEACHER_CHECKPOINT] = str(plan.teacher_job.teacher.checkpoint)
+    tags[contract.TRIALS_PLANNED] = str(space.trial_count)
+    parent = tracker.start_run(f"sweep-{sweep_id}", tags)
+    state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
+             "job_data": to_dict(plan.base), "space_path": str(Path(plan.space_path).resolve()),
+             "space_file": str(copy), "space_sha256": sha(space.source), "num_samples": space.num_samples,
+             "train_teacher": plan.train_teacher}
+    try:
+        (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        tracker.log_text(parent, to_yaml(job), contract.JOB_ARTIFACT)
+        tracker.log_text(parent, space.source, contract.SPACE_ARTIFACT)
+    except BaseException as err:
+        tracker.set_tags(parent, {contract.FAILURE: reason(err)[:5000]})
+        tracker.end_run(parent, "FAILED")
+        raise
+    return state, sweep_dir

@@ -1,0 +1,98 @@
+"""The teacher's place in a sweep: trained first when its file is missing (a run of its own), or scored once on
+the val split when it is given but has no run yet, so that the report's tables have their teacher row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdray import contract
+from kdray.config import Job, flatten, to_dict
+from kdray.contract import Evaluation
+from kdray.errors import ResourceError
+from kdray.orchestration.outcome import reason
+from kdray.orchestration.progress import TeacherProgress
+from kdray.orchestration.tracking import Tracker
+
+
+def train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, smoke: bool = False) -> None:
+    """Train the job's teacher on Ray Train workers into `job.teacher.checkpoint`, as a run of its own."""
+    from kdray.models import build_model
+    from kdray.orchestration.workers import fit
+
+    model = build_model(job.teacher.arch, job.data.num_classes, width=job.teacher.width)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    tags = teacher_tags(job, params_m)
+    if smoke:
+        tags[contract.SMOKE_TEST] = "true"
+    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", tags)
+    tracker.log_params(run_id, flatten(to_dict(job)))
+    say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
+    try:
+        with TeacherProgress(job.teacher.iterations or job.optim.iterations, say,
+                             name=f"teacher {job.teacher.arch}") as progress:
+            fit(job, role="teacher", run_id=run_id, tracking_uri=uri, name="teacher", storage_path=str(sweep_dir),
+                callbacks=[progress.callback])
+    except BaseException as err:  # Ctrl+C too: the teacher's run never stays RUNNING
+        tracker.set_tags(run_id, {contract.FAILURE: reason(err)[:5000]})
+        tracker.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
+    if not Path(job.teacher.checkpoint).is_file():
+        raise ResourceError(f"the teacher run ended without writing {job.teacher.checkpoint}")
+
+
+def teacher_tags(job: Job, params_m: float) -> dict[str, str]:
+    from kdray.data import class_names
+
+    return {contract.KIND: "teacher",
+            contract.TEACHER_ARCH: contract.arch_label(job.teacher.arch, job.teacher.width),
+            contract.PARAMS_M: f"{params_m:.4f}",
+            contract.DATASET: job.data.dataset, contract.SEED: str(job.run.seed),
+            contract.TEACHER_CHECKPOINT: str(job.teacher.checkpoint),
+            contract.CLASSES: json.dumps(class_names(job.data))}
+
+
+def evaluate_teacher(job: Job) -> tuple[Evaluation, float]:
+    """The teacher's evaluation on the val split (as the engine reports one, at iteration 0) and its size in
+    millions of parameters."""
+    import torch
+
+    from kdray.data import build_dataset, class_names
+    from kdray.engine import RankContext, evaluate, load_teacher
+    from kdray.engine.evaluate import evaluation_loader, judge
+
+    if job.run.threads:  # a Ray task starts with one intra-op thread per CPU it asked for
+        torch.set_num_threads(job.run.threads)
+    device = torch.device("cuda" if job.run.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(job, device)
+    ctx = RankContext(device=device)
+    loader = evaluation_loader(build_dataset(job.data, "val"), job.data.eval_batch_size, ctx)
+    scores = evaluate(teacher, loader, job.data.num_classes, job.data.ignore_index, ctx)
+    evaluation = judge(0, scores, class_names(job.data), float("-inf"))
+    return evaluation, sum(p.numel() for p in teacher.parameters()) / 1e6
+
+
+def record_teacher(job: Job, tracker: Tracker, say) -> None:
+    """Give the experiment a teacher run for this checkpoint (the tables' top row), scoring it once if needed.
+
+    The scoring runs as a Ray task with one worker's resources, so on a cluster it lands on a GPU node.
+    """
+    import ray
+
+    if tracker.find_run(**{contract.KIND: "teacher", contract.TEACHER_CHECKPOINT: str(job.teacher.checkpoint)}):
+        return
+    say(f"scoring the teacher {job.teacher.checkpoint} on the val split for the report's teacher row")
+    task = ray.remote(num_cpus=job.run.cpus_per_worker, num_gpus=job.run.gpus_per_worker)(evaluate_teacher)
+    evaluation, params_m = ray.get(task.remote(job))
+    # what the teacher's own training would have logged of an evaluation: its scores, not the run's best so far
+    metrics = {k: v for k, v in evaluation.metrics().items() if k not in (contract.ITERATION, contract.VAL_BEST_MIOU)}
+    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", teacher_tags(job, params_m))
+    try:
+        tracker.run_logger(run_id).log_metrics(metrics, 0)
+    except BaseException as err:
+        tracker.set_tags(run_id, {contract.FAILURE: reason(err)[:5000]})
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")

@@ -1,0 +1,206 @@
+"""Ray Tune for a sweep: Ray itself, the Tuner (Optuna + ASHA for a search, a grid of rows x seeds for an
+ablation), running the trials, and what became of each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdray import contract
+from kdray.config import Job, override, to_dict
+from kdray.errors import ConfigError
+from kdray.losses.objective import method_label
+from kdray.orchestration.outcome import (
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    NOT_STARTED,
+    STOPPED_EARLY,
+    SweepOutcome,
+    TrialSummary,
+    close_open_runs,
+    failure_reason,
+)
+from kdray.orchestration.plan import exists, largest
+from kdray.orchestration.progress import SweepProgress, TrialLabel, quiet_ray_output, tune_verbosity
+from kdray.orchestration.resources import TRIAL_CPU, concurrency
+from kdray.orchestration.resume import mark_ended
+from kdray.orchestration.teacher_run import record_teacher, train_teacher
+from kdray.orchestration.tracking import Tracker
+from kdray.space import ROW_KEY, SEED_KEY, SearchSpace
+
+if TYPE_CHECKING:
+    from kdray.orchestration.plan import Plan, SweepRequest
+
+
+def start_ray(address: str | None, verbose: bool = False) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = quiet_ray_output(verbose, local=not address)  # Ray's, Tune's and MLflow's start-up notices
+    if address:
+        ray.init(address=address, log_to_driver=False, **kwargs)
+    else:
+        ray.init(log_to_driver=False, **kwargs)
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    if space.kind == "ablation":
+        rows = [name for name, _ in space.rows]
+        return {ROW_KEY: tune.grid_search(rows), SEED_KEY: tune.grid_search(list(space.seeds))}
+    return {}
+
+
+def tune_config(space: SearchSpace, job: Job, limit: int):
+    from ray import tune
+
+    if space.kind == "ablation":
+        return tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, max_concurrent_trials=limit)
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, seed=space.seed,
+                          points_to_evaluate=space.points_to_evaluate or None)
+    scheduler = None
+    if space.scheduler.kind == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        grace = min(space.scheduler.grace_period * job.optim.eval_interval, job.optim.iterations)
+        # the reported iteration, not Tune's training_iteration, which restarts at 1 after a restore
+        scheduler = ASHAScheduler(time_attr=contract.ITERATION, max_t=job.optim.iterations, grace_period=grace,
+                                  reduction_factor=space.scheduler.reduction_factor)
+    return tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
+                           num_samples=space.num_samples, max_concurrent_trials=limit)
+
+
+def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: str, sweep_dir: Path, parent: str,
+               cluster: dict[str, float], say) -> SweepOutcome:
+    """The teacher first when the sweep needs it, then every trial of the space on Tune; the outcome, with the
+    report written and the sweep's runs closed (or left resumable when interrupted)."""
+    from ray import tune
+
+    space = plan.space
+    if plan.train_teacher:
+        train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say, smoke=request.smoke_test)
+    elif plan.needs_teacher and exists(plan.teacher_job.teacher.checkpoint):
+        record_teacher(plan.teacher_job, tracker, say)
+
+    from kdray.orchestration.trial import INTERRUPTED as CTRL_C
+    from kdray.orchestration.trial import InterruptWatch, MlflowStatusCallback, SweepContext, run_trial
+
+    # the trials' edge: Tune ships the job as plain data, and each trial builds its Job from it once
+    context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), to_dict(plan.base))
+    trainable = tune.with_resources(partial(run_trial, space=space, sweep=context), {"cpu": TRIAL_CPU})
+    limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
+    callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id),
+                 SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.base),
+                               say=say)]
+    if request.resume:
+        tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(space),
+            tune_config=tune_config(space, plan.job, limit),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
+                # Train restarts dead workers from their checkpoint; a trial that failed stays failed
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=tune_verbosity(request.verbose),
+            ),
+        )
+    say(f"running {space.trial_count} trial(s), at most {limit} at a time")
+    CTRL_C.clear()
+    grid = tuner.fit()
+    trials, interrupted = summaries(grid, space, plan.base, tracker, sweep_id, CTRL_C.is_set())
+    never_created = max(0, space.trial_count - len(trials))
+    outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, interrupted,
+                           never_created=never_created)
+    if interrupted:  # Tune saved its state; --resume reopens the runs and continues
+        close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
+        say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
+        return outcome
+    from kdray.reporting import write_report
+
+    close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
+    mark_ended(sweep_dir, outcome.counts())
+    report = write_report(plan.uri, plan.experiment, sweep_id, sweep_dir / "report",
+                          formats=("md", "tex", "csv", "parquet"), log_artifacts=True)
+    outcome.report_markdown = report.markdown
+    if outcome.exit_code:
+        tracker.set_tags(parent, {contract.FAILURE: outcome.counts()})
+        tracker.end_run(parent, "FAILED")
+    else:
+        tracker.clear_tag(parent, contract.FAILURE)
+        tracker.end_run(parent, "FINISHED")
+    return outcome
+
+
+def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: str,
+              ctrl_c: bool = False) -> tuple[list[TrialSummary], bool]:
+    """Each trial Tune created, best first, with what became of it; and whether the sweep was interrupted
+    (`ctrl_c`, or a trial still pending, running or paused when `fit` returned). `base`: the job every trial
+    starts from.
+
+    After Ctrl+C, Tune ends the running trials TERMINATED: a trial short of its iterations then counts as
+    stopped early only if the scheduler said so first (its run carries STOPPED_EARLY), else as interrupted.
+    """
+    out, interrupted = [], ctrl_c
+    for trial, result in zip(tune_trials(grid), grid):
+        config = trial.config or {}
+        job = _trial_job(base, space, config)
+        history = result.metrics_dataframe
+        series = history[space.metric].dropna().tolist() if history is not None and space.metric in history else []
+        last = series[-1] if series else float("nan")
+        best = (max(series) if space.mode == "max" else min(series)) if series else float("nan")
+        metrics = trial.last_result or {}
+        done = int(metrics.get(contract.ITERATION, 0))
+        total = int(metrics.get(contract.ITERATIONS_TOTAL, 0))
+        if trial.status == "ERROR":
+            status = f"{FAILED}: {failure_reason(result.error)}"
+        elif trial.status == "TERMINATED":
+            run_id = tracker.find_run(**{contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: trial.trial_id})
+            if run_id is not None:  # a trial restored from its final checkpoint reports nothing new to Tune
+                done = max(done, tracker.last_step(run_id, contract.VAL_MIOU))
+            if not total:  # (a job the space cannot build raises its error here)
+                total = (job or override(base, space.trial_overrides(config))).optim.iterations
+            scheduled = run_id is not None and tracker.tags(run_id).get(contract.STOPPED_EARLY) == "true"
+            if done >= total:
+                status = FINISHED
+            elif ctrl_c and not scheduled:
+                status = INTERRUPTED if done else NOT_STARTED
+            elif not done:
+                status = f"{FAILED}: it ended without reporting an evaluation"
+            else:
+                status = STOPPED_EARLY
+        else:  # PENDING, RUNNING or PAUSED when fit returned: the sweep was interrupted
+            interrupted = True
+            status = INTERRUPTED if done or series else NOT_STARTED
+        label = config.get(ROW_KEY) or (method_label(job.losses) if job is not None else "?")
+        params = {k: v for k, v in config.items() if k != ROW_KEY}
+        out.append(TrialSummary(trial.trial_id, label, int(config.get(SEED_KEY, 0)), params, last, best, done,
+                                status))
+    sign = -1 if space.mode == "max" else 1
+    out.sort(key=lambda t: (math.isnan(t.best), sign * (t.best if not math.isnan(t.best) else 0)))
+    return out, interrupted
+
+
+def _trial_job(base: Job, space: SearchSpace, config: dict[str, Any]) -> Job | None:
+    """The job of one trial; None for a config the space can no longer build (the trial failed on it)."""
+    try:
+        return override(base, space.trial_overrides(config))
+    except (ConfigError, KeyError):
+        return None
+
+
+def tune_trials(grid) -> list:
+    """Tune's Trial objects behind a ResultGrid, in the grid's order (their status is not on the Results)."""
+    return list(grid._experiment_analysis.trials)
