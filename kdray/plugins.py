@@ -53,14 +53,13 @@ def resolve_entries(entries: Sequence[str], base: Path | None = None) -> tuple[s
     return tuple(resolved)
 
 
+_IMPORTED: dict[str, str] = {}  # file entry -> the text this process imported for it
+
+
 def read_sources(entries: Sequence[str]) -> dict[str, str]:
-    """`{file: text}` of the file entries (already resolved), to ship with the trials; ConfigError for a file
-    that cannot be read."""
-    sources = {}
-    for entry in entries:
-        if is_file_entry(entry):
-            sources[entry] = _read(Path(entry))
-    return sources
+    """`{file: text}` of the file entries (already resolved), to ship with the trials: the text this process
+    imported (a worker re-ships what it was sent), else the file's; ConfigError for a file that cannot be read."""
+    return {entry: _IMPORTED.get(entry) or _read(Path(entry)) for entry in entries if is_file_entry(entry)}
 
 
 def import_plugins(entries: Sequence[str], sources: Mapping[str, str] | None = None) -> None:
@@ -71,6 +70,7 @@ def import_plugins(entries: Sequence[str], sources: Mapping[str, str] | None = N
             path = Path(entry)
             text = sources[entry] if sources and entry in sources and not path.is_file() else _read(path)
             _import_file(path, text)
+            _IMPORTED[entry] = text
         else:
             _import_module(entry)
 

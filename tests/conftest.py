@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+from torch import nn
 
+from kdray.losses import LOSSES, LossConfig, register_loss, student_features, teacher_features
 from kdray.models import build_model
 
 
@@ -30,3 +34,38 @@ def teacher_file(tmp_path_factory):
     torch.manual_seed(123)
     torch.save(build_model("deeplabv3_resnet18", 8, width=0.125).state_dict(), path)
     return str(path)
+
+
+# A loss on a backbone layer (FitNet-style hint), registered for the tests that use the `layer_hint` fixture.
+@dataclass
+class LayerHintConfig(LossConfig):
+    layer: str = "backbone.layer3"
+
+
+def _reads(cfg):
+    return {"student_map": student_features(cfg.layer), "teacher_map": teacher_features(cfg.layer)}
+
+
+def _build(cfg, context):
+    return LayerHint(context.student(cfg.layer), context.teacher(cfg.layer))
+
+
+class LayerHint(nn.Module):
+    """A FitNet-style hint: `mean (W * f_S - f_T)²` at one layer, W a 1x1 adapter C_S -> C_T."""
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.adapter = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+
+    def forward(self, student_map, teacher_map):
+        return (self.adapter(student_map) - teacher_map.detach()).float().square().mean()
+
+
+@pytest.fixture
+def layer_hint():
+    """The name of a registered loss reading `losses.<name>.layer` (default backbone.layer3) of both models."""
+    register_loss("layer_hint_test", config=LayerHintConfig, label="HINT", reads=_reads, build=_build)(LayerHint)
+    yield "layer_hint_test"
+    LOSSES.pop("layer_hint_test", None)
+
+

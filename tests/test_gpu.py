@@ -286,3 +286,20 @@ def test_cuda_graphs_on_two_ranks_train_what_eager_ranks_train(tmp_path, teacher
                 assert _relative_error(graphed[part][name], want) < 1e-4, (part, name)
             else:
                 assert torch.equal(graphed[part][name], want), (part, name)
+
+
+@pytest.mark.parametrize("extra", [["run.amp=bf16"], ["run.cuda_graphs=true"],
+                                   ["run.amp=bf16", "run.cuda_graphs=true"]])
+def test_a_loss_on_backbone_layers_trains_on_cuda(tmp_path, teacher_file, layer_hint, extra):
+    """Feature taps on the GPU: the hooked layers' maps (bf16 under autocast) reach a loss that reads
+    `backbone.layer3` of both models, eagerly and by graph replay, and the run trains and resumes."""
+    job = tiny_job(tmp_path, teacher_file, **{f"losses.{layer_hint}.enabled": True, "run.gpus_per_worker": 1,
+                                              **{k: yaml.safe_load(v) for k, v in (e.split("=") for e in extra)}})
+    ctx = RankContext(device=torch.device("cuda", 0))
+    logs = []
+    result = train(job, tmp_path / "full", ctx=ctx, log=logs.append, progress=False)
+    assert [h["iteration"] for h in result.history] == [3, 6]
+    assert all(torch.isfinite(torch.tensor(m[f"train/loss/{layer_hint}"])) for m in logs)
+    train(job, tmp_path / "cut", ctx=ctx, progress=False, stop_after=3)
+    again = train(job, tmp_path / "cut", ctx=ctx, resume=tmp_path / "cut" / "checkpoint", progress=False)
+    assert [h["iteration"] for h in again.history] == [3, 6]

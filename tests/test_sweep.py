@@ -280,3 +280,55 @@ def test_a_worker_killed_mid_trial_restarts_from_its_checkpoint(ray_cluster, tmp
     # iterations after the resumed checkpoint are evaluated twice (before and after the restart)
     steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, contract.VAL_MIOU)})
     assert steps == list(range(2, 17, 2))
+
+
+def test_a_loss_from_a_plugin_file_outside_the_package_runs_in_a_smoke_sweep(ray_cluster, tmp_path, teacher_file,
+                                                                             monkeypatch):
+    """Two trials of a loss defined in the user's own file: its options come from the space, every trial
+    trains with it and logs its term. The file is moved away once the driver has read it, as on a cluster
+    node that never had it: the trials import the text shipped with them."""
+    monkeypatch.chdir(tmp_path)
+    plugin = tmp_path / "my_method" / "scaled_l2.py"
+    plugin.parent.mkdir()
+    plugin.write_text(
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n"
+        "from kdray.losses import STUDENT_LOGITS, TEACHER_LOGITS, LossConfig, option, register_loss\n\n\n"
+        "@dataclass\nclass ScaledL2Config(LossConfig):\n    scale: float = option(1.0, above=0)\n\n\n"
+        "@register_loss('scaled_l2', config=ScaledL2Config, label='SL2',\n"
+        "               reads={'student_logits': STUDENT_LOGITS, 'teacher_logits': TEACHER_LOGITS})\n"
+        "class ScaledL2(nn.Module):\n"
+        "    def __init__(self, scale=1.0):\n        super().__init__()\n        self.scale = scale\n\n"
+        "    def forward(self, student_logits, teacher_logits):\n"
+        "        return self.scale * (student_logits - teacher_logits.detach()).float().square().mean()\n")
+    space = write(tmp_path / "plugin_space.yaml", {
+        "name": "plugin", "seeds": [0],
+        "rows": [{"name": "SL2 x1", "set": {"losses.scaled_l2.enabled": True, "losses.scaled_l2.scale": 1.0}},
+                 {"name": "SL2 x3", "set": {"losses.scaled_l2.enabled": True, "losses.scaled_l2.scale": 3.0}}]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shutil.copyfile(teacher_file, tmp_path / "teacher.pt")
+    request = SweepRequest(str(DEMO), space, [*TINY, "run.output_dir=runs", "teacher.checkpoint=teacher.pt",
+                                              f"plugins=[{plugin.relative_to(tmp_path)}]"],
+                           tracking_uri=uri, smoke_test=True)
+    moved = []
+
+    def say(*_):
+        if not moved:  # the driver has the plan, the plugin is imported: the trials must not need the file
+            plugin.rename(tmp_path / "elsewhere.py")
+            moved.append(True)
+
+    try:
+        outcome = run_sweep(request, say=say)
+    finally:
+        from kdray.losses import LOSSES
+
+        LOSSES.pop("scaled_l2", None)
+    assert moved and not plugin.exists()
+    assert outcome.complete and outcome.exit_code == 0, [t.status for t in outcome.trials]
+    client, runs = children(uri, "demo", outcome.sweep_id)
+    assert sorted(r.data.params["losses.scaled_l2.scale"] for r in runs) == ["1.0", "3.0"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[contract.METHOD] == "SL2"
+        assert run.data.tags[contract.FORMULA] == "Loss = 1 * CE + 1 * SL2"
+        assert "train/loss/scaled_l2" in run.data.metrics

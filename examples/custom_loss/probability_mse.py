@@ -36,7 +36,8 @@ class ProbabilityMSE(nn.Module):
     Bounded (each pixel contributes at most 2), so unlike KL it never explodes on a confident wrong teacher.
     An empty batch gives 0 (connected to the student's logits, so backward still runs).
 
-    Shapes: student_logits, teacher_logits (N, K, h, w), any float dtype. Returns a float32 scalar. The teacher's logits are detached here.
+    Shapes: student_logits, teacher_logits (N, K, h, w), any float dtype. Returns a float32 scalar; the teacher's
+    logits are detached here.
 
     Source: an illustration for kdray's plugin interface; probability-matching losses of this kind go back to
     Ba and Caruana, "Do Deep Nets Really Need to be Deep?", NIPS 2014 (which matched logits by L2).

@@ -8,6 +8,7 @@ own file under `kdray/losses/`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -155,9 +156,33 @@ class Job:
     # rest of the job is read, on the driver and on every worker. Paths are resolved against the working directory.
     plugins: tuple[str, ...] = ()
 
+    def __reduce__(self):
+        """A job with plugins pickles as its plain data and the text of its plugin files, and unpickles by
+        importing those first (`kdray.plugins`): a Ray task or worker on a node without the files could not
+        otherwise unpickle the config classes a plugin defines. Other jobs pickle as any dataclass."""
+        if not self.plugins:
+            return object.__reduce__(self)
+        from kdray.config.loading import to_dict
+        from kdray.plugins import read_sources
+
+        return _job_with_plugins, (to_dict(self), read_sources(self.plugins))
+
+    def __deepcopy__(self, memo: dict) -> Job:
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in vars(self).items():
+            setattr(copied, key, copy.deepcopy(value, memo))
+        return copied
+
     @property
     def distills(self) -> bool:
         """True when some enabled loss reads a teacher tensor (every distillation loss; not CE)."""
         from kdray.losses import LOSSES
 
         return any(LOSSES[name].needs_teacher(cfg) for name, cfg in self.losses.enabled().items())
+
+
+def _job_with_plugins(data: dict[str, Any], sources: dict[str, str]) -> Job:
+    from kdray.config import job_from_dict
+
+    return job_from_dict(data, plugin_sources=sources)

@@ -76,6 +76,31 @@ def _validate_losses(job: Job) -> None:
     _require(bool(job.losses.enabled()), "losses", "nothing enabled", f"enable at least one of {', '.join(sections)}")
     for name, cfg in sections.items():
         LOSSES[name].check(cfg)
+    _validate_taps(job)
+
+
+def _validate_taps(job: Job) -> None:
+    """Every layer an enabled loss reads features of must exist in the model it names (built on the meta
+    device: no memory, no compute); ConfigError naming the loss, the layer and the valid ones otherwise."""
+    from kdray.losses import LOSSES
+    from kdray.losses.inputs import HEAD
+    from kdray.models import build_model
+    from kdray.models.taps import tap_names
+
+    for side, cfg in (("student", job.student), ("teacher", job.teacher)):
+        wanted = {(name, tap) for name, loss in job.losses.enabled().items()
+                  for tap in LOSSES[name].taps(loss, side) if tap != HEAD}
+        if not wanted:
+            continue
+        import torch
+
+        with torch.device("meta"):
+            valid = tap_names(build_model(cfg.arch, job.data.num_classes, aux=False, width=cfg.width))
+        for name, tap in sorted(wanted):
+            close = difflib.get_close_matches(tap, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            _require(tap in valid, f"losses.{name}", f"{side} layer {tap}",
+                     f"not a layer of {cfg.arch}{hint}; valid: {', '.join(valid)}")
 
 
 def validate(job: Job) -> Job:

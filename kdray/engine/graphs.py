@@ -96,8 +96,12 @@ class GraphedObjective:
 
 
 class _OwnedLossCall(nn.Module):
+    """A loss's owned loss as a function of the step's tensors; its owned parameters (what the graph's backward
+    differentiates, the inputs being detached) are this module's."""
+
     def __init__(self, objective: DistillationObjective, name: str, keys: tuple[str, ...]):
         super().__init__()
+        self.owned = nn.ParameterList(objective.owned_parameters(name))
         self.__dict__["objective"] = objective
         self.name, self.keys = name, keys
 

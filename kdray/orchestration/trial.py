@@ -11,7 +11,7 @@ import contextlib
 import json
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class SweepContext:
     experiment: str
     storage_path: str  # the Tune experiment folder; each trial's Train run lives under it
     job_data: dict[str, Any]  # the job every trial starts from, as plain data: a trial builds its Job from it
+    plugin_sources: dict[str, str] = field(default_factory=dict)  # the text of the job's plugin files (nodes may
+    # lack them: `kdray.plugins`)
     teacher_params_m: float | None = None
 
 
@@ -79,7 +81,7 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = Tracker(sweep.tracking_uri, sweep.experiment)
     try:
-        job = job_from_dict(sweep.job_data, space.trial_overrides(config))
+        job = job_from_dict(sweep.job_data, space.trial_overrides(config), plugin_sources=sweep.plugin_sources)
         tags = trial_tags(job, space, config)
     except Exception as err:
         why = f"the trial's config cannot be built: {type(err).__name__}: {err}"

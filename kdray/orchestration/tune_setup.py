@@ -31,6 +31,7 @@ from kdray.orchestration.resources import TRIAL_CPU, concurrency
 from kdray.orchestration.resume import mark_ended
 from kdray.orchestration.teacher_run import record_teacher, train_teacher
 from kdray.orchestration.tracking import Tracker
+from kdray.plugins import read_sources
 from kdray.space import ROW_KEY, SEED_KEY, SearchSpace
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
     from kdray.orchestration.trial import InterruptWatch, MlflowStatusCallback, SweepContext, run_trial
 
     # the trials' edge: Tune ships the job as plain data, and each trial builds its Job from it once
-    context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), to_dict(plan.base))
+    context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), to_dict(plan.base),
+                           read_sources(plan.base.plugins))
     trainable = tune.with_resources(partial(run_trial, space=space, sweep=context), {"cpu": TRIAL_CPU})
     limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
     callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id),
