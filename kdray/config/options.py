@@ -54,19 +54,20 @@ class Range:
 
 
 def option(default: Any, *, at_least: float | None = None, above: float | None = None,
-           at_most: float | None = None, below: float | None = None, engine: bool = False) -> Any:
+           at_most: float | None = None, below: float | None = None, constructor: bool = True) -> Any:
     """A dataclass field with `default` and the range its value (each value, for a tuple) must lie in.
 
-    engine: the option configures the training engine around the module (an optimizer's learning rate), not
-    the module itself, so it is not passed to the module's constructor.
+    constructor=False: the option is not passed to the module's constructor, because it configures something
+    around the module (the learning rate of an optimizer the loss owns) or what it reads (the layer a loss
+    compares, which the spec's `reads` turns into an input).
     """
-    metadata = {"range": Range(at_least, above, at_most, below), "engine": engine}
+    metadata = {"range": Range(at_least, above, at_most, below), "constructor": constructor}
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def engine_options(cls: type) -> set[str]:
-    """The fields of a config dataclass marked `option(..., engine=True)`."""
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("engine")}
+def not_for_constructor(cls: type) -> set[str]:
+    """The fields of a config dataclass marked `option(..., constructor=False)`."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("constructor") is False}
 
 
 def require(ok: bool, key: str, value: object, allowed: str) -> None:

@@ -52,8 +52,8 @@ class AdversarialConfig(LossConfig):
     objective: Literal["hinge", "wgan_gp"] = "hinge"
     d_weight: float = option(0.1, above=0)
     gp_weight: float = option(10.0, at_least=0)
-    d_lr: float = option(4e-4, above=0, engine=True)
-    d_betas: tuple[float, float] = option((0.9, 0.99), at_least=0, below=1, engine=True)
+    d_lr: float = option(4e-4, above=0, constructor=False)
+    d_betas: tuple[float, float] = option((0.9, 0.99), at_least=0, below=1, constructor=False)
 
     def term_weight(self) -> float:
         if self.weight is not None:

@@ -30,7 +30,7 @@ The contract:
   input of a tap other than `head` makes the engine capture that layer, on the student or the teacher.
 - **build** makes the module from the config and a `LossContext` (class count, ignore value, channel counts of
   the taps, to size adapters). Default: the class called with the config's options (all but `enabled`,
-  `weight` and the options marked `engine=True`) plus those of `num_classes`, `ignore_index`,
+  `weight` and the options marked `option(..., constructor=False)`) plus those of `num_classes`, `ignore_index`,
   `student_channels`, `teacher_channels` (of the `head` tap) its signature names.
 - **owned** (optional, `OwnedStep`): parameters of the loss trained by an optimizer of their own, stepped after
   the student's (the holistic loss's discriminator). Everything else the module owns (adapters) trains with
@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdray.config.options import check_options, engine_options, option
+from kdray.config.options import check_options, not_for_constructor, option
 from kdray.errors import ConfigError
 from kdray.losses.inputs import HEAD, StepInput
 
@@ -154,7 +154,7 @@ class LossSpec:
         """The loss module for `config` (validated already)."""
         if self.build is not None:
             return self.build(config, context)
-        skip = {"enabled", "weight", *engine_options(type(config))}
+        skip = {"enabled", "weight", *not_for_constructor(type(config))}
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
         accepted = inspect.signature(self.module).parameters
         offered = {"num_classes": context.num_classes, "ignore_index": context.ignore_index,
