@@ -61,7 +61,8 @@ def option(default: Any, *, at_least: float | None = None, above: float | None =
     around the module (the learning rate of an optimizer the loss owns) or what it reads (the layer a loss
     compares, which the spec's `reads` turns into an input).
     """
-    metadata = {"range": Range(at_least, above, at_most, below), "constructor": constructor}
+    bounds = Range(at_least, above, at_most, below)
+    metadata = {"range": bounds if bounds != Range() else None, "constructor": constructor}
     return dataclasses.field(default=default, metadata=metadata)
 
 
