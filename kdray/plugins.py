@@ -66,16 +66,39 @@ def import_plugins(entries: Sequence[str], sources: Mapping[str, str] | None = N
     """Import every plugin (entries already resolved); a file missing here is imported from `sources` when
     they hold its text. ConfigError naming the plugin and the error when one fails."""
     for entry in entries:
+        before = _registered()
         if is_file_entry(entry):
             path = Path(entry)
             text = sources[entry] if sources and entry in sources and not path.is_file() else _read(path)
+            fresh = module_name(path, text) not in sys.modules
             _import_file(path, text)
             _IMPORTED[entry] = text
         else:
+            fresh = entry not in sys.modules
             _import_module(entry)
+        if fresh and _registered() == before:
+            raise ConfigError(f"plugins: {entry}: registered no loss and no dataset (kdray.losses.register_loss, "
+                              "kdray.data.register_dataset)")
+
+
+def load_plugins(*entries: str) -> tuple[str, ...]:
+    """Import plugins as a job that names them does (files relative to the working directory), for a test or
+    a notebook: `load_plugins("my_loss.py")`, then `check_loss("my_loss")`. Returns the resolved entries."""
+    resolved = resolve_entries(list(entries))
+    import_plugins(resolved)
+    return resolved
+
+
+def _registered() -> set[str]:
+    from kdray.data.registry import DATASETS
+    from kdray.losses.registry import LOSSES
+
+    return {*(f"loss {n}" for n in LOSSES), *(f"dataset {n}" for n in DATASETS)}
 
 
 def _read(path: Path) -> str:
+    if path.is_dir():
+        raise ConfigError(f"plugins: {path}: a folder; name the Python file (my_loss.py) or an importable module")
     if not path.is_file():
         raise ConfigError(f"plugins: {path}: no such file")
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdray.config.loading import build
 from kdray.errors import KdrayError
 from kdray.losses.inputs import HEAD, LABELS, LABELS_AT_LOGITS, StepInput, StepTensors
 from kdray.losses.labels import downsample_labels
@@ -60,7 +61,8 @@ class LossChecker:
     def __init__(self, name: str, options: Mapping[str, Any] | None = None, seed: int = 0):
         self.name, self.options, self.seed = name, dict(options or {}), seed
         self.spec: LossSpec = loss_spec(name)
-        self.config = self.spec.config(**{**self.options, "enabled": True})
+        # as a job's `losses.<name>` section is read: an unknown option gets a did-you-mean, a bad type a line
+        self.config = build(self.spec.config, {**self.options, "enabled": True}, f"losses.{name}")
         self.spec.check(self.config)
         self.reads = self.spec.inputs(self.config)  # {forward argument: StepInput}
         self.owned_reads = self.spec.owned.inputs(self.config) if self.spec.owned is not None else {}
@@ -68,8 +70,14 @@ class LossChecker:
         self.label_keys = sorted(self.keys & {LABELS.key, LABELS_AT_LOGITS.key})
 
     def check_all(self) -> None:
+        """Every check in turn; any exception a check meets becomes an AssertionError naming the loss and it."""
         for check in CHECKS:
-            getattr(self, f"check_{check}")()
+            try:
+                getattr(self, f"check_{check}")()
+            except AssertionError:
+                raise
+            except Exception as err:
+                self._fail(check, f"raised {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ the checks
     def check_value(self) -> None:

@@ -16,7 +16,7 @@ from kdray.cli import default_job, job_parser, run_main
 from kdray.config import Job, job_hash, load_job
 from kdray.data import split_name
 from kdray.engine import train
-from kdray.engine.inputs import check_weights, open_splits
+from kdray.engine.inputs import check_losses, check_weights, open_splits
 from kdray.losses.objective import config_formula, method_label
 from kdray.models.public import find_public
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     job = load_job(args.job or default_job(), args.overrides)
     sizes = open_splits(job, full=args.check_data)
     notes = check_weights(job)
+    check_losses(job)
     if args.dry_run:
         print(plan(job, sizes))
         for note in notes:

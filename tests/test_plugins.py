@@ -152,3 +152,110 @@ def test_the_example_plugin_runs_in_a_dry_run_sweep_plan(tmp_path):
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "losses.prob_mse.weight: loguniform [0.1, 10.0]" in proc.stdout
+
+
+LOSS_HEADER = ("from dataclasses import dataclass\nfrom torch import nn\n"
+               "from kdray.losses import STUDENT_LOGITS, TEACHER_LOGITS, StepInput, LossConfig, register_loss\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("@dataclass\nclass C(LossConfig):\n    pass\n"
+         "@register_loss('typo_in', config=C, label='T1', reads={'z': StepInput('teacher.logit')})\n"
+         "class L(nn.Module):\n    def forward(self, z):\n        return z.mean()\n",
+         r"step input 'teacher.logit': not a tensor of the step \(did you mean teacher.logits\?\); valid: "),
+        ("@dataclass\nclass C(LossConfig):\n    pass\n"
+         "@register_loss('wrong_arg', config=C, label='T2', reads={'teacher': TEACHER_LOGITS})\n"
+         "class L(nn.Module):\n    def forward(self, student_logits, teacher_logits):\n        return 0\n",
+         r"losses.wrong_arg: reads names the argument 'teacher', but L.forward takes student_logits, "
+         r"teacher_logits"),
+        ("class C(LossConfig):\n    temperature: float = 2.0\n"
+         "@register_loss('no_dc', config=C, label='T3', reads={'z': STUDENT_LOGITS})\n"
+         "class L(nn.Module):\n    def forward(self, z):\n        return z.mean()\n",
+         r"register_loss\('no_dc'\): C needs @dataclass"),
+        ("@dataclass\nclass C(LossConfig):\n    pass\n"
+         "@register_loss('mykd', config=C, label='KD', reads={'z': STUDENT_LOGITS})\n"
+         "class L(nn.Module):\n    def forward(self, z):\n        return z.mean()\n",
+         r"register_loss\('mykd'\): the label 'KD' is taken by the loss 'kd'"),
+        ("x = 1\n", r"registered no loss and no dataset"),
+    ],
+)
+def test_a_plugin_that_breaks_the_loss_contract_is_refused_when_imported(tmp_path, body, message):
+    bad = tmp_path / "bad_loss.py"
+    bad.write_text(LOSS_HEADER + body)
+    with pytest.raises(ConfigError, match=message) as err:
+        job_from_dict({"plugins": [str(bad)]})
+    assert "\n" not in str(err.value)
+    for name in ("typo_in", "wrong_arg", "no_dc", "mykd"):
+        assert name not in LOSSES
+
+
+def test_a_folder_given_as_a_plugin_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"plugins: .*: a folder; name the Python file"):
+        job_from_dict({"plugins": [str(tmp_path) + "/"]})
+
+
+def test_an_unknown_loss_key_points_at_plugins():
+    with pytest.raises(ConfigError, match=r"losses.hint: unknown key; valid keys here: ce, kd, .*; a loss of your "
+                                          r"own comes in by naming its file under `plugins`"):
+        job_from_dict({}, ["losses.hint.enabled=true"])
+
+
+def test_a_loss_whose_forward_fails_stops_the_dry_run(tmp_path, teacher_file):
+    """The pre-flight check runs in --dry-run (and before a sweep starts Ray), on stand-in outputs."""
+    bad = tmp_path / "boom.py"
+    bad.write_text(LOSS_HEADER + "import torch\n\n@dataclass\nclass C(LossConfig):\n    pass\n"
+                   "@register_loss('boom', config=C, label='BOOM', reads={'z': STUDENT_LOGITS})\n"
+                   "class L(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                   "        self.conv = nn.Conv2d(7, 9, 1)\n"
+                   "    def forward(self, z):\n        return self.conv(z).mean()\n")
+    proc = subprocess.run([sys.executable, "-m", "kdray.train", "--job", str(REPO / "jobs/demo.yaml"), "--dry-run",
+                           f"plugins=[{bad}]", "losses.boom.enabled=true", f"teacher.checkpoint={teacher_file}",
+                           "teacher.width=0.125"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: losses.boom: cannot run on student.logits (16, 8, 8, 8)")
+    assert "expected input[16, 8, 8, 8] to have 7 channels" in proc.stderr
+
+
+def test_a_dataset_plugin_leaves_the_teacher_and_job_keys_of_other_datasets_alone(tmp_path):
+    from kdray.config import job_hash
+    from kdray.config.cache import teacher_key
+
+    plugin = tmp_path / "only_data.py"
+    plugin.write_text(
+        "from dataclasses import dataclass\nimport torch\nfrom torch.utils.data import Dataset\n"
+        "from kdray.config.options import option\nfrom kdray.data import register_dataset\n\n"
+        "@dataclass\nclass O:\n    length: int = option(20, at_least=1)\n\n"
+        "@register_dataset('keys_only_ds', class_names=('a', 'b'), paper_splits=('train', 'val'), "
+        "splits=('train', 'val'), options=O, needs_root=False, image_size=(32, 32), build=lambda r: D())\n"
+        "class D(Dataset):\n    def __len__(self):\n        return 4\n"
+        "    def __getitem__(self, i):\n        return torch.zeros(3, 32, 32), torch.zeros(32, 32)\n")
+    data = {"data": {"dataset": "synthetic"}, "losses": {"kd": {"enabled": True}}}
+    before = job_from_dict(data)
+    try:
+        after = job_from_dict({**data, "plugins": [str(plugin)]})
+        assert hasattr(after.data, "keys_only_ds")
+        assert (teacher_key(after), job_hash(after)) == (teacher_key(before), job_hash(before))
+    finally:
+        from kdray.data.registry import DATASETS
+
+        DATASETS.pop("keys_only_ds", None)
+
+
+def test_check_data_reads_every_mask_of_a_plugin_dataset(tmp_path):
+    plugin = tmp_path / "bad_masks.py"
+    plugin.write_text(
+        "from dataclasses import dataclass\nimport torch\nfrom torch.utils.data import Dataset\n"
+        "from kdray.data import register_dataset\n\n"
+        "@register_dataset('bad_mask_ds', class_names=('a', 'b'), paper_splits=('train', 'val'), "
+        "splits=('train', 'val'), needs_root=False, image_size=(32, 32), build=lambda r: D())\n"
+        "class D(Dataset):\n    def __len__(self):\n        return 20\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.zeros(3, 32, 32, dtype=torch.uint8), torch.full((32, 32), 5 if i == 7 else 1)\n")
+    proc = subprocess.run([sys.executable, "-m", "kdray.train", "--dry-run", "--check-data", f"plugins=[{plugin}]",
+                           "data.dataset=bad_mask_ds", "data.num_classes=2", "data.crop=[32,32]",
+                           "data.batch_size=4"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: bad_mask_ds train item 7: mask value 5 is outside 0..1 "
+                                                    "(K = 2) and is not data.ignore_index=255")

@@ -509,3 +509,18 @@ def test_the_report_shows_only_the_sweeps_own_teacher_and_counts_trials_without_
     data = SimpleNamespace(sweep_tags={contract.TRIALS_PLANNED: "3", contract.FAILURE: "interrupted: 1 finished"},
                            runs=SimpleNamespace(num_rows=1))
     assert "2 of the 3 trials the space plans have no run: they never started" in unrun_note(data)[0]
+
+
+def test_a_worker_failure_reason_is_the_workers_own_exception_not_trains_truncated_snippet():
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from kdray.errors import PreflightError
+    from kdray.orchestration.outcome import worker_reason
+
+    first = PreflightError("losses.boom: cannot run on student.logits (2, 8, 4, 4): channels")
+    err = WorkerGroupError("[Rank 0 Error Snippet]: ...ightError: losses.boom: cannot run",
+                           {1: UserExceptionWithTraceback(PreflightError("rank 1"), "tb"),
+                            0: UserExceptionWithTraceback(first, "Traceback ...")})
+    assert worker_reason(err) == f"PreflightError: {first}"
+    assert worker_reason(RuntimeError("a\nkdray.errors.DataError: label value 9")) == "DataError: label value 9"

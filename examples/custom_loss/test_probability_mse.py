@@ -10,14 +10,15 @@ import torch
 
 from kdray.config import job_from_dict
 from kdray.losses import LOSSES
+from kdray.plugins import load_plugins
 from kdray.testing import check_loss
 
 PLUGIN = str(Path(__file__).with_name("probability_mse.py"))
 
 
 def _registered():
-    """Import the plugin the way a job does (by path, through `plugins:`) and return its module class."""
-    job_from_dict({"plugins": [PLUGIN]})
+    """Import the plugin as a job naming it does (by path) and return its module class."""
+    load_plugins(PLUGIN)
     return LOSSES["prob_mse"].module
 
 

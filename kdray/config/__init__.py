@@ -89,7 +89,14 @@ def to_yaml(job: Job) -> str:
 _NOT_HASHED = ("plugins", "tracking", "run.output_dir", "optim.log_interval", "data.loader_workers")
 
 
+def weight_settings(job: Job) -> dict[str, Any]:
+    """The job's settings, flattened, without those of datasets it does not read (a plugin's dataset options
+    are in every job of a process that imported it): what digests of a job start from."""
+    unused = tuple(f"data.{name}." for name in job.data.sections() if name != job.data.dataset)
+    return {k: v for k, v in flatten(to_dict(job)).items() if not k.startswith(unused)}
+
+
 def job_hash(job: Job) -> str:
     """A short digest of everything that determines the trained weights (a resume must match it)."""
-    flat = {k: v for k, v in flatten(to_dict(job)).items() if not any(k.startswith(p) for p in _NOT_HASHED)}
+    flat = {k: v for k, v in weight_settings(job).items() if not any(k.startswith(p) for p in _NOT_HASHED)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]

@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-from kdray.config.loading import flatten, to_dict
 from kdray.config.schema import Job
 
 AUTO = "auto"
@@ -33,7 +32,9 @@ def cache_dir() -> Path:
 
 def teacher_key(job: Job) -> str:
     """A 12-hex digest of the settings that determine the weights `kdray.teacher` would train for `job`."""
-    flat = flatten(to_dict(job))
+    from kdray.config import weight_settings
+
+    flat = weight_settings(job)
     kept = {k: v for k, v in flat.items() if k.startswith(_TEACHER_KEYS) and k not in _IGNORED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -123,7 +123,9 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             valid = [*names, *sections]
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+            plugin = f"; a {cls.section_kind} of your own comes in by naming its file under `plugins`" \
+                if sections and not close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys here: {', '.join(valid)}{plugin}")
     obj = cls(**kwargs)
     for key, section in built_sections.items():
         setattr(obj, key, section)

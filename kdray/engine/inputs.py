@@ -8,14 +8,18 @@ weights file, or a teacher trained for another class count stops the command in 
   (every mask with `full=True`, the `--check-data` scan); at least one global batch of training images;
 - `check_weights`: the teacher checkpoint (when the job distils) and the student's backbone file, each read
   as a state dict (`weights_only`: an unsafe pickle is refused, never run) and fitted, strictly, to a model
-  built on the meta device (no memory, no compute); returns notes where a public file does not suit the job.
+  built on the meta device (no memory, no compute); returns notes where a public file does not suit the job;
+- `check_losses`: every enabled loss's pre-flight check (the one a run makes at its first step) on stand-in
+  outputs of the job's models at the training shapes: a loss that cannot run, or a plugin loss whose forward
+  fails, stops the command here rather than at the first step of the first trial.
 
-Errors are `DataError` or `CheckpointError` (exit code 2 on the command line).
+Errors are `DataError`, `CheckpointError` or `PreflightError` (exit code 2 on the command line).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -27,8 +31,10 @@ from kdray.config import Job
 from kdray.data import raw_dataset, split_name
 from kdray.engine.progress import Progress
 from kdray.errors import CheckpointError, DataError
-from kdray.models import build_model
+from kdray.losses.objective import DistillationObjective, required_taps
+from kdray.models import SegmenterOutput, build_model
 from kdray.models.public import mismatches
+from kdray.models.taps import tap_channels, tap_stride
 from kdray.models.weights import load_segmenter_weights, read_state_dict
 
 SCAN_THREADS = min(8, os.cpu_count() or 1)  # threads reading masks for --check-data
@@ -40,17 +46,37 @@ def open_splits(job: Job, full: bool = False) -> dict[str, int]:
     for role in ("train", "val"):
         dataset = raw_dataset(job.data, role)
         sizes[role] = len(dataset)
-        if full and hasattr(dataset, "check"):
+        if full:
             split = split_name(job.data, role)
             show = Progress(len(dataset))
             t0 = time.perf_counter()
-            dataset.check(progress=_throttled(show, f"checking {job.data.dataset} {split} masks"),
-                          workers=SCAN_THREADS)
+            progress = _throttled(show, f"checking {job.data.dataset} {split} masks")
+            if hasattr(dataset, "check"):  # the file datasets read the masks themselves, in threads
+                dataset.check(progress=progress, workers=SCAN_THREADS)
+            else:
+                _check_items(dataset, job, split, progress)
             show.message(f"{len(dataset)} {split} masks checked in {time.perf_counter() - t0:.1f} s")
     if sizes["train"] < job.data.batch_size:  # the sampler would refuse it later, after the models are built
         raise DataError(f"the {split_name(job.data, 'train')} split has {sizes['train']} images, fewer than one "
                         f"global batch (data.batch_size={job.data.batch_size}): lower data.batch_size or add data")
     return sizes
+
+
+def _check_items(dataset, job: Job, split: str, progress) -> None:
+    """Every item's mask of a dataset without its own check (a plugin's, the synthetic one): integer class ids
+    0..K-1 or the ignore value; DataError naming the dataset, split, item and value otherwise."""
+    k, ignore = job.data.num_classes, job.data.ignore_index
+    for index in range(len(dataset)):
+        mask = torch.as_tensor(dataset[index][1])
+        where = f"{job.data.dataset} {split} item {index}"
+        if mask.is_floating_point() and not torch.equal(mask, mask.round()):
+            raise DataError(f"{where}: mask values are not integer class ids (dtype {mask.dtype})")
+        values = mask.long().unique()
+        bad = values[((values < 0) | (values >= k)) & (values != ignore)]
+        if bad.numel():
+            raise DataError(f"{where}: mask value {int(bad[0])} is outside 0..{k - 1} (K = {k}) and is not "
+                            f"data.ignore_index={ignore}")
+        progress(index + 1, len(dataset))
 
 
 def _throttled(show: Progress, label: str):
@@ -139,6 +165,45 @@ def _file_class_count(state: dict[str, torch.Tensor], model: torch.nn.Module, nu
                 and other.shape[0] != num_classes and other.shape[1:] == tensor.shape[1:]):
             return int(other.shape[0])
     return None
+
+
+def check_losses(job: Job) -> None:
+    """The losses' pre-flight check on stand-in outputs: random logits, features of every layer an enabled loss
+    reads (their channel counts and strides from meta-device copies of the models), labels with ignored pixels
+    and images, for one worker's batch of training crops. Builds the objective on the CPU (its adapters and
+    discriminator), never the networks, and leaves the random stream as it was. PreflightError naming the loss.
+    """
+    d = job.data
+    n, (height, width), k = max(d.batch_size // job.run.workers, 1), d.crop, d.num_classes
+    with _on_meta():
+        student = build_model(job.student.arch, k, aux=job.student.aux, width=job.student.width)
+        teacher = build_model(job.teacher.arch, k, aux=False, width=job.teacher.width) if job.distills else None
+    with torch.random.fork_rng(devices=[]):
+        g = torch.Generator().manual_seed(0)
+
+        def maps(channels: int, stride: int) -> torch.Tensor:
+            return torch.randn(n, channels, math.ceil(height / stride), math.ceil(width / stride), generator=g)
+
+        def outputs(model, side: str) -> tuple[SegmenterOutput, dict[str, torch.Tensor]]:
+            aux = maps(k, 8) if side == "student" and model.auxlayer is not None else None
+            out = SegmenterOutput(maps(k, 8), maps(model.feature_channels, 8).relu(), aux)
+            taps = {t: maps(tap_channels(model, t), tap_stride(model, t)).relu()
+                    for t in required_taps(job.losses, side)}
+            return out, taps
+
+        taps_channels = {"student": {t: tap_channels(student, t) for t in required_taps(job.losses, "student")}}
+        if teacher is not None:
+            taps_channels["teacher"] = {t: tap_channels(teacher, t) for t in required_taps(job.losses, "teacher")}
+        objective = DistillationObjective(
+            job.losses, num_classes=k, student_channels=student.feature_channels,
+            teacher_channels=teacher.feature_channels if teacher is not None else None,
+            ignore_index=d.ignore_index, tap_channels=taps_channels)
+        s_out, s_taps = outputs(student, "student")
+        t_out, t_taps = outputs(teacher, "teacher") if teacher is not None else (None, None)
+        labels = torch.randint(0, k, (n, height, width), generator=g)
+        labels[:, : max(height // 8, 1)] = d.ignore_index  # a band of ignored pixels, like a padded crop's
+        images = torch.randn(n, 3, height, width, generator=g)
+        objective.preflight(objective.step_tensors(s_out, t_out, labels, images, s_taps, t_taps))
 
 
 @contextlib.contextmanager

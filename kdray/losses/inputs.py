@@ -18,12 +18,22 @@ under autocast).
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from kdray.errors import ConfigError
+
 HEAD = "head"  # the tap of the map the classifier reads (`SegmenterOutput.features`)
+_PLAIN_KEYS = ("student.logits", "teacher.logits", "student.aux_logits", "labels", "labels.at_logits", "images")
+_FEATURES = re.compile(r"(student|teacher)\.features\[[^\s\[\]]+\]")
+
+
+def _is_step_key(key: object) -> bool:
+    return isinstance(key, str) and (key in _PLAIN_KEYS or _FEATURES.fullmatch(key) is not None)
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,15 @@ class StepInput:
 
     key: str
     required: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_step_key(self.key):
+            close = difflib.get_close_matches(str(self.key), [*_PLAIN_KEYS, "student.features[head]",
+                                                              "teacher.features[head]"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"step input {self.key!r}: not a tensor of the step{hint}; valid: "
+                              f"{', '.join(_PLAIN_KEYS)}, student.features[TAP], teacher.features[TAP] "
+                              "(TAP: a layer, see kdray.models.tap_names)")
 
     @property
     def side(self) -> str | None:

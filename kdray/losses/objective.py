@@ -176,8 +176,8 @@ class DistillationObjective(nn.Module):
                 whose = "no teacher is loaded" if i.side == "teacher" else "the step has none"
                 raise PreflightError(f"losses.{name}: needs the {i.side}'s {_what(i)}, but {whose}")
         for i in reads:  # a student tensor and its teacher counterpart must agree where the loss compares them
-            twin = StepInput(i.key.replace("student.", "teacher.", 1))
-            if i.side != "student" or twin.key not in {r.key for r in reads} or i not in t or twin not in t:
+            twin = i.key.replace("student.", "teacher.", 1)
+            if i.side != "student" or twin not in {r.key for r in reads} or i not in t or twin not in t:
                 continue
             s, te = t[i], t[twin]
             dims = slice(2, None) if i.tap is not None else slice(1, None)

@@ -36,8 +36,9 @@ The contract:
   the student's (the holistic loss's discriminator). Everything else the module owns (adapters) trains with
   the student.
 
-The module returns an unweighted scalar; the objective multiplies it by the config's `term_weight()`. Teacher
-inputs arrive detached. The losses' state (adapters, discriminator) is in the objective's state dict, so it is
+The module returns an unweighted scalar; the objective multiplies it by the config's `term_weight()`. No
+gradient may flow into a teacher input: the engine's carry none (the teacher runs without autograd), and a loss
+detaches them itself so that it keeps this when called on its own (the harness checks it). The losses' state (adapters, discriminator) is in the objective's state dict, so it is
 in every checkpoint. A plugin file registers its losses the same way (`plugins:` in a job); one registry-wide
 test harness (`kdray.testing.check_loss`) holds every registered loss to this contract.
 
@@ -163,7 +164,29 @@ class LossSpec:
         return self.module(**options)
 
     def check(self, config: Any) -> None:
+        """The config's option ranges, then that the inputs it reads are arguments of the module's forward
+        (and of the owned loss's method): ConfigError naming the loss otherwise."""
         check_options(config, f"losses.{self.name}")
+        self.check_arguments(self.inputs(config), self.owned.inputs(config) if self.owned is not None else None)
+
+    def check_arguments(self, reads: dict[str, StepInput], owned_reads: dict[str, StepInput] | None) -> None:
+        calls = [("forward", self.module.forward, reads)]
+        if self.owned is not None and owned_reads is not None:
+            calls.append((self.owned.loss, getattr(self.module, self.owned.loss, None), owned_reads))
+        for method, function, wanted in calls:
+            if function is None:
+                raise ConfigError(f"losses.{self.name}: {self.module.__name__} has no method {method!r}")
+            parameters = inspect.signature(function).parameters
+            if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+                continue
+            takes = [n for n in parameters if n != "self"]
+            for argument, value in wanted.items():
+                if not isinstance(value, StepInput):
+                    raise ConfigError(f"losses.{self.name}: reads[{argument!r}] is {value!r}, not a StepInput "
+                                      "(kdray.losses.inputs: STUDENT_LOGITS, student_features('backbone.layer3'), ...)")
+                if argument not in takes:
+                    raise ConfigError(f"losses.{self.name}: reads names the argument {argument!r}, but "
+                                      f"{self.module.__name__}.{method} takes {', '.join(takes)}")
 
 
 LOSSES: dict[str, LossSpec] = {}  # name -> spec, in registration order (built-ins first, then plugins)
@@ -180,15 +203,25 @@ def register_loss(name: str, *, config: type[LossConfig], label: str, reads: Rea
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"register_loss: the name {name!r} must be an identifier (it is a config key)")
-    if not (isinstance(config, type) and issubclass(config, LossConfig) and dataclasses.is_dataclass(config)):
+    if not (isinstance(config, type) and issubclass(config, LossConfig)):
         raise ConfigError(f"register_loss({name!r}): config must be a dataclass subclassing LossConfig")
+    if "__dataclass_fields__" not in vars(config):
+        raise ConfigError(f"register_loss({name!r}): {config.__name__} needs @dataclass (without it, its options "
+                          "are not options)")
 
     def register(cls: type[nn.Module]) -> type[nn.Module]:
         previous = LOSSES.get(name)
         if previous is not None and _qualified(previous.module) != _qualified(cls):
-            raise ConfigError(f"register_loss: the loss name {name!r} is taken by {_qualified(previous.module)}; "
-                              f"{_qualified(cls)} needs another name")
-        LOSSES[name] = LossSpec(name, label, cls, config, reads, build, owned, position)
+            raise ConfigError(f"register_loss: the loss name {name!r} is taken by {_where(previous.module)}; "
+                              f"{_where(cls)} needs another name")
+        for other in LOSSES.values():
+            if other.name != name and other.label == label:
+                raise ConfigError(f"register_loss({name!r}): the label {label!r} is taken by the loss {other.name!r} "
+                                  "(labels name methods in tables and MLflow tags): choose another")
+        spec = LossSpec(name, label, cls, config, reads, build, owned, position)
+        if not callable(reads):
+            spec.check_arguments(dict(reads), None)
+        LOSSES[name] = spec
         return cls
 
     return register
@@ -210,3 +243,13 @@ def loss_spec(name: str) -> LossSpec:
 
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _where(cls: type) -> str:
+    """`kdray.losses.kd.PixelwiseKD`, or for a plugin's class `MyKD in /path/my_loss.py`."""
+    if cls.__module__.startswith("kdray_plugin_"):
+        try:
+            return f"{cls.__qualname__} in {inspect.getfile(cls)}"
+        except (TypeError, OSError):
+            pass
+    return _qualified(cls)

@@ -39,6 +39,20 @@ def reason(err: BaseException) -> str:
     return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", last)
 
 
+def worker_reason(err: BaseException) -> str:
+    """Why a Ray Train run failed, from the exception a worker raised: Train keeps it whole in the error's
+    `worker_failures` (the text of the error itself is a truncated snippet, cut mid-word). `Name: message`, the
+    lowest rank's; `reason(err)` when no worker exception is at hand."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        exc = failures[min(failures)]
+        for attribute in ("_base_exc", "cause"):  # Train's traceback wrapper, Ray's task-error wrapper
+            exc = getattr(exc, attribute, None) or exc
+        message = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+    return reason(err)
+
+
 def is_trial_failure(err: object) -> bool:
     """Whether `err` is a `TrialFailed` (Ray re-raises a remote exception as an instance of its class, with the
     original as `cause`)."""

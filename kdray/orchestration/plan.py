@@ -15,8 +15,8 @@ from typing import Any
 
 from kdray.config import AUTO, Job, job_from_dict, override, parse_override, read_yaml
 from kdray.data.registry import dataset_spec
-from kdray.engine.inputs import check_teacher_training, check_weights, open_splits
-from kdray.errors import CheckpointError, ConfigError, DataError, ResourceError
+from kdray.engine.inputs import check_losses, check_teacher_training, check_weights, open_splits
+from kdray.errors import CheckpointError, ConfigError, DataError, PreflightError, ResourceError
 from kdray.orchestration.resources import check_fits, concurrency, local_resources, per_trial
 from kdray.orchestration.resume import load_state, resumed_space_file
 from kdray.orchestration.tracking import resolve_tracking_uri
@@ -126,14 +126,18 @@ def _conditions(dimensions: list[Dimension]) -> dict[str, Any]:
 
 
 def check_inputs(jobs: list[tuple[str, Job]], train_teacher: bool) -> list[str]:
-    """The data-tree and weight checks of `kdray.train --dry-run`, once for each distinct data, teacher and
-    student setting among `jobs`; DataError/CheckpointError on the first problem, naming where it comes from
-    when the space (not the job) makes it. Returns the weight notes, without repeats."""
+    """The data-tree, weight and loss pre-flight checks of `kdray.train --dry-run`, once for each distinct data,
+    teacher/student and losses setting among `jobs`; DataError/CheckpointError/PreflightError on the first
+    problem, naming where it comes from when the space (not the job) makes it. Returns the weight notes,
+    without repeats."""
     seen_data: list[Any] = []
     seen_weights: list[tuple] = []  # config dataclasses compare by value
+    seen_losses: list[tuple] = []
     notes: list[str] = []
     for where, job in jobs:
         weights = (job.teacher, job.student, job.data.num_classes, job.data.normalize, job.distills)
+        losses = (job.losses, job.teacher, job.student, job.data.num_classes, job.data.crop, job.data.ignore_index,
+                  job.data.batch_size // job.run.workers)
         try:
             if job.data not in seen_data:
                 seen_data.append(job.data)
@@ -141,7 +145,10 @@ def check_inputs(jobs: list[tuple[str, Job]], train_teacher: bool) -> list[str]:
             if weights not in seen_weights:
                 seen_weights.append(weights)
                 notes += [n for n in check_weights(job, teacher_will_be_trained=train_teacher) if n not in notes]
-        except (DataError, CheckpointError) as err:
+            if losses not in seen_losses:
+                seen_losses.append(losses)
+                check_losses(job)
+        except (DataError, CheckpointError, PreflightError) as err:
             if len(jobs) == 1 or where == jobs[0][0]:
                 raise
             raise type(err)(f"{where}: {err}") from None

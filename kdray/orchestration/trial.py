@@ -23,7 +23,7 @@ from kdray import contract
 from kdray.config import Job, flatten, job_from_dict, to_dict, to_yaml
 from kdray.data import class_names
 from kdray.losses.objective import config_formula, method_label
-from kdray.orchestration.outcome import TrialFailed, is_trial_failure
+from kdray.orchestration.outcome import TrialFailed, is_trial_failure, worker_reason
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.workers import fit
 from kdray.space import ROW_KEY, SearchSpace
@@ -99,9 +99,8 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     try:
         result = fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
                      storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
-    except Exception as err:  # the last line of Train's error is the worker's own exception
-        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        why = lines[-1].strip()
+    except Exception as err:
+        why = worker_reason(err)
         tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
         raise TrialFailed(why) from err
     if result.return_value:  # the workers stopped on purpose, and said why
