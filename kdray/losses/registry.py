@@ -37,10 +37,11 @@ The contract:
   the student.
 
 The module returns an unweighted scalar; the objective multiplies it by the config's `term_weight()`. No
-gradient may flow into a teacher input: the engine's carry none (the teacher runs without autograd), and a loss
-detaches them itself so that it keeps this when called on its own (the harness checks it). The losses' state (adapters, discriminator) is in the objective's state dict, so it is
-in every checkpoint. A plugin file registers its losses the same way (`plugins:` in a job); one registry-wide
-test harness (`kdray.testing.check_loss`) holds every registered loss to this contract.
+gradient may flow into a teacher input: the engine's carry none (the teacher runs without autograd), and a
+loss detaches them itself so that it keeps this when called on its own (the harness checks it). The losses'
+state (adapters, discriminator) is in the objective's state dict, so it is in every checkpoint. A plugin file
+registers its losses the same way (`plugins:` in a job); one registry-wide test harness
+(`kdray.testing.check_loss`) holds every registered loss to this contract.
 
 Edge cases, the same for every loss: an empty batch (N = 0) gives exactly 0.0 (float32), still connected to
 the student's inputs so that backward runs and gives zero gradients (`_checks.empty_batch`; the owned step's
