@@ -90,10 +90,24 @@ _NOT_HASHED = ("plugins", "tracking", "run.output_dir", "optim.log_interval", "d
 
 
 def weight_settings(job: Job) -> dict[str, Any]:
-    """The job's settings, flattened, without those of datasets it does not read (a plugin's dataset options
-    are in every job of a process that imported it): what digests of a job start from."""
-    unused = tuple(f"data.{name}." for name in job.data.sections() if name != job.data.dataset)
-    return {k: v for k, v in flatten(to_dict(job)).items() if not k.startswith(unused)}
+    """The job's settings, flattened: what its digests (`job_hash`, the teacher cache key) start from.
+
+    A plugin's sections are in every job of a process that imported it, so they count only where they act:
+    a plugin dataset's options when it is the job's dataset, a plugin loss's when it is enabled. The built-in
+    sections are in every job alike and always count (digests made before plugins existed stay valid).
+    """
+    from kdray.data.registry import DATASETS
+    from kdray.losses.registry import LOSSES
+
+    idle = [f"data.{name}." for name, spec in DATASETS.items()
+            if _from_plugin(spec.dataset) and name != job.data.dataset]
+    idle += [f"losses.{name}." for name, spec in LOSSES.items()
+             if _from_plugin(spec.module) and not getattr(job.losses, name).enabled]
+    return {k: v for k, v in flatten(to_dict(job)).items() if not k.startswith(tuple(idle))}
+
+
+def _from_plugin(cls: type) -> bool:
+    return not (cls.__module__ == "kdray" or cls.__module__.startswith("kdray."))
 
 
 def job_hash(job: Job) -> str:
