@@ -259,3 +259,16 @@ def test_discriminator_has_its_own_adam_with_the_configured_lr_and_betas(tmp_pat
                                                   "losses.adversarial.d_betas": [0.5, 0.999]})
     for group in step.d_optimizer.param_groups:
         assert group["lr"] == pytest.approx(1e-3) and tuple(group["betas"]) == pytest.approx((0.5, 0.999))
+
+
+def test_a_checkpoint_written_before_the_loss_registry_still_resumes(tmp_path):
+    """Format 1 kept the discriminator's Adam under `d_optimizer`; it is read as the adversarial loss's own."""
+    from kdray.engine.checkpoint import FILENAME
+
+    (tmp_path / "old").mkdir()
+    torch.save({"format": 1, "iteration": 3, "d_optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "old" / FILENAME)
+    state = load_checkpoint(tmp_path / "old")
+    assert state["owned_optimizers"] == {"adversarial": {"state": {}, "param_groups": []}}
+    torch.save({"format": 1, "iteration": 3, "d_optimizer": None}, tmp_path / "old" / FILENAME)
+    assert load_checkpoint(tmp_path / "old")["owned_optimizers"] == {}

@@ -47,8 +47,11 @@ def load_checkpoint(path: str | Path, job_hash: str | None = None) -> dict[str, 
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, not torch's unpickling trace
         raise CheckpointError(f"{file}: not a readable kdray checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
         raise CheckpointError(f"{file}: not a kdray run checkpoint (format {FORMAT})")
+    if state["format"] == 1:  # before the loss registry: the one loss-owned optimizer was the discriminator's
+        d_optimizer = state.pop("d_optimizer", None)
+        state["owned_optimizers"] = {"adversarial": d_optimizer} if d_optimizer is not None else {}
     if job_hash is not None and state.get("job_hash") != job_hash:
         raise CheckpointError(f"{file}: written for job hash {state.get('job_hash')}, this job hashes to "
                               f"{job_hash}; resume with the same job and overrides, or start a new run")
