@@ -211,7 +211,10 @@ def _did_you_mean(value: Any, valid: Iterable[str]) -> str:
 
 def _check_key(key: str, job_keys: set[str] | None, where: str) -> None:
     if job_keys is not None and key not in job_keys:
-        raise _err(where, f"the job has no key {key!r}{_did_you_mean(key, job_keys)}")
+        section = key.split(".", 1)[0]
+        plugin = " (a loss or dataset of your own: name its file under the job's plugins)" \
+            if section in ("losses", "data") and key.count(".") >= 2 else ""
+        raise _err(where, f"the job has no key {key!r}{_did_you_mean(key, job_keys)}{plugin}")
 
 
 def probe_values(d: Dimension) -> list[Any]:

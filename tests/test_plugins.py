@@ -259,3 +259,12 @@ def test_check_data_reads_every_mask_of_a_plugin_dataset(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: bad_mask_ds train item 7: mask value 5 is outside 0..1 "
                                                     "(K = 2) and is not data.ignore_index=255")
+
+
+def test_a_space_key_of_an_unloaded_plugin_points_at_plugins(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: x\nseeds: [0]\nrows:\n  - name: a\n    set: {losses.hint.enabled: true}\n")
+    proc = subprocess.run([sys.executable, "-m", "kdray.sweep", "--space", str(space), "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("(a loss or dataset of your own: name its file under the job's plugins)")
