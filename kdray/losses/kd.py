@@ -14,6 +14,7 @@ from kdray.losses.inputs import LABELS_AT_LOGITS, STUDENT_LOGITS, TEACHER_LOGITS
 from kdray.losses.labels import downsample_labels
 from kdray.losses.registry import LossConfig, register_loss
 from kdray.losses.softmax_kl import softmax_kl
+from kdray.losses.standardize import standardize_logits
 
 REDUCTIONS = ("pixel_mean", "element_mean")
 
@@ -27,6 +28,7 @@ class KDConfig(LossConfig):
     temperature: float = option(1.0, above=0)
     reduction: Literal["pixel_mean", "element_mean"] = "pixel_mean"
     mask_ignore: bool = False
+    standardize: bool = False  # logit standardization (Sun et al., CVPR 2024) of both maps first
 
 
 def _kd_reads(cfg: KDConfig) -> dict:
@@ -50,12 +52,18 @@ class PixelwiseKD(nn.Module):
     `(z − max)/T − log Σ exp((z − max)/T)`, as `log_softmax` takes them, never as the log of a softmax
     (`softmax_kl`).
 
+    With `standardize=True` each pixel's logits, of student and teacher separately, are first replaced by
+    `(z − mean_k z) / (std_k z + 1e-7)` (`standardize_logits`); the loss then runs unchanged, T and T² kept.
+    That makes it invariant to `z → a·z + b` per pixel (a > 0). The published setting (classification only)
+    is T = 2 with weight 9; no segmentation setting is published.
+
     Shapes: student_logits, teacher_logits (N, K, h, w); labels (N, h, w) or (N, H, W) int64, needed only
     with `mask_ignore`. Returns a scalar.
 
     Papers: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
     Workshop, arXiv:1503.02531; pixel-wise use for segmentation: Liu et al., "Structured Knowledge
-    Distillation for Semantic Segmentation", CVPR 2019, arXiv:1903.04197.
+    Distillation for Semantic Segmentation", CVPR 2019, arXiv:1903.04197; standardization: Sun, Ren, Li, Wang,
+    Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024, arXiv:2403.01427.
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class PixelwiseKD(nn.Module):
         reduction: str = "pixel_mean",
         mask_ignore: bool = False,
         ignore_index: int = 255,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -71,6 +80,7 @@ class PixelwiseKD(nn.Module):
         self.reduction = _checks.choice(owner, "reduction", reduction, REDUCTIONS)
         self.mask_ignore = _checks.boolean(owner, "mask_ignore", mask_ignore)
         self.ignore_index = _checks.integer(owner, "ignore_index", ignore_index)
+        self.standardize = _checks.boolean(owner, "standardize", standardize)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         owner = type(self).__name__
@@ -79,6 +89,8 @@ class PixelwiseKD(nn.Module):
             _checks.label_map(owner, labels, "student_logits", student_logits)
         if student_logits.shape[0] == 0:
             return _checks.empty_batch(student_logits)
+        if self.standardize:
+            student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
         t = self.temperature
         factor = t * t if self.reduction == "pixel_mean" else 1.0 / student_logits.shape[1]  # or the mean over K
         if self.mask_ignore:
