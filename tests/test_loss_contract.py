@@ -21,9 +21,13 @@ from kdray.testing import CHECKS, LossChecker, check_loss
 
 VARIANTS = {
     "cwd": [{"on": "features"}, {"on": "both"}],
-    "kd": [{"mask_ignore": True}],
+    "kd": [{"mask_ignore": True}, {"standardize": True, "temperature": 2.0}],
     "adversarial": [{"conditioning": "logits+image"}, {"objective": "wgan_gp"}],
     "i2ckd": [{"scope": "image"}],
+    "fitnet": [{"tap": "backbone.layer2"}],
+    "at": [{"taps": ("backbone.layer3", "head")}],
+    "dist": [{"intra_scope": "image", "standardize": True}],
+    "dkd": [{"standardize": True, "temperature": 2.0}],
 }
 BUILT_INS = [name for name in LOSSES if not name.startswith("_broken")]
 CASES = [(name, {}) for name in BUILT_INS] + [(name, o) for name, options in VARIANTS.items() for o in options]

@@ -74,11 +74,17 @@ def test_the_methods_table_runs_the_published_cirkd_weights():
         "CWD": {"ce": 1.0, "cwd": 3.0},
         "CSC+ACE": {"ace": 1.0, "csc": 10.0},
         "I2CKD": {"ce": 1.0, "kd": 1.0, "i2ckd": 1.0},
+        "FitNet": {"ce": 1.0, "kd": 1.0, "fitnet": 10.0},
+        "AT": {"ce": 1.0, "kd": 1.0, "at": 10000.0},
+        "DIST": {"ce": 1.0, "dist": 1.0},
+        "DKD": {"ce": 1.0, "dkd": 1.0},
     }
     rows = {row["name"]: row.get("set", {}) for row in read_yaml(REPO / "search_spaces" / "methods.yaml")["rows"]}
     for name in ("SKD", "IFVD"):
         assert rows[name]["losses.adversarial.d_weight"] == 0.1 and rows[name]["losses.adversarial.weight"] == 0.001
     assert rows["CWD"]["losses.cwd.temperature"] == 4.0 and rows["I2CKD"]["losses.i2ckd.margin"] == 0.5
+    assert rows["FitNet"]["losses.fitnet.tap"] == "head" and rows["AT"]["losses.at.taps"] == ["head"]
+    assert (rows["DKD"]["losses.dkd.alpha"], rows["DKD"]["losses.dkd.beta"]) == (1.0, 2.0)
 
 
 def test_the_loss_variants_carry_the_spec_weights():
@@ -87,6 +93,8 @@ def test_the_loss_variants_carry_the_spec_weights():
     assert weights["CWD (features)"]["cwd"] == 50.0
     assert weights["SKD holistic (WGAN-GP)"]["adversarial"] == 0.1  # the student's term takes w_d
     assert weights["SKD holistic (logits + image)"]["adversarial"] == 0.001
+    assert weights["KD (standardized, T=2)"]["kd"] == 9.0  # the logit-standardization code's KD weight
+    assert weights["AT (stages, original)"]["at"] == 500.0  # beta / 2, beta = 1000
 
 
 def test_conditional_knobs_are_never_sampled_when_their_toggle_is_off(tmp_path):
