@@ -27,7 +27,8 @@ iteration as a tensor op:
 - I2CKD: adapter on the whole map, loop over classes for the prototypes, double loop over the (k, j) pairs;
 - SKD pair-wise, CSC: loop over images and over the rows of each affinity matrix (one node, or one channel,
   at a time: its similarities to all the others).
-CE (torch's own) and the discriminator have none. The "floor" row times one log-softmax of the student's
+CE (torch's own), the discriminator and the baselines of current tables (FitNet, AT, DIST, DKD: their
+float64 loop references live in their tests) have none. The "floor" row times one log-softmax of the student's
 score map, forward and backward: a yardstick for the score-map losses (KD, CWD, ACE), each of which normalises
 two such maps, the student's and the teacher's, and writes the student's gradient. Each loop version is
 checked against the kdray module's value before it is timed; one whose first forward+backward shows that
@@ -72,6 +73,10 @@ from kdray.losses import (  # noqa: E402
     SegmentationCrossEntropy,
     downsample_labels,
 )
+from kdray.losses.attention import AttentionTransfer  # noqa: E402
+from kdray.losses.dist import DIST  # noqa: E402
+from kdray.losses.dkd import DecoupledKD  # noqa: E402
+from kdray.losses.fitnet import FitNetHint  # noqa: E402
 from kdray.losses.pairwise import pool_nodes, spatial_affinity_distance  # noqa: E402
 
 IGNORE = 255
@@ -341,7 +346,7 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
         "fs": torch.randn(s.n, s.c_s, s.h, s.w, generator=g).relu(),
         "ft": torch.randn(s.n, s.c_t, s.h, s.w, generator=g).relu(),
         "labels": labels,
-        # y↓: what the objective hands the score-map losses (`StepTensors.labels_small`, resized once per step)
+        # y↓: what the objective hands the score-map losses (`labels.at_logits`, resized once per step)
         "labels_small": downsample_labels(labels, (s.h, s.w)),
     }
     tensors = {key: value.to(device) for key, value in tensors.items()}
@@ -360,6 +365,8 @@ def loss_table(shape: Shape, device: torch.device):
     kd, cwd, ace = PixelwiseKD(), ChannelWiseDistillation(), AdaptiveCrossEntropy()
     pairwise, ifvd, ce = PairwiseAffinity(), IntraClassFeatureVariation(num_classes=s.k), SegmentationCrossEntropy()
     unpooled = PairwiseAffinity(patch=1)
+    fitnet = FitNetHint(s.c_s, s.c_t).to(device)
+    attention, dist, dkd = AttentionTransfer(), DIST(), DecoupledKD()
 
     def affinity_form(fs, ft):
         return spatial_affinity_distance(pool_nodes(fs, 2), pool_nodes(ft.detach(), 2), via="affinity")
@@ -390,6 +397,11 @@ def loss_table(shape: Shape, device: torch.device):
         ("IFVD", lambda x: ifvd(x["fs"], x["ft"], x["labels"]), ifvd_loop(s.k), features, None),
         ("CSC", lambda x: csc(x["fs"], x["ft"]), csc_loop(csc), features, csc),
         ("I2CKD", lambda x: i2ckd(x["fs"], x["ft"], x["labels"]), i2ckd_loop(i2ckd, s.k), features, i2ckd),
+        # the baselines of current tables (head features; AT and FitNet on a backbone stage cost alike per map)
+        ("FitNet (head)", lambda x: fitnet(x["fs"], x["ft"]), None, features, fitnet),
+        ("AT (head)", lambda x: attention(student_0=x["fs"], teacher_0=x["ft"]), None, features, None),
+        ("DIST", lambda x: dist(x["zs"], x["zt"]), None, logits, None),
+        ("DKD", lambda x: dkd(x["zs"], x["zt"], x["labels_small"]), None, ("zs", "zt", "labels_small"), None),
     ]
 
 
