@@ -56,6 +56,9 @@ ADDED = {
     "cwd": ["losses.cwd.enabled=true"], "ace": ["losses.ace.enabled=true"],
     "pairwise": ["losses.pairwise.enabled=true"], "adversarial": ["losses.adversarial.enabled=true"],
     "ifvd": ["losses.ifvd.enabled=true"], "csc": ["losses.csc.enabled=true"], "i2ckd": ["losses.i2ckd.enabled=true"],
+    "fitnet": ["losses.fitnet.enabled=true"], "at": ["losses.at.enabled=true"],
+    "at_stages": ["losses.at.enabled=true", "losses.at.taps=[backbone.layer2,backbone.layer3,backbone.layer4]"],
+    "dist": ["losses.dist.enabled=true"], "dkd": ["losses.dkd.enabled=true"],
 }
 
 
