@@ -86,3 +86,14 @@ def empty_batch(*tensors: torch.Tensor | None) -> torch.Tensor:
     present = [t for t in tensors if t is not None]
     dtype = torch.promote_types(present[0].dtype, torch.float32)
     return sum(t.sum().to(dtype) for t in present) * 0.0
+
+
+def adapter_channels(owner: str, adapter: torch.nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """The channels of `student_features` and `teacher_features` must be those the loss's adapter was built for
+    (`adapter.student_channels` -> `adapter.teacher_channels`); one `PreflightError` naming both shapes."""
+    expected = (adapter.student_channels, adapter.teacher_channels)
+    if (student.shape[1], teacher.shape[1]) != expected:
+        raise PreflightError(
+            f"{owner}: student_features {tuple(student.shape)} and teacher_features {tuple(teacher.shape)} "
+            f"must have {expected[0]} and {expected[1]} channels"
+        )

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.config.options import option
-from kdray.errors import PreflightError
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
 from kdray.losses.adapter import FeatureAdapter
@@ -190,12 +189,7 @@ class I2CKD(nn.Module):
     def forward(self, student_features: Tensor, teacher_features: Tensor, labels: Tensor) -> Tensor:
         owner = type(self).__name__
         _checks.same_grid(owner, "student_features", student_features, "teacher_features", teacher_features)
-        expected = (self.adapter.student_channels, self.adapter.teacher_channels)
-        if (student_features.shape[1], teacher_features.shape[1]) != expected:
-            raise PreflightError(
-                f"{owner}: student_features {tuple(student_features.shape)} and teacher_features "
-                f"{tuple(teacher_features.shape)} must have {expected[0]} and {expected[1]} channels"
-            )
+        _checks.adapter_channels(owner, self.adapter, student_features, teacher_features)
         _checks.label_map(owner, labels, "student_features", student_features)
         if student_features.shape[0] == 0:
             return _checks.empty_batch(student_features, self.adapter.conv.weight)
