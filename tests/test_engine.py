@@ -246,18 +246,18 @@ def test_discriminator_has_its_own_adam_with_the_configured_lr_and_betas(tmp_pat
     step = _built_step(tmp_path, teacher_file, **{"losses.adversarial.enabled": True})
     d_params = list(step.objective.terms["adversarial"].discriminator.parameters())
     d_ids = {id(p) for p in d_params}
-    assert type(step.d_optimizer) is torch.optim.Adam
-    in_adam = [p for group in step.d_optimizer.param_groups for p in group["params"]]
+    assert type(step.owned_optimizers["adversarial"]) is torch.optim.Adam
+    in_adam = [p for group in step.owned_optimizers["adversarial"].param_groups for p in group["params"]]
     assert len(in_adam) == len(d_params) and {id(p) for p in in_adam} == d_ids
     assert not d_ids & _optimized(step.optimizer)
     assert not {id(p) for p in step.model.parameters()} & d_ids
-    for group in step.d_optimizer.param_groups:
+    for group in step.owned_optimizers["adversarial"].param_groups:
         assert group["lr"] == pytest.approx(4e-4) and tuple(group["betas"]) == pytest.approx((0.9, 0.99))
 
     step = _built_step(tmp_path, teacher_file, **{"losses.adversarial.enabled": True,
                                                   "losses.adversarial.d_lr": 1e-3,
                                                   "losses.adversarial.d_betas": [0.5, 0.999]})
-    for group in step.d_optimizer.param_groups:
+    for group in step.owned_optimizers["adversarial"].param_groups:
         assert group["lr"] == pytest.approx(1e-3) and tuple(group["betas"]) == pytest.approx((0.5, 0.999))
 
 

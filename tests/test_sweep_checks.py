@@ -19,21 +19,18 @@ from kdray import sweep as sweep_cli
 from kdray.config import job_from_dict, load_job
 from kdray.errors import CheckpointError, ConfigError, DataError, ResourceError
 from kdray.models import build_model
-from kdray.orchestration.outcome import close_open_runs
-from kdray.orchestration.resume import resumed_space_file
-from kdray.orchestration.sweep import (
+from kdray.orchestration.outcome import (
     FINISHED,
     INTERRUPTED,
     NOT_STARTED,
     STOPPED_EARLY,
     SweepOutcome,
-    SweepRequest,
     TrialSummary,
-    dry_run,
-    prepare,
-    run_sweep,
+    close_open_runs,
     summary_table,
 )
+from kdray.orchestration.resume import resumed_space_file
+from kdray.orchestration.sweep import SweepRequest, dry_run, prepare, run_sweep
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.tune_setup import summaries as trial_summaries
 from kdray.space import load_space

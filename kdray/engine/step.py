@@ -78,11 +78,6 @@ class TrainStep:
         self.teacher_taps = FeatureTaps(self.teacher, sorted(teacher_taps)) \
             if teacher_taps and self.teacher is not None else None
 
-    @property
-    def d_optimizer(self) -> torch.optim.Optimizer | None:
-        """The holistic loss's discriminator optimizer (the only owned one among the built-ins), or None."""
-        return next(iter(self.owned_optimizers.values()), None)
-
     @classmethod
     def build(cls, job: Job, model: nn.Module, teacher: nn.Module | None, losses: LossesConfig,
               ctx: RankContext) -> TrainStep:

@@ -127,23 +127,6 @@ class StepTensors(Mapping[str, torch.Tensor]):
         """A copy with the tensors of `changes` set (None: removed)."""
         return StepTensors({**self._tensors, **{str(k): v for k, v in changes.items()}})
 
-    # the tensors the engine itself reads
-    @property
-    def student_logits(self) -> torch.Tensor:
-        return self[STUDENT_LOGITS]
-
-    @property
-    def teacher_logits(self) -> torch.Tensor | None:
-        return self.get(TEACHER_LOGITS)
-
-    @property
-    def images(self) -> torch.Tensor | None:
-        return self.get(IMAGES)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self[LABELS]
-
     def describe(self) -> str:
         """`student.logits (2, 8, 4, 4), ...`: the shapes, for error messages."""
         return ", ".join(f"{key} {tuple(t.shape)}" for key, t in self._tensors.items())

@@ -18,7 +18,7 @@ from torch import nn
 from kdray.config.schema import LossesConfig
 from kdray.errors import PreflightError
 from kdray.losses import _checks
-from kdray.losses.inputs import HEAD, IMAGES, LABELS, LABELS_AT_LOGITS, StepInput, StepTensors
+from kdray.losses.inputs import HEAD, IMAGES, LABELS, LABELS_AT_LOGITS, STUDENT_LOGITS, StepInput, StepTensors
 from kdray.losses.labels import check_labels, downsample_labels
 from kdray.losses.registry import LOSSES, LossContext, OwnedStep
 
@@ -80,10 +80,6 @@ class DistillationObjective(nn.Module):
             self.configs[name] = cfg
             self.inputs[name] = spec.inputs(cfg)
 
-    @property
-    def needs_teacher(self) -> bool:
-        return any(LOSSES[n].needs_teacher(cfg) for n, cfg in self.configs.items())
-
     def owned_steps(self) -> list[tuple[str, OwnedStep, nn.Module, Any]]:
         """`(loss name, its OwnedStep, the loss module, its config)` of each loss training parameters of its own."""
         return [(name, LOSSES[name].owned, self.terms[name], cfg) for name, cfg in self.configs.items()
@@ -97,13 +93,9 @@ class DistillationObjective(nn.Module):
         owned = LOSSES[name].owned
         return list(owned.parameters(self.terms[name])) if owned is not None else []
 
-    def discriminator_parameters(self) -> list[nn.Parameter]:
-        """Every parameter trained by a loss's own optimizer (the discriminator's)."""
-        return [p for name, *_ in self.owned_steps() for p in self.owned_parameters(name)]
-
     def student_side_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the student (adapters): everything but the losses' owned parameters."""
-        skip = {id(p) for p in self.discriminator_parameters()}
+        skip = {id(p) for name, *_ in self.owned_steps() for p in self.owned_parameters(name)}
         return [p for p in self.parameters() if id(p) not in skip]
 
     def term(self, name: str, t: StepTensors) -> torch.Tensor:
@@ -199,7 +191,7 @@ class DistillationObjective(nn.Module):
         """The loss's own optimizer's loss, which the engine runs after each student step: computed and dropped,
         with autograd on (WGAN-GP's penalty differentiates) and in a forked RNG so that its draws leave the
         run's random stream alone."""
-        logits = t.student_logits
+        logits = t[STUDENT_LOGITS]
         devices = [logits.device] if logits.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             self.owned_loss(name, t)

@@ -17,18 +17,7 @@ import os
 import time
 
 from kdray import contract
-from kdray.orchestration.outcome import (
-    FAILED,
-    FINISHED,
-    INTERRUPTED,
-    NOT_STARTED,
-    STOPPED_EARLY,
-    SweepOutcome,
-    TrialSummary,
-    close_open_runs,
-    reason,
-    summary_table,
-)
+from kdray.orchestration.outcome import SweepOutcome, close_open_runs, reason, summary_table
 from kdray.orchestration.plan import SweepRequest, check_resources, check_store, dry_run, make_plan, prepare
 from kdray.orchestration.progress import echo
 from kdray.orchestration.resources import local_resources
@@ -36,8 +25,7 @@ from kdray.orchestration.resume import load_state, start_sweep
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.tune_setup import run_trials, start_ray
 
-__all__ = ["FAILED", "FINISHED", "INTERRUPTED", "NOT_STARTED", "STOPPED_EARLY", "SweepOutcome", "SweepRequest",
-           "TrialSummary", "check_store", "dry_run", "prepare", "run_sweep", "summary_table"]
+__all__ = ["SweepOutcome", "SweepRequest", "check_store", "dry_run", "prepare", "run_sweep", "summary_table"]
 
 
 def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
