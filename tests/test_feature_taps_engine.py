@@ -51,3 +51,13 @@ def test_a_run_with_a_layer_loss_trains_and_logs_its_term(tmp_path, teacher_file
     logs = []
     result = train(job, tmp_path / "s", log=logs.append, progress=False)
     assert result.iterations == 6 and f"train/loss/{layer_hint}" in logs[-1]
+
+
+def test_training_the_teacher_hooks_no_layer_of_a_job_whose_losses_read_some(tmp_path, layer_hint):
+    """The teacher's own training builds CE alone: the layers the job's distillation losses read stay unhooked."""
+    from kdray.config import LossesConfig
+
+    job = tiny_job(tmp_path, None, **{f"losses.{layer_hint}.enabled": True})
+    model = build_model(job.teacher.arch, 8, width=job.teacher.width)
+    step = TrainStep.build(job, model, None, LossesConfig(), RankContext())
+    assert step.student_taps is None and not any(m._forward_hooks for m in model.modules())

@@ -72,8 +72,9 @@ class TrainStep:
             if name not in self.owned_losses:
                 self.owned_losses[name] = GraphedOwnedLoss(self.objective, name) if graphs \
                     else (lambda t, name=name: self.objective.owned_loss(name, t))
-        student_taps = required_taps(self.job.losses, "student")
-        teacher_taps = required_taps(self.job.losses, "teacher")
+        # the layers the built losses read (a teacher's own training builds CE alone, whatever the job enables)
+        student_taps = required_taps(self.objective.configs, "student")
+        teacher_taps = required_taps(self.objective.configs, "teacher")
         self.student_taps = FeatureTaps(self.model, sorted(student_taps)) if student_taps else None
         self.teacher_taps = FeatureTaps(self.teacher, sorted(teacher_taps)) \
             if teacher_taps and self.teacher is not None else None

@@ -40,11 +40,13 @@ def method_label(losses: LossesConfig) -> str:
     return "+".join(names) if names else "CE"
 
 
-def required_taps(losses: LossesConfig, side: str) -> set[str]:
+def required_taps(losses: LossesConfig | Mapping[str, Any], side: str) -> set[str]:
     """The layers of `side` (student/teacher) whose features some enabled loss reads, `head` aside (every
-    forward gives it): what the engine captures, nothing when no loss asks."""
+    forward gives it): what the engine captures, nothing when no loss asks. `losses`: a job's section, or the
+    enabled losses' configs by name."""
+    enabled = losses.enabled() if isinstance(losses, LossesConfig) else losses
     taps = set()
-    for name, cfg in losses.enabled().items():
+    for name, cfg in enabled.items():
         taps |= LOSSES[name].taps(cfg, side)
     return taps - {HEAD}
 
