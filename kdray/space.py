@@ -50,6 +50,7 @@ from kdray import contract
 from kdray.config import Job, flatten, override, read_yaml, to_dict
 from kdray.config.loading import float_literal
 from kdray.errors import ConfigError
+from kdray.losses.objective import config_formula
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
@@ -396,6 +397,7 @@ def plan_lines(space: SearchSpace, job: Job) -> list[str]:
         for name, settings in space.rows:
             shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(the job as it is)"
             lines.append(f"  row {name!r}: {shown}  x seeds {list(space.seeds)}")
+            lines.append(f"      {config_formula(override(job, settings).losses)}")
     else:
         for d in space.dimensions:
             cond = f"  if {d.condition[0]} == {d.condition[1]!r}" if d.condition else ""

@@ -15,7 +15,8 @@ spec's keyword arguments as the objective calls it, and held to the contract of 
   a scalar giving gradients to its own parameters, which the student's backward leaves untouched (.grad None);
 - `autocast`: float32 under `torch.autocast("cpu", dtype=torch.bfloat16)` with bfloat16 inputs;
 - `empty`: an empty batch (N = 0) gives exactly 0.0, still connected to the graph (backward runs); all-ignore
-  labels give exactly 0.0 for a loss that reads labels;
+  labels give exactly 0.0 for a loss that reads labels (a finite value, backward running, for one registered
+  with `labelled_only=False`);
 - `bad_labels`: labels of a wrong shape or dtype raise one `KdrayError` naming the loss and the shape;
 - `pickle`: the module pickles (Ray ships it) and the copy gives the same value.
 
@@ -132,7 +133,13 @@ class LossChecker:
             cases["all-ignore labels"] = self._tensors(ignore_all=True)
         for case, t in cases.items():
             module = self._module()
-            self._expect_zero(self._call(module, t, "empty"), case)
+            value = self._call(module, t, "empty")
+            if case == "all-ignore labels" and not self.spec.labelled_only:
+                self._expect(value.dim() == 0 and bool(torch.isfinite(value)), "empty",
+                             f"gave {_describe(value)} on {case}, expected a finite scalar")
+                value.backward()
+                continue
+            self._expect_zero(value, case)
             if self.spec.owned is not None and case.startswith("an empty"):
                 self._expect_zero(self._owned_loss(module, t), f"{case}, in {self.spec.owned.loss}")
 

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from kdray.config import job_from_dict
-from kdray.errors import ConfigError
+from kdray.engine.inputs import check_losses
+from kdray.errors import ConfigError, PreflightError
 from kdray.losses.dist import DIST
+from kdray.losses.objective import DistillationObjective
+from kdray.losses.registry import loss_spec
+from kdray.models import SegmenterOutput, build_model
 from kdray.testing import check_loss
 
 
@@ -153,15 +157,127 @@ def test_bfloat16_under_autocast_is_float32():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# aux_weight: the same loss on the auxiliary heads' logits
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scope", ["batch", "image"])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_aux_weight_adds_the_reference_on_the_auxiliary_logits(scope, standardize):
+    zs, zt = _logits(2, seed=21), _logits(2, seed=22)
+    aux_s, aux_t = _logits(2, h=2, w=4, seed=23), _logits(2, h=2, w=4, seed=24)  # any h'×w' (kdray's: h×w)
+    options = {"temperature": 4.0, "beta": 0.7, "gamma": 1.3, "intra_scope": scope, "standardize": standardize}
+    expected = (reference(zs, zt, 4.0, 0.7, 1.3, scope, standardize)
+                + 0.4 * reference(aux_s, aux_t, 4.0, 0.7, 1.3, scope, standardize))
+    value = DIST(**options, aux_weight=0.4)(zs, zt, aux_s, aux_t)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    value = DIST(**options, aux_weight=0.4)(zs.float(), zt.float(), aux_s.float(), aux_t.float())
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_aux_weight_zero_ignores_the_auxiliary_logits_and_reads_none():
+    zs, zt, aux_s, aux_t = (_logits(2, seed=seed) for seed in (25, 26, 27, 28))
+    assert DIST()(zs, zt, aux_s, aux_t).item() == DIST()(zs, zt).item()
+    spec = loss_spec("dist")
+    assert set(spec.inputs(job_from_dict({}, ["losses.dist.enabled=true"]).losses.dist)) == {
+        "student_logits", "teacher_logits"}
+    config = job_from_dict({}, ["losses.dist.enabled=true", "losses.dist.aux_weight=0.4"]).losses.dist
+    assert config.aux_weight == 0.4
+    reads = spec.inputs(config)
+    assert (reads["student_aux_logits"].key, reads["teacher_aux_logits"].key) == (
+        "student.aux_logits", "teacher.aux_logits")
+    assert reads["student_aux_logits"].required and reads["teacher_aux_logits"].required
+
+
+def test_aux_weight_gradients_reach_the_student_heads_only():
+    zs, zt, aux_s, aux_t = (_logits(2, seed=seed).float().requires_grad_() for seed in (29, 30, 31, 32))
+    DIST(aux_weight=0.4)(zs, zt, aux_s, aux_t).backward()
+    assert zt.grad is None and aux_t.grad is None
+    assert bool(zs.grad.ne(0).any()) and bool(aux_s.grad.ne(0).any())
+    with pytest.raises(PreflightError, match="aux_weight=0.4 needs .*None for teacher_aux_logits"):
+        DIST(aux_weight=0.4)(zs, zt, aux_s, None)
+
+
+def _objective(*overrides: str) -> DistillationObjective:
+    job = job_from_dict({}, ["losses.dist.enabled=true", *overrides])
+    return DistillationObjective(job.losses, num_classes=4, student_channels=8, teacher_channels=8)
+
+
+def _outputs(aux: bool) -> SegmenterOutput:
+    return SegmenterOutput(torch.randn(2, 4, 3, 5), torch.randn(2, 8, 3, 5), torch.randn(2, 4, 3, 5) if aux else None)
+
+
+def test_the_objective_packs_the_teachers_auxiliary_logits():
+    objective = _objective("losses.dist.aux_weight=0.4")
+    assert objective.reads("teacher.aux_logits") and not _objective().reads("teacher.aux_logits")
+    s, t = _outputs(aux=True), _outputs(aux=True)
+    tensors = objective.step_tensors(s, t, torch.zeros(2, 24, 40, dtype=torch.long), torch.zeros(2, 3, 24, 40))
+    assert torch.equal(tensors["teacher.aux_logits"], t.aux_logits)
+    objective.preflight(tensors)
+    total, parts = objective(tensors)
+    expected = DIST()(s.logits, t.logits) + 0.4 * DIST()(s.aux_logits, t.aux_logits)
+    assert parts["dist"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_a_model_without_an_auxiliary_head_fails_the_preflight_naming_it(side):
+    objective = _objective("losses.dist.aux_weight=0.4")
+    s, t = _outputs(aux=side != "student"), _outputs(aux=side != "teacher")
+    tensors = objective.step_tensors(s, t, torch.zeros(2, 24, 40, dtype=torch.long), torch.zeros(2, 3, 24, 40))
+    with pytest.raises(PreflightError) as err:
+        objective.preflight(tensors)
+    message = str(err.value)
+    assert message.startswith(f"losses.dist: needs the {side}'s auxiliary logits, but the {side} has no auxiliary "
+                              "head, which losses.dist.aux_weight=0.4 reads")
+    assert "set losses.dist.aux_weight=0" in message and "\n" not in message
+    _objective().preflight(tensors)  # without aux_weight the heads are not needed
+
+
+def _job(tmp_path, teacher_aux: bool, *overrides: str):
+    path = tmp_path / f"teacher-aux-{teacher_aux}.pt"
+    torch.save(build_model("deeplabv3_resnet18", 8, aux=teacher_aux, width=0.125).state_dict(), path)
+    data = {"data": {"num_classes": 8, "crop": [32, 32], "batch_size": 2},
+            "teacher": {"arch": "deeplabv3_resnet18", "width": 0.125, "checkpoint": str(path)},
+            "student": {"arch": "deeplabv3_resnet18", "width": 0.125}}
+    return job_from_dict(data, ["losses.dist.enabled=true", *overrides])
+
+
+def test_a_job_with_aux_weight_and_a_teacher_without_the_head_stops_before_any_compute(tmp_path):
+    check_losses(_job(tmp_path, True, "losses.dist.aux_weight=0.4"))
+    check_losses(_job(tmp_path, False))  # no aux term: the teacher's head is not needed
+    with pytest.raises(PreflightError, match=r"^losses.dist: needs the teacher's auxiliary logits, but the teacher "
+                                             r"has no auxiliary head, .*auxlayer"):
+        check_losses(_job(tmp_path, False, "losses.dist.aux_weight=0.4"))
+    # the student gets its head whenever a loss requires it (student.aux, the default), CE's aux term or not
+    check_losses(_job(tmp_path, True, "losses.dist.aux_weight=0.4", "losses.ce.aux_weight=0"))
+    with pytest.raises(PreflightError, match="the student has no auxiliary head, .*student.aux=true"):
+        check_losses(_job(tmp_path, True, "losses.dist.aux_weight=0.4", "student.aux=false"))
+
+
+def test_the_segmenter_computes_its_auxiliary_head_in_eval_mode_when_asked():
+    torch.manual_seed(0)
+    model = build_model("deeplabv3_resnet18", 4, width=0.125).eval()
+    images = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        assert model(images).aux_logits is None  # aux=None: as the mode says
+        out = model(images, aux=True)
+        assert out.aux_logits is not None and out.aux_logits.shape == out.logits.shape == (2, 4, 3, 5)
+        assert torch.equal(out.aux_logits, model.auxlayer(model.pretrained(images)[2]))  # BN statistics, no dropout
+        model.train()
+        assert model(images).aux_logits is not None and model(images, aux=False).aux_logits is None
+        assert build_model("deeplabv3_resnet18", 4, aux=False, width=0.125).eval()(images, aux=True).aux_logits is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the contract and the config
 # ----------------------------------------------------------------------------------------------------------------
 def test_dist_keeps_the_loss_contract():
     check_loss("dist")
     check_loss("dist", intra_scope="image", standardize=True)
+    check_loss("dist", aux_weight=0.4)
 
 
 @pytest.mark.parametrize("override", ["losses.dist.temperature=0", "losses.dist.beta=-1", "losses.dist.gamma=-0.5",
-                                      "losses.dist.intra_scope=pixel", "losses.dist.standardize=maybe"])
+                                      "losses.dist.intra_scope=pixel", "losses.dist.standardize=maybe",
+                                      "losses.dist.aux_weight=-0.4"])
 def test_bad_options_are_refused_in_one_line(override):
     with pytest.raises(ConfigError) as err:
         job_from_dict({}, [override])
@@ -173,6 +289,6 @@ def test_the_defaults_and_the_section():
     job = job_from_dict({}, ["losses.dist.enabled=true"])
     section = job.losses.dist
     assert (section.temperature, section.beta, section.gamma, section.intra_scope, section.standardize,
-            section.weight) == (1.0, 1.0, 1.0, "batch", False, 1.0)
+            section.aux_weight, section.weight) == (1.0, 1.0, 1.0, "batch", False, 0.0, 1.0)
     with pytest.raises(ConfigError):
         DIST(intra_scope="pixel")

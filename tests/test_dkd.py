@@ -12,7 +12,9 @@ from kdray.config import job_from_dict
 from kdray.errors import ConfigError, PreflightError
 from kdray.losses.dkd import DecoupledKD
 from kdray.losses.kd import PixelwiseKD
+from kdray.losses.objective import DistillationObjective
 from kdray.losses.registry import LossContext, loss_spec
+from kdray.models import SegmenterOutput
 from kdray.testing import check_loss
 
 IGNORE = 255
@@ -200,15 +202,78 @@ def test_the_ignore_value_comes_from_the_context():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# aux_weight: the same loss on the auxiliary heads' logits, the labels at their size
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("standardize", [False, True])
+def test_aux_weight_adds_the_reference_on_the_auxiliary_logits(standardize):
+    zs, zt, y = _logits(2, seed=27), _logits(2, seed=28), _labels(2, seed=29)
+    aux_s, aux_t = _logits(2, seed=30), _logits(2, seed=31)  # kdray's auxiliary logits: at the logits' h×w
+    options = {"temperature": 4.0, "alpha": 0.6, "beta": 1.7, "standardize": standardize}
+    expected = (reference(zs, zt, y, 4.0, 0.6, 1.7, standardize)
+                + 0.4 * reference(aux_s, aux_t, y, 4.0, 0.6, 1.7, standardize))
+    assert DecoupledKD(**options, aux_weight=0.4)(zs, zt, y, aux_s, aux_t).item() == pytest.approx(expected, rel=1e-6)
+    value = DecoupledKD(**options, aux_weight=0.4)(zs.float(), zt.float(), y, aux_s.float(), aux_t.float())
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_auxiliary_term_takes_the_labels_at_its_own_size():
+    zs, zt, y = _logits(2, seed=32), _logits(2, seed=33), _labels(2, seed=34)
+    aux_s, aux_t = _logits(2, h=6, w=10, seed=35), _logits(2, h=6, w=10, seed=36)  # another size: y resized to it
+    big = y.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    expected = reference(zs, zt, y) + 0.5 * reference(aux_s, aux_t, big)
+    assert DecoupledKD(aux_weight=0.5)(zs, zt, big, aux_s, aux_t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_aux_weight_zero_ignores_the_auxiliary_logits_and_reads_none():
+    zs, zt, y = _logits(2, seed=37), _logits(2, seed=38), _labels(2, seed=39)
+    assert DecoupledKD()(zs, zt, y, _logits(2, seed=40), _logits(2, seed=41)).item() == DecoupledKD()(zs, zt, y).item()
+    spec = loss_spec("dkd")
+    assert set(spec.inputs(job_from_dict({}, ["losses.dkd.enabled=true"]).losses.dkd)) == {
+        "student_logits", "teacher_logits", "labels"}
+    reads = spec.inputs(job_from_dict({}, ["losses.dkd.enabled=true", "losses.dkd.aux_weight=0.4"]).losses.dkd)
+    assert (reads["student_aux_logits"].key, reads["teacher_aux_logits"].key) == (
+        "student.aux_logits", "teacher.aux_logits")
+
+
+def test_all_ignored_with_the_aux_term_is_exactly_zero():
+    zs, aux_s = (_logits(2, seed=seed).float().requires_grad_() for seed in (42, 43))
+    zt, aux_t = _logits(2, seed=44).float(), _logits(2, seed=45).float()
+    value = DecoupledKD(aux_weight=0.4)(zs, zt, torch.full((2, 3, 5), IGNORE), aux_s, aux_t)
+    assert value.item() == 0.0 and value.dtype == torch.float32
+    value.backward()
+    assert bool(zs.grad.eq(0).all()) and bool(aux_s.grad.eq(0).all())
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_a_model_without_an_auxiliary_head_fails_the_preflight_naming_it(side):
+    job = job_from_dict({}, ["losses.dkd.enabled=true", "losses.dkd.aux_weight=0.4"])
+    objective = DistillationObjective(job.losses, num_classes=5, student_channels=8, teacher_channels=8)
+
+    def outputs(aux: bool) -> SegmenterOutput:
+        aux_logits = torch.randn(2, 5, 3, 5) if aux else None
+        return SegmenterOutput(torch.randn(2, 5, 3, 5), torch.randn(2, 8, 3, 5), aux_logits)
+
+    labels = torch.randint(0, 5, (2, 24, 40))
+    with_heads = objective.step_tensors(outputs(True), outputs(True), labels, torch.zeros(2, 3, 24, 40))
+    objective.preflight(with_heads)
+    s, t = outputs(side != "student"), outputs(side != "teacher")
+    with pytest.raises(PreflightError, match=f"^losses.dkd: needs the {side}'s auxiliary logits, but the {side} has "
+                                             "no auxiliary head, which losses.dkd.aux_weight=0.4 reads"):
+        objective.preflight(objective.step_tensors(s, t, labels, torch.zeros(2, 3, 24, 40)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the contract and the config
 # ----------------------------------------------------------------------------------------------------------------
 def test_dkd_keeps_the_loss_contract():
     check_loss("dkd")
     check_loss("dkd", standardize=True, temperature=2.0)
+    check_loss("dkd", aux_weight=0.4)
 
 
 @pytest.mark.parametrize("override", ["losses.dkd.temperature=0", "losses.dkd.alpha=-1", "losses.dkd.beta=-0.1",
-                                      "losses.dkd.standardize=maybe", "losses.dkd.gamma=1"])
+                                      "losses.dkd.standardize=maybe", "losses.dkd.gamma=1",
+                                      "losses.dkd.aux_weight=-1"])
 def test_bad_options_are_refused_in_one_line(override):
     with pytest.raises(ConfigError) as err:
         job_from_dict({}, [override])
@@ -218,5 +283,5 @@ def test_bad_options_are_refused_in_one_line(override):
 
 def test_the_defaults():
     section = job_from_dict({}, ["losses.dkd.enabled=true"]).losses.dkd
-    assert (section.temperature, section.alpha, section.beta, section.standardize, section.weight) == (
-        1.0, 1.0, 2.0, False, 1.0)
+    assert (section.temperature, section.alpha, section.beta, section.standardize, section.aux_weight,
+            section.weight) == (1.0, 1.0, 2.0, False, 0.0, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 
@@ -238,6 +239,48 @@ def test_adapters_are_trained_with_the_student(tmp_path, teacher_file, loss, ove
     assert not torch.equal(adapter.detach(), adapter_before)
     teacher_after = step.teacher.state_dict()
     assert all(torch.equal(value, teacher_after[key]) for key, value in teacher_before.items())
+
+
+def test_dist_on_the_auxiliary_heads_trains(tmp_path, teacher_file):
+    """`losses.dist.aux_weight`: the teacher (its checkpoint has the head) gives auxiliary logits in eval mode,
+    the student gets its head even without CE's aux term, and two iterations train on the CPU."""
+    job = tiny_job(tmp_path, teacher_file, **{"losses.dist.enabled": True, "losses.dist.aux_weight": 0.4,
+                                              "losses.ce.aux_weight": 0.0, "optim.iterations": 2,
+                                              "optim.eval_interval": 2, "optim.log_interval": 1})
+    logs = []
+    result = train(job, tmp_path / "s", log=logs.append, progress=False)
+    assert result.iterations == 2 and 0.0 <= result.final_miou <= 1.0
+    assert [m["iteration"] for m in logs] == [1, 2]
+    assert all(math.isfinite(m["train/loss/dist"]) and m["train/loss/dist"] > 0 for m in logs)
+    assert any(k.startswith("auxlayer.") for k in load_checkpoint(tmp_path / "s" / "checkpoint")["model"])
+
+
+@pytest.mark.parametrize("aux_weight, calls", [(0.4, 1), (0.0, 0)])
+def test_the_teacher_runs_its_auxiliary_head_only_when_a_loss_reads_it(tmp_path, teacher_file, aux_weight, calls):
+    from kdray.engine.step import TrainStep
+
+    job = tiny_job(tmp_path, teacher_file, **{"losses.dkd.enabled": True, "losses.dkd.aux_weight": aux_weight})
+    torch.manual_seed(0)
+    student = build_model(job.student.arch, job.data.num_classes, width=job.student.width)
+    from kdray.engine import load_teacher
+
+    step = TrainStep.build(job, student, load_teacher(job, torch.device("cpu")), job.losses, RankContext())
+    assert step.teacher_aux is (aux_weight > 0) and not step.teacher.training
+    seen = []
+    step.teacher.auxlayer.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    total, parts = step(*_tiny_batch())
+    assert len(seen) == calls and math.isfinite(parts["dkd"].item())
+    if calls:
+        assert seen[0] == (4, 8, 4, 4)
+
+
+def test_a_teacher_without_an_auxiliary_head_stops_a_run_with_aux_weight_at_its_first_step(tmp_path):
+    path = tmp_path / "plain_teacher.pt"
+    torch.save(build_model("deeplabv3_resnet18", 8, aux=False, width=0.125).state_dict(), path)
+    job = tiny_job(tmp_path, str(path), **{"losses.dist.enabled": True, "losses.dist.aux_weight": 0.4})
+    with pytest.raises(PreflightError, match="losses.dist: needs the teacher's auxiliary logits, but the teacher "
+                                             "has no auxiliary head"):
+        train(job, tmp_path / "s", progress=False)
 
 
 def test_discriminator_has_its_own_adam_with_the_configured_lr_and_betas(tmp_path, teacher_file):

@@ -26,8 +26,8 @@ VARIANTS = {
     "i2ckd": [{"scope": "image"}],
     "fitnet": [{"tap": "backbone.layer2"}],
     "at": [{"taps": ("backbone.layer3", "head")}],
-    "dist": [{"intra_scope": "image", "standardize": True}],
-    "dkd": [{"standardize": True, "temperature": 2.0}],
+    "dist": [{"intra_scope": "image", "standardize": True}, {"aux_weight": 0.4}],
+    "dkd": [{"standardize": True, "temperature": 2.0}, {"aux_weight": 0.4}],
 }
 BUILT_INS = [name for name in LOSSES if not name.startswith("_broken")]
 CASES = [(name, {}) for name in BUILT_INS] + [(name, o) for name, options in VARIANTS.items() for o in options]
@@ -53,6 +53,14 @@ def test_the_variants_name_real_options():
     for name, options in VARIANTS.items():
         for option in options:
             LossChecker(name, option)  # builds and validates the config: a renamed option fails here
+
+
+def test_the_harness_feeds_both_models_auxiliary_logits():
+    for name in ("dist", "dkd"):
+        tensors = LossChecker(name, {"aux_weight": 0.4})._tensors()
+        assert {"student.aux_logits", "teacher.aux_logits"} <= set(tensors)
+        assert tensors["teacher.aux_logits"].shape == tensors["teacher.logits"].shape
+        assert "teacher.aux_logits" not in LossChecker(name)._tensors()
 
 
 # --------------------------------------------------------------------------------------------------------------

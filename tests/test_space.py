@@ -85,6 +85,7 @@ def test_the_methods_table_runs_the_published_cirkd_weights():
     assert rows["CWD"]["losses.cwd.temperature"] == 4.0 and rows["I2CKD"]["losses.i2ckd.margin"] == 0.5
     assert rows["FitNet"]["losses.fitnet.tap"] == "head" and rows["AT"]["losses.at.taps"] == ["head"]
     assert (rows["DKD"]["losses.dkd.alpha"], rows["DKD"]["losses.dkd.beta"]) == (1.0, 2.0)
+    assert rows["DIST"]["losses.dist.aux_weight"] == rows["DKD"]["losses.dkd.aux_weight"] == 0.4  # the recipes' aux
 
 
 def test_the_loss_variants_carry_the_spec_weights():

@@ -29,9 +29,11 @@ import torch
 
 from kdray.config import Job
 from kdray.data import raw_dataset, split_name
+from kdray.engine.loop import student_aux
 from kdray.engine.progress import Progress
 from kdray.errors import CheckpointError, DataError
-from kdray.losses.objective import DistillationObjective, required_taps
+from kdray.losses.inputs import TEACHER_AUX_LOGITS
+from kdray.losses.objective import DistillationObjective, reads_input, required_taps
 from kdray.models import SegmenterOutput, build_model
 from kdray.models.public import mismatches
 from kdray.models.taps import tap_channels, tap_stride
@@ -169,15 +171,18 @@ def _file_class_count(state: dict[str, torch.Tensor], model: torch.nn.Module, nu
 
 def check_losses(job: Job) -> None:
     """The losses' pre-flight check on stand-in outputs: random logits, features of every layer an enabled loss
-    reads (their channel counts and strides from meta-device copies of the models), labels with ignored pixels
-    and images, for one worker's batch of training crops. Builds the objective on the CPU (its adapters and
-    discriminator), never the networks, and leaves the random stream as it was. PreflightError naming the loss.
+    reads (their channel counts and strides from meta-device copies of the models), auxiliary logits of a model
+    that will have the auxiliary head (the student as the run builds it; the teacher as its checkpoint has it),
+    labels with ignored pixels and images, for one worker's batch of training crops. Builds the objective on
+    the CPU (its adapters and discriminator), never the networks, and leaves the random stream as it was.
+    PreflightError naming the loss.
     """
     d = job.data
     n, (height, width), k = max(d.batch_size // job.run.workers, 1), d.crop, d.num_classes
     with _on_meta():
-        student = build_model(job.student.arch, k, aux=job.student.aux, width=job.student.width)
-        teacher = build_model(job.teacher.arch, k, aux=False, width=job.teacher.width) if job.distills else None
+        student = build_model(job.student.arch, k, aux=student_aux(job), width=job.student.width)
+        teacher = build_model(job.teacher.arch, k, aux=_teacher_aux(job), width=job.teacher.width) \
+            if job.distills else None
     with torch.random.fork_rng(devices=[]):
         g = torch.Generator().manual_seed(0)
 
@@ -185,7 +190,7 @@ def check_losses(job: Job) -> None:
             return torch.randn(n, channels, math.ceil(height / stride), math.ceil(width / stride), generator=g)
 
         def outputs(model, side: str) -> tuple[SegmenterOutput, dict[str, torch.Tensor]]:
-            aux = maps(k, 8) if side == "student" and model.auxlayer is not None else None
+            aux = maps(k, 8) if model.auxlayer is not None else None
             out = SegmenterOutput(maps(k, 8), maps(model.feature_channels, 8).relu(), aux)
             taps = {t: maps(tap_channels(model, t), tap_stride(model, t)).relu()
                     for t in required_taps(job.losses, side)}
@@ -204,6 +209,22 @@ def check_losses(job: Job) -> None:
         labels[:, : max(height // 8, 1)] = d.ignore_index  # a band of ignored pixels, like a padded crop's
         images = torch.randn(n, 3, height, width, generator=g)
         objective.preflight(objective.step_tensors(s_out, t_out, labels, images, s_taps, t_taps))
+
+
+def _teacher_aux(job: Job) -> bool:
+    """Whether the job's teacher will have the auxiliary head, as `load_teacher` builds it: from its checkpoint's
+    keys, read only when an enabled loss reads `teacher.aux_logits` (else it does not matter). A checkpoint not
+    written yet (a sweep's `--train-teacher`, `teacher.checkpoint: auto`) is the teacher kdray will train, with
+    the head when `losses.ce.aux_weight` > 0."""
+    if not reads_input(job.losses, TEACHER_AUX_LOGITS):
+        return False
+    path = job.teacher.checkpoint
+    if path is None or not Path(path).is_file():
+        return job.losses.ce.aux_weight > 0
+    try:
+        return any(key.startswith("auxlayer.") for key in read_state_dict(path))
+    except CheckpointError as err:
+        raise CheckpointError(f"teacher.checkpoint: {err}") from None
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ from kdray.engine.progress import Progress
 from kdray.engine.sliding import window_of
 from kdray.engine.step import TrainStep, autocast_for
 from kdray.errors import CheckpointError, KdrayError
+from kdray.losses.inputs import STUDENT_AUX_LOGITS
+from kdray.losses.objective import reads_input
 from kdray.models import Segmenter, build_model, load_segmenter_weights
 from kdray.models.weights import read_state_dict
 
@@ -77,6 +79,14 @@ class _Setup:
     teacher: Segmenter | None
 
 
+def student_aux(job: Job) -> bool:
+    """Whether the student is built with the auxiliary FCN head: `student.aux`, and some term uses its logits
+    (CE with `aux_weight` > 0, or a loss requiring them: `losses.dist.aux_weight`, `losses.dkd.aux_weight`)."""
+    ce = job.losses.ce
+    used = (ce.enabled and ce.aux_weight > 0) or reads_input(job.losses, STUDENT_AUX_LOGITS, required=True)
+    return job.student.aux and used
+
+
 def load_teacher(job: Job, device: torch.device) -> Segmenter:
     """The frozen teacher: eval mode, no gradients, weights from `teacher.checkpoint` (strict)."""
     if job.teacher.checkpoint is None:
@@ -101,8 +111,8 @@ def _setup(job: Job, role: str, device: torch.device) -> _Setup:
         losses = LossesConfig(ce=replace(ce, enabled=True))
         return _Setup(model, losses, cfg.iterations or job.optim.iterations, None)
     cfg = job.student
-    model = build_model(cfg.arch, job.data.num_classes, aux=cfg.aux and ce.enabled and ce.aux_weight > 0,
-                        width=cfg.width, backbone_weights=cfg.backbone_weights)
+    model = build_model(cfg.arch, job.data.num_classes, aux=student_aux(job), width=cfg.width,
+                        backbone_weights=cfg.backbone_weights)
     teacher = load_teacher(job, device) if job.distills else None
     return _Setup(model, job.losses, job.optim.iterations, teacher)
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kdray.config import Job, LossesConfig
 from kdray.engine.distributed import RankContext, average_gradients
 from kdray.engine.graphs import GraphedObjective, GraphedOwnedLoss
-from kdray.losses.inputs import StepTensors
+from kdray.losses.inputs import TEACHER_AUX_LOGITS, StepTensors
 from kdray.losses.objective import DistillationObjective, required_taps
 from kdray.models.taps import FeatureTaps, tap_channels
 
@@ -65,7 +65,8 @@ class TrainStep:
     def __post_init__(self) -> None:
         self.adapters = self.objective.student_side_parameters()
         self.owned_params = {name: self.objective.owned_parameters(name) for name in self.owned_optimizers}
-        graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda"
+        # a loss with host-side control flow, draws or collectives (CIRKD's memory) keeps the whole objective eager
+        graphs = self.job.run.cuda_graphs and self.ctx.device.type == "cuda" and self.objective.graphable()
         if self.losses is None:
             self.losses = GraphedObjective(self.objective) if graphs else self.objective
         for name in self.owned_optimizers:
@@ -96,7 +97,7 @@ class TrainStep:
         objective = DistillationObjective(
             losses, num_classes=job.data.num_classes, student_channels=model.feature_channels,
             teacher_channels=teacher.feature_channels if teacher is not None else None,
-            ignore_index=job.data.ignore_index, tap_channels=taps,
+            ignore_index=job.data.ignore_index, tap_channels=taps, seed=job.run.seed,
         ).to(device)
         trained: nn.Module = model
         if ctx.distributed:
@@ -110,6 +111,12 @@ class TrainStep:
                  for name, step, _, cfg in objective.owned_steps()}
         scaler = torch.amp.GradScaler(device.type, enabled=job.run.amp == "fp16")
         return cls(model, trained, teacher, objective, optimizer, owned, scaler, job, ctx)
+
+    @property
+    def teacher_aux(self) -> bool:
+        """Whether the teacher's forward runs its auxiliary head: only when an enabled loss reads
+        `teacher.aux_logits` (`losses.dist.aux_weight`, `losses.dkd.aux_weight`), so other runs cost nothing more."""
+        return self.objective.reads(TEACHER_AUX_LOGITS)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -125,8 +132,8 @@ class TrainStep:
             student_taps = self.student_taps.collect(student_out) if self.student_taps is not None else None
             teacher_out = teacher_taps = None
             if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_out = self.teacher(images)
+                with torch.no_grad():  # its auxiliary head (eval mode) only when a loss reads its logits
+                    teacher_out = self.teacher(images, aux=True) if self.teacher_aux else self.teacher(images)
                 teacher_taps = self.teacher_taps.collect(teacher_out) if self.teacher_taps is not None else None
         objective = self.objective
         tensors = objective.step_tensors(student_out, teacher_out, labels, images, student_taps, teacher_taps)

@@ -77,6 +77,15 @@ def label_map(owner: str, labels: torch.Tensor, name: str, like: torch.Tensor) -
         )
 
 
+def aux_pair(owner: str, aux_weight: float, student: torch.Tensor | None, teacher: torch.Tensor | None) -> None:
+    """With `aux_weight` > 0 a loss needs both models' auxiliary logits; one `PreflightError` naming the missing
+    ones otherwise (the objective's pre-flight says which model lacks the head before this is reached)."""
+    missing = [name for name, x in (("student_aux_logits", student), ("teacher_aux_logits", teacher)) if x is None]
+    if missing:
+        raise PreflightError(f"{owner}: aux_weight={aux_weight:g} needs student_aux_logits and teacher_aux_logits "
+                             f"(the models' auxiliary heads), got None for {' and '.join(missing)}")
+
+
 def empty_batch(*tensors: torch.Tensor | None) -> torch.Tensor:
     """The loss of an empty batch (N = 0): exactly 0.0, in float32 at least, and connected to `tensors` (the
     student's inputs, the adapter's weight) so that backward runs and gives them zero gradients.

@@ -12,7 +12,7 @@ from kdray.config.options import option
 from kdray.errors import PreflightError
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
-from kdray.losses.inputs import STUDENT_LOGITS, TEACHER_LOGITS
+from kdray.losses.inputs import STUDENT_AUX_LOGITS, STUDENT_LOGITS, TEACHER_AUX_LOGITS, TEACHER_LOGITS, StepInput
 from kdray.losses.registry import LossConfig, register_loss
 from kdray.losses.standardize import standardize_logits
 
@@ -29,6 +29,15 @@ class DISTConfig(LossConfig):
     gamma: float = option(1.0, at_least=0)
     intra_scope: Literal["batch", "image"] = "batch"
     standardize: bool = False
+    aux_weight: float = option(0.0, at_least=0)
+
+
+def _reads(config: DISTConfig) -> dict[str, StepInput]:
+    """The main logits; with `aux_weight` > 0 also both models' auxiliary logits (required)."""
+    reads = {"student_logits": STUDENT_LOGITS, "teacher_logits": TEACHER_LOGITS}
+    if config.aux_weight > 0:
+        reads |= {"student_aux_logits": STUDENT_AUX_LOGITS, "teacher_aux_logits": TEACHER_AUX_LOGITS}
+    return reads
 
 
 def pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -40,8 +49,7 @@ def pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
     return (a * b).sum(dim=dim) / (norms + EPS)
 
 
-@register_loss("dist", position=110, config=DISTConfig, label="DIST",
-               reads={"student_logits": STUDENT_LOGITS, "teacher_logits": TEACHER_LOGITS})
+@register_loss("dist", position=110, config=DISTConfig, label="DIST", reads=_reads)
 class DIST(nn.Module):
     """DIST's relational match of the class probabilities, per pixel (inter) and per class (intra).
 
@@ -58,10 +66,14 @@ class DIST(nn.Module):
     teacher separately, by `(z − mean_k z) / (std_k z + 1e-7)` (`standardize_logits`), which makes L invariant to
     `z → a·z + b` per pixel (a > 0). Computed in float32 at least, also under autocast; the teacher is detached.
 
-    The published recipe adds 0.4 × the same loss on the FCN auxiliary heads' logits (`aux_weight` in the spec);
-    kdray does not support it yet: the teacher's auxiliary logits are not offered to the losses.
+    `aux_weight` = w > 0 adds the same loss (same τ, β, γ, scope and standardization) on the auxiliary FCN
+    heads' logits, `L_DIST = L(z_S, z_T) + w · L(z_S,aux, z_T,aux)`; it then reads both models' auxiliary logits,
+    and a student or teacher without an auxiliary head fails the pre-flight check. Default 0 (no aux term);
+    DIST's segmentation recipe (hunto/DIST_KD `segmentation/train_kd.py`) uses 1 on the main logits and 0.4 on
+    the auxiliary ones.
 
-    Shapes: student_logits, teacher_logits (N, K, h, w). Returns a scalar.
+    Shapes: student_logits, teacher_logits (N, K, h, w); student_aux_logits, teacher_aux_logits (N, K, h', w')
+    or None (read only when aux_weight > 0). Returns a scalar.
 
     Paper: T. Huang, S. You, F. Wang, C. Qian, C. Xu, "Knowledge Distillation from A Stronger Teacher",
     NeurIPS 2022, arXiv:2205.10536 (code: hunto/DIST_KD, `segmentation/losses/dist_kd.py`; τ and τ² on both
@@ -69,7 +81,7 @@ class DIST(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                 intra_scope: str = "batch", standardize: bool = False) -> None:
+                 intra_scope: str = "batch", standardize: bool = False, aux_weight: float = 0.0) -> None:
         super().__init__()
         owner = type(self).__name__
         self.temperature = _checks.number(owner, "temperature", temperature, positive=True)
@@ -77,16 +89,27 @@ class DIST(nn.Module):
         self.gamma = _checks.number(owner, "gamma", gamma)
         self.intra_scope = _checks.choice(owner, "intra_scope", intra_scope, SCOPES)
         self.standardize = _checks.boolean(owner, "standardize", standardize)
+        self.aux_weight = _checks.number(owner, "aux_weight", aux_weight)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, student_aux_logits: Tensor | None = None,
+                teacher_aux_logits: Tensor | None = None) -> Tensor:
+        loss = self._relations(student_logits, teacher_logits, "student_logits", "teacher_logits")
+        if self.aux_weight > 0:
+            _checks.aux_pair(type(self).__name__, self.aux_weight, student_aux_logits, teacher_aux_logits)
+            aux = self._relations(student_aux_logits, teacher_aux_logits, "student_aux_logits", "teacher_aux_logits")
+            loss = loss + self.aux_weight * aux
+        return loss
+
+    def _relations(self, student_logits: Tensor, teacher_logits: Tensor, s_name: str, t_name: str) -> Tensor:
+        """L(z_S, z_T) of the class docstring on one pair of score maps."""
         owner = type(self).__name__
-        _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
+        _checks.same_shape(owner, s_name, student_logits, t_name, teacher_logits)
         if student_logits.shape[0] == 0:
             return _checks.empty_batch(student_logits)
         k = student_logits.shape[1]
         if self.standardize and k < 2:
-            raise PreflightError(f"{owner}: standardize=True needs K >= 2 classes, got student_logits "
-                                         f"{tuple(student_logits.shape)}")
+            raise PreflightError(f"{owner}: standardize=True needs K >= 2 classes, got {s_name} "
+                                 f"{tuple(student_logits.shape)}")
         t = self.temperature
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         with autocast_off(student_logits.device.type):

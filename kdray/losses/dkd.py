@@ -11,7 +11,14 @@ from kdray.config.options import option
 from kdray.errors import PreflightError
 from kdray.losses import _checks
 from kdray.losses._precision import autocast_off
-from kdray.losses.inputs import LABELS_AT_LOGITS, STUDENT_LOGITS, TEACHER_LOGITS
+from kdray.losses.inputs import (
+    LABELS_AT_LOGITS,
+    STUDENT_AUX_LOGITS,
+    STUDENT_LOGITS,
+    TEACHER_AUX_LOGITS,
+    TEACHER_LOGITS,
+    StepInput,
+)
 from kdray.losses.labels import check_labels_on_cpu, downsample_labels
 from kdray.losses.registry import LossConfig, register_loss
 from kdray.losses.standardize import standardize_logits
@@ -25,11 +32,18 @@ class DKDConfig(LossConfig):
     alpha: float = option(1.0, at_least=0)
     beta: float = option(2.0, at_least=0)
     standardize: bool = False
+    aux_weight: float = option(0.0, at_least=0)
 
 
-@register_loss("dkd", position=120, config=DKDConfig, label="DKD",
-               reads={"student_logits": STUDENT_LOGITS, "teacher_logits": TEACHER_LOGITS,
-                      "labels": LABELS_AT_LOGITS})
+def _reads(config: DKDConfig) -> dict[str, StepInput]:
+    """The main logits and y↓; with `aux_weight` > 0 also both models' auxiliary logits (required)."""
+    reads = {"student_logits": STUDENT_LOGITS, "teacher_logits": TEACHER_LOGITS, "labels": LABELS_AT_LOGITS}
+    if config.aux_weight > 0:
+        reads |= {"student_aux_logits": STUDENT_AUX_LOGITS, "teacher_aux_logits": TEACHER_AUX_LOGITS}
+    return reads
+
+
+@register_loss("dkd", position=120, config=DKDConfig, label="DKD", reads=_reads)
 class DecoupledKD(nn.Module):
     """Decoupled knowledge distillation at every valid pixel of the score map.
 
@@ -48,11 +62,16 @@ class DecoupledKD(nn.Module):
     `(z − mean_k z) / (std_k z + 1e-7)` (`standardize_logits`). Needs K ≥ 2. Computed in float32 at least,
     also under autocast; the teacher is detached.
 
-    The published recipe adds 0.4 × the same loss on the FCN auxiliary heads' logits (`aux_weight` in the spec);
-    kdray does not support it yet: the teacher's auxiliary logits are not offered to the losses.
+    `aux_weight` = w > 0 adds the same loss (same T, α, β and standardization) on the auxiliary FCN heads'
+    logits, with the labels resized to their size (in kdray the auxiliary logits are at stride 8 too, h'×w' =
+    h×w, so y↓ itself): `L_DKD = L(z_S, z_T, y↓) + w · L(z_S,aux, z_T,aux, y↓aux)`. It then reads both models'
+    auxiliary logits, and a student or teacher without an auxiliary head fails the pre-flight check. Default 0
+    (no aux term); seg-gdkd's recipe (ZaberKo/seg-gdkd `train_kd.py`) uses 1 on the main logits and 0.4 on the
+    auxiliary ones.
 
     Shapes: student_logits, teacher_logits (N, K, h, w); labels (N, h, w) int64, or (N, H, W), resized to h×w
-    by nearest neighbour. Returns a scalar.
+    by nearest neighbour; student_aux_logits, teacher_aux_logits (N, K, h', w') or None (read only when
+    aux_weight > 0). Returns a scalar.
 
     Paper: B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022,
     arXiv:2203.08679; per pixel for segmentation as in ZaberKo/seg-gdkd `losses/distiller/dkd.py`.
@@ -60,7 +79,7 @@ class DecoupledKD(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, beta: float = 2.0, standardize: bool = False,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, aux_weight: float = 0.0) -> None:
         super().__init__()
         owner = type(self).__name__
         self.temperature = _checks.number(owner, "temperature", temperature, positive=True)
@@ -68,17 +87,30 @@ class DecoupledKD(nn.Module):
         self.beta = _checks.number(owner, "beta", beta)
         self.standardize = _checks.boolean(owner, "standardize", standardize)
         self.ignore_index = _checks.integer(owner, "ignore_index", ignore_index)
+        self.aux_weight = _checks.number(owner, "aux_weight", aux_weight)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                student_aux_logits: Tensor | None = None, teacher_aux_logits: Tensor | None = None) -> Tensor:
+        loss = self._decoupled(student_logits, teacher_logits, labels, "student_logits", "teacher_logits")
+        if self.aux_weight > 0:
+            _checks.aux_pair(type(self).__name__, self.aux_weight, student_aux_logits, teacher_aux_logits)
+            aux = self._decoupled(student_aux_logits, teacher_aux_logits, labels, "student_aux_logits",
+                                  "teacher_aux_logits")
+            loss = loss + self.aux_weight * aux
+        return loss
+
+    def _decoupled(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, s_name: str,
+                   t_name: str) -> Tensor:
+        """L(z_S, z_T, y) of the class docstring on one pair of score maps, y resized to their size."""
         owner = type(self).__name__
-        _checks.same_shape(owner, "student_logits", student_logits, "teacher_logits", teacher_logits)
-        _checks.label_map(owner, labels, "student_logits", student_logits)
+        _checks.same_shape(owner, s_name, student_logits, t_name, teacher_logits)
+        _checks.label_map(owner, labels, s_name, student_logits)
         if student_logits.shape[0] == 0:
             return _checks.empty_batch(student_logits)
         k = student_logits.shape[1]
         if k < 2:
             raise PreflightError(f"{owner}: needs K >= 2 classes (a target and a non-target part), got "
-                                 f"student_logits {tuple(student_logits.shape)}")
+                                 f"{s_name} {tuple(student_logits.shape)}")
         labels = downsample_labels(labels, student_logits.shape[-2:])
         check_labels_on_cpu(labels, k, self.ignore_index)
         valid = labels != self.ignore_index  # (N, h, w)

@@ -5,7 +5,10 @@ each input up in the step's `StepTensors` and calls the loss with those keyword 
 
     name                              shape            what
     student.logits / teacher.logits   (N, K, h, w)     class scores at output stride 8 (h = ceil(H/8))
-    student.aux_logits                (N, K, h, w)     the student's auxiliary head (training mode; or absent)
+    student.aux_logits                (N, K, h, w)     the student's auxiliary FCN head (training mode; or absent)
+    teacher.aux_logits                (N, K, h, w)     the teacher's auxiliary FCN head: computed (in eval mode)
+                                                       only when some enabled loss reads it; absent when the
+                                                       teacher has no auxiliary head
     student.features[TAP]             (N, C, h', w')   the output of layer TAP (`kdray.models.tap_names`);
     teacher.features[TAP]                              TAP `head` is the map the classifier reads
     labels                            (N, H, W) int64  the batch's labels, ignore value `data.ignore_index`
@@ -28,7 +31,8 @@ import torch
 from kdray.errors import ConfigError
 
 HEAD = "head"  # the tap of the map the classifier reads (`SegmenterOutput.features`)
-_PLAIN_KEYS = ("student.logits", "teacher.logits", "student.aux_logits", "labels", "labels.at_logits", "images")
+_PLAIN_KEYS = ("student.logits", "teacher.logits", "student.aux_logits", "teacher.aux_logits", "labels",
+               "labels.at_logits", "images")
 _FEATURES = re.compile(r"(student|teacher)\.features\[[^\s\[\]]+\]")
 
 
@@ -94,6 +98,7 @@ def teacher_features(tap: str = HEAD) -> StepInput:
 STUDENT_LOGITS = StepInput("student.logits")
 TEACHER_LOGITS = StepInput("teacher.logits")
 STUDENT_AUX_LOGITS = StepInput("student.aux_logits")
+TEACHER_AUX_LOGITS = StepInput("teacher.aux_logits")
 STUDENT_FEATURES = student_features()
 TEACHER_FEATURES = teacher_features()
 LABELS = StepInput("labels")

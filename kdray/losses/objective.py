@@ -9,6 +9,7 @@ plugin, the same way, and the modules stay testable on their own.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,16 @@ from torch import nn
 from kdray.config.schema import LossesConfig
 from kdray.errors import PreflightError
 from kdray.losses import _checks
-from kdray.losses.inputs import HEAD, IMAGES, LABELS, LABELS_AT_LOGITS, STUDENT_LOGITS, StepInput, StepTensors
+from kdray.losses.inputs import (
+    HEAD,
+    IMAGES,
+    LABELS,
+    LABELS_AT_LOGITS,
+    STUDENT_LOGITS,
+    TEACHER_LOGITS,
+    StepInput,
+    StepTensors,
+)
 from kdray.losses.labels import check_labels, downsample_labels
 from kdray.losses.registry import LOSSES, LossContext, OwnedStep
 
@@ -51,6 +61,15 @@ def required_taps(losses: LossesConfig | Mapping[str, Any], side: str) -> set[st
     return taps - {HEAD}
 
 
+def reads_input(losses: LossesConfig | Mapping[str, Any], key: str | StepInput, *, required: bool = False) -> bool:
+    """Whether some enabled loss (or its owned step) reads the step input `key` (`teacher.aux_logits`, ...);
+    with `required`, only as a required input: what a model must be built to give. `losses`: a job's section,
+    or the enabled losses' configs by name."""
+    enabled = losses.enabled() if isinstance(losses, LossesConfig) else losses
+    return any(i.key == str(key) and (i.required or not required) for name, cfg in enabled.items()
+               for i in LOSSES[name].all_inputs(cfg))
+
+
 class DistillationObjective(nn.Module):
     """Builds the enabled losses from the config and sums them with their weights.
 
@@ -59,18 +78,18 @@ class DistillationObjective(nn.Module):
     are listed by `owned_steps` and kept out of `student_side_parameters`.
 
     student_channels / teacher_channels: C of the `head` tap; `tap_channels` gives those of other taps
-    (`{"student": {tap: C}, "teacher": {tap: C}}`).
+    (`{"student": {tap: C}, "teacher": {tap: C}}`); seed: the run's (`run.seed`), for losses that draw.
     """
 
     def __init__(self, losses: LossesConfig, *, num_classes: int, student_channels: int,
                  teacher_channels: int | None, ignore_index: int = 255,
-                 tap_channels: Mapping[str, Mapping[str, int]] | None = None):
+                 tap_channels: Mapping[str, Mapping[str, int]] | None = None, seed: int = 0):
         super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
         taps = tap_channels or {}
         student = {HEAD: student_channels, **taps.get("student", {})}
         teacher = {**({HEAD: teacher_channels} if teacher_channels is not None else {}), **taps.get("teacher", {})}
-        context = LossContext(num_classes, ignore_index, student, teacher)
+        context = LossContext(num_classes, ignore_index, student, teacher, seed)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         self.configs: dict[str, Any] = {}
@@ -81,6 +100,15 @@ class DistillationObjective(nn.Module):
             self.weights[name] = cfg.term_weight()
             self.configs[name] = cfg
             self.inputs[name] = spec.inputs(cfg)
+
+    def reads(self, key: str | StepInput) -> bool:
+        """Whether some enabled loss (or its owned step) reads the step input `key`, required or optional: the
+        engine computes the teacher's auxiliary logits only when this holds for `teacher.aux_logits`."""
+        return reads_input(self.configs, key)
+
+    def graphable(self) -> bool:
+        """Whether every enabled loss may be replayed as a CUDA graph (`LossSpec.graphable`)."""
+        return all(LOSSES[name].is_graphable(cfg) for name, cfg in self.configs.items())
 
     def owned_steps(self) -> list[tuple[str, OwnedStep, nn.Module, Any]]:
         """`(loss name, its OwnedStep, the loss module, its config)` of each loss training parameters of its own."""
@@ -139,7 +167,8 @@ class DistillationObjective(nn.Module):
             "student.aux_logits": f32(student.aux_logits),
         }
         if teacher is not None:
-            tensors.update({"teacher.logits": f32(teacher.logits), f"teacher.features[{HEAD}]": f32(teacher.features)})
+            tensors.update({"teacher.logits": f32(teacher.logits), f"teacher.features[{HEAD}]": f32(teacher.features),
+                            "teacher.aux_logits": f32(teacher.aux_logits)})
         for side, taps in (("student", student_taps), ("teacher", teacher_taps)):
             for tap, value in (taps or {}).items():
                 tensors.setdefault(f"{side}.features[{tap}]", f32(value))
@@ -151,24 +180,26 @@ class DistillationObjective(nn.Module):
     def preflight(self, t: StepTensors) -> None:
         """Check that every enabled loss can run on these shapes; PreflightError naming the loss otherwise.
 
-        Runs in eval mode so that it leaves no trace (the discriminator's BatchNorm statistics and spectral-norm
-        vectors would otherwise move, and a resumed run would drift from an uninterrupted one).
+        Leaves no trace: it runs in eval mode (the discriminator's BatchNorm statistics and spectral-norm vectors
+        stay put) and puts back the state of any loss that keeps some between calls (CIRKD's queues and its
+        generator), so that a resumed run, which checks again, equals an uninterrupted one.
         """
         was_training = self.training
+        saved = copy.deepcopy(self.state_dict())
         self.eval()
         try:
             for name in self.terms:
                 self._preflight(name, t)
         finally:
             self.train(was_training)
+            self.load_state_dict(saved)
 
     def _preflight(self, name: str, t: StepTensors) -> None:
         spec, cfg = LOSSES[name], self.configs[name]
         reads = spec.all_inputs(cfg)
         for i in reads:
             if i.side is not None and i.required and i.key not in t:
-                whose = "no teacher is loaded" if i.side == "teacher" else "the step has none"
-                raise PreflightError(f"losses.{name}: needs the {i.side}'s {_what(i)}, but {whose}")
+                raise PreflightError(f"losses.{name}: needs the {i.side}'s {_what(i)}, but {_lacking(name, i, t, cfg)}")
         for i in reads:  # a student tensor and its teacher counterpart must agree where the loss compares them
             twin = i.key.replace("student.", "teacher.", 1)
             if i.side != "student" or twin not in {r.key for r in reads} or i not in t or twin not in t:
@@ -205,6 +236,25 @@ class DistillationObjective(nn.Module):
         return self.formula()
 
 
+def _lacking(name: str, i: StepInput, t: StepTensors, cfg: Any) -> str:
+    """Why the step lacks the required input `i` of loss `name`, and what to change, for the pre-flight's message."""
+    if i.side == "teacher" and str(TEACHER_LOGITS) not in t:
+        return "no teacher is loaded"
+    if i.kind != "aux_logits":
+        return "the step has none"
+    option = f"losses.{name}.aux_weight" if hasattr(cfg, "aux_weight") else None
+    under = f", which {option}={cfg.aux_weight:g} reads" if option else ""
+    off = f"set {option}=0 or " if option else ""
+    if i.side == "teacher":
+        return (f"the teacher has no auxiliary head{under}: its checkpoint holds no `auxlayer.*` weights; {off}"
+                "use a teacher checkpoint with the auxiliary FCN head (kdray's teachers have one unless trained with "
+                "losses.ce.aux_weight=0)")
+    return (f"the student has no auxiliary head{under}: {off}set student.aux=true (the student then gets the "
+            "auxiliary FCN head)")
+
+
 def _what(i: StepInput) -> str:
-    """`logits`, `features` (of the head), `features of backbone.layer3`, ... for messages."""
+    """`logits`, `auxiliary logits`, `features` (of the head), `features of backbone.layer3`, ... for messages."""
+    if i.kind == "aux_logits":
+        return "auxiliary logits"
     return f"features of {i.tap}" if i.tap not in (None, HEAD) else i.kind

@@ -31,23 +31,30 @@ The contract:
 - **build** makes the module from the config and a `LossContext` (class count, ignore value, channel counts of
   the taps, to size adapters). Default: the class called with the config's options (all but `enabled`,
   `weight` and the options marked `option(..., constructor=False)`) plus those of `num_classes`, `ignore_index`,
-  `student_channels`, `teacher_channels` (of the `head` tap) its signature names.
+  `student_channels`, `teacher_channels` (of the `head` tap) and `seed` (the run's) its signature names.
 - **owned** (optional, `OwnedStep`): parameters of the loss trained by an optimizer of their own, stepped after
   the student's (the holistic loss's discriminator). Everything else the module owns (adapters) trains with
   the student.
+- **graphable** (optional; a bool or a function of the config): whether the loss may be replayed as a CUDA graph
+  (`run.cuda_graphs`). False for a loss with host-side control flow, random draws or collectives (CIRKD's memory);
+  a run enabling one computes all its losses eagerly.
 
 The module returns an unweighted scalar; the objective multiplies it by the config's `term_weight()`. No
 gradient may flow into a teacher input: the engine's carry none (the teacher runs without autograd), and a
 loss detaches them itself so that it keeps this when called on its own (the harness checks it). The losses'
-state (adapters, discriminator) is in the objective's state dict, so it is in every checkpoint. A plugin file
+state (adapters, discriminator, buffers such as CIRKD's queues, and `get_extra_state()` such as a generator's
+state) is in the objective's state dict, so it is in every checkpoint and a resumed run continues it; the
+pre-flight check restores it after its trial call. A plugin file
 registers its losses the same way (`plugins:` in a job); one registry-wide test harness
 (`kdray.testing.check_loss`) holds every registered loss to this contract.
 
 Edge cases, the same for every loss: an empty batch (N = 0) gives exactly 0.0 (float32), still connected to
 the student's inputs so that backward runs and gives zero gradients (`_checks.empty_batch`; the owned step's
 loss likewise, connected to its parameters); labels with every pixel ignored give exactly 0.0 from every loss
-that reads labels. Labels that are not (N, H, W) int64 with the batch's N raise one `PreflightError` naming
-the loss and the shapes (`_checks.label_map`), and the module pickles (Ray ships it).
+that reads labels, unless it registers `labelled_only=False` (a term over all pixels whatever their label, as
+CIRKD's mini-batch relations: all-ignore labels then give a finite value). Labels that are not (N, H, W) int64
+with the batch's N raise one `PreflightError` naming the loss and the shapes (`_checks.label_map`), and the
+module pickles (Ray ships it).
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ class LossContext:
     ignore_index: int
     student_channels: Mapping[str, int]  # tap -> C
     teacher_channels: Mapping[str, int]  # tap -> C; empty without a teacher
+    seed: int = 0  # the run's seed (`run.seed`), for a loss drawing at random: the same on every rank
 
     def student(self, tap: str = HEAD) -> int:
         return self.student_channels[tap]
@@ -135,6 +143,8 @@ class LossSpec:
     build: Callable[[Any, LossContext], nn.Module] | None = None
     owned: OwnedStep | None = None
     position: int = 1000
+    graphable: bool | Callable[[Any], bool] = True
+    labelled_only: bool = True
 
     def inputs(self, config: Any) -> dict[str, StepInput]:
         """`{forward argument: StepInput}` under `config`."""
@@ -144,6 +154,10 @@ class LossSpec:
         """Every tensor the loss and its owned step read under `config`."""
         owned = list(self.owned.inputs(config).values()) if self.owned is not None else []
         return [*self.inputs(config).values(), *owned]
+
+    def is_graphable(self, config: Any) -> bool:
+        """Whether the loss's forward and backward may be replayed as a CUDA graph under `config`."""
+        return bool(self.graphable(config) if callable(self.graphable) else self.graphable)
 
     def needs_teacher(self, config: Any) -> bool:
         return any(i.side == "teacher" for i in self.all_inputs(config))
@@ -160,7 +174,8 @@ class LossSpec:
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
         accepted = inspect.signature(self.module).parameters
         offered = {"num_classes": context.num_classes, "ignore_index": context.ignore_index,
-                   "student_channels": context.student(), "teacher_channels": context.teacher()}
+                   "student_channels": context.student(), "teacher_channels": context.teacher(),
+                   "seed": context.seed}
         options.update({k: v for k, v in offered.items() if k in accepted})
         return self.module(**options)
 
@@ -196,7 +211,9 @@ LOSSES: dict[str, LossSpec] = {}  # name -> spec, in registration order (built-i
 def register_loss(name: str, *, config: type[LossConfig], label: str, reads: Reads | Callable[[Any], Reads],
                   build: Callable[[Any, LossContext], nn.Module] | None = None,
                   owned: OwnedStep | None = None,
-                  position: int = 1000) -> Callable[[type[nn.Module]], type[nn.Module]]:
+                  position: int = 1000,
+                  graphable: bool | Callable[[Any], bool] = True,
+                  labelled_only: bool = True) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator registering an `nn.Module` as the loss `name` (see the module docstring).
 
     Raises ConfigError when `name` is not an identifier, is taken by another module, or `config` is not a
@@ -219,7 +236,7 @@ def register_loss(name: str, *, config: type[LossConfig], label: str, reads: Rea
             if other.name != name and other.label == label:
                 raise ConfigError(f"register_loss({name!r}): the label {label!r} is taken by the loss {other.name!r} "
                                   "(labels name methods in tables and MLflow tags): choose another")
-        spec = LossSpec(name, label, cls, config, reads, build, owned, position)
+        spec = LossSpec(name, label, cls, config, reads, build, owned, position, graphable, labelled_only)
         if not callable(reads):
             spec.check_arguments(dict(reads), None)
         LOSSES[name] = spec

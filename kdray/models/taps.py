@@ -18,7 +18,8 @@ segmenter's `pretrained` attribute (CIRKD's name, kept for its checkpoints); use
 
 There is no stem tap: the stem has no module of its own (its three convs share one ReLU module, which runs
 three times), and its only distinct map, the max-pool output, is `layer1`'s input at the same stride.
-There is no aux tap either: the auxiliary head reads `backbone.layer3` and exists only in training mode.
+There is no aux tap either: the auxiliary head reads `backbone.layer3`, and its logits are the output's
+`aux_logits` (training mode, or `model(x, aux=True)`), the step inputs `student.aux_logits`/`teacher.aux_logits`.
 """
 
 from __future__ import annotations
