@@ -27,7 +27,7 @@ iteration as a tensor op:
 - I2CKD: adapter on the whole map, loop over classes for the prototypes, double loop over the (k, j) pairs;
 - SKD pair-wise, CSC: loop over images and over the rows of each affinity matrix (one node, or one channel,
   at a time: its similarities to all the others).
-CE (torch's own), the discriminator and the baselines of current tables (FitNet, AT, DIST, DKD: their
+CE (torch's own), the discriminator and the baselines of current tables (FitNet, AT, DIST, DKD, CIRKD: their
 float64 loop references live in their tests) have none. The "floor" row times one log-softmax of the student's
 score map, forward and backward: a yardstick for the score-map losses (KD, CWD, ACE), each of which normalises
 two such maps, the student's and the teacher's, and writes the student's gradient. Each loop version is
@@ -74,6 +74,8 @@ from kdray.losses import (  # noqa: E402
     downsample_labels,
 )
 from kdray.losses.attention import AttentionTransfer  # noqa: E402
+from kdray.losses.cirkd_batch import minibatch_pixel_relations  # noqa: E402
+from kdray.losses.cirkd_memory import MemoryContrast  # noqa: E402
 from kdray.losses.dist import DIST  # noqa: E402
 from kdray.losses.dkd import DecoupledKD  # noqa: E402
 from kdray.losses.fitnet import FitNetHint  # noqa: E402
@@ -367,6 +369,11 @@ def loss_table(shape: Shape, device: torch.device):
     unpooled = PairwiseAffinity(patch=1)
     fitnet = FitNetHint(s.c_s, s.c_t).to(device)
     attention, dist, dkd = AttentionTransfer(), DIST(), DecoupledKD()
+    memory = MemoryContrast(s.k, s.c_s, s.c_t).to(device)  # CIRKD's default queue sizes: 20000 and 2000 per class
+
+    def memory_terms(x):
+        pixel, region = memory(x["fs"], x["ft"], x["labels_small"])
+        return 0.1 * pixel + 0.1 * region
 
     def affinity_form(fs, ft):
         return spatial_affinity_distance(pool_nodes(fs, 2), pool_nodes(ft.detach(), 2), via="affinity")
@@ -402,6 +409,9 @@ def loss_table(shape: Shape, device: torch.device):
         ("AT (head)", lambda x: attention(student_0=x["fs"], teacher_0=x["ft"]), None, features, None),
         ("DIST", lambda x: dist(x["zs"], x["zt"]), None, logits, None),
         ("DKD", lambda x: dkd(x["zs"], x["zt"], x["labels_small"]), None, ("zs", "zt", "labels_small"), None),
+        ("CIRKD mini-batch relations", lambda x: minibatch_pixel_relations(x["fs"], x["ft"]), None, features, None),
+        # enqueue of the batch, the key draws, both contrast terms and the projection head (peak: queues included)
+        ("CIRKD memory contrast", memory_terms, None, ("fs", "ft", "labels_small"), memory),
     ]
 
 

@@ -59,6 +59,7 @@ ADDED = {
     "fitnet": ["losses.fitnet.enabled=true"], "at": ["losses.at.enabled=true"],
     "at_stages": ["losses.at.enabled=true", "losses.at.taps=[backbone.layer2,backbone.layer3,backbone.layer4]"],
     "dist": ["losses.dist.enabled=true"], "dkd": ["losses.dkd.enabled=true"],
+    "cirkd": ["losses.cirkd.enabled=true"],
 }
 
 

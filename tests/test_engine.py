@@ -102,6 +102,42 @@ def test_interrupted_and_resumed_run_reaches_the_same_weights(tmp_path, teacher_
     assert full["owned_optimizers"]["adversarial"] is not None
 
 
+CIRKD_SMALL = {"losses.cirkd.enabled": True, "losses.cirkd.pixel_memory_size": 64,
+               "losses.cirkd.region_memory_size": 8, "losses.cirkd.pixel_contrast_size": 32,
+               "losses.cirkd.region_contrast_size": 8}
+
+
+def test_cirkd_resumed_run_continues_its_queues_and_draws(tmp_path, teacher_file):
+    """CIRKD keeps queues, pointers and a generator between steps: a run cut at iteration 3 and resumed from its
+    checkpoint ends where the uninterrupted one does, queues and generator state included (the pre-flight check
+    of the resumed run's first step leaves them alone)."""
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, **CIRKD_SMALL})
+    saved = tmp_path / "at3"
+
+    def keep_first(metrics, ckpt):
+        if metrics.iteration == 3:
+            shutil.copytree(ckpt, saved)
+
+    train(job, tmp_path / "full", report=keep_first, progress=False)
+    at3 = _final_state(saved)
+    train(job, tmp_path / "cut", progress=False, stop_after=3)
+    resumed = tmp_path / "cut"
+    shutil.rmtree(resumed / "checkpoint")
+    shutil.copytree(saved, resumed / "checkpoint")
+    train(job, resumed, resume=resumed / "checkpoint", progress=False)
+
+    full, again = _final_state(tmp_path / "full" / "checkpoint"), _final_state(resumed / "checkpoint")
+    queue = "terms.cirkd.memory.pixel_queue"
+    assert not torch.equal(full["objective"][queue], at3["objective"][queue])  # the queues moved after iteration 3
+    assert int(full["objective"]["terms.cirkd.memory.pixel_ptr"].sum()) > 0
+    for part in ("model", "objective"):
+        assert full[part].keys() == again[part].keys()
+        for key, value in full[part].items():
+            assert torch.equal(value, again[part][key]), (part, key)
+    assert "terms.cirkd.memory._extra_state" in full["objective"]  # the generator's state
+    assert full["history"] == again["history"]
+
+
 def test_resume_with_another_job_is_refused_with_both_hashes(tmp_path, teacher_file):
     job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "optim.iterations": 3})
     train(job, tmp_path / "a", progress=False)
@@ -175,6 +211,7 @@ def _ddp_worker(rank, port, job, out_dir, results):
 
 def test_two_gloo_ranks_train_one_model(tmp_path, teacher_file):
     job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "losses.i2ckd.enabled": True,
+                                              **CIRKD_SMALL,  # its memory all-gathers the ranks' batches
                                               "run.workers": 2, "optim.iterations": 4, "optim.eval_interval": 2})
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(_free_port(), job, str(tmp_path / "ddp"), results), nprocs=2, join=True)

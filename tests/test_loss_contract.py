@@ -29,6 +29,8 @@ VARIANTS = {
     "dist": [{"intra_scope": "image", "standardize": True}, {"aux_weight": 0.4}],
     "dkd": [{"standardize": True, "temperature": 2.0}, {"aux_weight": 0.4}],
 }
+VARIANTS["cirkd"] = [{"enqueue_mode": "cirkd_code", "pool": 2}, {"weight_pixel": 0.0, "weight_region": 0.0},
+                     {"weight_batch": 0.0}]
 BUILT_INS = [name for name in LOSSES if not name.startswith("_broken")]
 CASES = [(name, {}) for name in BUILT_INS] + [(name, o) for name, options in VARIANTS.items() for o in options]
 

@@ -78,6 +78,7 @@ def test_the_methods_table_runs_the_published_cirkd_weights():
         "AT": {"ce": 1.0, "kd": 1.0, "at": 10000.0},
         "DIST": {"ce": 1.0, "dist": 1.0},
         "DKD": {"ce": 1.0, "dkd": 1.0},
+        "CIRKD": {"ce": 1.0, "kd": 1.0, "cirkd": 1.0},
     }
     rows = {row["name"]: row.get("set", {}) for row in read_yaml(REPO / "search_spaces" / "methods.yaml")["rows"]}
     for name in ("SKD", "IFVD"):
@@ -86,6 +87,9 @@ def test_the_methods_table_runs_the_published_cirkd_weights():
     assert rows["FitNet"]["losses.fitnet.tap"] == "head" and rows["AT"]["losses.at.taps"] == ["head"]
     assert (rows["DKD"]["losses.dkd.alpha"], rows["DKD"]["losses.dkd.beta"]) == (1.0, 2.0)
     assert rows["DIST"]["losses.dist.aux_weight"] == rows["DKD"]["losses.dkd.aux_weight"] == 0.4  # the recipes' aux
+    cirkd = rows["CIRKD"]
+    assert (cirkd["losses.cirkd.weight_batch"], cirkd["losses.cirkd.weight_pixel"],
+            cirkd["losses.cirkd.weight_region"]) == (1.0, 0.1, 0.1)
 
 
 def test_the_loss_variants_carry_the_spec_weights():
@@ -217,3 +221,17 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "space demo (search)" in proc.stdout and "scheduler: ASHA" in proc.stdout
     assert "trial(s) at once" in proc.stdout
+
+
+def test_the_dry_run_plan_prints_each_rows_loss_formula():
+    """`--dry-run` shows what each row trains: its keys, then the objective they make."""
+    from kdray.config import load_job
+    from kdray.space import plan_lines
+
+    job = load_job(DEMO)
+    lines = plan_lines(load_space(REPO / "search_spaces" / "methods.yaml", job), job)
+    formulas = [line.strip() for line in lines if line.strip().startswith("Loss = ")]
+    assert len(formulas) == sum(1 for line in lines if line.strip().startswith("row "))
+    assert "Loss = 1 * CE" in formulas
+    assert "Loss = 1 * CE + 1 * KD + 1 * CIRKD" in formulas
+    assert "Loss = 1 * CE + 1 * KD + 10000 * AT" in formulas
