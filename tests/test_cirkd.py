@@ -822,3 +822,18 @@ def test_the_defaults():
             section.region_contrast_size, section.pixels_per_class) == (20000, 2000, 4096, 1024, 16)
     assert (section.contrast_temperature, section.contrast_kd_temperature, section.enqueue_mode) == (
         0.1, 1.0, "class")
+
+
+def test_the_memory_keeps_the_objective_off_cuda_graphs():
+    """The enqueue loops, draws and all-gathers on the host: a run with the memory terms on replays no loss as a
+    CUDA graph; the mini-batch relations alone may be replayed."""
+    from kdray.config import job_from_dict
+    from kdray.losses.objective import DistillationObjective
+
+    def objective(*overrides):
+        job = job_from_dict({"data": {"num_classes": 5}}, ["losses.cirkd.enabled=true", *overrides])
+        return DistillationObjective(job.losses, num_classes=5, student_channels=4, teacher_channels=6)
+
+    assert not objective().graphable()
+    assert objective("losses.cirkd.weight_pixel=0", "losses.cirkd.weight_region=0").graphable()
+    assert objective("losses.cirkd.enabled=false", "losses.kd.enabled=true").graphable()

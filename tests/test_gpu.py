@@ -19,6 +19,7 @@ from test_engine import _free_port, tiny_job
 
 from kdray.config import job_from_dict
 from kdray.engine import RankContext, load_checkpoint, train
+from kdray.losses.labels import downsample_labels
 from kdray.losses.objective import DistillationObjective
 from kdray.models import SegmenterOutput
 
@@ -300,6 +301,53 @@ def test_a_loss_on_backbone_layers_trains_on_cuda(tmp_path, teacher_file, layer_
     result = train(job, tmp_path / "full", ctx=ctx, log=logs.append, progress=False)
     assert [h["iteration"] for h in result.history] == [3, 6]
     assert all(torch.isfinite(torch.tensor(m[f"train/loss/{layer_hint}"])) for m in logs)
+    train(job, tmp_path / "cut", ctx=ctx, progress=False, stop_after=3)
+    again = train(job, tmp_path / "cut", ctx=ctx, resume=tmp_path / "cut" / "checkpoint", progress=False)
+    assert [h["iteration"] for h in again.history] == [3, 6]
+
+
+def test_cirkd_on_cuda_keeps_the_cpu_values_queues_and_draws(full_precision):
+    """CIRKD's memory on the GPU: over three calls, the same losses, queues, pointers and generator state as on
+    the CPU (the draws come from a CPU generator either way), and the same gradients for the projection head."""
+    from kdray.losses.cirkd import CIRKD
+
+    torch.manual_seed(0)
+    cpu = CIRKD(K, C_S, C_T, pixel_memory_size=40, region_memory_size=6, pixel_contrast_size=12,
+                region_contrast_size=6, seed=3)
+    gpu = copy.deepcopy(cpu).cuda()
+    for seed in range(3):
+        x = _inputs(seed)
+        labels = downsample_labels(x["labels"], x["fs"].shape[-2:])
+        fs_cpu, fs_gpu = x["fs"].clone().requires_grad_(), x["fs"].cuda().requires_grad_()
+        value_cpu = cpu(fs_cpu, x["ft"], labels)
+        value_gpu = gpu(fs_gpu, x["ft"].cuda(), labels.cuda())
+        assert _relative_error(value_gpu, value_cpu) < 1e-5, seed
+        value_cpu.backward()
+        value_gpu.backward()
+        assert _relative_error(fs_gpu.grad, fs_cpu.grad) < 1e-4, seed
+    for (name, want), (_, got) in zip(cpu.state_dict().items(), gpu.state_dict().items(), strict=True):
+        if want.is_floating_point():
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(got.cpu(), want), name  # pointers, generator state
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
+        assert _relative_error(p_gpu.grad, p_cpu.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("extra", [["run.cuda_graphs=true"], ["run.amp=bf16", "run.cuda_graphs=true"]])
+def test_cirkd_trains_and_resumes_on_cuda_with_graphs_asked_for(tmp_path, teacher_file, extra):
+    """A run with CIRKD's memory on computes its losses eagerly even under `run.cuda_graphs` (the enqueue draws
+    and loops on the host), trains, keeps its queues on the GPU and resumes from its checkpoint."""
+    overrides = {"losses.kd.enabled": True, "losses.cirkd.enabled": True, "losses.cirkd.pixel_memory_size": 64,
+                 "losses.cirkd.region_memory_size": 8, "losses.cirkd.pixel_contrast_size": 32,
+                 "losses.cirkd.region_contrast_size": 8, "run.gpus_per_worker": 1,
+                 **{k: yaml.safe_load(v) for k, v in (e.split("=") for e in extra)}}
+    job = tiny_job(tmp_path, teacher_file, **overrides)
+    ctx = RankContext(device=torch.device("cuda", 0))
+    result = train(job, tmp_path / "full", ctx=ctx, progress=False)
+    assert [h["iteration"] for h in result.history] == [3, 6]
+    state = load_checkpoint(tmp_path / "full" / "checkpoint")
+    assert int(state["objective"]["terms.cirkd.memory.pixel_ptr"].sum()) > 0
     train(job, tmp_path / "cut", ctx=ctx, progress=False, stop_after=3)
     again = train(job, tmp_path / "cut", ctx=ctx, resume=tmp_path / "cut" / "checkpoint", progress=False)
     assert [h["iteration"] for h in again.history] == [3, 6]
