@@ -113,6 +113,24 @@ def test_dist_of_equal_logits_is_only_the_epsilon():
     assert DIST()(z.float(), z.float()).abs().item() < 1e-5
 
 
+@pytest.mark.parametrize("scope", ["batch", "image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_pixel_with_equal_logits_keeps_its_value_and_passes_no_spike(scope, dtype):
+    """A dead head's pixel (all K logits equal, its probabilities uniform): ρ there is 0/0 made 0 by the 1e-8
+    and its formula gradient (b − b̄)/1e-8 a spike of ~1e8 (a narrow auxiliary head's CE blew up to 1e9 in two
+    steps). The value still equals the reference; the gradient stays of the size of the other pixels'."""
+    g = torch.Generator().manual_seed(5)
+    zs, zt = torch.randn(2, 19, 3, 5, generator=g, dtype=dtype), torch.randn(2, 19, 3, 5, generator=g, dtype=dtype)
+    zs[0, :, 1, 2] = 0.0
+    zs[1, :, 2, 4] = 3.25
+    zs.requires_grad_(True)
+    value = DIST(intra_scope=scope)(zs, zt)
+    assert value.item() == pytest.approx(reference(zs.detach(), zt, scope=scope), rel=1e-6)
+    value.backward()
+    assert zs.grad.abs().max().item() < 1.0
+    assert zs.grad[0, :, 1, 2].abs().max().item() < 1.0  # the flat pixel still gets its intra-term gradient
+
+
 def test_the_scopes_agree_on_one_image():
     zs, zt = _logits(1, seed=10), _logits(1, seed=11)
     batch = DIST(intra_scope="batch")(zs, zt).item()

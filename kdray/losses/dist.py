@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,12 +42,27 @@ def _reads(config: DISTConfig) -> dict[str, StepInput]:
 
 
 def pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
-    """`Σ(a − ā)(b − b̄) / (‖a − ā‖·‖b − b̄‖ + 1e-8)` along `dim` (that axis removed)."""
-    a = a - a.mean(dim=dim, keepdim=True)
-    b = b - b.mean(dim=dim, keepdim=True)
+    """`Σ(a − ā)(b − b̄) / (‖a − ā‖·‖b − b̄‖ + 1e-8)` along `dim` (that axis removed).
+
+    Where a or b is constant along `dim` to its float precision (a head whose logits are all equal at a pixel,
+    as a narrow auxiliary head's can be after ReLU and dropout), ρ is 0/0, which the 1e-8 makes ~0, and its
+    gradient there, `(b − b̄)/1e-8`, a spike of up to ~1e8 that wrecks a run: such a ρ keeps its value and passes
+    no gradient (the formula has none to give: ρ is not differentiable at a constant vector).
+    """
+    centered_a = a - a.mean(dim=dim, keepdim=True)
+    centered_b = b - b.mean(dim=dim, keepdim=True)
     # vector_norm's gradient is 0 at a zero vector (a constant column), where sqrt(Σ x²) would give NaN
-    norms = torch.linalg.vector_norm(a, dim=dim) * torch.linalg.vector_norm(b, dim=dim)
-    return (a * b).sum(dim=dim) / (norms + EPS)
+    norm_a = torch.linalg.vector_norm(centered_a, dim=dim)
+    norm_b = torch.linalg.vector_norm(centered_b, dim=dim)
+    rho = (centered_a * centered_b).sum(dim=dim) / (norm_a * norm_b + EPS)
+    flat = (norm_a <= _rounding_floor(a, dim)) | (norm_b <= _rounding_floor(b, dim))
+    return torch.where(flat, rho.detach(), rho)
+
+
+def _rounding_floor(x: Tensor, dim: int) -> Tensor:
+    """The norm below which `x − x̄` along `dim` is rounding noise: 8·eps·√n·max|x| (n the length of `dim`)."""
+    n = x.shape[dim]
+    return x.detach().abs().amax(dim=dim) * (8 * torch.finfo(x.dtype).eps * math.sqrt(n))
 
 
 @register_loss("dist", position=110, config=DISTConfig, label="DIST", reads=_reads)
