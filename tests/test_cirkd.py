@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdray.config import job_from_dict
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, PreflightError
 from kdray.losses.cirkd import CIRKD
 from kdray.losses.cirkd_batch import minibatch_pixel_relations
 from kdray.losses.cirkd_memory import MemoryContrast
@@ -812,6 +812,35 @@ def test_bad_options_are_refused_in_one_line(override):
         job_from_dict({}, [override])
     message = str(err.value)
     assert "\n" not in message and "losses.cirkd." in message and key.rsplit(".", 1)[1] in message
+
+
+def test_a_loss_that_can_only_be_zero_is_refused():
+    """All three weights 0 (the loss would be 0 for nothing), in the job; and a pool leaving one position of the
+    maps (the mini-batch relations of one position are 0), at the pre-flight on the maps' size."""
+    with pytest.raises(ConfigError, match=r"losses.cirkd: weight_batch, weight_pixel and weight_region are all 0"):
+        job_from_dict({}, ["losses.cirkd.enabled=true", "losses.cirkd.weight_batch=0", "losses.cirkd.weight_pixel=0",
+                           "losses.cirkd.weight_region=0"])
+    job_from_dict({}, ["losses.cirkd.weight_batch=0", "losses.cirkd.weight_pixel=0", "losses.cirkd.weight_region=0"])
+    module = loss_spec("cirkd").make(_section(pool=8, weight_pixel=0.0, weight_region=0.0),
+                                     LossContext(5, IGNORE, {"head": 3}, {"head": 4}))
+    fs, ft = torch.rand(2, 3, 8, 7), torch.rand(2, 4, 8, 7)
+    with pytest.raises(PreflightError, match=r"pool=8 leaves one position of the \(8, 7\) feature maps"):
+        module(fs, ft, torch.zeros(2, 8, 7, dtype=torch.long))
+    assert module.pool == 8 and torch.isfinite(loss_spec("cirkd").make(
+        _section(pool=4, weight_pixel=0.0, weight_region=0.0), LossContext(5, IGNORE, {"head": 3}, {"head": 4}))(
+        fs, ft, torch.zeros(2, 8, 7, dtype=torch.long)))  # 2×2 positions: a real term
+
+
+def test_queues_beyond_half_the_memory_are_refused_before_allocating():
+    """The size is checked from the options before any queue is made, naming both sizes and the arithmetic."""
+    with pytest.raises(ConfigError, match=r"losses.cirkd: the queues would take [0-9.]+ GiB \(\(pixel_memory_size="):
+        loss_spec("cirkd").make(_section(pixel_memory_size=10**12), LossContext(19, IGNORE, {"head": 128},
+                                                                                 {"head": 256}))
+
+
+def test_the_queue_errors_name_the_job_section():
+    with pytest.raises(ConfigError, match=r"^losses.cirkd: pixel_contrast_size=4096 draws 820 slots per class"):
+        loss_spec("cirkd").make(_section(pixel_memory_size=100), LossContext(5, IGNORE, {"head": 3}, {"head": 4}))
 
 
 def test_the_defaults():

@@ -202,6 +202,26 @@ def test_a_searched_key_that_breaks_the_inputs_is_named(tmp_path, teacher):
         dry_run(request(space, f"teacher.checkpoint={teacher}"))
 
 
+def test_a_searched_size_a_loss_refuses_is_named_with_the_point(tmp_path, teacher):
+    """A loss's own construction check (CIRKD: more contrast slots than the queue holds) fails the dry run with
+    the space point that makes it, like the inputs' checks."""
+    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data["space"]["losses.cirkd.enabled"] = True  # a plain value: fixed
+    data["space"]["losses.cirkd.pixel_memory_size"] = {"choice": [20000, 100]}
+    del data["points_to_evaluate"]
+    space = write(tmp_path / "cirkd.yaml", data)
+    with pytest.raises(ConfigError, match=r"space losses.cirkd.pixel_memory_size=100: losses.cirkd: pixel_contrast"):
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+
+
+def test_a_rows_refused_setting_points_at_the_space_file(tmp_path, teacher):
+    space = write(tmp_path / "rows.yaml", {"name": "rows", "seeds": [0], "rows": [
+        {"name": "KD", "set": {"losses.kd.enabled": True}},
+        {"name": "CIRKD small", "set": {"losses.cirkd.enabled": True, "losses.cirkd.pixel_memory_size": 100}}]})
+    with pytest.raises(ConfigError, match=r"row 'CIRKD small': losses.cirkd: .*change them there"):
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+
+
 # --- MLflow filters and names ----------------------------------------------------------------------------------
 
 def test_find_run_matches_values_with_quotes(tmp_path):

@@ -89,8 +89,10 @@ def check_options(cfg: Any, prefix: str) -> None:
         for v in values:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and bounds.holds(v)
             shown = list(value) if isinstance(value, tuple) else value
+            infinite = isinstance(v, float) and not math.isfinite(v) and bounds.describe() != "finite"
+            finite = "finite and " if infinite else ""  # inf is >= 0, yet no weight
             require(ok, f"{prefix}.{f.name}", shown, ("each must be " if isinstance(value, tuple) else "must be ")
-                    + bounds.describe())
+                    + finite + bounds.describe())
     check = getattr(cfg, "check", None)
     if callable(check):
         check(prefix)

@@ -8,6 +8,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from kdray.config.options import option
+from kdray.errors import ConfigError, PreflightError
 from kdray.losses import _checks
 from kdray.losses.cirkd_batch import minibatch_pixel_relations
 from kdray.losses.cirkd_memory import MemoryContrast
@@ -35,6 +36,11 @@ class CIRKDConfig(LossConfig):
 
     def uses_memory(self) -> bool:
         return self.weight_pixel > 0 or self.weight_region > 0
+
+    def check(self, prefix: str) -> None:
+        if self.enabled and self.weight_batch == 0 and not self.uses_memory():
+            raise ConfigError(f"{prefix}: weight_batch, weight_pixel and weight_region are all 0, so the loss is 0; "
+                              f"give one of them a weight > 0 or set {prefix}.enabled=false")
 
 
 @register_loss("cirkd", position=130, config=CIRKDConfig, label="CIRKD",
@@ -87,7 +93,7 @@ class CIRKD(nn.Module):
             region_memory_size=region_memory_size, pixel_contrast_size=pixel_contrast_size,
             region_contrast_size=region_contrast_size, pixels_per_class=pixels_per_class,
             temperature=contrast_temperature, kd_temperature=contrast_kd_temperature, enqueue_mode=enqueue_mode,
-            ignore_index=ignore_index, seed=seed,
+            ignore_index=ignore_index, seed=seed, owner="losses.cirkd",
         ) if self.weight_pixel > 0 or self.weight_region > 0 else None
 
     def forward(self, student_features: Tensor, teacher_features: Tensor, labels: Tensor) -> Tensor:
@@ -95,6 +101,11 @@ class CIRKD(nn.Module):
         _checks.same_grid(owner, "student_features", student_features, "teacher_features", teacher_features)
         _checks.label_map(owner, labels, "student_features", student_features)
         total = student_features.float().sum() * 0.0  # every weight 0: exactly 0, still connected
+        pooled = [-(-size // self.pool) for size in student_features.shape[-2:]]  # ceil: partial windows count
+        if self.weight_batch > 0 and self.pool > 1 and pooled == [1, 1]:
+            raise PreflightError(f"losses.cirkd: pool={self.pool} leaves one position of the "
+                                 f"{tuple(student_features.shape[-2:])} feature maps, where the mini-batch relations "
+                                 "are 0; lower pool")
         if self.weight_batch > 0:
             total = total + self.weight_batch * minibatch_pixel_relations(
                 student_features, teacher_features, temperature=self.batch_temperature, pool=self.pool)

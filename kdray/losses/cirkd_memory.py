@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -61,9 +63,8 @@ class MemoryContrast(nn.Module):
                  pixel_memory_size: int = 20000, region_memory_size: int = 2000,
                  pixel_contrast_size: int = 4096, region_contrast_size: int = 1024, pixels_per_class: int = 16,
                  temperature: float = 0.1, kd_temperature: float = 1.0, enqueue_mode: str = "class",
-                 ignore_index: int = 255, seed: int = 0) -> None:
+                 ignore_index: int = 255, seed: int = 0, owner: str = "MemoryContrast") -> None:
         super().__init__()
-        owner = type(self).__name__
         k = self.num_classes = _checks.positive_int(owner, "num_classes", num_classes)
         c_s = _checks.positive_int(owner, "student_channels", student_channels)
         c_t = _checks.positive_int(owner, "teacher_channels", teacher_channels)
@@ -84,10 +85,11 @@ class MemoryContrast(nn.Module):
                                   f"holds; raise {kind}_memory_size or lower {kind}_contrast_size")
         if self.pixels_per_class > lp:
             raise ConfigError(f"{owner}: pixels_per_class={pixels_per_class} exceeds pixel_memory_size={lp}")
+        _check_queue_memory(owner, (lp + lr) * k * c_t * 4, lp, lr, k, c_t)
 
         self.generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("pixel_queue", F.normalize(torch.randn(k, lp, c_t, generator=self.generator), dim=2))
-        self.register_buffer("region_queue", F.normalize(torch.randn(k, lr, c_t, generator=self.generator), dim=2))
+        self.register_buffer("pixel_queue", _unit_rows(torch.randn(k, lp, c_t, generator=self.generator)))
+        self.register_buffer("region_queue", _unit_rows(torch.randn(k, lr, c_t, generator=self.generator)))
         self.register_buffer("pixel_ptr", torch.zeros(k, dtype=torch.long))
         self.register_buffer("region_ptr", torch.zeros(k, dtype=torch.long))
         self.projection = nn.Sequential(
@@ -209,6 +211,26 @@ class RankBatchNorm2d(nn.SyncBatchNorm):
         if input.device.type == "cpu":
             return super(nn.SyncBatchNorm, self).forward(input)  # _BatchNorm's: local statistics
         return super().forward(input)
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    """`F.normalize(x, dim=-1)` in place (the same values): a queue is not allocated twice."""
+    return x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
+def _check_queue_memory(owner: str, size: int, lp: int, lr: int, k: int, c_t: int) -> None:
+    """ConfigError, before anything is allocated, when the queues would take more than half this machine's memory
+    (they are built in host memory first, then moved to the device)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+        return
+    if size > total // 2:
+        gib = 2 ** 30
+        raise ConfigError(f"{owner}: the queues would take {size / gib:.1f} GiB ((pixel_memory_size={lp} + "
+                          f"region_memory_size={lr}) x K={k} x C_T={c_t} x 4 bytes), more than half of this "
+                          f"machine's {total / gib:.1f} GiB; lower pixel_memory_size or region_memory_size "
+                          "(CIRKD: 20000 and 2000)")
 
 
 def _per_pixel(maps: Tensor) -> Tensor:

@@ -148,10 +148,13 @@ def check_inputs(jobs: list[tuple[str, Job]], train_teacher: bool) -> list[str]:
             if losses not in seen_losses:
                 seen_losses.append(losses)
                 check_losses(job)
-        except (DataError, CheckpointError, PreflightError) as err:
+        except (ConfigError, DataError, CheckpointError, PreflightError) as err:
             if len(jobs) == 1 or where == jobs[0][0]:
                 raise
-            raise type(err)(f"{where}: {err}") from None
+            # a fix the message suggests as an override is refused for a key the row sets: say where it lives
+            row = where.startswith("row ")
+            home = "; the row's settings come from the space file: change them there" if row else ""
+            raise type(err)(f"{where}: {err}{home}") from None
     return notes
 
 
