@@ -75,6 +75,9 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
     client, runs = children(uri, "demo", outcome.sweep_id)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags[contract.KIND] == "sweep"
+    assert parent.data.tags[contract.STUDY_STATES] == "COMPLETE=2"
+    assert parent.data.tags[f"{contract.SAMPLER_TAG_PREFIX}name"] == "TPESampler"
+    assert parent.data.tags[f"{contract.SAMPLER_TAG_PREFIX}constant_liar"] == "False"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} == {"config/job.yaml",
                                                                                     "config/space.yaml"}
     reported = {a.path for a in client.list_artifacts(parent.info.run_id, contract.REPORT_ARTIFACT_DIR)}
@@ -96,6 +99,43 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
     # alone, with the job's own resources: the space's overrides size the trials that share the machine
     assert (teachers[0].data.params["run.workers"], teachers[0].data.params["run.threads"]) == ("1", "2")
     assert Path(tmp_path / "teacher.pt").is_file()
+
+
+def test_trials_asha_stops_are_pruned_in_the_study_complete_ones_complete(ray_cluster, tmp_path):
+    """Through Tune itself (a trainable reporting x · iteration, ASHA halving from iteration 2, one trial at a
+    time): the trials ASHA stopped end PRUNED in the Optuna study with the evaluations they reached as
+    intermediate values, those that ran to iteration 8 COMPLETE with their last score."""
+    from functools import partial
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from kdray.orchestration.search import KdraySearch
+    from kdray.space import Dimension, sample_config
+
+    def reports_x_times_iteration(config):  # a local function: Ray ships it by value to its workers
+        for iteration in (2, 4, 6, 8):
+            tune.report({contract.VAL_MIOU: config["x"] * iteration, contract.ITERATION: iteration,
+                         contract.ITERATIONS_TOTAL: 8})
+
+    space = partial(sample_config, dimensions=(Dimension("x", "uniform", (0.0, 1.0)),))
+    search = KdraySearch(space=space, metric=contract.VAL_MIOU, mode="max", seed=0)
+    scheduler = ASHAScheduler(time_attr=contract.ITERATION, max_t=8, grace_period=2, reduction_factor=2)
+    config = tune.TuneConfig(metric=contract.VAL_MIOU, mode="max", search_alg=search, scheduler=scheduler,
+                             num_samples=8, max_concurrent_trials=1)
+    tune.Tuner(reports_x_times_iteration, tune_config=config,
+               run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()
+    trials = search._ot_study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    assert len(trials) == 8 and set(states) == {"COMPLETE", "PRUNED"}
+    for trial in trials:
+        x, steps = trial.params["x"], sorted(trial.intermediate_values)
+        assert all(trial.intermediate_values[s] == pytest.approx(x * s) for s in steps)
+        if trial.state.name == "COMPLETE":
+            assert steps == [2, 4, 6, 8] and trial.value == pytest.approx(8 * x)
+        else:
+            assert steps and steps[-1] < 8
+    assert search.trial_states() == {"COMPLETE": states.count("COMPLETE"), "PRUNED": states.count("PRUNED")}
 
 
 def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cluster, tmp_path, teacher_file,

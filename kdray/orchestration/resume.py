@@ -110,6 +110,10 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
     if plan.needs_teacher:  # the report's teacher row is this file's run, no other teacher of the experiment
         tags[contract.TEACHER_CHECKPOINT] = str(plan.teacher_job.teacher.checkpoint)
     tags[contract.TRIALS_PLANNED] = str(space.trial_count)
+    if space.kind == "search":
+        from kdray.orchestration.sampler import sampler_description
+
+        tags.update(sampler_description(space.seed))
     parent = tracker.start_run(f"sweep-{sweep_id}", tags)
     state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
              "job_data": to_dict(plan.base), "space_path": str(Path(plan.space_path).resolve()),

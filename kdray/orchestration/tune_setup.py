@@ -65,10 +65,10 @@ def tune_config(space: SearchSpace, job: Job, limit: int):
 
     if space.kind == "ablation":
         return tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, max_concurrent_trials=limit)
-    from ray.tune.search.optuna import OptunaSearch
+    from kdray.orchestration.search import KdraySearch
 
-    search = OptunaSearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, seed=space.seed,
-                          points_to_evaluate=space.points_to_evaluate or None)
+    search = KdraySearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, seed=space.seed,
+                         points_to_evaluate=space.points_to_evaluate or None)
     scheduler = None
     if space.scheduler.kind == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -79,6 +79,14 @@ def tune_config(space: SearchSpace, job: Job, limit: int):
                                   reduction_factor=space.scheduler.reduction_factor)
     return tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
                            num_samples=space.num_samples, max_concurrent_trials=limit)
+
+
+def study_states(config) -> dict[str, int]:
+    """The search's Optuna trial states by count ({} for an ablation, or a resumed sweep whose searcher Tune
+    restored out of reach)."""
+    search = getattr(config, "search_alg", None) if config is not None else None
+    search = getattr(search, "searcher", search)  # Tune wraps it in a ConcurrencyLimiter
+    return search.trial_states() if hasattr(search, "trial_states") else {}
 
 
 def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: str, sweep_dir: Path, parent: str,
@@ -104,14 +112,16 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
     callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id),
                  SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.base),
                                say=say)]
+    config = None
     if request.resume:
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
+        config = tune_config(space, plan.job, limit)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
-            tune_config=tune_config(space, plan.job, limit),
+            tune_config=config,
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
                 # Train restarts dead workers from their checkpoint; a trial that failed stays failed
@@ -130,6 +140,11 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
         close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
         say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
         return outcome
+    states = study_states(config)
+    if states:  # how the Optuna study saw the trials: a stopped one is PRUNED, not COMPLETE with a truncated score
+        shown = " ".join(f"{state}={count}" for state, count in sorted(states.items()))
+        tracker.set_tags(parent, {contract.STUDY_STATES: shown})
+        say(f"Optuna study: {shown}")
     from kdray.reporting import write_report
 
     close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")

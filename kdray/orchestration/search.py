@@ -1,0 +1,78 @@
+"""The search's Optuna side: a sampler whose settings are written out, and trials told to the study as they ended.
+
+Ray's `OptunaSearch` tells the study COMPLETE, with the last reported score, for every trial that returns,
+including those ASHA stopped at a low rung, so TPE learns from truncated scores as if they were final; and it
+leaves the sampler to Optuna's version default (Optuna 5 turned on multivariate TPE and the constant liar), so
+the same space and seed proposed other trials on another Optuna. `KdraySearch` tells a trial
+
+- COMPLETE with its metric when it reached its last iteration (`iterations_total`),
+- PRUNED when it ended short of it (the scheduler stopped it; its evaluations are the trial's intermediate
+  values, stepped by the training iteration),
+- FAIL when it raised or reported no finite metric,
+
+and leaves a trial cut short by Ctrl+C running in the study, so that a resumed sweep continues it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from kdray import contract
+from kdray.orchestration.sampler import tpe_sampler
+
+
+class KdraySearch(OptunaSearch):
+    """`OptunaSearch` with the TPE sampler of `SAMPLER_SETTINGS` and the trial states of the module docstring."""
+
+    def __init__(self, *, seed: int, **kwargs: Any):
+        super().__init__(sampler=tpe_sampler(seed), **kwargs)
+        self._reported: dict[str, set[int]] = {}  # trial id -> the iterations told as intermediate values
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """An evaluation: the trial's intermediate value at its training iteration (Tune's own counter restarts
+        after a restore), each iteration once."""
+        value, step = result.get(self.metric), result.get(contract.ITERATION)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials or not _finite(value) or step is None:
+            return
+        reported = self._reported.setdefault(trial_id, set())
+        if int(step) not in reported:
+            self._ot_trials[trial_id].report(float(value), int(step))
+            reported.add(int(step))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.trial import TrialState
+
+        from kdray.orchestration.trial import INTERRUPTED
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        result = result or {}
+        value = result.get(self.metric)
+        done, total = result.get(contract.ITERATION, 0), result.get(contract.ITERATIONS_TOTAL, 0)
+        short = bool(total) and done < total
+        if short and not error and INTERRUPTED.is_set():
+            return  # Ctrl+C, not the scheduler: the trial goes on when the sweep is resumed
+        if not error:
+            self.on_trial_result(trial_id, result)  # Tune hands the last evaluation to this call alone
+        trial = self._ot_trials[trial_id]
+        if error or not _finite(value):
+            self._ot_study.tell(trial, state=TrialState.FAIL)
+        elif short:
+            self._ot_study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self._ot_study.tell(trial, float(value), state=TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
+
+    def trial_states(self) -> dict[str, int]:
+        """How many of the study's trials are in each state (`COMPLETE`, `PRUNED`, `FAIL`, `RUNNING`, ...)."""
+        counts: dict[str, int] = {}
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        return counts
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
