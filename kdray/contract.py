@@ -55,6 +55,7 @@ SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep (and teacher) run of a --
 NOT_STARTED = "kdray.not_started"  # "true" on the run of a trial that never started (status FAILED or KILLED)
 TRIALS_PLANNED = "kdray.trials_planned"  # on the sweep run: how many trials its space makes (rows x seeds, samples)
 STUDY_STATES = "kdray.study_states"  # on a search's sweep run: "COMPLETE=4 PRUNED=2" as the Optuna study ended
+STUDY_STORAGE = "kdray.study_storage"  # on a search's sweep run: the Optuna storage URL holding its study
 SAMPLER_TAG_PREFIX = "kdray.sampler."  # on a search's sweep run: the Optuna sampler and each of its settings
 
 

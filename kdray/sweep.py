@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the job's teacher first when teacher.checkpoint is missing "
                              "(always on for the built-in demo)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own start-up and status output")
+    parser.add_argument("--study-storage", default=None, metavar="URL",
+                        help="Optuna storage of a search's study, any database URL Optuna takes (default: "
+                             "sqlite:///<the sweep's folder>/optuna.db; open it with optuna-dashboard URL)")
     args = parser.parse_args(argv)
 
     from kdray.orchestration.sweep import SweepRequest, dry_run, run_sweep, summary_table
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         job_path=args.job or default_job(), space_path=args.space or default_space(), overrides=args.overrides,
         address=args.address, tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
         smoke_test=args.smoke_test, train_teacher=args.train_teacher or demo, verbose=args.verbose,
+        study_storage=args.study_storage,
     )
     if args.dry_run:
         print("\n".join(dry_run(request)))

@@ -116,3 +116,44 @@ def test_the_first_proposals_are_the_recorded_ones():
         i2ckd = (p["losses.i2ckd.weight"], p["losses.i2ckd.margin"]) if p["losses.i2ckd.enabled"] else None
         got.append((p["losses.kd.weight"], p["losses.kd.temperature"], i2ckd))
     assert got == RECORDED
+
+
+def test_the_study_persists_in_its_database_and_survives_the_searchers_save_and_restore(tmp_path):
+    """The study lives in RDB storage (a sweep's default: SQLite in its folder), where optuna-dashboard and a later
+    run read it; Ray saves and restores the searcher by pickle at its checkpoints, storage included."""
+    from kdray.orchestration.tune_setup import study_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    job = load_job(REPO / "jobs" / "demo.yaml")
+    space = load_space(REPO / "search_spaces" / "demo.yaml", job)
+    search = KdraySearch(space=space.define_by_run(), metric=METRIC, mode="max", seed=0, study_name="sweep-x",
+                         storage=study_storage(url))
+    search.suggest("a")
+    search.on_trial_complete("a", _evaluation(600, 600, 0.3))
+    search.suggest("b")
+    search.on_trial_result("b", _evaluation(150, 600, 0.1))
+    search.save(str(tmp_path / "searcher.pkl"))
+
+    again = KdraySearch(space=space.define_by_run(), metric=METRIC, mode="max", seed=0, study_name="sweep-x",
+                        storage=study_storage(url))
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_complete("b", _evaluation(150, 600, 0.1))
+    stored = optuna.load_study(study_name="sweep-x", storage=url)
+    assert [t.state.name for t in stored.trials] == ["COMPLETE", "PRUNED"]
+    assert stored.trials[1].intermediate_values == {150: 0.1}
+
+
+def test_a_bad_study_storage_is_refused_before_anything_runs(tmp_path):
+    from kdray.errors import ConfigError
+    from kdray.orchestration.plan import SweepRequest, prepare
+    from kdray.orchestration.tune_setup import study_storage
+
+    demo, ablation = str(REPO / "search_spaces" / "demo.yaml"), str(REPO / "search_spaces" / "methods.yaml")
+    job = str(REPO / "jobs" / "demo.yaml")
+    with pytest.raises(ConfigError, match="--study-storage nonsense: not a database URL"):
+        prepare(SweepRequest(job, demo, study_storage="nonsense"))
+    with pytest.raises(ConfigError, match="is an ablation .* which has no Optuna study"):
+        prepare(SweepRequest(job, ablation, study_storage=f"sqlite:///{tmp_path}/o.db"))
+    prepare(SweepRequest(job, demo, study_storage=f"sqlite:///{tmp_path}/o.db"))
+    with pytest.raises(ConfigError, match="--study-storage sqlite:////no/such/dir/o.db: Optuna cannot open it"):
+        study_storage("sqlite:////no/such/dir/o.db")

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -76,6 +77,10 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags[contract.KIND] == "sweep"
     assert parent.data.tags[contract.STUDY_STATES] == "COMPLETE=2"
+    storage = f"sqlite:///{outcome.sweep_dir / 'optuna.db'}"  # the study persists in the sweep's folder
+    assert parent.data.tags[contract.STUDY_STORAGE] == storage
+    study = optuna.load_study(study_name=f"sweep-{outcome.sweep_id}", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert parent.data.tags[f"{contract.SAMPLER_TAG_PREFIX}name"] == "TPESampler"
     assert parent.data.tags[f"{contract.SAMPLER_TAG_PREFIX}constant_liar"] == "False"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} == {"config/job.yaml",

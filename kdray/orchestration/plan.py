@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class SweepRequest:
     smoke_test: bool = False
     train_teacher: bool = False  # train the teacher when its checkpoint is missing
     verbose: bool = False  # show Ray's and Tune's own output
+    study_storage: str | None = None  # a search's Optuna storage URL (default: sqlite in the sweep's folder)
 
 
 def prepare(request: SweepRequest) -> tuple[Job, Job, SearchSpace]:
@@ -64,9 +66,21 @@ def prepare(request: SweepRequest) -> tuple[Job, Job, SearchSpace]:
     base = job_from_dict(data, overrides)
     space = load_space(request.space_path, base)
     refuse_shadowed_overrides(user, space, request.space_path)
+    if request.study_storage is not None:
+        check_study_storage(request.study_storage, space, request.space_path)
     if request.smoke_test:
         _shrink(space, smoke)
     return base, override(base, space.overrides), space
+
+
+def check_study_storage(url: str, space: SearchSpace, space_path: str) -> None:
+    """--study-storage names a database URL, and the space searches (an ablation has no study): ConfigError."""
+    if space.kind != "search":
+        raise ConfigError(f"--study-storage {url}: the space {space_path} is an ablation (rows x seeds), which has "
+                          "no Optuna study; leave the flag out")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(\+[A-Za-z0-9_]+)?://.*", url):  # dialect[+driver]://...
+        raise ConfigError(f"--study-storage {url}: not a database URL; expected e.g. sqlite:////abs/path/optuna.db "
+                          "or postgresql://user@host/db")
 
 
 def refuse_shadowed_overrides(overrides: dict[str, Any], space: SearchSpace, space_path: str) -> None:

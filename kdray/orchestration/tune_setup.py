@@ -60,7 +60,9 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return {}
 
 
-def tune_config(space: SearchSpace, job: Job, limit: int):
+def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = None, study_name: str = "kdray"):
+    """Tune's settings for the space: a grid of rows x seeds, or Optuna (its study in `storage`, a database URL,
+    under `study_name`; in memory when None) with ASHA when the space asks."""
     from ray import tune
 
     if space.kind == "ablation":
@@ -68,7 +70,8 @@ def tune_config(space: SearchSpace, job: Job, limit: int):
     from kdray.orchestration.search import KdraySearch
 
     search = KdraySearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, seed=space.seed,
-                         points_to_evaluate=space.points_to_evaluate or None)
+                         points_to_evaluate=space.points_to_evaluate or None, study_name=study_name,
+                         storage=study_storage(storage) if storage else None)
     scheduler = None
     if space.scheduler.kind == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -79,6 +82,16 @@ def tune_config(space: SearchSpace, job: Job, limit: int):
                                   reduction_factor=space.scheduler.reduction_factor)
     return tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
                            num_samples=space.num_samples, max_concurrent_trials=limit)
+
+
+def study_storage(url: str):
+    """Optuna's RDB storage at `url`; ConfigError naming the flag when Optuna cannot open it."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as err:  # SQLAlchemy's errors: a bad URL, a missing driver, a database that does not answer
+        raise ConfigError(f"--study-storage {url}: Optuna cannot open it: {str(err).splitlines()[0]}") from None
 
 
 def study_states(config) -> dict[str, int]:
@@ -117,7 +130,11 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
         tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        config = tune_config(space, plan.job, limit)
+        storage = request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+        config = tune_config(space, plan.job, limit, storage if space.kind == "search" else None,
+                             study_name=f"sweep-{sweep_id}")
+        if space.kind == "search":
+            tracker.set_tags(parent, {contract.STUDY_STORAGE: storage})
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
@@ -144,7 +161,8 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
     if states:  # how the Optuna study saw the trials: a stopped one is PRUNED, not COMPLETE with a truncated score
         shown = " ".join(f"{state}={count}" for state, count in sorted(states.items()))
         tracker.set_tags(parent, {contract.STUDY_STATES: shown})
-        say(f"Optuna study: {shown}")
+        storage = tracker.tags(parent).get(contract.STUDY_STORAGE, "")
+        say(f"Optuna study: {shown}" + (f" (optuna-dashboard {storage})" if storage else ""))
     from kdray.reporting import write_report
 
     close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
