@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from kdray import contract
 from kdray.errors import ResourceError
+from kdray.orchestration.sampler import tpe_sampler
 from kdray.orchestration.sweep import SweepRequest, run_sweep, summary_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -252,6 +253,57 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
         steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
         assert steps[-1] == 6 and len(steps) == len(set(steps)) or sorted(set(steps)) == [2, 4, 6]
     print(f"MLflow trial runs: {len(before)} before the resume, {len(after)} after")
+
+
+def test_an_interrupted_search_resumes_its_study(ray_cluster, tmp_path, teacher_file):
+    """A search cut by Ctrl+C after its first finished trial and resumed: the study (in the sweep's optuna.db)
+    goes on where it stopped, so the sweep's trials are the seed's first four proposals, each once, as an
+    uninterrupted sweep's would be (a fresh study would propose the first one again)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "search.yaml", {
+        "name": "resume-search", "num_samples": 4, "seed": 0, "max_concurrent_trials": 1,
+        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 4,
+                      "optim.eval_interval": 2},
+        "space": {"losses.kd.enabled": True, "losses.kd.weight": {"loguniform": [0.1, 10.0]}}})
+    args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
+            "--tracking-uri", uri, *tiny_except("optim.iterations", "optim.eval_interval"),
+            f"run.output_dir={tmp_path}/runs", f"teacher.checkpoint={teacher_file}"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              start_new_session=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and not finished and driver.poll() is None:
+        time.sleep(1)
+        try:
+            exp = client.get_experiment_by_name("demo")
+            if exp is not None:
+                finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and "
+                                              f"tags.`{contract.KIND}` = 'trial'")
+        except Exception:  # the database is still being created by the driver
+            pass
+    assert finished, "no trial finished in time"
+    os.killpg(driver.pid, signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out[-3000:]
+    sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
+
+    outcome = run_sweep(SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir)),
+                        say=lambda *_: None)
+    assert outcome.complete and [t.status for t in outcome.trials] == ["finished"] * 4, summary_table(outcome)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    weights = sorted(round(float(r.data.params["losses.kd.weight"]), 6) for r in runs)
+
+    fresh = optuna.create_study(direction="maximize", sampler=tpe_sampler(0))
+    expected = []
+    for _ in range(4):  # the start-up proposals do not depend on the scores told
+        trial = fresh.ask()
+        expected.append(round(trial.suggest_float("losses.kd.weight", 0.1, 10.0, log=True), 6))
+        fresh.tell(trial, 0.0)
+    assert weights == sorted(expected)
+    study = optuna.load_study(study_name=f"sweep-{outcome.sweep_id}", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
 
 
 class _Trial:
