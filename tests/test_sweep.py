@@ -196,22 +196,14 @@ def test_a_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, teache
     assert time.perf_counter() - t0 < 30
 
 
-def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, teacher_file):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write(tmp_path / "ablation.yaml", {
-        "name": "resume", "seeds": [0, 1, 2], "max_concurrent_trials": 1,
-        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 6,
-                      "optim.eval_interval": 2},
-        "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
-    args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
-            "--tracking-uri", uri, *tiny_except("optim.iterations", "optim.eval_interval"),
-            f"run.output_dir={tmp_path}/runs",
-            f"teacher.checkpoint={teacher_file}"]
+def _interrupt_after_a_finished_trial(args: list[str], tmp_path: Path, uri: str):
+    """Start the sweep command `args`, press Ctrl+C once a trial has finished, check it exits 130; returns the
+    MLflow client, the experiment and the command's output."""
     driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                               start_new_session=True)
     client = MlflowClient(uri)
     deadline = time.time() + 240
-    finished = []
+    finished, exp = [], None
     while time.time() < deadline and not finished and driver.poll() is None:
         time.sleep(1)
         try:
@@ -225,6 +217,21 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl+C: Tune saves its state and returns
     out, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, out[-3000:]
+    return client, exp, out
+
+
+def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, teacher_file):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write(tmp_path / "ablation.yaml", {
+        "name": "resume", "seeds": [0, 1, 2], "max_concurrent_trials": 1,
+        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 6,
+                      "optim.eval_interval": 2},
+        "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
+    args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
+            "--tracking-uri", uri, *tiny_except("optim.iterations", "optim.eval_interval"),
+            f"run.output_dir={tmp_path}/runs",
+            f"teacher.checkpoint={teacher_file}"]
+    client, exp, out = _interrupt_after_a_finished_trial(args, tmp_path, uri)
     sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
     before = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
     assert 1 <= len(before) <= 3
@@ -268,24 +275,7 @@ def test_an_interrupted_search_resumes_its_study(ray_cluster, tmp_path, teacher_
     args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
             "--tracking-uri", uri, *tiny_except("optim.iterations", "optim.eval_interval"),
             f"run.output_dir={tmp_path}/runs", f"teacher.checkpoint={teacher_file}"]
-    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-                              start_new_session=True)
-    client = MlflowClient(uri)
-    deadline = time.time() + 240
-    finished = []
-    while time.time() < deadline and not finished and driver.poll() is None:
-        time.sleep(1)
-        try:
-            exp = client.get_experiment_by_name("demo")
-            if exp is not None:
-                finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and "
-                                              f"tags.`{contract.KIND}` = 'trial'")
-        except Exception:  # the database is still being created by the driver
-            pass
-    assert finished, "no trial finished in time"
-    os.killpg(driver.pid, signal.SIGINT)
-    out, _ = driver.communicate(timeout=120)
-    assert driver.returncode == 130, out[-3000:]
+    client, exp, out = _interrupt_after_a_finished_trial(args, tmp_path, uri)
     sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
 
     outcome = run_sweep(SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir)),
