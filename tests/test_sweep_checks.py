@@ -214,6 +214,13 @@ def test_a_searched_size_a_loss_refuses_is_named_with_the_point(tmp_path, teache
         dry_run(request(space, f"teacher.checkpoint={teacher}"))
 
 
+def test_the_dry_run_of_a_search_says_where_its_study_lives(tmp_path, teacher):
+    lines = dry_run(request(DEMO_SPACE, f"teacher.checkpoint={teacher}"))
+    assert "Optuna study: optuna.db in the sweep folder" in lines
+    url = f"sqlite:///{tmp_path}/study.db"
+    assert f"Optuna study: {url}" in dry_run(request(DEMO_SPACE, f"teacher.checkpoint={teacher}", study_storage=url))
+
+
 def test_a_rows_refused_setting_points_at_the_space_file(tmp_path, teacher):
     space = write(tmp_path / "rows.yaml", {"name": "rows", "seeds": [0], "rows": [
         {"name": "KD", "set": {"losses.kd.enabled": True}},

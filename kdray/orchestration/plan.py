@@ -313,5 +313,7 @@ def dry_run(request: SweepRequest) -> list[str]:
         lines.append(f"teacher weights: {teacher} ({how})")
     lines += [f"note: {n}" for n in plan.notes]
     lines.append(f"MLflow store: {plan.uri}; sweep folders under {Path(job.run.output_dir) / job.name / 'sweeps'}")
+    if space.kind == "search":
+        lines.append(f"Optuna study: {request.study_storage or 'optuna.db in the sweep folder'}")
     lines.append("dry run: job, space, data tree, weight files and store are valid; nothing was started")
     return lines
