@@ -25,7 +25,8 @@ from kdray.orchestration.sampler import tpe_sampler
 
 
 class KdraySearch(OptunaSearch):
-    """`OptunaSearch` with the TPE sampler of `SAMPLER_SETTINGS` and the trial states of the module docstring."""
+    """`OptunaSearch` with the TPE sampler of `kdray.orchestration.sampler` and the trial states of the module
+    docstring."""
 
     def __init__(self, *, seed: int, **kwargs: Any):
         super().__init__(sampler=tpe_sampler(seed), **kwargs)
