@@ -61,6 +61,9 @@ class TrainStep:
     owned_params: dict[str, list[nn.Parameter]] = field(init=False)
     student_taps: FeatureTaps | None = field(init=False)
     teacher_taps: FeatureTaps | None = field(init=False)
+    # whether the teacher's forward runs its auxiliary head: only when an enabled loss reads `teacher.aux_logits`
+    # (`losses.dist.aux_weight`, `losses.dkd.aux_weight`), so other runs cost nothing more; decided once
+    teacher_aux: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.adapters = self.objective.student_side_parameters()
@@ -73,6 +76,7 @@ class TrainStep:
             if name not in self.owned_losses:
                 self.owned_losses[name] = GraphedOwnedLoss(self.objective, name) if graphs \
                     else (lambda t, name=name: self.objective.owned_loss(name, t))
+        self.teacher_aux = self.objective.reads(TEACHER_AUX_LOGITS)
         # the layers the built losses read (a teacher's own training builds CE alone, whatever the job enables)
         student_taps = required_taps(self.objective.configs, "student")
         teacher_taps = required_taps(self.objective.configs, "teacher")
@@ -111,12 +115,6 @@ class TrainStep:
                  for name, step, _, cfg in objective.owned_steps()}
         scaler = torch.amp.GradScaler(device.type, enabled=job.run.amp == "fp16")
         return cls(model, trained, teacher, objective, optimizer, owned, scaler, job, ctx)
-
-    @property
-    def teacher_aux(self) -> bool:
-        """Whether the teacher's forward runs its auxiliary head: only when an enabled loss reads
-        `teacher.aux_logits` (`losses.dist.aux_weight`, `losses.dkd.aux_weight`), so other runs cost nothing more."""
-        return self.objective.reads(TEACHER_AUX_LOGITS)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
