@@ -57,6 +57,17 @@ TRIALS_PLANNED = "kdray.trials_planned"  # on the sweep run: how many trials its
 STUDY_STATES = "kdray.study_states"  # on a search's sweep run: "COMPLETE=4 PRUNED=2" as the Optuna study ended
 STUDY_STORAGE = "kdray.study_storage"  # on a search's sweep run: the Optuna storage URL holding its study
 SAMPLER_TAG_PREFIX = "kdray.sampler."  # on a search's sweep run: the Optuna sampler and each of its settings
+STAGE = "kdray.stage"  # a search sweep's trial runs: search (sampled by Optuna) | confirm (rows x seeds, after it)
+STAGE_SEARCH, STAGE_CONFIRM = "search", "confirm"  # its values
+CONFIRMS = "kdray.confirms"  # a confirmation run: the trial id of the search trial whose configuration it re-runs
+SEARCH_RANK = "kdray.search_rank"  # a confirmation run: that configuration's rank in the search (1 = best)
+SEARCH_SCORE = "kdray.search_score"  # a confirmation run: the value the search scored it on (a fraction for mIoU)
+SEARCH_ITERATION = "kdray.search_iteration"  # a confirmation run: how far the search ran that configuration
+# data.tune_split (kdray.data.tune_split): the held-out part of the training split a run evaluates on instead of val
+TUNE_SPLIT_DIGEST = "kdray.tune_split.digest"  # sha256 hex of the held-out images' ids: same digest, same images
+TUNE_SPLIT_SIZE = "kdray.tune_split.size"  # how many training-split images were held out and evaluated on
+TUNE_SPLIT_TRAIN_SIZE = "kdray.tune_split.train_size"  # how many training-split images were left to train on
+EVAL_SPLIT = "kdray.eval_split"  # what the val/* metrics measure: "tune", or the name of the val split
 
 
 def arch_label(arch: str, width: float) -> str:

@@ -8,6 +8,7 @@ A **search** space samples trials with Optuna:
     num_samples: 24
     seed: 0                                   # the sampler's seed
     scheduler: {kind: asha, grace_period: 2, reduction_factor: 3}   # grace period in evaluations
+    # or {kind: sync_halving, grace_period: 1, reduction_factor: 2, bracket: 6}: rungs decided on whole brackets
     overrides: {optim.iterations: 2000}       # fixed for every trial
     space:
       losses.kd.weight:      {loguniform: [0.1, 10.0]}
@@ -17,6 +18,11 @@ A **search** space samples trials with Optuna:
       run.seed: 0                             # a plain value: fixed
     points_to_evaluate:                        # tried first, e.g. the published defaults
       - {losses.kd.weight: 1.0, losses.kd.temperature: 1.0, losses.i2ckd.enabled: true, losses.i2ckd.weight: 1.0}
+    confirm: {top_k: 3, seeds: [0, 1, 2]}     # then the 3 best distinct configurations, at full length, per seed
+
+The confirmation stage (`confirm`, `kdray.orchestration.confirm`) re-runs the search's best configurations over
+seeds, with the CE-only student beside them, and ranks them by their mean: the search's own scores come from one
+seed each (and from a tuning subset of the training split when the job sets `data.tune_split`).
 
 An **ablation** space runs every row x seed, no sampling:
 
@@ -54,10 +60,11 @@ from kdray.losses.objective import config_formula
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
-                "points_to_evaluate", "max_concurrent_trials", "description"}
+                "points_to_evaluate", "max_concurrent_trials", "description", "confirm"}
 _ABLATION_KEYS = {"name", "kind", "metric", "mode", "seeds", "rows", "overrides", "max_concurrent_trials",
                   "description"}
-_SCHEDULER_KEYS = {"kind", "grace_period", "reduction_factor"}
+_SCHEDULER_KEYS = {"kind", "grace_period", "reduction_factor", "bracket"}
+_SCHEDULER_KINDS = ("asha", "sync_halving", "none")
 SEED_KEY = "run.seed"
 ROW_KEY = "kdray.row"  # the config key under which an ablation trial carries its row's name
 
@@ -76,9 +83,19 @@ class Dimension:
 
 @dataclass
 class Scheduler:
-    kind: str = "none"  # asha | none
+    kind: str = "none"  # asha | sync_halving | none
     grace_period: int = 1  # evaluations a trial gets before it can be stopped
     reduction_factor: float = 3.0
+    bracket: int | None = None  # sync_halving: trials decided together (None: all num_samples)
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """A search's confirmation stage: its `top_k` distinct best configurations, run again at full length once
+    per seed of `seeds` (with the CE-only student beside them), ranked by their mean over the seeds."""
+
+    top_k: int
+    seeds: tuple[int, ...]
 
 
 @dataclass
@@ -97,6 +114,7 @@ class SearchSpace:
     rows: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, overrides)
     max_concurrent_trials: int | None = None
     source: str = ""  # the YAML text, logged with the sweep
+    confirm: Confirm | None = None  # a search's confirmation stage (None: the search's own scores decide)
 
     @property
     def trial_count(self) -> int:
@@ -289,12 +307,7 @@ def _parse(data: dict[str, Any], source: str, where: str, stem: str, job: Job | 
 
 
 def _load_ablation(data, where, job_keys, job, common) -> SearchSpace:
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise _err(f"{where}: seeds", f"got {seeds!r}; expected a non-empty list of integers")
-    if len(set(seeds)) != len(seeds):
-        raise _err(f"{where}: seeds", f"got {seeds!r}; each seed once")
+    seeds = _parse_seeds(data.get("seeds", [0]), f"{where}: seeds")
     rows_data = data.get("rows")
     if not isinstance(rows_data, list) or not rows_data:
         raise _err(f"{where}: rows", "expected a non-empty list of {name, set} rows")
@@ -313,7 +326,7 @@ def _load_ablation(data, where, job_keys, job, common) -> SearchSpace:
     names = [r[0] for r in rows]
     if len(set(names)) != len(names):
         raise _err(f"{where}: rows", f"row names must be unique, got {names}")
-    return SearchSpace(**common, seeds=tuple(seeds), rows=tuple(rows))
+    return SearchSpace(**common, seeds=seeds, rows=tuple(rows))
 
 
 def _load_search(data, where, job_keys, job, common) -> SearchSpace:
@@ -344,8 +357,31 @@ def _load_search(data, where, job_keys, job, common) -> SearchSpace:
     for i, point in enumerate(points):
         _check_point(point, dims, f"{where}: points_to_evaluate[{i}]")
     scheduler = _parse_scheduler(data.get("scheduler"), f"{where}: scheduler")
+    confirm = _parse_confirm(data.get("confirm"), num_samples, f"{where}: confirm")
     return SearchSpace(**common, num_samples=num_samples, seed=seed, scheduler=scheduler,
-                       dimensions=tuple(dims.values()), points_to_evaluate=points)
+                       dimensions=tuple(dims.values()), points_to_evaluate=points, confirm=confirm)
+
+
+def _parse_seeds(seeds: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise _err(where, f"got {seeds!r}; expected a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise _err(where, f"got {seeds!r}; each seed once")
+    return tuple(seeds)
+
+
+def _parse_confirm(spec: Any, num_samples: int, where: str) -> Confirm | None:
+    """`confirm: {top_k: K, seeds: [...]}`, or `confirm: false` / absent (no confirmation stage)."""
+    if spec is None or spec is False:
+        return None
+    if not isinstance(spec, dict) or set(spec) - {"top_k", "seeds"} or "seeds" not in spec:
+        raise _err(where, f"got {spec!r}; expected {{top_k: K, seeds: [0, 1, 2]}} (or false for no confirmation)")
+    top_k = spec.get("top_k", 1)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_samples:
+        raise _err(f"{where}.top_k", f"got {top_k!r}; expected an integer from 1 to num_samples ({num_samples}): "
+                                     "the configurations confirmed come from the search's trials")
+    return Confirm(top_k, _parse_seeds(spec["seeds"], f"{where}.seeds"))
 
 
 def _check_point(point: Any, dims: dict[str, Dimension], where: str) -> None:
@@ -375,17 +411,23 @@ def _parse_scheduler(spec: Any, where: str) -> Scheduler:
     if spec is None:
         return Scheduler()
     if not isinstance(spec, dict) or set(spec) - _SCHEDULER_KEYS:
-        raise _err(where, f"got {spec!r}; expected {{kind: asha|none, grace_period: N, reduction_factor: R}}")
+        raise _err(where, f"got {spec!r}; expected {{kind: asha|sync_halving|none, grace_period: N, "
+                          "reduction_factor: R, bracket: B (sync_halving only)}")
     kind = spec.get("kind", "asha")
-    if kind not in ("asha", "none"):
-        raise _err(f"{where}.kind", f"got {kind!r}; expected asha or none")
+    if kind not in _SCHEDULER_KINDS:
+        raise _err(f"{where}.kind", f"got {kind!r}; expected sync_halving, asha or none")
+    bracket = spec.get("bracket")
+    if bracket is not None and kind != "sync_halving":
+        raise _err(f"{where}.bracket", f"got {bracket!r} with kind {kind}; valid with kind sync_halving only")
+    if bracket is not None and (not isinstance(bracket, int) or isinstance(bracket, bool) or bracket < 1):
+        raise _err(f"{where}.bracket", f"got {bracket!r}; expected an integer >= 1 (trials per bracket)")
     grace = spec.get("grace_period", 1)
     if not isinstance(grace, int) or isinstance(grace, bool) or grace < 1:
         raise _err(f"{where}.grace_period", f"got {grace!r}; expected an integer >= 1 (evaluations)")
     factor = _number(f"{where}.reduction_factor", spec.get("reduction_factor", 3))
     if factor <= 1:
         raise _err(f"{where}.reduction_factor", f"got {factor}; must be > 1")
-    return Scheduler(kind, grace, float(factor))
+    return Scheduler(kind, grace, float(factor), bracket)
 
 
 def plan_lines(space: SearchSpace, job: Job) -> list[str]:
@@ -409,6 +451,12 @@ def plan_lines(space: SearchSpace, job: Job) -> list[str]:
             lines.append(f"  scheduler: ASHA, grace {s.grace_period} evaluation(s) = "
                          f"{s.grace_period * job.optim.eval_interval} iterations, "
                          f"reduction factor {s.reduction_factor:g}")
+        elif s.kind == "sync_halving":
+            size = min(s.bracket or space.num_samples, space.num_samples)
+            clipped = f" (bracket {s.bracket} clipped to num_samples)" if s.bracket and s.bracket > size else ""
+            lines.append(f"  scheduler: synchronous halving, brackets of {size} trial(s){clipped}, grace "
+                         f"{s.grace_period} evaluation(s) = {s.grace_period * job.optim.eval_interval} iterations, "
+                         f"reduction factor {s.reduction_factor:g}; a rung is decided once its bracket reached it")
         else:
             lines.append("  scheduler: none (every trial runs to the end)")
     return lines

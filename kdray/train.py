@@ -15,6 +15,7 @@ from pathlib import Path
 from kdray.cli import default_job, job_parser, run_main
 from kdray.config import Job, job_hash, load_job
 from kdray.data import split_name
+from kdray.data.tune_split import summarize_tune_split, tune_split_on
 from kdray.engine import train
 from kdray.engine.inputs import check_losses, check_weights, open_splits
 from kdray.losses.objective import config_formula, method_label
@@ -26,8 +27,13 @@ def plan(job: Job, sizes: dict[str, int]) -> str:
     per_worker = d.batch_size // r.workers
     lines = [f"job {job.name} (hash {job_hash(job)}): {method_label(job.losses)} student {job.student.arch}"]
     where = f" at {d.root}" if d.root else ""
+    evaluated = f"the tune split of {split_name(d, 'train')}" if tune_split_on(d) else split_name(d, "val")
     lines.append(f"data: {d.dataset}{where}; train on {split_name(d, 'train')} ({sizes['train']} images), "
-                 f"evaluate on {split_name(d, 'val')} ({sizes['val']} images), {d.num_classes} classes")
+                 f"evaluate on {evaluated} ({sizes['val']} images), {d.num_classes} classes")
+    if tune_split_on(d):
+        t, summary = d.tune_split, summarize_tune_split(d)
+        lines.append(f"  tune split: {100 * t.fraction:g}% of {split_name(d, 'train')} ({summary.tune_size} images, "
+                     f"seed {t.seed}), evaluated instead of {split_name(d, 'val')}; digest {summary.digest[:12]}")
     window = "whole images" if d.eval_mode == "whole" else f"sliding windows {d.eval_crop or d.crop}"
     lines.append(f"  train crop {d.crop[0]}x{d.crop[1]}, random scale {d.scale_range[0]}-{d.scale_range[1]}, "
                  f"flip {d.flip}; evaluation: {window}, single scale, batch {d.eval_batch_size}")

@@ -219,8 +219,10 @@ def test_dry_run_prints_the_plan(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kdray.sweep", "--dry-run"], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert "space demo (search)" in proc.stdout and "scheduler: ASHA" in proc.stdout
+    assert "space demo (search)" in proc.stdout and "scheduler: synchronous halving" in proc.stdout
     assert "trial(s) at once" in proc.stdout
+    assert "then: confirmation of the top 2 distinct configuration(s) and the CE-only student, seeds [0, 1, 2]: " \
+           "9 full-length trials" in proc.stdout
 
 
 def test_the_dry_run_plan_prints_each_rows_loss_formula():

@@ -94,7 +94,8 @@ def weight_settings(job: Job) -> dict[str, Any]:
 
     A plugin's sections are in every job of a process that imported it, so they count only where they act:
     a plugin dataset's options when it is the job's dataset, a plugin loss's when it is enabled. The built-in
-    sections are in every job alike and always count (digests made before plugins existed stay valid).
+    sections are in every job alike and always count (digests made before plugins existed stay valid), but
+    `data.tune_split` only when it is on.
     """
     from kdray.data.registry import DATASETS
     from kdray.losses.registry import LOSSES
@@ -103,6 +104,8 @@ def weight_settings(job: Job) -> dict[str, Any]:
             if _from_plugin(spec.dataset) and name != job.data.dataset]
     idle += [f"losses.{name}." for name, spec in LOSSES.items()
              if _from_plugin(spec.module) and not getattr(job.losses, name).enabled]
+    if not job.data.tune_split.fraction:  # off: digests made before the tuning split existed stay valid
+        idle.append("data.tune_split.")
     return {k: v for k, v in flatten(to_dict(job)).items() if not k.startswith(tuple(idle))}
 
 

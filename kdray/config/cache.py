@@ -20,6 +20,7 @@ from kdray.config.schema import Job
 AUTO = "auto"
 _TEACHER_KEYS = ("data.", "teacher.", "optim.", "losses.ce.", "run.seed", "run.amp")
 _IGNORED = ("teacher.checkpoint", "data.loader_workers", "optim.log_interval")
+_STUDENT_ONLY = ("data.tune_split.",)  # a search's tuning split: the teacher trains on the whole training split
 
 
 def cache_dir() -> Path:
@@ -35,7 +36,8 @@ def teacher_key(job: Job) -> str:
     from kdray.config import weight_settings
 
     flat = weight_settings(job)
-    kept = {k: v for k, v in flat.items() if k.startswith(_TEACHER_KEYS) and k not in _IGNORED}
+    kept = {k: v for k, v in flat.items()
+            if k.startswith(_TEACHER_KEYS) and k not in _IGNORED and not k.startswith(_STUDENT_ONLY)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -29,6 +29,15 @@ class NormalizeConfig:
     order: Literal["rgb", "bgr"] = "rgb"
 
 
+@dataclass
+class TuneSplitConfig:
+    """A held-out part of the training split that the run evaluates on instead of the val split, so that a
+    hyper-parameter search does not select on the split it reports (`kdray.data.tune_split`)."""
+
+    fraction: float = 0.0  # share of the training split's images held out, 0 <= fraction < 1; 0: off
+    seed: int = 0  # picks which images; independent of run.seed, so every trial holds out the same ones
+
+
 @dataclass(eq=False, repr=False)
 class DataConfig(RegistrySections):
     """The `data` section: which dataset is read and how, plus one sub-section per registered dataset that has
@@ -56,6 +65,7 @@ class DataConfig(RegistrySections):
     eval_crop: tuple[int, int] | None = None  # (height, width) of a window; None: data.crop
     eval_stride: tuple[int, int] | None = None  # None: two thirds of the window
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    tune_split: TuneSplitConfig = field(default_factory=TuneSplitConfig)
 
     @classmethod
     def registered_sections(cls) -> dict[str, type]:

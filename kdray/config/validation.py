@@ -141,6 +141,9 @@ def validate(job: Job) -> Job:
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     for i, s in enumerate(d.normalize.std):
         _positive(f"data.normalize.std[{i}]", s)
+    fraction = d.tune_split.fraction
+    _require(math.isfinite(fraction) and 0 <= fraction < 1, "data.tune_split.fraction", fraction,
+             "must be finite, >= 0 and < 1 (the share of the training split held out for tuning; 0: off)")
 
     from kdray.models import available_models  # plain torch, same layer; imported late to keep config light
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from kdray.config.schema import DataConfig
 from kdray.data.files import SAMPLE_MASKS, FileSegmentation
 from kdray.data.registry import DATASETS, DatasetRequest, DatasetSpec, dataset_spec, register_dataset
 from kdray.data.sampling import IterationBatchSampler, TransformedDataset
 from kdray.data.transforms import eval_transforms, train_transforms
+from kdray.data.tune_split import tune_split_indices, tune_split_on
 
 # Every module of the package, so that a built-in dataset is its file (its loader class is imported from its
 # module, e.g. `kdray.data.cityscapes.Cityscapes`): nothing else lists it.
@@ -47,13 +48,21 @@ def raw_dataset(cfg: DataConfig, role: str, sample_check: int = SAMPLE_MASKS) ->
 
 
 def build_dataset(cfg: DataConfig, split: str) -> TransformedDataset:
-    """The `train` split with the training augmentations, or `val` with evaluation transforms."""
+    """The `train` role with the training augmentations, or `val` with evaluation transforms.
+
+    With `data.tune_split` on (`kdray.data.tune_split`), both come from the training split: `train` is it without
+    the tune items, `val` is the tune items (a `Subset` of the raw training split, evaluation transforms); the
+    val split is not read. DataError naming `data.tune_split.fraction` when a side would be empty."""
     n = cfg.normalize
     if split == "train":
         transform = train_transforms(cfg.crop, cfg.scale_range, cfg.flip, n.mean, n.std, n.order, cfg.ignore_index)
     else:
         transform = eval_transforms(n.mean, n.std, n.order)
-    return TransformedDataset(raw_dataset(cfg, split), transform)
+    if not tune_split_on(cfg):
+        return TransformedDataset(raw_dataset(cfg, split), transform)
+    source = raw_dataset(cfg, "train")
+    train, tune = tune_split_indices(len(source), cfg.tune_split.fraction, cfg.tune_split.seed)
+    return TransformedDataset(Subset(source, train if split == "train" else tune), transform)
 
 
 def class_names(cfg: DataConfig) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 
 from kdray.config import Job
 from kdray.data import raw_dataset, split_name
+from kdray.data.tune_split import tune_split_indices, tune_split_on
 from kdray.engine.loop import student_aux
 from kdray.engine.progress import Progress
 from kdray.errors import CheckpointError, DataError
@@ -43,11 +44,20 @@ SCAN_THREADS = min(8, os.cpu_count() or 1)  # threads reading masks for --check-
 
 
 def open_splits(job: Job, full: bool = False) -> dict[str, int]:
-    """Open the train and val splits (tree checks and a few masks; every mask with `full`): role -> size."""
-    sizes = {}
-    for role in ("train", "val"):
+    """Open the train and val splits (tree checks and a few masks; every mask with `full`): role -> size.
+
+    With `data.tune_split` on, only the training split is opened (the val split is not read) and carved up front
+    (`kdray.data.tune_split`; DataError naming `data.tune_split.fraction` when a part would be empty): `train`
+    is the size left to train on, `val` the size of the tune part evaluated instead."""
+    sizes, carved = {}, ""
+    tuning = tune_split_on(job.data)
+    for role in ("train",) if tuning else ("train", "val"):
         dataset = raw_dataset(job.data, role)
         sizes[role] = len(dataset)
+        if tuning:  # before the mask scan: a fraction that leaves a part empty stops the command at once
+            t = job.data.tune_split
+            train, tune = tune_split_indices(len(dataset), t.fraction, t.seed)
+            carved = f" ({len(train)} after data.tune_split.fraction={t.fraction:g} holds out {len(tune)} for tuning)"
         if full:
             split = split_name(job.data, role)
             show = Progress(len(dataset))
@@ -58,9 +68,13 @@ def open_splits(job: Job, full: bool = False) -> dict[str, int]:
             else:
                 _check_items(dataset, job, split, progress)
             show.message(f"{len(dataset)} {split} masks checked in {time.perf_counter() - t0:.1f} s")
+    total = sizes["train"]
+    if tuning:
+        sizes = {"train": len(train), "val": len(tune)}
     if sizes["train"] < job.data.batch_size:  # the sampler would refuse it later, after the models are built
-        raise DataError(f"the {split_name(job.data, 'train')} split has {sizes['train']} images, fewer than one "
-                        f"global batch (data.batch_size={job.data.batch_size}): lower data.batch_size or add data")
+        raise DataError(f"the {split_name(job.data, 'train')} split has {total} images{carved}, fewer than one "
+                        f"global batch (data.batch_size={job.data.batch_size}): lower data.batch_size"
+                        f"{' or data.tune_split.fraction' if tuning else ''} or add data")
     return sizes
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from kdray import contract
 from kdray.config import Job, LossesConfig, job_hash
+from kdray.config.schema import TuneSplitConfig
 from kdray.contract import Evaluation
 from kdray.data import IterationBatchSampler, build_dataset, class_names
 from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -163,7 +164,9 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
 
     iterations = setup.iterations
     stop = min(iterations, stop_after) if stop_after is not None else iterations
-    train_set, val_set = build_dataset(job.data, "train"), build_dataset(job.data, "val")
+    # a tuning split is the student's search's: a teacher trains on the whole training split and is scored on val
+    data = job.data if role == "student" else replace(job.data, tune_split=TuneSplitConfig())
+    train_set, val_set = build_dataset(data, "train"), build_dataset(data, "val")
     sampler = IterationBatchSampler(len(train_set), job.data.batch_size, ctx.rank, ctx.world_size,
                                     job.run.seed, start, stop)
     # The loaders get their own generators: creating an iterator draws a seed, and drawing it from the global

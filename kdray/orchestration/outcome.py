@@ -81,6 +81,7 @@ class TrialSummary:
     best: float
     iteration: int
     status: str  # finished | stopped early | failed: <reason> | interrupted | not started
+    stage: str = ""  # a search sweep's: search | confirm (kdray.orchestration.confirm)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +100,7 @@ class SweepOutcome:
     interrupted: bool = False
     report_markdown: str | None = None  # the tables of kdray.report, also logged on the sweep's run
     never_created: int = 0  # trials of the space that Tune had not even created when the sweep stopped
+    verdict: str | None = None  # a search's winner, by its confirmed mean, and whether its gains exceed seed noise
 
     @property
     def complete(self) -> bool:
@@ -123,11 +125,18 @@ def summary_table(outcome: SweepOutcome, metric: str = contract.VAL_MIOU) -> str
     """The results, best first, as a Markdown table; trials Tune never created are counted under it."""
     from kdray.reporting.render import markdown_table
 
-    keys = sorted({k for t in outcome.trials for k in t.params if k != SEED_KEY})
-    head = ["rank", "trial", "row / method", "seed", *keys, f"best {metric}", f"last {metric}", "iteration", "status"]
-    rows = [[str(i), t.trial_id, t.label, str(t.seed), *(_fmt(t.params.get(k, "")) for k in keys),
-             _pct(t.best), _pct(t.last), str(t.iteration), t.status] for i, t in enumerate(outcome.trials, 1)]
-    text = markdown_table(head, rows, "rllr" + "l" * len(keys) + "rrrl")
+    staged = any(t.stage for t in outcome.trials)
+    keys = sorted({k for t in outcome.trials if t.stage != "confirm" for k in t.params if k != SEED_KEY})
+    head = ["rank", *(["stage"] if staged else []), "trial", "row / method", "seed", *keys, f"best {metric}",
+            f"last {metric}", "iteration", "status"]
+    rows, rank = [], {}
+    for t in outcome.trials:  # ranked within each stage (the trials come best first in each)
+        rank[t.stage] = rank.get(t.stage, 0) + 1
+        confirm = t.stage == "confirm"  # a confirmation row's values are its search trial's: its row names it
+        rows.append([str(rank[t.stage]), *([t.stage] if staged else []), t.trial_id, t.label, str(t.seed),
+                     *("" if confirm else _fmt(t.params.get(k, "")) for k in keys), _pct(t.best), _pct(t.last),
+                     str(t.iteration), t.status])
+    text = markdown_table(head, rows, "r" + "l" * staged + "llr" + "l" * len(keys) + "rrrl")
     if outcome.never_created:
         text += f"\n\n{outcome.never_created} more trial(s) of the space never started."
     return text

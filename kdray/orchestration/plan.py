@@ -18,10 +18,12 @@ from kdray.config import AUTO, Job, job_from_dict, override, parse_override, rea
 from kdray.data.registry import dataset_spec
 from kdray.engine.inputs import check_losses, check_teacher_training, check_weights, open_splits
 from kdray.errors import CheckpointError, ConfigError, DataError, PreflightError, ResourceError
+from kdray.orchestration.confirm import TUNE_SPLIT_OFF, add_baseline_row, ce_only_overrides
+from kdray.orchestration.confirm import describe as describe_confirmation
 from kdray.orchestration.resources import check_fits, concurrency, local_resources, per_trial
 from kdray.orchestration.resume import load_state, resumed_space_file
 from kdray.orchestration.tracking import resolve_tracking_uri
-from kdray.space import SEED_KEY, Dimension, SearchSpace, load_space, plan_lines, probe_values
+from kdray.space import SEED_KEY, Confirm, Dimension, SearchSpace, load_space, plan_lines, probe_values
 
 # A smoke test's overrides; each dataset adds its own (`DatasetSpec.smoke_overrides`: the synthetic one shrinks).
 SMOKE = {"optim.iterations": 4, "optim.eval_interval": 2, "optim.log_interval": 2, "teacher.iterations": 4}
@@ -107,6 +109,8 @@ def _shrink(space: SearchSpace, smoke: dict[str, Any]) -> None:
                        for name, settings in space.rows)
     if space.kind == "search":
         space.num_samples = min(space.num_samples, 2)
+        if space.confirm is not None:  # the pipeline checked end to end: one configuration, one seed
+            space.confirm = Confirm(1, space.confirm.seeds[:1])
 
 
 def trial_jobs(space: SearchSpace, base: Job) -> list[tuple[str, Job]]:
@@ -132,6 +136,10 @@ def trial_jobs(space: SearchSpace, base: Job) -> list[tuple[str, Job]]:
         if d.key not in RESOURCE_KEYS:
             jobs += [(f"space {d.key}={v!r}", override(base, {**fixed, **_conditions([d]), d.key: v}))
                      for v in probe_values(d)]
+    # after the search: the CE-only student, and the configurations again on the whole training split
+    jobs.append(("the CE-only baseline", override(base, {**fixed, **ce_only_overrides(j for _, j in jobs)})))
+    if getattr(getattr(jobs[0][1].data, "tune_split", None), "fraction", 0):
+        jobs.append(("the confirmation stage (tuning split off)", override(jobs[0][1], {TUNE_SPLIT_OFF: 0.0})))
     return jobs
 
 
@@ -208,7 +216,10 @@ class Plan:
 
     @property
     def teacher_job(self) -> Job:
-        """The job without the space's overrides: what the teacher's own training runs."""
+        """The job without the space's overrides: what the teacher's own training runs (on the whole training
+        split: a tuning split is the student's search's)."""
+        if getattr(getattr(self.base.data, "tune_split", None), "fraction", 0):
+            return override(self.base, {TUNE_SPLIT_OFF: 0.0})
         return self.base
 
     def resource_jobs(self) -> list[tuple[str, Job]]:
@@ -227,6 +238,7 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
     else:
         base, job, space = prepare(request)
         space_path = request.space_path
+    baseline = add_baseline_row(space, base) if space.kind == "ablation" else None
     jobs = trial_jobs(space, base)
     # an ablation needs the teacher when some row distils (trial_jobs gives the rows' jobs); a search may
     # switch on any loss
@@ -238,7 +250,7 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
                               f"{request.job_path}), pass --train-teacher, or name another file")
     train_teacher = needs_teacher and may_train and not exists(teacher)
     teacher_training = [(TEACHER_TRAINING, base)] if train_teacher else []
-    notes = check_inputs(jobs + teacher_training, train_teacher=may_train)
+    notes = ([baseline] if baseline else []) + check_inputs(jobs + teacher_training, train_teacher=may_train)
     if train_teacher:
         notes += check_teacher_training(base)
     uri = resolve_tracking_uri(request.tracking_uri or (state or {}).get("tracking_uri") or job.tracking.uri)
@@ -291,6 +303,8 @@ def dry_run(request: SweepRequest) -> list[str]:
               f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "
               f"{job.data.batch_size // job.run.workers}"]
     lines += plan_lines(space, job)
+    if space.kind == "search":
+        lines.append(f"  {describe_confirmation(space, job)}")
     asks = {}
     for where, trial_job in jobs:
         r = trial_job.run

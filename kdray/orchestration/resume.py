@@ -54,6 +54,12 @@ def mark_ended(sweep_dir: Path, counts: str) -> None:
     file.write_text(json.dumps({**json.loads(file.read_text()), "ended": counts}, indent=1))
 
 
+def save_state(sweep_dir: Path, changes: dict[str, Any]) -> None:
+    """Add `changes` to the sweep's state file (e.g. the confirmation stage's rows, once chosen)."""
+    file = sweep_dir / STATE_FILE
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}, indent=1))
+
+
 def load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
     """The state of the sweep `request.resume` names ("latest": the job's newest interrupted one) and its folder."""
     if request.overrides:

@@ -67,7 +67,7 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
     say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
     try:
-        outcome = run_trials(request, plan, tracker, sweep_id, sweep_dir, parent, cluster, say)
+        outcome = run_trials(request, plan, tracker, state, sweep_dir, cluster, say)
     except BaseException as err:  # Ctrl+C outside Tune's own handling, SIGTERM, or a bug: close what it opened
         # Ray's core answers SIGTERM with sys.exit(1): like Ctrl+C, an interruption (KILLED, resumable)
         stopped = isinstance(err, (KeyboardInterrupt, SystemExit))

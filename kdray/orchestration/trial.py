@@ -22,6 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from kdray import contract
 from kdray.config import Job, flatten, job_from_dict, to_dict, to_yaml
 from kdray.data import class_names
+from kdray.data.tune_split import tune_split_tags
 from kdray.losses.objective import config_formula, method_label
 from kdray.orchestration.outcome import TrialFailed, is_trial_failure, worker_reason
 from kdray.orchestration.tracking import Tracker
@@ -69,11 +70,14 @@ def trial_tags(job: Job, space: SearchSpace, config: dict[str, Any]) -> dict[str
         tags[contract.ROW] = config[ROW_KEY]
         tags[contract.ROW_INDEX] = str([name for name, _ in space.rows].index(config[ROW_KEY]))
     tags[contract.CLASSES] = json.dumps(class_names(job.data))
+    tags.update(tune_split_tags(job.data))  # what its val/* metrics measure: val, or the search's tuning split
     return tags
 
 
-def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext) -> None:
-    """The Tune trainable (wrapped with `tune.with_resources` by the sweep).
+def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext,
+              stage_tags: dict[str, dict[str, str]] | None = None) -> None:
+    """The Tune trainable (wrapped with `tune.with_resources` by the sweep). `stage_tags`: tags for the runs of
+    one stage, by ablation row name (a confirmation row), or under "" for every trial (`kdray.stage=search`).
 
     Its MLflow run exists before anything that can fail: a trial whose config the space cannot build (a row
     renamed since the sweep started, say) still leaves a FAILED run with the reason, never nothing.
@@ -83,6 +87,8 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     try:
         job = job_from_dict(sweep.job_data, space.trial_overrides(config), plugin_sources=sweep.plugin_sources)
         tags = trial_tags(job, space, config)
+        stage_tags = stage_tags or {}
+        tags.update(stage_tags.get(config.get(ROW_KEY, ""), stage_tags.get("", {})))
     except Exception as err:
         why = f"the trial's config cannot be built: {type(err).__name__}: {err}"
         run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id, name=f"trial-{trial_id}",

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdray import contract
 from kdray.config import Job, override, to_dict
+from kdray.contract import STAGE_CONFIRM, STAGE_SEARCH
 from kdray.errors import ConfigError
 from kdray.losses.objective import method_label
+from kdray.orchestration.confirm import candidates, row_tags, stage_plan, stage_space
 from kdray.orchestration.outcome import (
     FAILED,
     FINISHED,
@@ -28,7 +31,7 @@ from kdray.orchestration.outcome import (
 from kdray.orchestration.plan import exists, largest
 from kdray.orchestration.progress import SweepProgress, TrialLabel, quiet_ray_output, tune_verbosity
 from kdray.orchestration.resources import TRIAL_CPU, concurrency
-from kdray.orchestration.resume import mark_ended
+from kdray.orchestration.resume import mark_ended, save_state
 from kdray.orchestration.teacher_run import record_teacher, train_teacher
 from kdray.orchestration.tracking import Tracker
 from kdray.plugins import read_sources
@@ -62,7 +65,8 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
 
 def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = None, study_name: str = "kdray"):
     """Tune's settings for the space: a grid of rows x seeds, or Optuna (its study in `storage`, a database URL,
-    under `study_name`; in memory when None) with ASHA when the space asks."""
+    under `study_name`; in memory when None) with ASHA, or synchronous halving behind a BracketGate, when the
+    space asks."""
     from ray import tune
 
     if space.kind == "ablation":
@@ -80,6 +84,15 @@ def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = 
         # the reported iteration, not Tune's training_iteration, which restarts at 1 after a restore
         scheduler = ASHAScheduler(time_attr=contract.ITERATION, max_t=job.optim.iterations, grace_period=grace,
                                   reduction_factor=space.scheduler.reduction_factor)
+    elif space.scheduler.kind == "sync_halving":  # rungs decided on whole brackets: the same stops every run
+        from kdray.orchestration.halving import BracketGate, SyncHalving
+
+        grace = min(space.scheduler.grace_period * job.optim.eval_interval, job.optim.iterations)
+        bracket = min(space.scheduler.bracket or space.num_samples, space.num_samples)
+        scheduler = SyncHalving(num_samples=space.num_samples, max_t=job.optim.iterations, grace_period=grace,
+                                reduction_factor=space.scheduler.reduction_factor, bracket_size=bracket,
+                                max_concurrent=limit)
+        search = BracketGate(search, bracket, max_concurrent=limit)  # Tune's ConcurrencyLimiter defers to it
     return tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
                            num_samples=space.num_samples, max_concurrent_trials=limit)
 
@@ -98,71 +111,101 @@ def study_states(config) -> dict[str, int]:
     """The search's Optuna trial states by count ({} for an ablation, or a resumed sweep whose searcher Tune
     restored out of reach)."""
     search = getattr(config, "search_alg", None) if config is not None else None
-    search = getattr(search, "searcher", search)  # Tune wraps it in a ConcurrencyLimiter
-    return search.trial_states() if hasattr(search, "trial_states") else {}
+    while search is not None and not hasattr(search, "trial_states"):  # a ConcurrencyLimiter, a BracketGate
+        search = getattr(search, "searcher", None)
+    return search.trial_states() if search is not None else {}
 
 
-def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: str, sweep_dir: Path, parent: str,
+@dataclass
+class Stage:
+    """One Tune experiment of a sweep: the search (or the ablation grid), or the confirmation stage after a
+    search. `folder`: its name in the sweep folder (an existing one is restored, never started again)."""
+
+    name: str  # search | confirm | ablation
+    space: SearchSpace
+    folder: str
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)  # see `run_trial`'s stage_tags
+
+
+@dataclass
+class StageResult:
+    trials: list[TrialSummary]
+    interrupted: bool
+    never_created: int
+    config: Any = None  # the TuneConfig of a stage started here (None when restored)
+
+
+def stored_study_states(storage: str, study_name: str) -> dict[str, int]:
+    """The trial states of the study `study_name` in `storage` by count; {} when it cannot be read."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except Exception:  # a study that was never created, a database gone: nothing to report
+        return {}
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[str, Any], sweep_dir: Path,
                cluster: dict[str, float], say) -> SweepOutcome:
-    """The teacher first when the sweep needs it, then every trial of the space on Tune; the outcome, with the
-    report written and the sweep's runs closed (or left resumable when interrupted)."""
-    from ray import tune
-
+    """The teacher first when the sweep needs it, then the space's trials on Tune (a search is followed by its
+    confirmation stage, `kdray.orchestration.confirm`); the outcome, with the report written and the sweep's
+    runs closed (or left resumable when interrupted)."""
     space = plan.space
+    sweep_id, parent = state["sweep_id"], state["parent_run_id"]
     if plan.train_teacher:
         train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say, smoke=request.smoke_test)
     elif plan.needs_teacher and exists(plan.teacher_job.teacher.checkpoint):
         record_teacher(plan.teacher_job, tracker, say)
 
-    from kdray.orchestration.trial import INTERRUPTED as CTRL_C
-    from kdray.orchestration.trial import InterruptWatch, MlflowStatusCallback, SweepContext, run_trial
+    from kdray.orchestration.trial import SweepContext
 
     # the trials' edge: Tune ships the job as plain data, and each trial builds its Job from it once
     context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), to_dict(plan.base),
                            read_sources(plan.base.plugins))
-    trainable = tune.with_resources(partial(run_trial, space=space, sweep=context), {"cpu": TRIAL_CPU})
     limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
-    callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, sweep_id),
-                 SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.base),
-                               say=say)]
-    config = None
-    if request.resume:
-        tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        storage = request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
-        config = tune_config(space, plan.job, limit, storage if space.kind == "search" else None,
-                             study_name=f"sweep-{sweep_id}")
-        if space.kind == "search":
-            tracker.set_tags(parent, {contract.STUDY_STORAGE: storage})
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(space),
-            tune_config=config,
-            run_config=tune.RunConfig(
-                name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
-                # Train restarts dead workers from their checkpoint; a trial that failed stays failed
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=tune_verbosity(request.verbose),
-            ),
-        )
-    say(f"running {space.trial_count} trial(s), at most {limit} at a time")
-    CTRL_C.clear()
-    grid = tuner.fit()
-    trials, interrupted = summaries(grid, space, plan.base, tracker, sweep_id, CTRL_C.is_set())
-    never_created = max(0, space.trial_count - len(trials))
-    outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, interrupted,
-                           never_created=never_created)
-    if interrupted:  # Tune saved its state; --resume reopens the runs and continues
+    run = partial(run_stage, request=request, plan=plan, tracker=tracker, context=context, sweep_dir=sweep_dir,
+                  limit=limit, say=say)
+    trials: list[TrialSummary] = []
+    never_created = 0
+
+    def ended(result: StageResult) -> SweepOutcome | None:
+        nonlocal never_created
+        trials.extend(result.trials)
+        never_created += result.never_created
+        if not result.interrupted:
+            return None
+        outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, True,
+                               never_created=never_created)
         close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
         say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
         return outcome
-    states = study_states(config)
-    if states:  # how the Optuna study saw the trials: a stopped one is PRUNED, not COMPLETE with a truncated score
-        shown = " ".join(f"{state}={count}" for state, count in sorted(states.items()))
-        tracker.set_tags(parent, {contract.STUDY_STATES: shown})
-        storage = tracker.tags(parent).get(contract.STUDY_STORAGE, "")
-        say(f"Optuna study: {shown}" + (f" (optuna-dashboard {storage})" if storage else ""))
+
+    if space.kind == "ablation":
+        if (stop := ended(run(Stage("ablation", space, "tune")))) is not None:
+            return stop
+    else:
+        search = Stage(STAGE_SEARCH, space, "tune", {"": {contract.STAGE: STAGE_SEARCH}})
+        chosen = state.get("confirm")
+        if chosen is None:  # the search has not ended yet: run (or continue) it
+            result = run(search)
+            if (stop := ended(result)) is not None:
+                return stop
+            report_study_states(result.config, tracker, parent, f"sweep-{sweep_id}", say)
+            top_k = space.confirm.top_k if space.confirm is not None else 0
+            chosen = stage_plan(space, plan.base, candidates(result.trials, top_k, space.mode))
+            save_state(sweep_dir, {"confirm": chosen})
+        else:  # resumed after the search ended: its trials, as Tune kept them
+            trials.extend(stage_trials(search, plan, tracker, context, sweep_dir))
+        confirm = Stage(STAGE_CONFIRM, stage_space(space, plan.base, chosen), "confirm", row_tags(chosen))
+        say(f"confirmation: {', '.join(r['name'] for r in chosen['rows'])} x seeds {chosen['seeds']}")
+        if (stop := ended(run(confirm))) is not None:
+            return stop
+    outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, False,
+                           never_created=never_created)
     from kdray.reporting import write_report
 
     close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
@@ -170,6 +213,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
     report = write_report(plan.uri, plan.experiment, sweep_id, sweep_dir / "report",
                           formats=("md", "tex", "csv", "parquet"), log_artifacts=True)
     outcome.report_markdown = report.markdown
+    outcome.verdict = report.verdict
     if outcome.exit_code:
         tracker.set_tags(parent, {contract.FAILURE: outcome.counts()})
         tracker.end_run(parent, "FAILED")
@@ -179,8 +223,81 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, sweep_id: st
     return outcome
 
 
+def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Tracker, context, sweep_dir: Path,
+              limit: int, say) -> StageResult:
+    """Run one stage's trials on Tune to their end (or Ctrl+C): a new Tune experiment in `sweep_dir/<folder>`, or
+    the one already there, restored with its unfinished and errored trials."""
+    from ray import tune
+
+    from kdray.orchestration.trial import INTERRUPTED as CTRL_C
+    from kdray.orchestration.trial import InterruptWatch, MlflowStatusCallback
+
+    space = stage.space
+    trainable = stage_trainable(stage, context)
+    path = sweep_dir / stage.folder
+    config = None
+    if path.exists() and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, context.sweep_id),
+                     SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.base),
+                                   say=say)]
+        storage = None
+        if space.kind == "search":
+            storage = request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+            tracker.set_tags(context.parent_run_id, {contract.STUDY_STORAGE: storage})
+        config = tune_config(space, plan.job, limit, storage, study_name=f"sweep-{context.sweep_id}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(space),
+            tune_config=config,
+            run_config=tune.RunConfig(
+                name=stage.folder, storage_path=str(sweep_dir), callbacks=callbacks,
+                # Train restarts dead workers from their checkpoint; a trial that failed stays failed
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=tune_verbosity(request.verbose),
+            ),
+        )
+    what = {"search": "search trial(s)", "confirm": "confirmation trial(s)"}.get(stage.name, "trial(s)")
+    say(f"running {space.trial_count} {what}, at most {limit} at a time")
+    CTRL_C.clear()
+    grid = tuner.fit()
+    trials, interrupted = summaries(grid, space, plan.base, tracker, context.sweep_id, CTRL_C.is_set(), stage.name)
+    return StageResult(trials, interrupted, max(0, space.trial_count - len(trials)), config)
+
+
+def stage_trainable(stage: Stage, context):
+    """The Tune trainable of a stage's trials: `run_trial` with the stage's space and tags, one CPU slot."""
+    from ray import tune
+
+    from kdray.orchestration.trial import run_trial
+
+    return tune.with_resources(partial(run_trial, space=stage.space, sweep=context, stage_tags=stage.tags),
+                               {"cpu": TRIAL_CPU})
+
+
+def stage_trials(stage: Stage, plan: Plan, tracker: Tracker, context, sweep_dir: Path) -> list[TrialSummary]:
+    """The trials of a stage that already ended, as its Tune experiment kept them (nothing is run)."""
+    from ray import tune
+
+    grid = tune.Tuner.restore(str(sweep_dir / stage.folder), trainable=stage_trainable(stage, context)).get_results()
+    return summaries(grid, stage.space, plan.base, tracker, context.sweep_id, False, stage.name)[0]
+
+
+def report_study_states(config, tracker: Tracker, parent: str, study_name: str, say) -> None:
+    """How the Optuna study saw the search's trials (a stopped one is PRUNED, not COMPLETE with a truncated
+    score): a tag on the sweep's run and a line. From the searcher when this process started the search, else
+    (a resumed sweep) from the study's storage."""
+    storage = tracker.tags(parent).get(contract.STUDY_STORAGE, "")
+    states = study_states(config) or (stored_study_states(storage, study_name) if storage else {})
+    if states:
+        shown = " ".join(f"{state}={count}" for state, count in sorted(states.items()))
+        tracker.set_tags(parent, {contract.STUDY_STATES: shown})
+        say(f"Optuna study: {shown}" + (f" (optuna-dashboard {storage})" if storage else ""))
+
+
 def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: str,
-              ctrl_c: bool = False) -> tuple[list[TrialSummary], bool]:
+              ctrl_c: bool = False, stage: str = "") -> tuple[list[TrialSummary], bool]:
     """Each trial Tune created, best first, with what became of it; and whether the sweep was interrupted
     (`ctrl_c`, or a trial still pending, running or paused when `fit` returned). `base`: the job every trial
     starts from.
@@ -222,7 +339,7 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
         label = config.get(ROW_KEY) or (method_label(job.losses) if job is not None else "?")
         params = {k: v for k, v in config.items() if k != ROW_KEY}
         out.append(TrialSummary(trial.trial_id, label, int(config.get(SEED_KEY, 0)), params, last, best, done,
-                                status))
+                                status, stage))
     sign = -1 if space.mode == "max" else 1
     out.sort(key=lambda t: (math.isnan(t.best), sign * (t.best if not math.isnan(t.best) else 0)))
     return out, interrupted

@@ -43,7 +43,9 @@ _TAG_COLUMNS = {  # column -> tag
     "trial_id": contract.TRIAL_ID, "method": contract.METHOD, "row": contract.ROW,
     "teacher_arch": contract.TEACHER_ARCH,
     "student_arch": contract.STUDENT_ARCH, "dataset": contract.DATASET, "formula": contract.FORMULA,
-    "failure": contract.FAILURE,
+    "failure": contract.FAILURE, "stage": contract.STAGE, "confirms": contract.CONFIRMS,
+    "search_rank": contract.SEARCH_RANK, "search_score": contract.SEARCH_SCORE,
+    "search_iteration": contract.SEARCH_ITERATION, "eval_split": contract.EVAL_SPLIT,
 }
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _REMOTE_THREADS = 8

@@ -203,9 +203,10 @@ def _pair_text(pair: tuple) -> str:
     return f"{pair[0] or '?'} → {pair[1] or '?'}"
 
 
-def methods_table(data: SweepData, value: str) -> Table:
+def methods_table(data: SweepData, value: str, confirmed: bool = False) -> Table:
     """Per teacher → student pair: the teacher, then each method with the student's params, mean ± std (n), the
-    best run."""
+    best run. `confirmed`: `data` holds a search's confirmation runs (one configuration per row, n counts
+    seeds)."""
     groups = method_groups(data, value)
     teachers = teacher_groups(data, value)
     params = _lookup(data.runs, "params_m")
@@ -241,7 +242,10 @@ def methods_table(data: SweepData, value: str) -> Table:
         notes.append(DAGGER_NOTE)
     notes.append(exclusion_note(data))
     what = "Methods"
-    if data.space_kind == "search":
+    if confirmed:
+        what += (" (the search's confirmation stage: each searched configuration and the CE-only student over the "
+                 "same seeds; a method with several configurations has a row for each)")
+    elif data.space_kind == "search":
         what += (" (a search sweep: the runs of a method differ in their hyperparameters, so n counts "
                  "configurations, not seeds)")
     caption = _caption(data, value, what, [mg.group for mg in groups])

@@ -9,9 +9,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from kdray import contract
+from kdray.contract import STAGE_CONFIRM
 from kdray.errors import ConfigError
 from kdray.reporting import plots, render
+from kdray.reporting.confirmed import confirmed_table
 from kdray.reporting.groups import VALUES, count_phrase
 from kdray.reporting.runs import FINISHED, SweepData, open_client, read_iou_at, read_sweep
 from kdray.reporting.search import Search, analyse, search_tables
@@ -43,6 +48,7 @@ class ReportResult:
     value: str
     out_dir: Path
     timings: dict[str, float] = field(default_factory=dict)  # seconds: read, tables, plots, write
+    verdict: str | None = None  # a confirmed search's winner and whether its gains exceed the seed noise
 
 
 def build_tables(data: SweepData, value: str, *, top_k: int = 10,
@@ -56,15 +62,35 @@ def build_tables(data: SweepData, value: str, *, top_k: int = 10,
         raise ValueError("value='best' needs the metric histories: read the sweep with history=True")
     if value == "best" and iou_at_best is None:
         iou_at_best = best_iou(data)
-    search = analyse(data, value) if data.space_kind == "search" else None
-    tables = [ablation_table(data, value), methods_table(data, value)]
-    if search is not None:
-        tables += search_tables(data, search, value, top_k)
-    tables += [per_class_table(data, value, iou_at_best), excluded_table(data)]
+    stages = stage_views(data)
+    if stages is not None:  # a search with its confirmation stage: each table reads the runs it is about
+        confirm, searched = stages
+        search = analyse(searched, value)
+        summary, _ = confirmed_table(confirm, searched, value)
+        tables = [summary, methods_table(confirm, value, confirmed=True),
+                  *search_tables(searched, search, value, top_k), per_class_table(confirm, value, iou_at_best),
+                  excluded_table(data)]
+    else:
+        search = analyse(data, value) if data.space_kind == "search" else None
+        tables = [ablation_table(data, value), methods_table(data, value)]
+        if search is not None:
+            tables += search_tables(data, search, value, top_k)
+        tables += [per_class_table(data, value, iou_at_best), excluded_table(data)]
     tables = [t for t in tables if t is not None]
     if data.smoke_test:
         tables = [smoke_marked(t) for t in tables]
     return tables, search
+
+
+def stage_views(data: SweepData) -> tuple[SweepData, SweepData] | None:
+    """A search sweep's confirmation-stage runs and its search-stage runs, each as a `SweepData`; None for an
+    ablation, or a search recorded without a confirmation stage (before kdray had one)."""
+    stages = data.runs.column("stage").to_pylist()
+    if data.space_kind != "search" or STAGE_CONFIRM not in stages:
+        return None
+    confirm = pa.array([s == STAGE_CONFIRM for s in stages])
+    return (dataclasses.replace(data, runs=data.runs.filter(confirm)),
+            dataclasses.replace(data, runs=data.runs.filter(pc.invert(confirm))))
 
 
 def smoke_marked(table: Table) -> Table:
@@ -92,6 +118,9 @@ def _curve_groups(data: SweepData, value: str) -> list[tuple[str, list[str]]]:
 
 def write_plots(data: SweepData, search: Search | None, out: Path, value: str) -> list[Path]:
     sid = data.sweep_id
+    stages = stage_views(data)
+    if stages is not None:  # the curves of the runs the method table compares: the confirmation stage's
+        data = stages[0]
     written = [plots.plot_curves(data.history, data.runs, _curve_groups(data, value), out / "miou_vs_iteration.png",
                                  f"val mIoU vs iteration, sweep {sid}")]
     if search is not None:
@@ -198,5 +227,11 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     timings["write"] = time.perf_counter() - start
     return ReportResult(markdown=text, files=tuple(files), tables={t.name: t for t in tables},
                         experiment=experiment, sweep_id=data.sweep_id, sweep_run_id=data.sweep_run_id, value=value,
-                        out_dir=out, timings=timings)
+                        out_dir=out, timings=timings,
+                        verdict=_verdict(tables))
 
+
+def _verdict(tables: list[Table]) -> str | None:
+    summary = next((t for t in tables if t.name == "search_summary"), None)
+    return summary.notes[0] if summary is not None and summary.notes and summary.notes[0].startswith("Winner") \
+        else None

@@ -1,0 +1,148 @@
+"""The CE-only baseline every sweep carries, and a search's confirmation stage.
+
+A search scores each configuration once: one seed, possibly cut short by the scheduler, and (with
+`data.tune_split`) on a tuning subset of the training split. Seed noise in this field (about ±0.5 mIoU) is larger
+than most claimed gains, so a search's best trial is a candidate, not a result. After the search, the
+confirmation stage runs, as an ablation of its own (rows x seeds, every trial at full length, the tuning split
+off: trained on the whole training split, scored on val):
+
+    Student (CE)   the student without any teacher-reading loss: the baseline every gain is measured against
+    Search #1      the search's best distinct configuration
+    ...            down to Search #k (`confirm: {top_k: k, seeds: [...]}` in the space)
+
+Which trials are "best": those that went furthest (a finished trial before one the scheduler stopped, a trial
+stopped at a later rung before one stopped earlier), then by the value they were scored on there, the search's
+own objective, then by trial id. Two trials with the same sampled values are one configuration.
+
+A search without `confirm` still gets its CE-only row (one run, the job's seed); an ablation space without a
+CE-only row gets one as its first row. The rows live in the sweep's state file once chosen, so `--resume` runs
+the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kdray import contract
+from kdray.config import Job, override
+from kdray.contract import STAGE_CONFIRM
+from kdray.losses.objective import method_label
+from kdray.losses.registry import LOSSES
+from kdray.space import SEED_KEY, SearchSpace
+
+CE_ROW = "Student (CE)"
+TUNE_SPLIT_OFF = "data.tune_split.fraction"  # set to 0 in the confirmation stage
+
+
+def ce_only_overrides(jobs: Iterable[Job]) -> dict[str, Any]:
+    """Overrides that turn each of `jobs` into the CE-only student: every enabled loss that reads the teacher,
+    in any of them, switched off (`losses.<name>.enabled: false`)."""
+    names: dict[str, None] = {}
+    for job in jobs:
+        for name, cfg in job.losses.enabled().items():
+            if LOSSES[name].needs_teacher(cfg):
+                names.setdefault(name)
+    return {f"losses.{name}.enabled": False for name in names}
+
+
+def add_baseline_row(space: SearchSpace, base: Job) -> str | None:
+    """An ablation space without a CE-only row gets one first (every seed), so that its tables have the
+    baseline its gains are measured against; returns a note saying so, or None when it had one."""
+    jobs = [override(base, {**space.overrides, **settings}) for _, settings in space.rows]
+    if any(method_label(job.losses) == "CE" for job in jobs):
+        return None
+    name = CE_ROW if CE_ROW not in dict(space.rows) else f"{CE_ROW} [baseline]"
+    space.rows = ((name, ce_only_overrides([override(base, space.overrides), *jobs])), *space.rows)
+    return (f"the space has no CE-only row: the sweep adds {name!r} first, every seed, as the baseline of its "
+            "gains")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A search trial the confirmation stage runs again."""
+
+    rank: int  # 1 = the search's best distinct configuration
+    trial_id: str
+    params: dict[str, Any]  # its sampled (and fixed) values, without the seed
+    score: float  # the value the search scored it on (its last evaluation), as logged
+    iteration: int  # how far it went
+    status: str
+
+
+def candidates(trials: Iterable[Any], top_k: int, mode: str = "max") -> list[Candidate]:
+    """The `top_k` best distinct configurations among `trials` (`TrialSummary`s of the search stage) that
+    finished or were stopped early with a finite score, ranked as the module docstring says."""
+    sign = -1 if mode == "max" else 1
+    scored = [t for t in trials if t.ok and not math.isnan(t.last)]
+    scored.sort(key=lambda t: (-t.iteration, sign * t.last, t.trial_id))
+    chosen: list[Candidate] = []
+    seen: set[str] = set()
+    for t in scored:
+        params = {k: v for k, v in t.params.items() if k != SEED_KEY}
+        key = json.dumps(params, sort_keys=True, default=repr)
+        if key in seen:
+            continue
+        seen.add(key)
+        chosen.append(Candidate(len(chosen) + 1, t.trial_id, params, t.last, t.iteration, t.status))
+        if len(chosen) == top_k:
+            break
+    return chosen
+
+
+def stage_plan(space: SearchSpace, base: Job, chosen: list[Candidate]) -> dict[str, Any]:
+    """The confirmation stage as plain data (kept in the sweep's state file): its rows, each with its settings and
+    the tags its runs carry, and its seeds."""
+    seeds = list(space.confirm.seeds) if space.confirm is not None else [base.run.seed]
+    jobs = [override(base, {**space.overrides, **c.params}) for c in chosen]
+    rows = [{"name": CE_ROW, "set": ce_only_overrides([override(base, space.overrides), *jobs]),
+             "tags": {contract.STAGE: STAGE_CONFIRM}}]
+    for c in chosen:
+        rows.append({"name": f"Search #{c.rank}", "set": c.params,
+                     "tags": {contract.STAGE: STAGE_CONFIRM, contract.CONFIRMS: c.trial_id,
+                              contract.SEARCH_RANK: str(c.rank), contract.SEARCH_SCORE: repr(float(c.score)),
+                              contract.SEARCH_ITERATION: str(c.iteration)}})
+    return {"rows": rows, "seeds": seeds}
+
+
+def stage_space(space: SearchSpace, base: Job, plan: dict[str, Any]) -> SearchSpace:
+    """The confirmation stage as an ablation space (rows x seeds, no sampler, no scheduler): the search's fixed
+    settings, each row's values, and the tuning split off, so that every run trains on the whole training split
+    and is scored on val."""
+    overrides = dict(space.overrides)
+    tune_split = getattr(base.data, "tune_split", None)
+    if tune_split is not None and (tune_split.fraction or overrides.get(TUNE_SPLIT_OFF)):
+        overrides[TUNE_SPLIT_OFF] = 0.0
+    return replace(space, kind="ablation", overrides=overrides, rows=tuple((r["name"], r["set"]) for r in plan["rows"]),
+                   seeds=tuple(plan["seeds"]), scheduler=space.scheduler.__class__(), dimensions=(),
+                   points_to_evaluate=[], num_samples=1, confirm=None)
+
+
+def row_tags(plan: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Row name -> the tags of its runs (stage, the search trial it confirms, its search rank and score)."""
+    return {r["name"]: dict(r["tags"]) for r in plan["rows"]}
+
+
+def planned_trials(space: SearchSpace) -> int:
+    """How many trials the confirmation stage will run: (top_k + the CE row) x seeds; the CE row alone (one seed)
+    for a search without `confirm`."""
+    if space.kind != "search":
+        return 0
+    if space.confirm is None:
+        return 1
+    return (space.confirm.top_k + 1) * len(space.confirm.seeds)
+
+
+def describe(space: SearchSpace, job: Job) -> str:
+    """The confirmation stage in one line, for --dry-run (`job`: the job with the space's overrides)."""
+    c = space.confirm
+    on_val = " (tuning split off: trained on the whole training split, scored on val)" \
+        if getattr(getattr(job.data, "tune_split", None), "fraction", 0) else ""
+    if c is None:
+        return (f"then: the CE-only student once (seed {job.run.seed}) as the baseline; no confirmation stage "
+                "(the search's single-seed scores rank the trials: add confirm: {top_k: 3, seeds: [0, 1, 2]})")
+    return (f"then: confirmation of the top {c.top_k} distinct configuration(s) and the CE-only student, seeds "
+            f"{list(c.seeds)}: {planned_trials(space)} full-length trials{on_val}")

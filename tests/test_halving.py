@@ -1,0 +1,457 @@
+"""Synchronous successive halving (`kdray.orchestration.halving`): decisions on complete rungs, whatever the order
+results arrive in; the bracket gate on the searcher; and both through Tune itself."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import time
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from kdray import contract
+from kdray.orchestration.halving import BracketGate, SyncHalving, milestones
+
+CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
+
+
+class FakeTrial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.status, self.is_saving, self.last_result = trial_id, "PENDING", False, {}
+
+    def __repr__(self):
+        return f"FakeTrial({self.trial_id}, {self.status})"
+
+
+class FakeSearcher:
+    """Where the scheduler's on_pause / on_unpause calls land (Tune: search_alg.searcher)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    def on_pause(self, trial_id):
+        self.calls.append(("pause", trial_id))
+
+    def on_unpause(self, trial_id):
+        self.calls.append(("unpause", trial_id))
+
+
+class FakeController:
+    """What Tune's controller does for the scheduler: stop_trial tells the scheduler (on_trial_remove for a paused
+    trial, on_trial_complete for a running one) and ends the trial TERMINATED."""
+
+    def __init__(self, scheduler: SyncHalving):
+        self.scheduler, self.trials, self.stopped = scheduler, [], []
+        self.search_alg = type("SearchGenerator", (), {})()
+        self.search_alg.searcher = FakeSearcher()
+
+    def get_trials(self):
+        return list(self.trials)
+
+    def add(self, trial_id: str) -> FakeTrial:
+        trial = FakeTrial(trial_id)
+        self.trials.append(trial)
+        self.scheduler.on_trial_add(self, trial)
+        return trial
+
+    def stop_trial(self, trial):
+        if trial.status in ("PAUSED", "PENDING"):
+            self.scheduler.on_trial_remove(self, trial)
+        else:
+            self.scheduler.on_trial_complete(self, trial, trial.last_result)
+        trial.status = "TERMINATED"
+        self.stopped.append(trial.trial_id)
+
+    def report(self, trial: FakeTrial, iteration: int, value: float) -> str:
+        """One result of a running trial, and Tune's handling of the scheduler's answer."""
+        assert trial.status == "RUNNING", trial
+        trial.last_result = {contract.ITERATION: iteration, "score": value}
+        action = self.scheduler.on_trial_result(self, trial, dict(trial.last_result))
+        if action == PAUSE:
+            trial.status = "PAUSED"
+        elif action == STOP:
+            self.stop_trial(trial)
+        return action
+
+
+def halving(mode="max", **kwargs) -> SyncHalving:
+    kwargs = {"num_samples": 4, "max_t": 8, "grace_period": 2, "reduction_factor": 2, **kwargs}
+    scheduler = SyncHalving(**kwargs)
+    scheduler.set_search_properties("score", mode)
+    return scheduler
+
+
+def start(controller: FakeController, n: int) -> list[FakeTrial]:
+    trials = [controller.add(f"t{i}") for i in range(n)]
+    for trial in trials:
+        trial.status = "RUNNING"
+    return trials
+
+
+def simulate(values: dict[int, float], order_seed: int, mode="max", concurrent=2, **kwargs):
+    """A whole sweep of len(values) trials (trial i reports values[i] * iteration at every even iteration up to
+    8), `concurrent` at a time, the next result coming from a running trial chosen at random (`order_seed`), as
+    Tune would start and resume them. Returns (scheduler, controller, {trial number: last iteration})."""
+    rng = random.Random(order_seed)
+    scheduler = halving(mode, num_samples=len(values), max_concurrent=concurrent, **kwargs)
+    controller = FakeController(scheduler)
+    at: dict[str, int] = {}
+    created = 0
+    for _ in range(1000):
+        running = [t for t in controller.trials if t.status == "RUNNING"]
+        while len(running) < concurrent:  # the gate's cap on new trials, then the scheduler's on resumed ones
+            if created < len(values):
+                trial = controller.add(f"t{created}")
+                created += 1
+            else:
+                trial = scheduler.choose_trial_to_run(controller)
+                if trial is None:
+                    break
+            trial.status = "RUNNING"
+            at.setdefault(trial.trial_id, 0)
+            running.append(trial)
+        if not running:
+            break
+        trial = rng.choice(running)
+        at[trial.trial_id] += 2
+        number = int(trial.trial_id[1:])
+        action = controller.report(trial, at[trial.trial_id], values[number] * at[trial.trial_id])
+        if action == CONTINUE and at[trial.trial_id] >= 8:
+            controller.stop_trial(trial)  # the trainable returned at max_t
+    assert all(t.status == "TERMINATED" for t in controller.trials), controller.trials
+    return scheduler, controller, {int(t[1:]): i for t, i in at.items()}
+
+
+def test_milestones_are_grace_times_eta_powers_below_max_t():
+    assert milestones(2, 8, 2) == (2, 4)
+    assert milestones(150, 600, 2) == (150, 300)
+    assert milestones(1, 27, 3) == (1, 3, 9)
+    assert milestones(8, 8, 2) == ()
+
+
+def test_a_trial_pauses_at_a_rung_until_the_whole_bracket_recorded_then_the_top_half_goes_on():
+    scheduler = halving()
+    controller = FakeController(scheduler)
+    t0, t1, t2, t3 = start(controller, 4)
+    assert controller.report(t0, 1, 0.9) == CONTINUE  # below the first rung (2)
+    assert controller.report(t0, 2, 0.9) == PAUSE
+    assert controller.report(t2, 2, 0.1) == PAUSE
+    assert controller.report(t3, 2, 0.5) == PAUSE
+    assert controller.search_alg.searcher.calls == [("pause", "t0"), ("pause", "t2"), ("pause", "t3")]
+    assert not controller.stopped and scheduler.choose_trial_to_run(controller) is None
+    assert controller.report(t1, 2, 0.3) == STOP  # the last of the rung: t0 (0.9) and t3 (0.5) are promoted
+    assert controller.stopped == ["t2", "t1"]  # the paused loser by Tune's stop_trial, the reporting one by STOP
+    assert (t1.status, t2.status) == ("TERMINATED", "TERMINATED")
+    assert scheduler.decisions() == {(0, 2): (0, 3)}
+    assert ("unpause", "t0") in controller.search_alg.searcher.calls
+    assert scheduler.choose_trial_to_run(controller) is t0  # lowest number first
+    t0.status = "RUNNING"
+    assert scheduler.choose_trial_to_run(controller) is t3
+    t3.status = "RUNNING"
+    assert controller.report(t3, 4, 0.6) == PAUSE  # rung 4 waits for t0
+    assert controller.report(t0, 4, 0.2) == STOP  # ceil(2 / 2) = 1: t3 goes on
+    assert scheduler.choose_trial_to_run(controller) is t3
+    t3.status = "RUNNING"
+    assert controller.report(t3, 6, 0.7) == CONTINUE and controller.report(t3, 8, 0.8) == CONTINUE  # to max_t
+    assert scheduler.stopped == {1: 2, 2: 2, 0: 4}
+
+
+@pytest.mark.parametrize("mode,kept", [("max", (1, 2)), ("min", (0, 3))])
+def test_the_promoted_are_the_top_ceil_n_over_eta_in_the_mode(mode, kept):
+    scheduler = halving(mode, num_samples=4, reduction_factor=3)  # ceil(4 / 3) = 2
+    controller = FakeController(scheduler)
+    trials = start(controller, 4)
+    for trial, value in zip(trials, (0.1, 0.9, 0.5, 0.2)):
+        controller.report(trial, 2, value)
+    assert scheduler.decisions()[(0, 2)] == kept
+    assert sorted(int(t[1:]) for t in controller.stopped) == sorted(set(range(4)) - set(kept))
+
+
+def test_ties_go_to_the_lower_trial_number_and_a_missing_metric_ranks_last():
+    scheduler = halving(num_samples=5)
+    controller = FakeController(scheduler)
+    trials = start(controller, 5)
+    for trial, value in zip(reversed(trials), (float("nan"), 0.5, 0.5, 0.5, 0.5)):  # t4 nan; t0..t3 tie
+        controller.report(trial, 2, value)
+    assert scheduler.decisions()[(0, 2)] == (0, 1, 2)  # ceil(5 / 2) = 3, by number
+    assert scheduler.ranking({0: 0.5, 3: 0.9, 2: float("nan"), 1: 0.9}) == [1, 3, 0, 2]
+
+
+def test_two_arrival_orders_of_the_same_values_take_the_same_decisions():
+    values = {0: 0.3, 1: 0.8, 2: 0.1, 3: 0.6, 4: 0.8, 5: 0.45}
+    runs = [simulate(values, seed) for seed in range(6)]
+    decisions = {tuple(sorted(s.decisions().items())) for s, _, _ in runs}
+    stopped = {tuple(sorted(s.stopped.items())) for s, _, _ in runs}
+    reached = {tuple(sorted(at.items())) for _, _, at in runs}
+    assert len(decisions) == len(stopped) == len(reached) == 1
+    scheduler = runs[0][0]
+    assert scheduler.decisions() == {(0, 2): (1, 3, 4), (0, 4): (1, 4)}  # 6 -> 3 -> 2 (0.8 and 0.8 tie)
+    assert runs[0][2] == {0: 2, 1: 8, 2: 2, 3: 4, 4: 8, 5: 2}
+    # the orders did differ: which trial paused first is not the same in every run
+    firsts = {c.search_alg.searcher.calls[0] for _, c, _ in runs}
+    assert len(firsts) > 1
+
+
+def test_the_cap_on_running_trials_holds_when_resuming():
+    scheduler = halving(num_samples=4, max_concurrent=1)
+    controller = FakeController(scheduler)
+    trials = start(controller, 4)
+    for trial, value in zip(trials, (0.4, 0.3, 0.2, 0.1)):
+        controller.report(trial, 2, value)
+    for trial in trials[1:]:
+        trial.status = "PAUSED" if trial.status == "RUNNING" else trial.status
+    trials[0].status = "RUNNING"
+    assert scheduler.choose_trial_to_run(controller) is None  # t0 runs, t1 (promoted, paused) waits
+    trials[0].status = "TERMINATED"
+    assert scheduler.choose_trial_to_run(controller) is trials[1]
+
+
+def test_a_trial_that_errors_leaves_the_rung_and_the_rest_is_decided_without_it():
+    scheduler = halving(num_samples=4)
+    controller = FakeController(scheduler)
+    t0, t1, t2, t3 = start(controller, 4)
+    controller.report(t0, 2, 0.1)
+    controller.report(t1, 2, 0.9)
+    controller.report(t2, 2, 0.5)
+    assert not controller.stopped
+    t3.status = "ERROR"
+    scheduler.on_trial_error(controller, t3)  # the rung's population is now t0..t2: ceil(3 / 2) = 2 go on
+    assert scheduler.decisions() == {(0, 2): (1, 2)}
+    assert controller.stopped == ["t0"] and t0.status == "TERMINATED"
+    assert scheduler.choose_trial_to_run(controller) is t1
+
+
+def test_a_trial_that_errors_after_recording_does_not_count():
+    scheduler = halving(num_samples=3)
+    controller = FakeController(scheduler)
+    t0, t1, t2 = start(controller, 3)
+    controller.report(t0, 2, 0.9)
+    t0.status = "ERROR"  # (a paused trial cannot error in Tune; a running one reporting past the rung can)
+    scheduler.on_trial_error(controller, t0)
+    controller.report(t1, 2, 0.1)
+    controller.report(t2, 2, 0.2)
+    assert scheduler.decisions() == {(0, 2): (2,)}  # ceil(2 / 2) = 1 of t1, t2
+
+
+def test_brackets_are_decided_independently_and_the_last_may_be_smaller():
+    scheduler = halving(num_samples=5, bracket_size=2)
+    controller = FakeController(scheduler)
+    trials = start(controller, 5)
+    assert controller.report(trials[4], 2, 0.9) == CONTINUE  # bracket 2 holds t4 alone: decided at once
+    assert controller.report(trials[2], 2, 0.1) == PAUSE
+    assert controller.report(trials[0], 2, 0.5) == PAUSE
+    assert controller.report(trials[1], 2, 0.7) == CONTINUE  # bracket 0 complete: t1 over t0
+    assert controller.report(trials[3], 2, 0.3) == CONTINUE  # bracket 1 complete: t3 over t2
+    assert scheduler.decisions() == {(0, 2): (1,), (1, 2): (3,), (2, 2): (4,)}
+    assert sorted(controller.stopped) == ["t0", "t2"]
+
+
+def test_a_result_past_two_rungs_records_at_both_once_promoted():
+    scheduler = halving(num_samples=2, max_t=16)  # rungs 2, 4, 8
+    controller = FakeController(scheduler)
+    t0, t1 = start(controller, 2)
+    assert controller.report(t0, 6, 0.9) == PAUSE  # past rungs 2 and 4 in one result
+    assert controller.report(t1, 2, 0.1) == STOP  # rung 2: t0; rung 4 holds t0 alone: decided, t0 resumes
+    assert scheduler.decisions() == {(0, 2): (0,), (0, 4): (0,)}
+    assert scheduler.choose_trial_to_run(controller) is t0
+
+
+def test_the_scheduler_pickles_mid_sweep_and_goes_on_alike():
+    scheduler = halving(num_samples=3)
+    controller = FakeController(scheduler)
+    t0, t1, t2 = start(controller, 3)
+    controller.report(t0, 2, 0.5)
+    controller.report(t1, 2, 0.7)
+    copy = pickle.loads(pickle.dumps(scheduler))
+    assert copy.decisions() == {} and copy.milestones == scheduler.milestones
+    controller.scheduler = copy  # the restored scheduler takes the last result: same decision
+    controller.report(t2, 2, 0.1)
+    assert copy.decisions() == {(0, 2): (0, 1)} and copy.stopped == {2: 2}
+
+
+def test_bad_settings_name_the_setting_and_what_is_valid():
+    with pytest.raises(ValueError, match=r"reduction_factor: got 1; expected a number > 1"):
+        SyncHalving(num_samples=2, max_t=4, reduction_factor=1)
+    with pytest.raises(ValueError, match=r"bracket_size: got 0; expected an integer >= 1"):
+        SyncHalving(num_samples=2, max_t=4, bracket_size=0)
+    assert SyncHalving(num_samples=4, max_t=4, bracket_size=10).bracket_size == 4  # clipped
+    with pytest.raises(ValueError, match="metric and a mode"):
+        FakeController(SyncHalving(num_samples=2, max_t=4)).add("t0")
+
+
+class ListSearcher(Searcher):
+    """Proposes {"i": 0}, {"i": 1}, ... then FINISHED after `total`; records what it was told."""
+
+    def __init__(self, total: int = 100):
+        super().__init__(metric="score", mode="max")
+        self.total, self.proposed, self.completed, self.results = total, 0, [], []
+
+    def suggest(self, trial_id):
+        if self.proposed >= self.total:
+            return Searcher.FINISHED
+        self.proposed += 1
+        return {"i": self.proposed - 1}
+
+    def on_trial_result(self, trial_id, result):
+        self.results.append((trial_id, result))
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.completed.append((trial_id, result, error))
+
+    def save(self, path):
+        with open(path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, path):
+        with open(path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def test_the_gate_proposes_a_bracket_only_once_the_earlier_brackets_completed():
+    gate = BracketGate(ListSearcher(), bracket_size=2)
+    assert gate.suggest("a") == {"i": 0} and gate.suggest("b") == {"i": 1}
+    assert gate.suggest("c") is None  # bracket 1 waits for a and b
+    gate.on_trial_complete("a", {"score": 1.0})
+    assert gate.suggest("c") is None
+    gate.on_trial_complete("b", error=True)  # an error completes it too
+    assert gate.suggest("c") == {"i": 2} and gate.suggest("d") == {"i": 3}
+    assert gate.suggest("e") is None
+    assert gate.searcher.proposed == 4  # the wrapped searcher was not asked while the gate waited
+
+
+def test_the_gate_caps_running_trials_without_counting_paused_ones():
+    gate = BracketGate(ListSearcher(), bracket_size=6, max_concurrent=2)
+    assert gate.suggest("a") and gate.suggest("b")
+    assert gate.suggest("c") is None
+    gate.on_pause("a")
+    assert gate.suggest("c") == {"i": 2}
+    assert gate.suggest("d") is None
+    gate.on_unpause("a")
+    gate.on_pause("b")
+    gate.on_pause("c")
+    assert gate.suggest("d") == {"i": 3}
+
+
+def test_the_gate_passes_finished_through_and_hands_a_paused_trials_last_result_when_tune_gives_none():
+    inner = ListSearcher(total=1)
+    gate = BracketGate(inner, bracket_size=5)
+    assert gate.suggest("a") == {"i": 0}
+    assert gate.suggest("b") == Searcher.FINISHED
+    gate.on_trial_result("a", {"score": 0.3, contract.ITERATION: 2})
+    gate.on_pause("a")
+    gate.on_trial_complete("a")  # Tune stops a paused trial without a result
+    assert inner.completed == [("a", {"score": 0.3, contract.ITERATION: 2}, False)]
+    assert inner.results == [("a", {"score": 0.3, contract.ITERATION: 2})]
+
+
+def test_the_gate_keeps_its_counters_through_get_state_and_save_to_dir(tmp_path):
+    gate = BracketGate(ListSearcher(), bracket_size=2, max_concurrent=2)
+    gate.suggest("a"), gate.suggest("b")
+    gate.on_trial_complete("a", {"score": 1.0})
+    gate.on_pause("b")
+    copy = BracketGate(ListSearcher(), bracket_size=2, max_concurrent=2)
+    copy.set_state(gate.get_state())
+    assert (copy.order, copy.completed, copy.paused) == ({"a": 0, "b": 1}, {"a"}, {"b"})
+    assert copy.suggest("c") is None  # b (bracket 0) has not completed
+    gate.save_to_dir(str(tmp_path))
+    restored = BracketGate(ListSearcher(), bracket_size=2, max_concurrent=2)
+    restored.restore_from_dir(str(tmp_path))
+    assert (restored.order, restored.completed, restored.paused) == ({"a": 0, "b": 1}, {"a"}, {"b"})
+    assert restored.searcher.proposed == 2  # the wrapped searcher's own state came back too
+    restored.on_trial_complete("b", {"score": 0.5})
+    assert restored.suggest("c") == {"i": 2}
+
+
+def test_study_states_unwraps_nested_searchers():
+    from kdray.orchestration.tune_setup import study_states
+
+    class WithStates(ListSearcher):
+        def trial_states(self):
+            return {"COMPLETE": 1}
+
+    config = type("TuneConfig", (), {})()
+    config.search_alg = BracketGate(WithStates(), bracket_size=2)
+    assert study_states(config) == {"COMPLETE": 1}
+    config.search_alg = BracketGate(ListSearcher(), bracket_size=2)
+    assert study_states(config) == {}
+
+
+def _sweep_twice_values(tmp_path, name: str):
+    """One seeded search through Tune: 6 samples, 3 at once, SyncHalving grace 2, eta 2, max_t 8, a trainable
+    that reports x · (1 + iteration / 8) with small random sleeps and pauses/restores through tune checkpoints."""
+    import json
+    import os
+    import tempfile
+    from functools import partial
+
+    from ray import tune
+
+    from kdray.orchestration.search import KdraySearch
+    from kdray.space import Dimension, sample_config
+
+    def trainable(config):  # a local function: Ray ships it by value to its workers
+        import random as rnd
+        import time as clock
+
+        start_at, checkpoint = 0, tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder, open(os.path.join(folder, "state.json")) as f:
+                start_at = json.load(f)["iteration"]
+        for iteration in range(start_at + 1, 9):
+            clock.sleep(rnd.uniform(0.0, 0.3))
+            with tempfile.TemporaryDirectory() as folder:
+                with open(os.path.join(folder, "state.json"), "w") as f:
+                    json.dump({"iteration": iteration}, f)
+                tune.report({contract.VAL_MIOU: config["x"] * (1 + iteration / 8), contract.ITERATION: iteration,
+                             contract.ITERATIONS_TOTAL: 8, "restored_from": start_at},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+
+    space = partial(sample_config, dimensions=(Dimension("x", "uniform", (0.0, 1.0)),))
+    search = KdraySearch(space=space, metric=contract.VAL_MIOU, mode="max", seed=3)
+    scheduler = SyncHalving(num_samples=6, max_t=8, grace_period=2, reduction_factor=2, max_concurrent=3)
+    config = tune.TuneConfig(metric=contract.VAL_MIOU, mode="max", search_alg=BracketGate(search, 6),
+                             scheduler=scheduler, num_samples=6, max_concurrent_trials=3)
+    began = time.monotonic()
+    grid = tune.Tuner(trainable, tune_config=config,
+                      run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0)).fit()
+    seconds = time.monotonic() - began
+    out = {}
+    for result in grid:
+        history = result.metrics_dataframe
+        out[round(result.config["x"], 12)] = {
+            "last": int(result.metrics[contract.ITERATION]),
+            "restored": sorted(set(history["restored_from"])),
+            "error": result.error,
+        }
+    return search, out, seconds
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_through_tune_two_runs_of_one_seeded_search_stop_the_same_trials(tmp_path):
+    import ray
+
+    ray.init(num_cpus=3, log_to_driver=False)
+    try:
+        first_search, first, first_s = _sweep_twice_values(tmp_path, "first")
+        second_search, second, second_s = _sweep_twice_values(tmp_path, "second")
+    finally:
+        ray.shutdown()
+    print(f"\nrun 1: {first_s:.1f} s {first}\nrun 2: {second_s:.1f} s {second}")
+    assert all(r["error"] is None for r in (*first.values(), *second.values()))
+    assert first.keys() == second.keys() and len(first) == 6  # the same configs were proposed
+    assert {x: r["last"] for x, r in first.items()} == {x: r["last"] for x, r in second.items()}
+    xs = sorted(first, reverse=True)
+    # 6 -> ceil(6/2) = 3 at iteration 2 -> ceil(3/2) = 2 at iteration 4 -> those 2 run to 8
+    assert [first[x]["last"] for x in xs] == [8, 8, 4, 2, 2, 2]
+    assert max(first, key=lambda x: (first[x]["last"], x)) == max(second, key=lambda x: (second[x]["last"], x))
+    for run in (first, second):  # the promoted that paused at iteration 2 resumed from their checkpoint there
+        # (the trial whose result completed the rung, if promoted, went on without a pause)
+        assert sum(2 in run[x]["restored"] for x in xs[:3]) >= 2, run
+        assert all(run[x]["restored"] == [0] for x in xs[3:]), run  # the stopped ones never came back
+    for search in (first_search, second_search):
+        trials = search._ot_study.get_trials(deepcopy=False)
+        states = {round(t.params["x"], 12): t.state.name for t in trials}
+        assert states == {x: ("COMPLETE" if first[x]["last"] == 8 else "PRUNED") for x in xs}
