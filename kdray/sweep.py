@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_DIR",
                         help="continue an interrupted sweep (default: the job's latest)")
+    parser.add_argument("--extend", type=int, default=None, metavar="N",
+                        help="with --resume: search N more trials of a search sweep (even one that ran to its end) "
+                             "from the same Optuna study, then confirm the configurations that are now among the best")
     parser.add_argument("--dry-run", action="store_true", help="validate job, space and resources; print the plan")
     parser.add_argument("--smoke-test", action="store_true", help="a few iterations per trial (CI)")
     parser.add_argument("--train-teacher", action="store_true",
@@ -54,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         job_path=args.job or default_job(), space_path=args.space or default_space(), overrides=args.overrides,
         address=args.address, tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
         smoke_test=args.smoke_test, train_teacher=args.train_teacher or demo, verbose=args.verbose,
-        study_storage=args.study_storage,
+        study_storage=args.study_storage, extend=args.extend,
     )
+    if args.extend is not None and args.resume is None:
+        parser.error("--extend N adds trials to an existing sweep: name it with --resume [SWEEP_DIR]")
     if args.dry_run:
         print("\n".join(dry_run(request)))
         return 0

@@ -59,20 +59,34 @@ def children(uri: str, experiment: str, sweep_id: str):
 
 
 def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp_path):
+    """A search on a tuning split, then its confirmation stage: the best trial and the CE-only student over two
+    seeds, trained on the whole training split and scored on val, under the same parent run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "space.yaml", {
         "name": "smoke", "num_samples": 2, "seed": 0, "max_concurrent_trials": 2,
-        "overrides": {"run.workers": 2, "run.cpus_per_worker": 0.45, "run.threads": 1},
+        "overrides": {"run.workers": 2, "run.cpus_per_worker": 0.45, "run.threads": 1,
+                      "data.tune_split.fraction": 0.25},
         "space": {"losses.kd.enabled": True, "losses.kd.weight": {"loguniform": [0.1, 10.0]},
-                  "losses.i2ckd.enabled": {"choice": [True, False]}}})
+                  "losses.i2ckd.enabled": {"choice": [True, False]}},
+        "confirm": {"top_k": 1, "seeds": [0, 1]}})
     request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
                                               f"teacher.checkpoint={tmp_path}/teacher.pt"],
                            tracking_uri=uri, train_teacher=True)
-    outcome = run_sweep(request, say=lambda *_: None)
-    assert outcome.complete and len(outcome.trials) == 2
+    lines = []
+    outcome = run_sweep(request, say=lines.append)
+    assert outcome.complete and len(outcome.trials) == 6 and outcome.exit_code == 0
+    searched = [t for t in outcome.trials if t.stage == "search"]
+    confirmed = [t for t in outcome.trials if t.stage == "confirm"]
+    assert len(searched) == 2 and len(confirmed) == 4
     assert all(t.status == "finished" and t.iteration == 4 for t in outcome.trials)
-    assert outcome.trials[0].best >= outcome.trials[1].best  # best first
-    assert "| rank | trial |" in summary_table(outcome)
+    assert searched[0].last >= searched[1].last  # best first
+    best = searched[0].trial_id
+    assert sorted((t.label, t.seed) for t in confirmed) == [
+        (f"Search #1 ({best})", 0), (f"Search #1 ({best})", 1), ("Student (CE)", 0), ("Student (CE)", 1)]
+    assert "| rank | stage | trial |" in summary_table(outcome)
+    assert any(line.startswith("confirmation: Student (CE), Search #1") for line in lines)
+    assert outcome.verdict and outcome.verdict.startswith(f"Winner: Search #1 ({best})")
+    assert "Search summary (confirmed)" in outcome.report_markdown
 
     client, runs = children(uri, "demo", outcome.sweep_id)
     parent = client.get_run(outcome.parent_run_id)
@@ -89,17 +103,33 @@ def test_search_sweep_two_trials_two_workers_recorded_in_mlflow(ray_cluster, tmp
     reported = {a.path for a in client.list_artifacts(parent.info.run_id, contract.REPORT_ARTIFACT_DIR)}
     assert {"report/report.md", "report/miou_vs_iteration.png"} <= reported
     assert outcome.report_markdown and "mIoU" in outcome.report_markdown
-    assert len(runs) == 2 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 2
+    assert parent.data.tags[contract.TRIALS_PLANNED] == "6"
+    assert len(runs) == 6 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 6
+    digests = set()
     for run in runs:
+        tags = run.data.tags
         assert run.info.status == "FINISHED"
-        assert run.data.tags[contract.PARENT] == outcome.parent_run_id
-        assert run.data.tags[contract.METHOD] in {"KD", "KD+I2CKD"}
-        assert run.data.params["run.workers"] == "2" and "losses.kd.weight" in run.data.params
+        assert tags[contract.PARENT] == outcome.parent_run_id
+        assert run.data.params["run.workers"] == "2"
         history = client.get_metric_history(run.info.run_id, contract.VAL_MIOU)
         assert [m.step for m in history] == [2, 4]
-        assert client.get_metric_history(run.info.run_id, "train/loss/kd")
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == \
             ["checkpoints/best_student.pt"]
+        if tags[contract.STAGE] == "search":  # selected on the tuning split: 16 of the 64 training images
+            assert tags[contract.METHOD] in {"KD", "KD+I2CKD"} and "losses.kd.weight" in run.data.params
+            assert tags[contract.EVAL_SPLIT] == "tune" and tags[contract.TUNE_SPLIT_SIZE] == "16"
+            assert run.data.params["data.tune_split.fraction"] == "0.25"
+            digests.add(tags[contract.TUNE_SPLIT_DIGEST])
+            assert client.get_metric_history(run.info.run_id, "train/loss/kd")
+        else:  # confirmed on val, trained on the whole training split
+            assert tags[contract.STAGE] == "confirm" and tags[contract.EVAL_SPLIT] == "val"
+            assert run.data.params["data.tune_split.fraction"] == "0.0"
+            if tags[contract.ROW] == "Student (CE)":
+                assert tags[contract.METHOD] == "CE" and contract.CONFIRMS not in tags
+            else:
+                assert tags[contract.CONFIRMS] == best and tags[contract.SEARCH_RANK] == "1"
+                assert float(tags[contract.SEARCH_SCORE]) == pytest.approx(searched[0].last)
+    assert len(digests) == 1  # every search trial held out the same images
     teachers = client.search_runs([parent.info.experiment_id], f"tags.`{contract.KIND}` = 'teacher'")
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"  # trained once, as its own run
     # alone, with the job's own resources: the space's overrides size the trials that share the machine
@@ -223,7 +253,7 @@ def _interrupt_after_a_finished_trial(args: list[str], tmp_path: Path, uri: str)
 def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, teacher_file):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "ablation.yaml", {
-        "name": "resume", "seeds": [0, 1, 2], "max_concurrent_trials": 1,
+        "name": "resume", "seeds": [0, 1], "max_concurrent_trials": 1,
         "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 6,
                       "optim.eval_interval": 2},
         "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
@@ -234,13 +264,14 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     client, exp, out = _interrupt_after_a_finished_trial(args, tmp_path, uri)
     sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
     before = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
-    assert 1 <= len(before) <= 3
+    assert 1 <= len(before) <= 4
     # no run is left RUNNING, the sweep's own included; the cut-short ones are KILLED, to be reopened
     everything = client.search_runs([exp.experiment_id], "")
     assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"], out[-3000:]
     assert "sweep interrupted" in out and "resume with" in out
     # the summary never calls a trial finished that did not run every iteration
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "+KD" in line]
+    assert "no CE-only row: the sweep adds 'Student (CE)' first" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and ("+KD" in line or "(CE)" in line)]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[-1] in ("finished", "interrupted", "not started"), row
@@ -249,12 +280,13 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     request = SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir))
     outcome = run_sweep(request, say=lambda *_: None)
     assert outcome.complete and outcome.exit_code == 0, summary_table(outcome)
-    assert [t.status for t in outcome.trials] == ["finished"] * 3
+    assert [t.status for t in outcome.trials] == ["finished"] * 4
     sweep_run = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'sweep'")[0]
     assert sweep_run.info.status == "FINISHED" and contract.FAILURE not in sweep_run.data.tags
     after = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
-    assert len(after) == 3, [(r.data.tags[contract.TRIAL_ID], r.info.status) for r in after]
-    assert sorted(r.data.tags[contract.SEED] for r in after) == ["0", "1", "2"]
+    assert len(after) == 4, [(r.data.tags[contract.TRIAL_ID], r.info.status) for r in after]
+    assert sorted((r.data.tags[contract.ROW], r.data.tags[contract.SEED]) for r in after) == \
+        [("+KD", "0"), ("+KD", "1"), ("Student (CE)", "0"), ("Student (CE)", "1")]
     assert all(r.info.status == "FINISHED" for r in after)
     for run in after:  # a resumed trial continued its own run: one history, no repeated steps
         steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
@@ -262,10 +294,11 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     print(f"MLflow trial runs: {len(before)} before the resume, {len(after)} after")
 
 
-def test_an_interrupted_search_resumes_its_study(ray_cluster, tmp_path, teacher_file):
+def test_an_interrupted_search_resumes_its_study_and_extends_it(ray_cluster, tmp_path, teacher_file):
     """A search cut by Ctrl+C after its first finished trial and resumed: the study (in the sweep's optuna.db)
     goes on where it stopped, so the sweep's trials are the seed's first four proposals, each once, as an
-    uninterrupted sweep's would be (a fresh study would propose the first one again)."""
+    uninterrupted sweep's would be (a fresh study would propose the first one again). Then `--extend 2` adds two
+    new trials from the same study under the same parent run, and no run twice."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "search.yaml", {
         "name": "resume-search", "num_samples": 4, "seed": 0, "max_concurrent_trials": 1,
@@ -280,10 +313,13 @@ def test_an_interrupted_search_resumes_its_study(ray_cluster, tmp_path, teacher_
 
     outcome = run_sweep(SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir)),
                         say=lambda *_: None)
-    assert outcome.complete and [t.status for t in outcome.trials] == ["finished"] * 4, summary_table(outcome)
+    assert outcome.complete and [t.status for t in outcome.trials] == ["finished"] * 5, summary_table(outcome)
+    assert [t.stage for t in outcome.trials] == ["search"] * 4 + ["confirm"]  # and the CE-only baseline, once
     runs = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    weights = sorted(round(float(r.data.params["losses.kd.weight"]), 6) for r in runs)
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+    searched = [r for r in runs if r.data.tags[contract.STAGE] == "search"]
+    assert [r.data.tags[contract.METHOD] for r in runs if r not in searched] == ["CE"]
+    weights = sorted(round(float(r.data.params["losses.kd.weight"]), 6) for r in searched)
 
     fresh = optuna.create_study(direction="maximize", sampler=tpe_sampler(0))
     expected = []
@@ -294,6 +330,21 @@ def test_an_interrupted_search_resumes_its_study(ray_cluster, tmp_path, teacher_
     assert weights == sorted(expected)
     study = optuna.load_study(study_name=f"sweep-{outcome.sweep_id}", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+
+    extended = run_sweep(SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir), extend=2),
+                         say=lambda *_: None)
+    assert extended.complete and extended.exit_code == 0 and extended.parent_run_id == outcome.parent_run_id
+    assert [t.stage for t in extended.trials] == ["search"] * 6 + ["confirm"], summary_table(extended)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
+    assert len(runs) == 7 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 7  # nothing run twice
+    assert {r.data.tags[contract.PARENT] for r in runs} == {outcome.parent_run_id}
+    assert len(client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'sweep'")) == 1
+    new = sorted(round(float(r.data.params["losses.kd.weight"]), 6) for r in runs
+                 if r.data.tags[contract.STAGE] == "search")
+    assert len(set(new)) == 6 and set(weights) < set(new)  # two new configurations, sampled from the same study
+    study = optuna.load_study(study_name=f"sweep-{outcome.sweep_id}", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+    assert client.get_run(outcome.parent_run_id).data.tags[contract.TRIALS_PLANNED] == "7"
 
 
 class _Trial:

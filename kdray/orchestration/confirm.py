@@ -7,8 +7,8 @@ confirmation stage runs, as an ablation of its own (rows x seeds, every trial at
 off: trained on the whole training split, scored on val):
 
     Student (CE)   the student without any teacher-reading loss: the baseline every gain is measured against
-    Search #1      the search's best distinct configuration
-    ...            down to Search #k (`confirm: {top_k: k, seeds: [...]}` in the space)
+    Search #1 (<trial id>)   the search's best distinct configuration
+    ...                      down to Search #k (`confirm: {top_k: k, seeds: [...]}` in the space)
 
 Which trials are "best": those that went furthest (a finished trial before one the scheduler stopped, a trial
 stopped at a later rung before one stopped earlier), then by the value they were scored on there, the search's
@@ -16,7 +16,8 @@ own objective, then by trial id. Two trials with the same sampled values are one
 
 A search without `confirm` still gets its CE-only row (one run, the job's seed); an ablation space without a
 CE-only row gets one as its first row. The rows live in the sweep's state file once chosen, so `--resume` runs
-the same ones.
+the same ones. `--extend N` adds a search stage and then a confirmation stage of the configurations that are now
+among the best and were not confirmed before (the CE-only row runs once per sweep).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def candidates(trials: Iterable[Any], top_k: int, mode: str = "max") -> list[Can
     """The `top_k` best distinct configurations among `trials` (`TrialSummary`s of the search stage) that
     finished or were stopped early with a finite score, ranked as the module docstring says."""
     sign = -1 if mode == "max" else 1
-    scored = [t for t in trials if t.ok and not math.isnan(t.last)]
+    scored = [t for t in trials if t.ok and math.isfinite(t.last)]
     scored.sort(key=lambda t: (-t.iteration, sign * t.last, t.trial_id))
     chosen: list[Candidate] = []
     seen: set[str] = set()
@@ -93,15 +94,17 @@ def candidates(trials: Iterable[Any], top_k: int, mode: str = "max") -> list[Can
     return chosen
 
 
-def stage_plan(space: SearchSpace, base: Job, chosen: list[Candidate]) -> dict[str, Any]:
-    """The confirmation stage as plain data (kept in the sweep's state file): its rows, each with its settings and
-    the tags its runs carry, and its seeds."""
+def stage_plan(space: SearchSpace, base: Job, chosen: list[Candidate], with_ce: bool = True) -> dict[str, Any]:
+    """A confirmation stage as plain data (kept in the sweep's state file): its rows, each with its settings and
+    the tags its runs carry, and its seeds. The CE-only row (`with_ce`) is the search's fixed settings with every
+    teacher-reading loss they enable switched off; a candidate's row is named after its rank and trial."""
     seeds = list(space.confirm.seeds) if space.confirm is not None else [base.run.seed]
-    jobs = [override(base, {**space.overrides, **c.params}) for c in chosen]
-    rows = [{"name": CE_ROW, "set": ce_only_overrides([override(base, space.overrides), *jobs]),
-             "tags": {contract.STAGE: STAGE_CONFIRM}}]
+    rows = []
+    if with_ce:
+        rows.append({"name": CE_ROW, "set": ce_only_overrides([override(base, space.overrides)]),
+                     "tags": {contract.STAGE: STAGE_CONFIRM}})
     for c in chosen:
-        rows.append({"name": f"Search #{c.rank}", "set": c.params,
+        rows.append({"name": f"Search #{c.rank} ({c.trial_id})", "set": c.params,
                      "tags": {contract.STAGE: STAGE_CONFIRM, contract.CONFIRMS: c.trial_id,
                               contract.SEARCH_RANK: str(c.rank), contract.SEARCH_SCORE: repr(float(c.score)),
                               contract.SEARCH_ITERATION: str(c.iteration)}})

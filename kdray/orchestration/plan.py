@@ -44,6 +44,7 @@ class SweepRequest:
     train_teacher: bool = False  # train the teacher when its checkpoint is missing
     verbose: bool = False  # show Ray's and Tune's own output
     study_storage: str | None = None  # a search's Optuna storage URL (default: sqlite in the sweep's folder)
+    extend: int | None = None  # with resume: search this many more trials, then confirm the new best ones
 
 
 def prepare(request: SweepRequest) -> tuple[Job, Job, SearchSpace]:
@@ -298,6 +299,9 @@ def dry_run(request: SweepRequest) -> list[str]:
     local = not (request.address or os.environ.get("RAY_ADDRESS"))
     cluster = local_resources() if local else None
     lines = [f"resuming sweep {state['sweep_id']} from {sweep_dir}"] if state else []
+    if request.extend:
+        lines.append(f"extending it by {request.extend} search trial(s) from its Optuna study, then confirming the "
+                     "configurations that are then among the best and were not confirmed before")
     lines += [f"job {job.name}: student {job.student.arch} (width {job.student.width:g}), teacher "
               f"{job.teacher.arch} (width {job.teacher.width:g}), {job.optim.iterations} iterations, "
               f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 from kdray import __version__, contract
 from kdray.config import job_from_dict, read_yaml, to_dict, to_yaml
 from kdray.errors import ConfigError
+from kdray.orchestration.confirm import planned_trials
 from kdray.orchestration.outcome import reason
+from kdray.orchestration.stages import first_stage
 from kdray.orchestration.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -54,6 +56,11 @@ def mark_ended(sweep_dir: Path, counts: str) -> None:
     file.write_text(json.dumps({**json.loads(file.read_text()), "ended": counts}, indent=1))
 
 
+def write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
+    """Replace the sweep's state file with `state`."""
+    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
 def save_state(sweep_dir: Path, changes: dict[str, Any]) -> None:
     """Add `changes` to the sweep's state file (e.g. the confirmation stage's rows, once chosen)."""
     file = sweep_dir / STATE_FILE
@@ -76,10 +83,35 @@ def load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
     if not file.is_file():
         raise ConfigError(f"--resume: {sweep_dir} is not a kdray sweep folder (no {STATE_FILE})")
     state = json.loads(file.read_text())
-    if state.get("ended"):
+    if state.get("ended") and not request.extend:
         raise ConfigError(f"--resume: sweep {state['sweep_id']} ran to its end ({state['ended']}); --resume "
-                          "continues an interrupted sweep: start a new sweep to run trials again")
+                          "continues an interrupted sweep: add --extend N to search N more trials, or start a new "
+                          "sweep to run trials again")
+    if request.extend:
+        extend_state(state, sweep_dir, request.extend)
     return state, sweep_dir
+
+
+def extend_state(state: dict[str, Any], sweep_dir: Path, n: int) -> None:
+    """`--extend N`: the sweep's stages gain N more search trials (from the same Optuna study, the sampler
+    seeded anew) and then their confirmation; the state it returns is the one the sweep continues from.
+    ConfigError for an ablation (no study) or an N below 1. Only `state` changes here (a dry run writes nothing):
+    the sweep writes it to the folder when it starts (`write_state`)."""
+    from kdray.orchestration.stages import extension_stage, sweep_stages
+    from kdray.space import parse_space
+
+    copy = state.get("space_file")
+    kind = parse_space(Path(copy).read_text()).kind if copy and Path(copy).is_file() else "search"
+    if kind != "search":
+        raise ConfigError(f"--extend {n}: sweep {state['sweep_id']} is an ablation (rows x seeds): it has no "
+                          "search to extend; start a new sweep with more rows or seeds")
+    if n < 1:
+        raise ConfigError(f"--extend {n}: expected a number of trials >= 1")
+    seed = int(parse_space(Path(copy).read_text()).seed) if copy and Path(copy).is_file() else 0
+    stages = sweep_stages(state, None)
+    record = extension_stage(stages, n, seed + sum(s["name"] == "search" for s in stages))
+    state["stages"] = [*stages, record]
+    state.pop("ended", None)
 
 
 def resumed_space_file(state: dict[str, Any], sweep_dir: Path) -> str:
@@ -115,7 +147,7 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
         tags[contract.SMOKE_TEST] = "true"
     if plan.needs_teacher:  # the report's teacher row is this file's run, no other teacher of the experiment
         tags[contract.TEACHER_CHECKPOINT] = str(plan.teacher_job.teacher.checkpoint)
-    tags[contract.TRIALS_PLANNED] = str(space.trial_count)
+    tags[contract.TRIALS_PLANNED] = str(space.trial_count + planned_trials(space))
     if space.kind == "search":
         from kdray.orchestration.sampler import sampler_description
 
@@ -124,7 +156,9 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
     state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
              "job_data": to_dict(plan.base), "space_path": str(Path(plan.space_path).resolve()),
              "space_file": str(copy), "space_sha256": sha(space.source), "num_samples": space.num_samples,
-             "train_teacher": plan.train_teacher}
+             "train_teacher": plan.train_teacher, "stages": [first_stage(space)]}
+    if space.kind == "search":
+        state["study_storage"] = request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
     try:
         (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
         tracker.log_text(parent, to_yaml(job), contract.JOB_ARTIFACT)

@@ -21,7 +21,8 @@ from kdray.orchestration.outcome import SweepOutcome, close_open_runs, reason, s
 from kdray.orchestration.plan import SweepRequest, check_resources, check_store, dry_run, make_plan, prepare
 from kdray.orchestration.progress import echo
 from kdray.orchestration.resources import local_resources
-from kdray.orchestration.resume import load_state, start_sweep
+from kdray.orchestration.resume import load_state, start_sweep, write_state
+from kdray.orchestration.stages import planned_total, sweep_stages
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.tune_setup import run_trials, start_ray
 
@@ -64,6 +65,11 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     else:  # reopened: how it ended last time no longer holds
         tracker.client.update_run(state["parent_run_id"], status="RUNNING")
         tracker.clear_tag(state["parent_run_id"], contract.FAILURE)
+        if request.extend:  # the extension's stage, recorded before anything runs (an interrupted one resumes)
+            write_state(sweep_dir, state)
+            tracker.set_tags(state["parent_run_id"],
+                             {contract.TRIALS_PLANNED: str(planned_total(sweep_stages(state, plan.space), plan.space))})
+            say(f"extending sweep {state['sweep_id']} by {request.extend} search trial(s) from its Optuna study")
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
     say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
     try:

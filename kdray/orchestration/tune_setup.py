@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,6 @@ from kdray.config import Job, override, to_dict
 from kdray.contract import STAGE_CONFIRM, STAGE_SEARCH
 from kdray.errors import ConfigError
 from kdray.losses.objective import method_label
-from kdray.orchestration.confirm import candidates, row_tags, stage_plan, stage_space
 from kdray.orchestration.outcome import (
     FAILED,
     FINISHED,
@@ -32,6 +30,14 @@ from kdray.orchestration.plan import exists, largest
 from kdray.orchestration.progress import SweepProgress, TrialLabel, quiet_ray_output, tune_verbosity
 from kdray.orchestration.resources import TRIAL_CPU, concurrency
 from kdray.orchestration.resume import mark_ended, save_state
+from kdray.orchestration.stages import (
+    Stage,
+    StageResult,
+    confirmation_stage,
+    make_stage,
+    planned_total,
+    sweep_stages,
+)
 from kdray.orchestration.teacher_run import record_teacher, train_teacher
 from kdray.orchestration.tracking import Tracker
 from kdray.plugins import read_sources
@@ -116,25 +122,6 @@ def study_states(config) -> dict[str, int]:
     return search.trial_states() if search is not None else {}
 
 
-@dataclass
-class Stage:
-    """One Tune experiment of a sweep: the search (or the ablation grid), or the confirmation stage after a
-    search. `folder`: its name in the sweep folder (an existing one is restored, never started again)."""
-
-    name: str  # search | confirm | ablation
-    space: SearchSpace
-    folder: str
-    tags: dict[str, dict[str, str]] = field(default_factory=dict)  # see `run_trial`'s stage_tags
-
-
-@dataclass
-class StageResult:
-    trials: list[TrialSummary]
-    interrupted: bool
-    never_created: int
-    config: Any = None  # the TuneConfig of a stage started here (None when restored)
-
-
 def stored_study_states(storage: str, study_name: str) -> dict[str, int]:
     """The trial states of the study `study_name` in `storage` by count; {} when it cannot be read."""
     import optuna
@@ -151,9 +138,10 @@ def stored_study_states(storage: str, study_name: str) -> dict[str, int]:
 
 def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[str, Any], sweep_dir: Path,
                cluster: dict[str, float], say) -> SweepOutcome:
-    """The teacher first when the sweep needs it, then the space's trials on Tune (a search is followed by its
-    confirmation stage, `kdray.orchestration.confirm`); the outcome, with the report written and the sweep's
-    runs closed (or left resumable when interrupted)."""
+    """The teacher first when the sweep needs it, then the sweep's stages on Tune in order (`sweep_stages`: the
+    ablation grid; or a search, its confirmation stage, and any extension's search and confirmation), each one
+    that ended before collected, not run again; the outcome, with the report written and the sweep's runs
+    closed (or left resumable when interrupted)."""
     space = plan.space
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
     if plan.train_teacher:
@@ -167,43 +155,44 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
     context = SweepContext(sweep_id, parent, plan.uri, plan.experiment, str(sweep_dir), to_dict(plan.base),
                            read_sources(plan.base.plugins))
     limit = concurrency(largest(plan.jobs), cluster, space.max_concurrent_trials)
-    run = partial(run_stage, request=request, plan=plan, tracker=tracker, context=context, sweep_dir=sweep_dir,
-                  limit=limit, say=say)
+    stages = sweep_stages(state, space)
     trials: list[TrialSummary] = []
+    searched: list[TrialSummary] = []  # every search stage's trials: where confirmation candidates come from
     never_created = 0
-
-    def ended(result: StageResult) -> SweepOutcome | None:
-        nonlocal never_created
+    i = 0
+    while i < len(stages):
+        record = stages[i]
+        stage = make_stage(record, space, plan.base)
+        if record["name"] == STAGE_CONFIRM and not record["rows"]:  # every chosen one was confirmed before
+            result = StageResult([], False, 0)
+        elif record.get("ended"):
+            result = StageResult(stage_trials(stage, plan, tracker, context, sweep_dir), False, 0)
+        else:
+            result = run_stage(stage, request=request, plan=plan, tracker=tracker, context=context,
+                               sweep_dir=sweep_dir, limit=limit, say=say,
+                               study_storage=state.get("study_storage"))
         trials.extend(result.trials)
         never_created += result.never_created
-        if not result.interrupted:
-            return None
-        outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, True,
-                               never_created=never_created)
-        close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
-        say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
-        return outcome
-
-    if space.kind == "ablation":
-        if (stop := ended(run(Stage("ablation", space, "tune")))) is not None:
-            return stop
-    else:
-        search = Stage(STAGE_SEARCH, space, "tune", {"": {contract.STAGE: STAGE_SEARCH}})
-        chosen = state.get("confirm")
-        if chosen is None:  # the search has not ended yet: run (or continue) it
-            result = run(search)
-            if (stop := ended(result)) is not None:
-                return stop
-            report_study_states(result.config, tracker, parent, f"sweep-{sweep_id}", say)
-            top_k = space.confirm.top_k if space.confirm is not None else 0
-            chosen = stage_plan(space, plan.base, candidates(result.trials, top_k, space.mode))
-            save_state(sweep_dir, {"confirm": chosen})
-        else:  # resumed after the search ended: its trials, as Tune kept them
-            trials.extend(stage_trials(search, plan, tracker, context, sweep_dir))
-        confirm = Stage(STAGE_CONFIRM, stage_space(space, plan.base, chosen), "confirm", row_tags(chosen))
-        say(f"confirmation: {', '.join(r['name'] for r in chosen['rows'])} x seeds {chosen['seeds']}")
-        if (stop := ended(run(confirm))) is not None:
-            return stop
+        if result.interrupted:  # Tune saved its state; --resume reopens the runs and continues
+            outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, True,
+                                   never_created=never_created)
+            close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
+            say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
+            return outcome
+        if not record.get("ended"):
+            record["ended"] = True
+            if record["name"] == STAGE_SEARCH:
+                report_study_states(result.config, tracker, parent, f"sweep-{sweep_id}", say)
+        if record["name"] == STAGE_SEARCH:
+            searched.extend(result.trials)
+            if i + 1 == len(stages):  # a search is followed by the confirmation of its best configurations
+                stages.append(confirmation_stage(space, plan.base, searched, stages))
+                tracker.set_tags(parent, {contract.TRIALS_PLANNED: str(planned_total(stages, space))})
+                rows = stages[-1]["rows"]
+                say("confirmation: " + (f"{', '.join(r['name'] for r in rows)} x seeds {stages[-1]['seeds']}"
+                                        if rows else "every chosen configuration was confirmed before"))
+        save_state(sweep_dir, {"stages": stages})
+        i += 1
     outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, False,
                            never_created=never_created)
     from kdray.reporting import write_report
@@ -224,7 +213,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
 
 
 def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Tracker, context, sweep_dir: Path,
-              limit: int, say) -> StageResult:
+              limit: int, say, study_storage: str | None = None) -> StageResult:
     """Run one stage's trials on Tune to their end (or Ctrl+C): a new Tune experiment in `sweep_dir/<folder>`, or
     the one already there, restored with its unfinished and errored trials."""
     from ray import tune
@@ -244,7 +233,7 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
                                    say=say)]
         storage = None
         if space.kind == "search":
-            storage = request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+            storage = study_storage or request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
             tracker.set_tags(context.parent_run_id, {contract.STUDY_STORAGE: storage})
         config = tune_config(space, plan.job, limit, storage, study_name=f"sweep-{context.sweep_id}")
         tuner = tune.Tuner(

@@ -39,7 +39,7 @@ class WelchTest:
 def welch_t_test(a: list[float], b: list[float]) -> WelchTest | None:
     """The test of mean(a) - mean(b); None when it is undefined: a group with fewer than 2 values, or no spread
     in either group (every seed gave the same value: nothing to measure the noise by)."""
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or (min(a) == max(a) and min(b) == max(b)):  # float rounding aside
         return None
     ma, mb = sum(a) / len(a), sum(b) / len(b)
     va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
