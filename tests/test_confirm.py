@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_report import STEPS, Store, by_name, cells, cells_by_method, config, history, trial_tags
 
 from kdray import contract
 from kdray.cli import default_job
@@ -35,7 +36,6 @@ from kdray.orchestration.plan import SweepRequest, dry_run, prepare
 from kdray.reporting import build_tables, read_sweep, write_report
 from kdray.space import ROW_KEY, SEED_KEY, Confirm, load_space, parse_space
 from kdray.sweep import default_space
-from test_report import STEPS, Store, by_name, cells, cells_by_method, config, history, trial_tags
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "demo.yaml")
@@ -235,46 +235,61 @@ def chosen_two():
                        summary("t_8", 0.61, **KD_I2CKD), summary("t_9", 0.2, status="failed: x", **KD_ONLY)], 2)
 
 
+ROW_1, ROW_2 = "Search #1 (t_3)", "Search #2 (t_8)"  # a candidate's row: its rank and its trial
+
+
 def test_stage_plan_rows_tags_and_seeds(tmp_path, tuned_job):
     space = search_space(tmp_path, tuned_job)
     chosen = chosen_two()
     assert ids(chosen) == ["t_3", "t_8"]
     plan = stage_plan(space, tuned_job, chosen)
-    assert [r["name"] for r in plan["rows"]] == [CE_ROW, "Search #1", "Search #2"]
+    assert [r["name"] for r in plan["rows"]] == [CE_ROW, ROW_1, ROW_2]
     assert plan["seeds"] == [3, 4, 5]
     ce, first, second = plan["rows"]
-    # the CE row switches off exactly the teacher-reading losses some candidate enables (not CE itself)
-    assert ce["set"] == {"losses.kd.enabled": False, "losses.i2ckd.enabled": False}
     assert first["set"] == KD_ONLY and second["set"] == KD_I2CKD
     jobs = {r["name"]: override(tuned_job, {**space.overrides, **r["set"]}) for r in plan["rows"]}
+    # the CE row: the search's fixed settings without a teacher-reading loss (CE itself stays on)
     assert method_label(jobs[CE_ROW].losses) == "CE" and jobs[CE_ROW].losses.ce.enabled
-    assert method_label(jobs["Search #1"].losses) == "KD" and method_label(jobs["Search #2"].losses) == "KD+I2CKD"
-    assert jobs["Search #2"].losses.i2ckd.margin == 1.25 and jobs["Search #1"].losses.kd.weight == 2.5
+    assert not any(v is True for v in ce["set"].values())
+    assert method_label(jobs[ROW_1].losses) == "KD" and method_label(jobs[ROW_2].losses) == "KD+I2CKD"
+    assert jobs[ROW_2].losses.i2ckd.margin == 1.25 and jobs[ROW_1].losses.kd.weight == 2.5
     tags = row_tags(plan)
     assert tags[CE_ROW] == {contract.STAGE: contract.STAGE_CONFIRM}
-    assert tags["Search #1"] == {contract.STAGE: "confirm", contract.CONFIRMS: "t_3", contract.SEARCH_RANK: "1",
-                                 contract.SEARCH_SCORE: repr(0.71), contract.SEARCH_ITERATION: "4"}
-    assert tags["Search #2"][contract.CONFIRMS] == "t_8" and tags["Search #2"][contract.SEARCH_RANK] == "2"
-    assert float(tags["Search #2"][contract.SEARCH_SCORE]) == 0.61
+    assert tags[ROW_1] == {contract.STAGE: "confirm", contract.CONFIRMS: "t_3", contract.SEARCH_RANK: "1",
+                           contract.SEARCH_SCORE: repr(0.71), contract.SEARCH_ITERATION: "4"}
+    assert tags[ROW_2][contract.CONFIRMS] == "t_8" and tags[ROW_2][contract.SEARCH_RANK] == "2"
+    assert float(tags[ROW_2][contract.SEARCH_SCORE]) == 0.61
+    assert [r["name"] for r in stage_plan(space, tuned_job, chosen, with_ce=False)["rows"]] == [ROW_1, ROW_2]
     # the plan lives in the sweep's state file: plain JSON, and the same stage from its copy
     copy = json.loads(json.dumps(plan))
     assert copy == plan and stage_space(space, tuned_job, copy).rows == stage_space(space, tuned_job, plan).rows
 
 
+def ce_job(space, base, plan):
+    stage = stage_space(space, base, plan)
+    return override(base, stage.trial_overrides({ROW_KEY: CE_ROW, SEED_KEY: stage.seeds[0]}))
+
+
 def test_the_ce_row_switches_off_only_what_is_on(tmp_path, demo_job):
-    space = search_space(tmp_path, demo_job)
+    space = search_space(tmp_path, demo_job)  # kd on in every trial (fixed in space:); the job: CE only
+    # the space's fixed keys are the CE row's too, so kd (fixed on there) is switched off
     kd_only = candidates([summary("t_1", 0.7, **KD_ONLY), summary("t_2", 0.6, **{**KD_ONLY, "losses.kd.weight": 1.0})],
                          2)
-    assert stage_plan(space, demo_job, kd_only)["rows"][0]["set"] == {"losses.kd.enabled": False}
-    # a distillation loss the space's overrides switch on is switched off too
+    plan = stage_plan(space, demo_job, kd_only)
+    assert plan["rows"][0]["set"] == {"losses.kd.enabled": False}
+    assert method_label(ce_job(space, demo_job, plan).losses) == "CE"
+    # a distillation loss the space's overrides switch on is switched off
     cwd = search_space(tmp_path, demo_job, overrides={"losses.cwd.enabled": True})
     plan = stage_plan(cwd, demo_job, kd_only)
-    assert plan["rows"][0]["set"] == {"losses.cwd.enabled": False, "losses.kd.enabled": False}
-    assert method_label(override(demo_job, {**cwd.overrides, **plan["rows"][0]["set"]}).losses) == "CE"
+    assert plan["rows"][0]["set"] == {"losses.kd.enabled": False, "losses.cwd.enabled": False}
+    assert method_label(ce_job(cwd, demo_job, plan).losses) == "CE"
     label = method_label(override(demo_job, {**cwd.overrides, **plan["rows"][1]["set"]}).losses)
     assert set(label.split("+")) == {"KD", "CWD"}
     # so is one the job itself enables
     kd_job = override(demo_job, {"losses.kd.enabled": True})
+    plan = stage_plan(space, kd_job, kd_only)
+    assert plan["rows"][0]["set"] == {"losses.kd.enabled": False}
+    assert method_label(ce_job(space, kd_job, plan).losses) == "CE"
     assert ce_only_overrides([kd_job]) == {"losses.kd.enabled": False}
     assert ce_only_overrides([demo_job]) == {}
 
@@ -284,7 +299,7 @@ def test_without_confirm_the_stage_is_the_ce_row_at_the_jobs_seed(tmp_path, tune
     assert space.confirm is None and planned_trials(space) == 1
     plan = stage_plan(space, tuned_job, [])
     assert [r["name"] for r in plan["rows"]] == [CE_ROW] and plan["seeds"] == [9]
-    assert plan["rows"][0]["set"] == {"losses.kd.enabled": False}  # the space's fixed kd.enabled: true
+    assert method_label(ce_job(space, tuned_job, plan).losses) == "CE" and ce_job(space, tuned_job, plan).run.seed == 9
     assert "no confirmation stage" in describe(space, override(tuned_job, space.overrides))
     assert "seed 9" in describe(space, override(tuned_job, space.overrides))
 
@@ -294,11 +309,11 @@ def test_stage_space_runs_rows_by_seeds_on_the_whole_training_split(tmp_path, tu
     plan = stage_plan(space, tuned_job, chosen_two())
     stage = stage_space(space, tuned_job, plan)
     assert stage.kind == "ablation" and stage.confirm is None and stage.dimensions == ()
-    assert stage.seeds == (3, 4, 5) and [name for name, _ in stage.rows] == [CE_ROW, "Search #1", "Search #2"]
+    assert stage.seeds == (3, 4, 5) and [name for name, _ in stage.rows] == [CE_ROW, ROW_1, ROW_2]
     assert stage.trial_count == 9 == planned_trials(space)
     assert stage.overrides == {"optim.iterations": 300, TUNE_SPLIT_OFF: 0.0}
     assert space.overrides == {"optim.iterations": 300} and space.kind == "search"  # the search's space unchanged
-    trial = stage.trial_overrides({ROW_KEY: "Search #2", SEED_KEY: 4})
+    trial = stage.trial_overrides({ROW_KEY: ROW_2, SEED_KEY: 4})
     assert trial == {"optim.iterations": 300, TUNE_SPLIT_OFF: 0.0, **KD_I2CKD, SEED_KEY: 4}
     job = override(tuned_job, trial)
     assert job.data.tune_split.fraction == 0 and job.run.seed == 4 and job.optim.iterations == 300
@@ -306,6 +321,19 @@ def test_stage_space_runs_rows_by_seeds_on_the_whole_training_split(tmp_path, tu
     ce = override(tuned_job, stage.trial_overrides({ROW_KEY: CE_ROW, SEED_KEY: 5}))
     assert method_label(ce.losses) == "CE" and ce.run.seed == 5 and ce.data.tune_split.fraction == 0
     assert "tuning split off" in describe(space, override(tuned_job, space.overrides))
+
+
+def test_the_ce_row_trains_as_long_as_the_searched_rows(tmp_path, demo_job):
+    """A value fixed in the space: section (as `optim.iterations: 300` here) is part of every search trial's
+    params, so of every Search row; the CE-only row must train under the same settings to be their baseline."""
+    space = search_space(tmp_path, demo_job, overrides={},
+                         space={**SEARCH["space"], "optim.iterations": 300})
+    fixed = {**KD_ONLY, "optim.iterations": 300}
+    plan = stage_plan(space, demo_job, candidates([summary("t_1", 0.7, **fixed)], 1))
+    stage = stage_space(space, demo_job, plan)
+    searched = override(demo_job, stage.trial_overrides({ROW_KEY: "Search #1 (t_1)", SEED_KEY: 3}))
+    assert searched.optim.iterations == 300
+    assert ce_job(space, demo_job, plan).optim.iterations == searched.optim.iterations
 
 
 def test_stage_space_leaves_a_job_without_tuning_split_alone(tmp_path, demo_job):
@@ -317,7 +345,7 @@ def test_stage_space_leaves_a_job_without_tuning_split_alone(tmp_path, demo_job)
     split = search_space(tmp_path, demo_job, overrides={"data.tune_split.fraction": 0.2})
     stage = stage_space(split, demo_job, stage_plan(split, demo_job, chosen_two()))
     assert stage.overrides[TUNE_SPLIT_OFF] == 0.0
-    job = override(demo_job, stage.trial_overrides({ROW_KEY: "Search #1", SEED_KEY: 3}))
+    job = override(demo_job, stage.trial_overrides({ROW_KEY: ROW_1, SEED_KEY: 3}))
     assert job.data.tune_split.fraction == 0
 
 
@@ -343,7 +371,8 @@ def test_an_ablation_with_a_ce_row_is_left_alone(demo_job, name):
 
 def test_a_row_named_like_the_baseline_that_distils_keeps_its_name(demo_job):
     space = parse_space(text({"name": "a", "seeds": [0], "rows": [
-        {"name": CE_ROW, "set": {"losses.kd.enabled": True}}, {"name": "+I2CKD", "set": {"losses.i2ckd.enabled": True}}]}))
+        {"name": CE_ROW, "set": {"losses.kd.enabled": True}},
+        {"name": "+I2CKD", "set": {"losses.i2ckd.enabled": True}}]}))
     note = add_baseline_row(space, demo_job)
     assert f"'{CE_ROW} [baseline]'" in note
     assert space.rows[0] == (f"{CE_ROW} [baseline]", {"losses.kd.enabled": False, "losses.i2ckd.enabled": False})
@@ -393,17 +422,18 @@ def test_a_smoke_test_confirms_one_configuration_on_one_seed(teacher):
 # --- the report of a confirmed search ----------------------------------------------------------------------------
 
 EXPERIMENT = "confirmtest"
+S1, S2 = "Search #1 (t_0)", "Search #2 (t_1)"  # confirmation rows, named as stage_plan names them
 # search stage: trial -> (kd.weight, i2ckd.enabled, margin, state, last)
 SEARCHED = {"t_0": (1.0, True, 0.5, "FINISHED", 0.78), "t_1": (2.0, True, 1.0, "STOPPED", 0.74),
             "t_2": (4.0, False, 0.5, "FAILED", None), "t_3": (0.3, True, 1.5, "STOPPED", 0.60)}
 # confirmation stage (sweep cs-1): row -> (method, search trial, rank, values per seed); #2 beats #1 clearly
 CLEAR = {CE_ROW: ("CE", None, None, [0.700, 0.705, 0.695, 0.702]),
-         "Search #1": ("KD+I2CKD", "t_0", 1, [0.712, 0.702, 0.708]),
-         "Search #2": ("KD+I2CKD", "t_1", 2, [0.760, 0.762, 0.758, 0.761])}
+         S1: ("KD+I2CKD", "t_0", 1, [0.712, 0.702, 0.708]),
+         S2: ("KD+I2CKD", "t_1", 2, [0.760, 0.762, 0.758, 0.761])}
 # sweep cs-2: the same search, its confirmed gains within the seed noise
 NOISY = {CE_ROW: ("CE", None, None, [0.70, 0.72, 0.71]),
-         "Search #1": ("KD+I2CKD", "t_0", 1, [0.705, 0.715, 0.700]),
-         "Search #2": ("KD+I2CKD", "t_1", 2, [0.712, 0.700, 0.722])}
+         S1: ("KD+I2CKD", "t_0", 1, [0.705, 0.715, 0.700]),
+         S2: ("KD+I2CKD", "t_1", 2, [0.712, 0.700, 0.722])}
 SPACE_YAML = """name: tiny-confirm
 num_samples: 4
 space:
@@ -448,7 +478,7 @@ def add_search_sweep(s: Store, eid: str, sweep_id: str, rows: dict | None, tune_
             run_ids[(row, seed)] = s.run(eid, trial_tags(sweep_id, f"c_{number}", method, seed, **tags),
                                          history(value, value), params=params)
             number += 1
-        if row == "Search #1" and rows is CLEAR:  # a confirmation run that failed: excluded, listed
+        if row == S1 and rows is CLEAR:  # a confirmation run that failed: excluded, listed
             tags = {contract.STAGE: contract.STAGE_CONFIRM, contract.ROW: row, contract.ROW_INDEX: str(index),
                     contract.CONFIRMS: trial, contract.SEARCH_RANK: str(rank), contract.FAILURE: "CUDA out of memory"}
             run_ids[(row, 3)] = s.run(eid, trial_tags(sweep_id, f"c_{number}", method, 3, **tags), [0.5],
@@ -480,13 +510,14 @@ def scipy_welch(a, b):
 
 
 def test_the_confirmed_search_has_its_tables(clear_tables):
-    assert list(clear_tables) == ["search_summary", "methods", "search_best", "search_top", "importance",
-                                  "per_class", "excluded"]
+    # importance needs more scored search trials than this sweep has (3)
+    assert [name for name in clear_tables if name != "importance"] == [
+        "search_summary", "methods", "search_best", "search_top", "per_class", "excluded"]
 
 
 def test_search_summary_ranks_by_the_confirmed_mean(clear_tables):
     table = clear_tables["search_summary"]
-    assert [r[1] for r in table.rows] == ["Search #2", "Search #1", CE_ROW]  # #1 had the better search score
+    assert [r[1] for r in table.rows] == [S2, S1, CE_ROW]  # #1 had the better search score
     assert [r[0] for r in table.rows] == ["1", "2", "3"]
     assert "Search score (%, tune split)" in table.header
     shown = {r[1]: dict(zip(table.header, r)) for r in table.rows}
@@ -512,20 +543,20 @@ def test_search_summary_ranks_by_the_confirmed_mean(clear_tables):
         star = " *" if expected.pvalue < 0.05 else ""
         assert shown[row]["p (Welch)"] == f"{float(expected.pvalue):.3f}{star}"
     # the search's own score of each configuration, at the rung where it stopped: a dagger
-    assert shown["Search #1"]["Search score (%, tune split)"] == "78.00"
-    assert shown["Search #2"]["Search score (%, tune split)"] == "74.00†"
-    assert records["Search #2"]["search_stopped"] and not records["Search #1"]["search_stopped"]
-    assert records["Search #2"]["search_iteration"] == 200 and records["Search #1"]["search_iteration"] == 300
-    assert records["Search #1"]["search_score_pct"] == pytest.approx(78.0)
-    assert shown["Search #1"]["Excluded"] == "1 failed" and shown["Search #2"]["Excluded"] == "—"
-    assert records["Search #2"]["vs_ce_significant"] and not records["Search #1"]["vs_ce_significant"]
+    assert shown[S1]["Search score (%, tune split)"] == "78.00"
+    assert shown[S2]["Search score (%, tune split)"] == "74.00†"
+    assert records[S2]["search_stopped"] and not records[S1]["search_stopped"]
+    assert records[S2]["search_iteration"] == 200 and records[S1]["search_iteration"] == 300
+    assert records[S1]["search_score_pct"] == pytest.approx(78.0)
+    assert shown[S1]["Excluded"] == "1 failed" and shown[S2]["Excluded"] == "—"
+    assert records[S2]["vs_ce_significant"] and not records[S1]["vs_ce_significant"]
     assert any(n.startswith("† the search stopped this configuration early") for n in table.notes)
 
 
 def test_the_verdict_when_the_gains_exceed_the_seed_noise(clear_tables):
     verdict = clear_tables["search_summary"].notes[0]
-    win, ce, second = (CLEAR[k][3] for k in ("Search #2", CE_ROW, "Search #1"))
-    assert verdict.startswith("Winner: Search #2 (KD+I2CKD, search trial t_1): ")
+    win, ce, second = (CLEAR[k][3] for k in (S2, CE_ROW, S1))
+    assert verdict.startswith(f"Winner: {S2} (KD+I2CKD, search trial t_1): ")
     mean, std = np.mean(win), np.std(win, ddof=1)
     assert f"{100 * mean:.2f} ± {100 * std:.2f} mIoU (n=4) confirmed; search score 74.00." in verdict
     over_ce, over_second = verdict.split(" Over ")[1:]
@@ -533,7 +564,7 @@ def test_the_verdict_when_the_gains_exceed_the_seed_noise(clear_tables):
     assert p_ce < 0.05 and p_second < 0.05
     assert over_ce.startswith("the CE-only student") and f"{100 * (mean - np.mean(ce)):+.2f} pp" in over_ce
     assert f"exceeds the seed noise (Welch's t-test, p = {p_ce:.3f} < 0.05)" in over_ce
-    assert over_second.startswith("the runner-up Search #1")
+    assert over_second.startswith(f"the runner-up {S1}")
     assert f"exceeds the seed noise (Welch's t-test, p = {p_second:.3f} < 0.05)" in over_second
     interval = scipy_welch(win, ce).confidence_interval(0.95)
     assert f"95 % CI [{100 * interval.low:+.2f}, {100 * interval.high:+.2f}]" in over_ce
@@ -542,30 +573,31 @@ def test_the_verdict_when_the_gains_exceed_the_seed_noise(clear_tables):
 
 def test_the_verdict_when_the_gains_are_within_the_seed_noise(store):
     table = by_name(build_tables(read_sweep(store.uri, EXPERIMENT, "cs-2"), "last")[0])["search_summary"]
-    assert [r[1] for r in table.rows] == ["Search #2", "Search #1", CE_ROW]
+    assert [r[1] for r in table.rows] == [S2, CE_ROW, S1]  # means 71.13, 71.00, 70.67
     assert "Search score (%, val)" in table.header  # the search scored on val here
     verdict = table.notes[0]
-    win, ce, second = (NOISY[k][3] for k in ("Search #2", CE_ROW, "Search #1"))
+    win, ce, second = (NOISY[k][3] for k in (S2, CE_ROW, S1))
     p_ce, p_second = float(scipy_welch(win, ce).pvalue), float(scipy_welch(win, second).pvalue)
     assert p_ce > 0.2 and p_second > 0.2
-    assert verdict.startswith("Winner: Search #2 (KD+I2CKD, search trial t_1)")
+    assert verdict.startswith(f"Winner: {S2} (KD+I2CKD, search trial t_1)")
     assert f"within the seed noise (Welch's t-test, p = {p_ce:.3f} ≥ 0.05)" in verdict
     assert f"within the seed noise (Welch's t-test, p = {p_second:.3f} ≥ 0.05)" in verdict
+    assert verdict.index("the CE-only student") < verdict.index(f"the runner-up {S1}")
     assert "exceeds" not in verdict
     assert not any(r[table.header.index("p (Welch)")].endswith("*") for r in table.rows)
 
 
 def test_the_methods_table_holds_the_confirmation_runs_only(clear_tables):
     table = clear_tables["methods"]
-    assert [r[1] for r in table.rows] == ["Teacher", "CE", "KD+I2CKD (Search #1)", "KD+I2CKD (Search #2)"]
+    assert [r[1] for r in table.rows] == ["Teacher", "CE", f"KD+I2CKD ({S1})", f"KD+I2CKD ({S2})"]
     shown = cells_by_method(table)
-    for label, row in (("CE", CE_ROW), ("KD+I2CKD (Search #1)", "Search #1"), ("KD+I2CKD (Search #2)", "Search #2")):
+    for label, row in (("CE", CE_ROW), (f"KD+I2CKD ({S1})", S1), (f"KD+I2CKD ({S2})", S2)):
         values = CLEAR[row][3]
         assert shown[label]["mIoU (%)"] == f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"
         assert shown[label]["n"] == str(len(values))  # seeds, not configurations
-    assert shown["KD+I2CKD (Search #1)"]["Excluded"] == "1 failed"
+    assert shown[f"KD+I2CKD ({S1})"]["Excluded"] == "1 failed"
     assert "confirmation stage" in table.caption and "n counts configurations" not in table.caption
-    assert shown["KD+I2CKD (Search #2)"]["Best run"] == "76.20 (c_9)"
+    assert shown[f"KD+I2CKD ({S2})"]["Best run"] == "76.20 (c_9)"
 
 
 def test_the_search_tables_hold_the_search_runs_only(clear_tables):
@@ -581,7 +613,7 @@ def test_per_class_and_excluded_tables(store, clear_tables):
     assert all(run.startswith("c_") or run == "teacher" for run in per_class["Run"])
     excluded = {r[0]: r for r in clear_tables["excluded"].rows}
     assert set(excluded) == {"t_1", "t_2", "t_3", "c_7"}  # every stage's
-    assert excluded["c_7"][2] == "Search #1" and excluded["c_7"][-1] == "CUDA out of memory"
+    assert excluded["c_7"][2] == S1 and excluded["c_7"][-1] == "CUDA out of memory"
     assert excluded["t_2"][-1] == "loss is NaN at iteration 120"
 
 
@@ -596,6 +628,6 @@ def test_a_search_without_stages_keeps_the_old_tables(store, tmp_path):
 def test_write_report_returns_the_verdict(store, tmp_path):
     result = write_report(store.uri, EXPERIMENT, "cs-1", tmp_path, plots=False)
     summary = result.tables["search_summary"]
-    assert result.verdict == summary.notes[0] and result.verdict.startswith("Winner: Search #2")
+    assert result.verdict == summary.notes[0] and result.verdict.startswith(f"Winner: {S2}")
     assert result.verdict in result.markdown
-    assert cells(summary)["1"]["Row"] == "Search #2"
+    assert cells(summary)["1"]["Row"] == S2

@@ -77,6 +77,8 @@ class Candidate:
 def candidates(trials: Iterable[Any], top_k: int, mode: str = "max") -> list[Candidate]:
     """The `top_k` best distinct configurations among `trials` (`TrialSummary`s of the search stage) that
     finished or were stopped early with a finite score, ranked as the module docstring says."""
+    if top_k < 1:
+        return []
     sign = -1 if mode == "max" else 1
     scored = [t for t in trials if t.ok and math.isfinite(t.last)]
     scored.sort(key=lambda t: (-t.iteration, sign * t.last, t.trial_id))
@@ -97,12 +99,14 @@ def candidates(trials: Iterable[Any], top_k: int, mode: str = "max") -> list[Can
 def stage_plan(space: SearchSpace, base: Job, chosen: list[Candidate], with_ce: bool = True) -> dict[str, Any]:
     """A confirmation stage as plain data (kept in the sweep's state file): its rows, each with its settings and
     the tags its runs carry, and its seeds. The CE-only row (`with_ce`) is the search's fixed settings with every
-    teacher-reading loss they enable switched off; a candidate's row is named after its rank and trial."""
+    teacher-reading loss they enable switched off (the space's fixed keys included: the baseline trains as long,
+    on the same data, as every searched trial); a candidate's row is named after its rank and trial."""
     seeds = list(space.confirm.seeds) if space.confirm is not None else [base.run.seed]
     rows = []
-    if with_ce:
-        rows.append({"name": CE_ROW, "set": ce_only_overrides([override(base, space.overrides)]),
-                     "tags": {contract.STAGE: STAGE_CONFIRM}})
+    if with_ce:  # the settings every searched trial shares (the space's fixed keys too), minus the distillation
+        fixed = {d.key: d.args[0] for d in space.dimensions if d.kind == "fixed" and d.condition is None}
+        ce = ce_only_overrides([override(base, {**space.overrides, **fixed})])
+        rows.append({"name": CE_ROW, "set": {**fixed, **ce}, "tags": {contract.STAGE: STAGE_CONFIRM}})
     for c in chosen:
         rows.append({"name": f"Search #{c.rank} ({c.trial_id})", "set": c.params,
                      "tags": {contract.STAGE: STAGE_CONFIRM, contract.CONFIRMS: c.trial_id,
