@@ -7,6 +7,7 @@ A **search** space samples trials with Optuna:
     mode: max
     num_samples: 24
     seed: 0                                   # the sampler's seed
+    sampler: tpe                              # Optuna's TPE (default), or random
     scheduler: {kind: asha, grace_period: 2, reduction_factor: 3}   # grace period in evaluations
     # or {kind: sync_halving, grace_period: 1, reduction_factor: 2, bracket: 6}: rungs decided on whole brackets
     overrides: {optim.iterations: 2000}       # fixed for every trial
@@ -60,7 +61,7 @@ from kdray.losses.objective import config_formula
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
-                "points_to_evaluate", "max_concurrent_trials", "description", "confirm"}
+                "points_to_evaluate", "max_concurrent_trials", "description", "confirm", "sampler"}
 _ABLATION_KEYS = {"name", "kind", "metric", "mode", "seeds", "rows", "overrides", "max_concurrent_trials",
                   "description"}
 _SCHEDULER_KEYS = {"kind", "grace_period", "reduction_factor", "bracket"}
@@ -115,6 +116,7 @@ class SearchSpace:
     max_concurrent_trials: int | None = None
     source: str = ""  # the YAML text, logged with the sweep
     confirm: Confirm | None = None  # a search's confirmation stage (None: the search's own scores decide)
+    sampler: str = "tpe"  # a search's Optuna sampler: tpe | random (kdray.orchestration.sampler)
 
     @property
     def trial_count(self) -> int:
@@ -358,8 +360,11 @@ def _load_search(data, where, job_keys, job, common) -> SearchSpace:
         _check_point(point, dims, f"{where}: points_to_evaluate[{i}]")
     scheduler = _parse_scheduler(data.get("scheduler"), f"{where}: scheduler")
     confirm = _parse_confirm(data.get("confirm"), num_samples, f"{where}: confirm")
+    sampler = data.get("sampler", "tpe")
+    if sampler not in ("tpe", "random"):
+        raise _err(f"{where}: sampler", f"got {sampler!r}; expected tpe (Optuna's TPE, the default) or random")
     return SearchSpace(**common, num_samples=num_samples, seed=seed, scheduler=scheduler,
-                       dimensions=tuple(dims.values()), points_to_evaluate=points, confirm=confirm)
+                       dimensions=tuple(dims.values()), points_to_evaluate=points, confirm=confirm, sampler=sampler)
 
 
 def _parse_seeds(seeds: Any, where: str) -> tuple[int, ...]:
@@ -446,7 +451,8 @@ def plan_lines(space: SearchSpace, job: Job) -> list[str]:
             what = repr(d.args[0]) if d.kind == "fixed" else f"{d.kind} {list(d.args)}"
             lines.append(f"  {d.key}: {what}{cond}")
         s = space.scheduler
-        lines.append(f"  sampler: Optuna TPE, seed {space.seed}; {len(space.points_to_evaluate)} point(s) first")
+        name = "Optuna random sampling" if space.sampler == "random" else "Optuna TPE"
+        lines.append(f"  sampler: {name}, seed {space.seed}; {len(space.points_to_evaluate)} point(s) first")
         if s.kind == "asha":
             lines.append(f"  scheduler: ASHA, grace {s.grace_period} evaluation(s) = "
                          f"{s.grace_period * job.optim.eval_interval} iterations, "

@@ -271,6 +271,156 @@ def test_the_scheduler_pickles_mid_sweep_and_goes_on_alike():
     assert copy.decisions() == {(0, 2): (0, 1)} and copy.stopped == {2: 2}
 
 
+def _drive(scheduler, controller, values, rng, at, concurrent, results=None) -> int:
+    """Go on with a sweep of len(values) trials like `simulate` (restored PENDING trials first, then new ones in
+    the searcher's order t0, t1, ...), for `results` results (None: to the end); the results handled."""
+    done = 0
+    while results is None or done < results:
+        running = [t for t in controller.trials if t.status == "RUNNING"]
+        while len(running) < concurrent:
+            trial = next((t for t in controller.trials if t.status == "PENDING"), None)
+            if trial is None and len(controller.trials) < len(values):
+                trial = controller.add(f"t{len(controller.trials)}")
+            if trial is None:
+                trial = scheduler.choose_trial_to_run(controller)
+            if trial is None:
+                break
+            trial.status = "RUNNING"
+            at.setdefault(trial.trial_id, 0)  # a restored trial goes on from its last result (its checkpoint)
+            running.append(trial)
+        if not running:
+            break
+        trial = rng.choice(running)
+        at[trial.trial_id] += 2
+        number = int(trial.trial_id[1:])
+        action = controller.report(trial, at[trial.trial_id], values[number] * at[trial.trial_id])
+        if action == CONTINUE and at[trial.trial_id] >= 8:
+            controller.stop_trial(trial)
+        done += 1
+    return done
+
+
+@pytest.mark.parametrize("cut", [2, 5, 8, 11, 14])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fresh_scheduler_on_the_state_file_goes_on_like_an_uninterrupted_run(tmp_path, seed, cut):
+    """Half a sweep, then what a restored Tune experiment does: a new SyncHalving on the same state file, the
+    trials re-added most recent result first (the ended TERMINATED, the others PENDING), the sweep going on in
+    another order. Its numbers, decisions and stops are the uninterrupted run's."""
+    values = {0: 0.3, 1: 0.8, 2: 0.1, 3: 0.6, 4: 0.8, 5: 0.45, 6: 0.2, 7: 0.7}
+    expected, _, expected_at = simulate(values, 100 + seed, concurrent=3, bracket_size=4)
+    path = tmp_path / "run" / "sync_halving.json"
+    first = halving(num_samples=8, max_concurrent=3, bracket_size=4, state_path=path)
+    before = FakeController(first)
+    rng, at = random.Random(seed), {}
+    assert _drive(first, before, values, rng, at, 3, results=cut) == cut
+    paused = sorted(t.trial_id for t in before.trials if t.status == "PAUSED")
+    ended = sorted(t.trial_id for t in before.trials if t.status == "TERMINATED")
+    assert path.exists() and not list(path.parent.glob(".sync_halving.*"))  # no temporary file left behind
+
+    second = halving(num_samples=8, max_concurrent=3, bracket_size=4, state_path=path)
+    assert second.decisions() == first.decisions()
+    after = FakeController(second)
+    last_time = {t.trial_id: (at.get(t.trial_id, 0), i) for i, t in enumerate(before.trials)}
+    for old in sorted(before.trials, key=lambda t: last_time[t.trial_id], reverse=True):  # Tune's re-add order
+        trial = FakeTrial(old.trial_id)
+        trial.status = "TERMINATED" if old.status in ("TERMINATED", "ERROR") else "PENDING"
+        trial.last_result = dict(old.last_result)
+        after.trials.append(trial)
+        second.on_trial_add(after, trial)
+    assert second._number == {f"t{i}": i for i in range(len(before.trials))}  # whatever the re-add order
+    _drive(second, after, values, random.Random(1000 + seed), at, 3)
+    assert all(t.status == "TERMINATED" for t in after.trials), (paused, ended, after.trials)
+    assert second.decisions() == expected.decisions(), (paused, ended)
+    assert second.stopped == expected.stopped
+    assert {int(t[1:]): i for t, i in at.items()} == expected_at
+    assert not set(before.stopped) & set(after.stopped)  # nobody was stopped twice
+
+
+def test_the_state_file_is_taken_up_after_unpickling_and_keeps_a_promoted_paused_trial_going(tmp_path):
+    path = tmp_path / "sync_halving.json"
+    scheduler = halving(num_samples=4, state_path=path)
+    pickled = pickle.dumps(scheduler)  # Tune pickles the scheduler into tuner.pkl when the Tuner is created
+    controller = FakeController(scheduler)
+    t0, t1, t2, t3 = start(controller, 4)
+    for trial, value in zip((t0, t2, t3, t1), (0.9, 0.1, 0.5, 0.3)):
+        controller.report(trial, 2, value)  # t0 and t3 promoted; t0 resumes, t3 waits to
+    t0.status = "RUNNING"
+    controller.report(t0, 3, 0.9)
+    restored = pickle.loads(pickled)  # the state of the pickle's time: empty
+    again = FakeController(restored)
+    for old in (t0, t2, t1, t3):
+        trial = FakeTrial(old.trial_id)
+        trial.status = "TERMINATED" if old.status == "TERMINATED" else "PENDING"
+        again.trials.append(trial)
+        restored.on_trial_add(again, trial)
+    assert restored.decisions() == {(0, 2): (0, 3)} and restored.stopped == {1: 2, 2: 2}
+    new = {t.trial_id: t for t in again.trials}
+    new["t0"].status = new["t3"].status = "RUNNING"
+    assert again.report(new["t3"], 3, 0.5) == CONTINUE  # promoted while paused: it goes on
+    assert again.report(new["t3"], 4, 0.5) == PAUSE  # rung 4 waits for t0
+    assert again.report(new["t0"], 4, 0.2) == STOP
+    assert again.stopped == ["t0"] and restored.decisions() == {(0, 2): (0, 3), (0, 4): (3,)}
+
+
+def test_restored_trials_paused_on_an_undecided_rung_are_paused_again_and_settled_when_it_is_decided(tmp_path):
+    path = tmp_path / "sync_halving.json"
+    scheduler = halving(num_samples=4, state_path=path)
+    controller = FakeController(scheduler)
+    t0, t1, t2, t3 = start(controller, 4)
+    controller.report(t0, 2, 0.9)
+    controller.report(t1, 2, 0.1)  # both paused on rung 2; then Tune's state is saved and the run cut
+    restored = halving(num_samples=4, state_path=path)
+    again = FakeController(restored)
+    trials = {}
+    for trial_id in ("t3", "t1", "t2", "t0"):  # Tune re-adds them all PENDING
+        trials[trial_id] = FakeTrial(trial_id)
+        again.trials.append(trials[trial_id])
+        restored.on_trial_add(again, trials[trial_id])
+    assert {t: trial.status for t, trial in trials.items()} == {"t3": "PENDING", "t1": "PAUSED", "t2": "PENDING",
+                                                                 "t0": "PAUSED"}
+    assert again.search_alg.searcher.calls == [("unpause", "t3"), ("pause", "t1"), ("unpause", "t2"),
+                                               ("pause", "t0")]
+    assert restored.choose_trial_to_run(again) is trials["t3"]  # the pending ones; the paused wait
+    trials["t3"].status = trials["t2"].status = "RUNNING"
+    assert again.report(trials["t2"], 2, 0.5) == PAUSE
+    assert again.report(trials["t3"], 2, 0.2) == STOP  # the rung: 0.9 (t0) and 0.5 (t2) go on
+    assert again.stopped == ["t1", "t3"] and trials["t1"].status == "TERMINATED"  # the paused loser: unstarted
+    assert restored.decisions() == {(0, 2): (0, 2)} and restored.stopped == {1: 2, 3: 2}
+    assert restored.choose_trial_to_run(again) is trials["t0"]
+
+
+def test_a_trial_the_state_file_knows_but_tune_did_not_re_add_is_dropped(tmp_path):
+    path = tmp_path / "sync_halving.json"
+    scheduler = halving(num_samples=4, state_path=path)
+    controller = FakeController(scheduler)
+    t0, t1, t2 = start(controller, 3)
+    controller.report(t0, 2, 0.9)
+    controller.report(t1, 2, 0.1)
+    controller.report(t2, 2, 0.5)
+    controller.add("t3")  # (Tune's experiment state was saved before t3 came)
+    restored = halving(num_samples=4, state_path=path)
+    again = FakeController(restored)
+    for trial_id in ("t0", "t1", "t2"):
+        trial = FakeTrial(trial_id)
+        again.trials.append(trial)
+        restored.on_trial_add(again, trial)
+    fresh = again.add("t9")  # the searcher's next trial takes the free number 3
+    assert restored._number["t9"] == 3 and "t3" not in restored._number
+    fresh.status = "RUNNING"
+    assert again.report(fresh, 2, 0.3) == STOP
+    assert restored.decisions() == {(0, 2): (0, 2)} and again.stopped == ["t1", "t9"]
+
+
+def test_a_state_file_of_other_settings_is_refused(tmp_path):
+    path = tmp_path / "sync_halving.json"
+    start(FakeController(halving(num_samples=4, state_path=path)), 2)
+    with pytest.raises(ValueError, match="remove the file"):
+        halving(num_samples=5, state_path=path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a SyncHalving state file"):
+        halving(num_samples=4, state_path=path)
+
+
 def test_bad_settings_name_the_setting_and_what_is_valid():
     with pytest.raises(ValueError, match=r"reduction_factor: got 1; expected a number > 1"):
         SyncHalving(num_samples=2, max_t=4, reduction_factor=1)

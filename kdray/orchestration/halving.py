@@ -25,11 +25,20 @@ counting the paused ones (Tune's `ConcurrencyLimiter` counts a paused trial as r
 bracket larger than the cap waiting forever on trials never started).
 
 Both hold trial ids, numbers and values only (no controller, no Trial objects), so Tune can pickle them.
+
+Tune 2.60 does not save the scheduler with the experiment (it pickles it once, into `tuner.pkl`, when the Tuner is
+created), and a restored experiment re-adds its trials ordered by their last result's time. `SyncHalving` given a
+`state_path` therefore keeps its own state there, a small JSON file rewritten (atomically) whenever it changes: the
+trials' numbers, each rung's records and decision, the trials that left. A scheduler built on (or unpickled
+next to) that file takes it up again: a restored trial keeps its number whatever order it is re-added in, the
+ended ones count as left, the decisions taken stand, and a restored trial that was paused on a rung is paused
+again (Tune re-adds it PENDING): still waiting, it waits; promoted, it resumes; a loser, it is stopped unstarted.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -71,6 +80,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _set_status(trial, status: str) -> None:
+    """A trial's status, before Tune files it (on_trial_add runs before add_trial sorts the trial by status)."""
+    if callable(getattr(trial, "set_status", None)):
+        trial.set_status(status)
+    else:
+        trial.status = status
+
+
 def _searcher_hook(tune_controller, hook: str, trial_id: str) -> None:
     """Tell the sweep's searcher (BracketGate, maybe inside a ConcurrencyLimiter) that a trial paused or resumed:
     Ray's own hook for this (`on_pause`/`on_unpause`, as its BOHB scheduler uses them)."""
@@ -93,13 +110,16 @@ class SyncHalving(FIFOScheduler):
             capped by the searcher, `BracketGate`).
         time_attr: the reported progress key (the iteration, not Tune's training_iteration).
         metric, mode: usually set by Tune from the TuneConfig.
+        state_path: a JSON file the scheduler keeps its state in (read back when it exists: a restored sweep);
+            None: in memory only.
     """
 
     _supports_buffered_results = False  # one result at a time: a PAUSE must land on the result that reached a rung
 
     def __init__(self, *, num_samples: int, max_t: int, grace_period: float = 1, reduction_factor: float = 2,
                  bracket_size: int | None = None, max_concurrent: int | None = None,
-                 time_attr: str = contract.ITERATION, metric: str | None = None, mode: str | None = None):
+                 time_attr: str = contract.ITERATION, metric: str | None = None, mode: str | None = None,
+                 state_path: str | os.PathLike | None = None):
         _positive_int("num_samples", num_samples)
         _positive_int("bracket_size", bracket_size, allow_none=True)
         _positive_int("max_concurrent", max_concurrent, allow_none=True)
@@ -129,6 +149,109 @@ class SyncHalving(FIFOScheduler):
         self._paused: set[str] = set()  # paused on an undecided rung
         self._resume: set[str] = set()  # promoted while paused: handed back by choose_trial_to_run
         self.stopped: dict[int, float] = {}  # number -> the rung (iterations) it was stopped at, for the record
+        self.state_path = os.fspath(state_path) if state_path is not None else None
+        self._written: str | None = None  # the state last written to state_path
+        self._loaded = False  # state_path read (at construction, or at first use after unpickling)
+        self._reconcile_due = False  # loaded from a file: Tune is re-adding the restored trials
+        self._ensure_loaded()
+
+    # the state file --------------------------------------------------------------------------------------------
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._loaded, self._written = False, None  # the file (if any) is newer than the pickle: read it at first use
+
+    def _settings(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "bracket_size": self.bracket_size,
+                "milestones": list(self.milestones)}
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "settings": self._settings(),
+            "numbers": self._number,
+            "levels": self._level,
+            "latest": {t: list(latest) for t, latest in sorted(self._latest.items())},
+            "records": [[b, r, [[n, v] for n, v in sorted(values.items())]]
+                        for (b, r), values in sorted(self._records.items())],
+            "promoted": [[b, r, list(kept)] for (b, r), kept in sorted(self._promoted.items())],
+            "left": sorted(self._left),
+            "stopped": [[n, rung] for n, rung in sorted(self.stopped.items())],
+        }
+
+    def _save(self) -> None:
+        """Write the state to state_path when it changed: a temporary file next to it, then os.replace."""
+        if self.state_path is None:
+            return
+        text = json.dumps(self._state(), sort_keys=True)
+        if text == self._written:
+            return
+        folder = os.path.dirname(os.path.abspath(self.state_path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sync_halving.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self._written = text
+
+    def _ensure_loaded(self) -> None:
+        """Take up the state in state_path, once, when the file exists (it replaces what is in memory)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.state_path is None or not os.path.exists(self.state_path):
+            return
+        with open(self.state_path) as f:
+            text = f.read()
+        try:
+            state = json.loads(text)
+            settings = state["settings"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.state_path}: not a SyncHalving state file ({err})") from None
+        if settings != self._settings():
+            raise ValueError(f"{self.state_path}: the state of a SyncHalving with {settings}; this one has "
+                             f"{self._settings()} (remove the file to start the halving afresh)")
+        self._number = {t: int(n) for t, n in state["numbers"].items()}
+        self._ids = {n: t for t, n in self._number.items()}
+        self._level = {t: int(r) for t, r in state["levels"].items()}
+        self._records = {(b, r): {int(n): float(v) for n, v in values} for b, r, values in state["records"]}
+        self._promoted = {(b, r): tuple(kept) for b, r, kept in state["promoted"]}
+        self._left = set(state["left"])
+        self.stopped = {int(n): rung for n, rung in state["stopped"]}
+        self._latest = {t: (float(time), float(value)) for t, (time, value) in state["latest"].items()}
+        self._paused, self._resume = set(), set()  # Tune re-adds a paused trial PENDING: on_trial_add pauses it
+        self._written = text
+        self._reconcile_due = True
+        logger.info("SyncHalving: took up %s (%d trials, %d rungs decided)", self.state_path, len(self._number),
+                    len(self._promoted))
+
+    def _reconcile(self, tune_controller) -> None:
+        """Once, after a load, when Tune has re-added the restored trials: a trial the file knows that Tune did
+        not re-add (its experiment state was older than the file) is forgotten when it holds the last number and
+        recorded nothing, else it counts as left, so that no rung waits for it; then the re-added paused trials
+        whose rung is decided are resumed or stopped."""
+        if not self._reconcile_due:
+            return
+        self._reconcile_due = False
+        present = {t.trial_id for t in tune_controller.get_trials()}
+        for number in sorted((n for t, n in self._number.items() if t not in present), reverse=True):
+            trial_id = self._ids[number]
+            untouched = (number not in self._left and number not in self.stopped
+                         and not any(number in values for values in self._records.values()))
+            if untouched and number == len(self._number) - 1:
+                logger.warning("SyncHalving: trial %s (number %d) is not in the restored experiment: forgotten",
+                               trial_id, number)
+                del self._number[trial_id], self._ids[number], self._level[trial_id]
+            else:
+                logger.warning("SyncHalving: trial %s (number %d) is not in the restored experiment: it leaves",
+                               trial_id, number)
+                self._leave_id(tune_controller, trial_id)
+        self._settle(tune_controller, None)
 
     # Tune's settings -----------------------------------------------------------------------------------------
 
@@ -231,8 +354,27 @@ class SyncHalving(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         if self._metric is None or self._mode is None:
             raise ValueError("SyncHalving needs a metric and a mode: pass them to it or to tune.TuneConfig")
-        if trial.trial_id in self._number:  # re-added after a recovered failure: it keeps its number
+        self._ensure_loaded()
+        try:
+            self._add(tune_controller, trial)
+        finally:
+            self._save()
+
+    def _add(self, tune_controller, trial: Trial) -> None:
+        trial_id = trial.trial_id
+        if trial_id in self._number and not self._reconcile_due:  # re-added after a recovered failure
+            return  # (it left on the error): it keeps its number
+        if trial_id in self._number:  # re-added by a restored experiment: it keeps its number
+            if trial.status in (_TERMINATED, _ERROR):  # ended, it leaves
+                self._leave_id(tune_controller, trial_id)
+            elif self._advance(trial_id) == TrialScheduler.CONTINUE:  # it runs on from its checkpoint
+                _searcher_hook(tune_controller, "on_unpause", trial_id)
+            else:  # it was paused on a rung (Tune re-adds it PENDING): paused again, _reconcile settles it
+                _set_status(trial, _PAUSED)
+                self._paused.add(trial_id)
+                _searcher_hook(tune_controller, "on_pause", trial_id)
             return
+        self._reconcile(tune_controller)  # a new trial: every restored one was re-added before it
         number = len(self._number)
         self._number[trial.trial_id], self._ids[number] = number, trial.trial_id
         self._level[trial.trial_id] = 0
@@ -244,6 +386,14 @@ class SyncHalving(FIFOScheduler):
             self._left.add(number)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        self._ensure_loaded()
+        self._reconcile(tune_controller)
+        try:
+            return self._result(tune_controller, trial, result)
+        finally:
+            self._save()
+
+    def _result(self, tune_controller, trial: Trial, result: dict) -> str:
         trial_id = trial.trial_id
         if trial_id not in self._number:
             return TrialScheduler.CONTINUE
@@ -269,17 +419,25 @@ class SyncHalving(FIFOScheduler):
         return action
 
     def _leave(self, tune_controller, trial: Trial) -> None:
+        self._ensure_loaded()
+        self._reconcile(tune_controller)
+        try:
+            self._leave_id(tune_controller, trial.trial_id)
+        finally:
+            self._save()
+
+    def _leave_id(self, tune_controller, trial_id: str) -> None:
         """The trial errored, ended or was stopped: it leaves the population of every rung not decided yet."""
-        number = self._number.get(trial.trial_id)
+        number = self._number.get(trial_id)
         if number is None or number in self._left:
             return
         self._left.add(number)
-        self._paused.discard(trial.trial_id)
-        self._resume.discard(trial.trial_id)
+        self._paused.discard(trial_id)
+        self._resume.discard(trial_id)
         bracket = self.bracket_of(number)
-        rung = self._level.get(trial.trial_id, 0)
+        rung = self._level.get(trial_id, 0)
         if rung < len(self.milestones) and self._decide(bracket, rung):
-            self._settle(tune_controller, trial.trial_id)
+            self._settle(tune_controller, trial_id)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
         self._leave(tune_controller, trial)
@@ -293,6 +451,10 @@ class SyncHalving(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         """A pending trial first (Tune starts those anyway), then a promoted paused one, lowest number first,
         while fewer than `max_concurrent` trials run."""
+        self._ensure_loaded()
+        if self._reconcile_due:
+            self._reconcile(tune_controller)
+            self._save()
         trials = tune_controller.get_trials()
         for trial in trials:
             if trial.status == _PENDING:
@@ -305,6 +467,7 @@ class SyncHalving(FIFOScheduler):
 
     def decisions(self) -> dict[tuple[int, float], tuple[int, ...]]:
         """(bracket, rung in iterations) -> the trial numbers promoted there."""
+        self._ensure_loaded()
         return {(b, self.milestones[r]): kept for (b, r), kept in sorted(self._promoted.items())}
 
     def debug_string(self) -> str:

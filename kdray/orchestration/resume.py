@@ -151,7 +151,7 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
     if space.kind == "search":
         from kdray.orchestration.sampler import sampler_description
 
-        tags.update(sampler_description(space.seed))
+        tags.update(sampler_description(space.seed, space.sampler))
     parent = tracker.start_run(f"sweep-{sweep_id}", tags)
     state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
              "job_data": to_dict(plan.base), "space_path": str(Path(plan.space_path).resolve()),

@@ -21,15 +21,15 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from kdray import contract
-from kdray.orchestration.sampler import tpe_sampler
+from kdray.orchestration.sampler import make_sampler
 
 
 class KdraySearch(OptunaSearch):
-    """`OptunaSearch` with the TPE sampler of `kdray.orchestration.sampler` and the trial states of the module
-    docstring."""
+    """`OptunaSearch` with a sampler of `kdray.orchestration.sampler` (TPE unless `sampler="random"`) and the trial
+    states of the module docstring."""
 
-    def __init__(self, *, seed: int, **kwargs: Any):
-        super().__init__(sampler=tpe_sampler(seed), **kwargs)
+    def __init__(self, *, seed: int, sampler: str = "tpe", **kwargs: Any):
+        super().__init__(sampler=make_sampler(sampler, seed), **kwargs)
         self._reported: dict[str, set[int]] = {}  # trial id -> the iterations told as intermediate values
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -69,10 +69,12 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return {}
 
 
-def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = None, study_name: str = "kdray"):
+def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = None, study_name: str = "kdray",
+                halving_state: str | None = None):
     """Tune's settings for the space: a grid of rows x seeds, or Optuna (its study in `storage`, a database URL,
     under `study_name`; in memory when None) with ASHA, or synchronous halving behind a BracketGate, when the
-    space asks."""
+    space asks (its state kept in the file `halving_state`, for a restore: Tune does not save the scheduler; a
+    file already there is from an experiment Tune never saved, and is removed)."""
     from ray import tune
 
     if space.kind == "ablation":
@@ -80,6 +82,7 @@ def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = 
     from kdray.orchestration.search import KdraySearch
 
     search = KdraySearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, seed=space.seed,
+                         sampler=space.sampler,
                          points_to_evaluate=space.points_to_evaluate or None, study_name=study_name,
                          storage=study_storage(storage) if storage else None)
     scheduler = None
@@ -95,9 +98,11 @@ def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = 
 
         grace = min(space.scheduler.grace_period * job.optim.eval_interval, job.optim.iterations)
         bracket = min(space.scheduler.bracket or space.num_samples, space.num_samples)
+        if halving_state:  # a new experiment: tune_config is not called for a restored one
+            Path(halving_state).unlink(missing_ok=True)
         scheduler = SyncHalving(num_samples=space.num_samples, max_t=job.optim.iterations, grace_period=grace,
                                 reduction_factor=space.scheduler.reduction_factor, bracket_size=bracket,
-                                max_concurrent=limit)
+                                max_concurrent=limit, state_path=halving_state)
         search = BracketGate(search, bracket, max_concurrent=limit)  # Tune's ConcurrencyLimiter defers to it
     return tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
                            num_samples=space.num_samples, max_concurrent_trials=limit)
@@ -235,7 +240,7 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
         if space.kind == "search":
             storage = study_storage or request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
             tracker.set_tags(context.parent_run_id, {contract.STUDY_STORAGE: storage})
-        config = tune_config(space, plan.job, limit, storage, study_name=f"sweep-{context.sweep_id}")
+        config = tune_config(space, plan.job, limit, storage, f"sweep-{context.sweep_id}", f"{path}/sync_halving.json")
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
