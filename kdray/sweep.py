@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(outcome))
     if outcome.report_markdown:
         print(f"\n{outcome.report_markdown}\nreport files: {outcome.sweep_dir / 'report'}")
+    if outcome.verdict:  # a confirmed search: the winner by its mean over seeds, and whether its gains are noise
+        print(f"\n{outcome.verdict}")
     print(f"\nMLflow: mlflow ui --backend-store-uri {outcome.tracking_uri}   (experiment {outcome.experiment!r})")
     if outcome.interrupted:
         print(f"resume with: python -m kdray.sweep --resume {outcome.sweep_dir}")

@@ -661,3 +661,138 @@ def test_a_real_sweep_pauses_and_resumes_trials_under_sync_halving(tmp_path, tea
     assert any(resumed[t] == "2" for t in finished)  # at least one promoted trial paused at the rung
     assert all(status[t] == "FINISHED" for t in finished)
     assert all(resumed[t] is None for t in status if t not in finished)  # the stopped never came back
+
+
+_RESTORE_JOB = '''"""A seeded search under SyncHalving (6 samples, 3 at once, grace 2, eta 2, max_t 8), its
+halving state in the experiment folder: run as a script, it runs the search `argv[2]` under the folder `argv[1]`."""
+import json
+import os
+import sys
+import tempfile
+from functools import partial
+
+from ray import tune
+
+from kdray import contract
+from kdray.orchestration.halving import BracketGate, SyncHalving
+from kdray.orchestration.search import KdraySearch
+from kdray.space import Dimension, sample_config
+
+
+def make_trainable():
+    def trainable(config):  # a local function: Ray ships it by value to its workers
+        import random as rnd
+        import time as clock
+
+        start_at, checkpoint = 0, tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder, open(os.path.join(folder, "state.json")) as f:
+                start_at = json.load(f)["iteration"]
+        for iteration in range(start_at + 1, 9):
+            clock.sleep(rnd.uniform(0.0, 0.3))
+            with tempfile.TemporaryDirectory() as folder:
+                with open(os.path.join(folder, "state.json"), "w") as f:
+                    json.dump({"iteration": iteration}, f)
+                tune.report({contract.VAL_MIOU: config["x"] * (1 + iteration / 8), contract.ITERATION: iteration,
+                             contract.ITERATIONS_TOTAL: 8, "restored_from": start_at},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+
+    return trainable
+
+
+def tuner(storage, name):
+    space = partial(sample_config, dimensions=(Dimension("x", "uniform", (0.0, 1.0)),))
+    search = KdraySearch(space=space, metric=contract.VAL_MIOU, mode="max", seed=3)
+    scheduler = SyncHalving(num_samples=6, max_t=8, grace_period=2, reduction_factor=2, max_concurrent=3,
+                            state_path=os.path.join(storage, name + ".sync_halving.json"))
+    config = tune.TuneConfig(metric=contract.VAL_MIOU, mode="max", search_alg=BracketGate(search, 6),
+                             scheduler=scheduler, num_samples=6, max_concurrent_trials=3)
+    return tune.Tuner(make_trainable(), tune_config=config,
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+
+
+if __name__ == "__main__":
+    import ray
+
+    ray.init(num_cpus=3, log_to_driver=False)
+    tuner(sys.argv[1], sys.argv[2]).fit()
+'''
+
+
+def _last_iterations(grid) -> dict[float, int]:
+    return {round(r.config["x"], 12): int(r.metrics[contract.ITERATION]) for r in grid}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_through_tune_a_sweep_cut_mid_bracket_and_restored_stops_the_trials_an_uninterrupted_one_stops(tmp_path):
+    """The search runs in a subprocess until 3 trials wait on the first rung, gets Ctrl+C (Tune saves its state),
+    and is restored here with Tuner.restore(resume_unfinished, resume_errored): the scheduler, fresh from
+    tuner.pkl, takes up its state file; the same trials end at the same iterations as in a run not cut."""
+    import importlib.util
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+    from ray import tune
+
+    script = tmp_path / "halving_job.py"
+    script.write_text(_RESTORE_JOB)
+    spec = importlib.util.spec_from_file_location("halving_job", script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    state_file = tmp_path / "cut.sync_halving.json"  # beside the experiment folder, not in it (see SyncHalving)
+    log = tmp_path / "cut.log"
+    began = time.monotonic()
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, str(script), str(tmp_path), "cut"], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                                  start_new_session=True)
+        at_cut = None
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and driver.poll() is None:
+                time.sleep(0.05)
+                if state_file.exists():
+                    state = json.loads(state_file.read_text())
+                    first_rung = [values for b, r, values in state["records"] if (b, r) == (0, 0)]
+                    if first_rung and len(first_rung[0]) >= 3 and not state["promoted"]:
+                        at_cut = state
+                        break
+            assert at_cut is not None, log.read_text()[-3000:]
+            os.kill(driver.pid, signal.SIGINT)  # Ctrl+C: Tune saves the experiment's state and returns
+            driver.wait(timeout=90)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+    cut_s = time.monotonic() - began
+    after_cut = json.loads(state_file.read_text())
+    assert len(after_cut["left"]) < 6, after_cut  # the sweep did not end before the cut
+    ray.init(num_cpus=3, log_to_driver=False)
+    try:
+        began = time.monotonic()
+        restored = tune.Tuner.restore(str(tmp_path / "cut"), trainable=job.make_trainable(),
+                                      resume_unfinished=True, resume_errored=True)
+        resumed = _last_iterations(restored.fit())
+        restore_s = time.monotonic() - began
+        began = time.monotonic()
+        whole = _last_iterations(job.tuner(str(tmp_path), "whole").fit())
+        whole_s = time.monotonic() - began
+    finally:
+        ray.shutdown()
+    final = json.loads(state_file.read_text())
+    uncut = json.loads((tmp_path / "whole.sync_halving.json").read_text())
+    print(f"\ncut after {cut_s:.1f} s with records {at_cut['records']}, numbers {at_cut['numbers']}"
+          f"\nafter the cut: promoted {after_cut['promoted']}, left {after_cut['left']}"
+          f"\nrestored: {restore_s:.1f} s {resumed}; final promoted {final['promoted']}"
+          f"\nuninterrupted: {whole_s:.1f} s {whole}")
+    assert set(final["numbers"].items()) >= set(after_cut["numbers"].items())  # the numbers stood
+    assert (final["promoted"], final["stopped"]) == (uncut["promoted"], uncut["stopped"])
+    assert resumed == whole
+    xs = sorted(whole, reverse=True)
+    assert [whole[x] for x in xs] == [8, 8, 4, 2, 2, 2]

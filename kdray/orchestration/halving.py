@@ -111,7 +111,9 @@ class SyncHalving(FIFOScheduler):
         time_attr: the reported progress key (the iteration, not Tune's training_iteration).
         metric, mode: usually set by Tune from the TuneConfig.
         state_path: a JSON file the scheduler keeps its state in (read back when it exists: a restored sweep);
-            None: in memory only.
+            None: in memory only. Keep it out of the top level of Tune's experiment folder: a restore copies the
+            `.json`/`.pkl` files there into Tune's driver staging folder and uploads them back at each experiment
+            checkpoint, putting the restored (older) copy over the one the scheduler keeps writing.
     """
 
     _supports_buffered_results = False  # one result at a time: a PAUSE must land on the result that reached a rung

@@ -16,6 +16,7 @@ from typing import Any
 
 from kdray.config import AUTO, Job, job_from_dict, override, parse_override, read_yaml
 from kdray.data.registry import dataset_spec
+from kdray.data.tune_split import summarize_tune_split, tune_split_on
 from kdray.engine.inputs import check_losses, check_teacher_training, check_weights, open_splits
 from kdray.errors import CheckpointError, ConfigError, DataError, PreflightError, ResourceError
 from kdray.orchestration.confirm import TUNE_SPLIT_OFF, add_baseline_row, ce_only_overrides
@@ -307,6 +308,11 @@ def dry_run(request: SweepRequest) -> list[str]:
               f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "
               f"{job.data.batch_size // job.run.workers}"]
     lines += plan_lines(space, job)
+    if tune_split_on(job.data):
+        t, held = job.data.tune_split, summarize_tune_split(job.data)
+        lines.append(f"  tuning split: {100 * t.fraction:g}% of the training split held out ({held.tune_size} "
+                     f"images, seed {t.seed}, digest {held.digest[:12]}): the trials train on {held.train_size} "
+                     "and are scored there, not on val")
     if space.kind == "search":
         lines.append(f"  {describe_confirmation(space, job)}")
     asks = {}

@@ -74,7 +74,8 @@ def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = 
     """Tune's settings for the space: a grid of rows x seeds, or Optuna (its study in `storage`, a database URL,
     under `study_name`; in memory when None) with ASHA, or synchronous halving behind a BracketGate, when the
     space asks (its state kept in the file `halving_state`, for a restore: Tune does not save the scheduler; a
-    file already there is from an experiment Tune never saved, and is removed)."""
+    file already there is from an experiment Tune never saved, and is removed; keep it out of the experiment
+    folder, see SyncHalving)."""
     from ray import tune
 
     if space.kind == "ablation":
@@ -240,7 +241,7 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
         if space.kind == "search":
             storage = study_storage or request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
             tracker.set_tags(context.parent_run_id, {contract.STUDY_STORAGE: storage})
-        config = tune_config(space, plan.job, limit, storage, f"sweep-{context.sweep_id}", f"{path}/sync_halving.json")
+        config = tune_config(space, plan.job, limit, storage, f"sweep-{context.sweep_id}", f"{path}.sync_halving.json")
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
