@@ -269,6 +269,20 @@ def write_yaml(path: Path, data: dict[str, Any]) -> str:
     return str(path)
 
 
+def start_ray() -> None:
+    """An embedded Ray as `kdray sweep` starts one (quiet, its workers pinned to it: `tune_setup.PINNED`); every
+    sweep of the benchmark runs on it. Nothing when RAY_ADDRESS names a cluster."""
+    import ray
+
+    from kdray.orchestration.progress import quiet_ray_output
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    from kdray.orchestration.tune_setup import PINNED
+
+    ray.init(log_to_driver=False, runtime_env=PINNED, **quiet_ray_output(False, local=True))
+
+
 def sweep(job: str, space: str, overrides: list[str], uri: str, log):
     """One sweep through kdray's own entry; the outcome (stops the benchmark when a sweep was interrupted)."""
     from kdray.orchestration.sweep import SweepRequest, run_sweep
@@ -408,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = yaml.safe_load(Path(args.space).read_text())
     cpus = round(min(0.9, 0.9 * (os.cpu_count() or 1) / args.concurrent), 2)
-    fixed = {**(demo.get("overrides") or {}), "run.workers": 1, "run.cpus_per_worker": cpus, "run.threads": 1}
+    # only the demo space's knobs: not its overrides (its tuning split: every score here is on val, as the grid's)
+    fixed = {"run.workers": 1, "run.cpus_per_worker": cpus, "run.threads": 1}
     spaces = out / "spaces"
     shape = (f"job {args.job} ({job.name}): {iterations} iterations, evaluation every {eval_interval}; grid "
              f"{args.grid} = {len(rows)} points x 1 seed, budget B = {budget} trial-iterations; {args.reps} "
@@ -422,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return lambda line: print(f"[{prefix}] {line}", flush=True)
 
     t_start = time.perf_counter()
+    start_ray()
     grid_space = write_yaml(spaces / "grid.yaml", {
         "name": "efficiency-grid", "seeds": [0], "max_concurrent_trials": args.concurrent, "overrides": fixed,
         "rows": [{"name": name, "set": settings} for name, settings in rows]})

@@ -57,7 +57,20 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, **kwargs)
     else:
-        ray.init(log_to_driver=False, **kwargs)
+        ray.init(log_to_driver=False, runtime_env=PINNED, **kwargs)
+
+
+def pin_ray_address() -> None:
+    """Ray's worker setup hook: every worker of an embedded Ray names its own cluster in RAY_ADDRESS. Ray
+    Train's placement-group cleaner looks the cluster up without an address, which fails ("Found multiple active
+    Ray instances") when another Ray runs on the same machine; the finished trials' CPUs are then never given
+    back and the sweep waits forever for its next trial."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+PINNED = {"worker_process_setup_hook": pin_ray_address}  # ray.init(runtime_env=...) of an embedded Ray
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
