@@ -556,9 +556,10 @@ def test_search_summary_ranks_by_the_confirmed_mean(clear_tables):
 def test_the_verdict_when_the_gains_exceed_the_seed_noise(clear_tables):
     verdict = clear_tables["search_summary"].notes[0]
     win, ce, second = (CLEAR[k][3] for k in (S2, CE_ROW, S1))
-    assert verdict.startswith(f"Winner: {S2} (KD+I2CKD, search trial t_1): ")
+    assert verdict.startswith(f"Winner: {S2} (KD+I2CKD): ")
     mean, std = np.mean(win), np.std(win, ddof=1)
-    assert f"{100 * mean:.2f} ± {100 * std:.2f} mIoU (n=4) confirmed; search score 74.00." in verdict
+    assert f"{100 * mean:.2f} ± {100 * std:.2f} mIoU (n=4) confirmed on val; search score 74.00 (one seed, " \
+           "tune split)." in verdict
     over_ce, over_second = verdict.split(" Over ")[1:]
     p_ce, p_second = float(scipy_welch(win, ce).pvalue), float(scipy_welch(win, second).pvalue)
     assert p_ce < 0.05 and p_second < 0.05
@@ -579,7 +580,7 @@ def test_the_verdict_when_the_gains_are_within_the_seed_noise(store):
     win, ce, second = (NOISY[k][3] for k in (S2, CE_ROW, S1))
     p_ce, p_second = float(scipy_welch(win, ce).pvalue), float(scipy_welch(win, second).pvalue)
     assert p_ce > 0.2 and p_second > 0.2
-    assert verdict.startswith(f"Winner: {S2} (KD+I2CKD, search trial t_1)")
+    assert verdict.startswith(f"Winner: {S2} (KD+I2CKD)")
     assert f"within the seed noise (Welch's t-test, p = {p_ce:.3f} ≥ 0.05)" in verdict
     assert f"within the seed noise (Welch's t-test, p = {p_second:.3f} ≥ 0.05)" in verdict
     assert verdict.index("the CE-only student") < verdict.index(f"the runner-up {S1}")

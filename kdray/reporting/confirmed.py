@@ -85,7 +85,7 @@ def _p_text(test: WelchTest | None) -> str:
     return f"{test.p:.3f}" + (" *" if test.significant else "")
 
 
-def verdict(rows: list[ConfirmedRow]) -> str | None:
+def verdict(rows: list[ConfirmedRow], split: str = "val") -> str | None:
     """The winner (the best confirmed searched configuration) in one paragraph, with its gains over the CE-only
     student and over the runner-up and whether each exceeds the seed noise; None without a confirmed row."""
     ranked = [row for row in rows if row.search_trial and row.group.mean is not None]
@@ -93,8 +93,8 @@ def verdict(rows: list[ConfirmedRow]) -> str | None:
         return None
     win = ranked[0]
     ce = next((row for row in rows if row.is_ce and row.group.mean is not None), None)
-    text = (f"Winner: {win.row} ({win.method or DASH}, search trial {win.search_trial}): "
-            f"{_cell(win)} confirmed; search score {pct(win.search_score)}.")
+    text = (f"Winner: {win.row} ({win.method or DASH}): {_cell(win)} confirmed on val; search score "
+            f"{pct(win.search_score)} (one seed, {split}).")
     if ce is not None:
         text += " " + _gain("the CE-only student", win, ce, welch_t_test(win.values, ce.values))
         if ce.group.mean > win.group.mean:
@@ -149,7 +149,7 @@ def confirmed_table(confirm: SweepData, search: SweepData, value: str) -> tuple[
                f"at {describe_value(value)}; beside it, the single-seed score the search selected them by "
                f"({split}). vs CE-only: difference of means; p: Welch's t-test, two-sided (* p < {ALPHA}).")
     notes = []
-    text = verdict(rows)
+    text = verdict(rows, split)
     if text:
         notes.append(text)
     if any(row.search_stopped for row in rows):
