@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.extend is not None and args.resume is None:
         parser.error("--extend N adds trials to an existing sweep: name it with --resume [SWEEP_DIR]")
+    if args.resume is not None and args.space is not None:
+        parser.error("--resume continues a sweep with the space it started with (a copy is kept in its folder); "
+                     "--space is refused here: start a new sweep to use another space")
     if args.dry_run:
         print("\n".join(dry_run(request)))
         return 0

@@ -632,3 +632,50 @@ def test_write_report_returns_the_verdict(store, tmp_path):
     assert result.verdict == summary.notes[0] and result.verdict.startswith(f"Winner: {S2}")
     assert result.verdict in result.markdown
     assert cells(summary)["1"]["Row"] == S2
+
+
+def _row(name, values, trial=None, method="KD"):
+    from kdray.reporting.confirmed import ConfirmedRow
+    from kdray.reporting.groups import Group
+
+    mean = float(np.mean(values))
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    group = Group((name,), 0, mean, std, len(values), False, {"finished": len(values)}, None, None,
+                  tuple(range(len(values))), ())
+    return ConfirmedRow(name, "CE" if trial is None else method, group, list(values), trial, 1 if trial else None,
+                        0.5, False, 600)
+
+
+def test_a_searched_configuration_the_ce_student_beats_is_not_called_the_winner():
+    from kdray.reporting.confirmed import verdict
+
+    rows = [_row(CE_ROW, [0.30, 0.31, 0.32]), _row("Search #1 (t_1)", [0.20, 0.22, 0.21], "t_1"),
+            _row("Search #2 (t_2)", [0.18, 0.19, 0.20], "t_2")]
+    text = verdict(rows, "tune split")
+    assert text.startswith("Best searched configuration: Search #1 (t_1) (KD): ") and "Winner" not in text
+    assert "No searched configuration beats the CE-only student on average." in text
+    assert "search score 50.00 (one seed, tune split)" in text
+    wins = verdict([_row(CE_ROW, [0.1, 0.12, 0.11]), rows[1]], "val")
+    assert wins.startswith("Winner: Search #1 (t_1) (KD): ") and "beats" not in wins
+
+
+def test_one_seed_rows_show_the_difference_to_the_ce_student_untested(tmp_path):
+    """With one seed per row (a search without `confirm` extended, a smoke test) the difference is still shown;
+    the p value is `—`."""
+    from kdray.reporting.confirmed import confirmed_table
+    from kdray.reporting.write import stage_views
+
+    store = Store(tmp_path / "mlflow.db")
+    eid = store.client.create_experiment("one", artifact_location=store.artifacts)
+    store.run(eid, {contract.KIND: "sweep", contract.SWEEP_ID: "o-1", contract.SPACE_KIND: "search"})
+    store.run(eid, trial_tags("o-1", "t_1", "KD", 0, **{contract.STAGE: "search"}), [0.3, 0.4, 0.5])
+    store.run(eid, trial_tags("o-1", "c_0", "CE", 0, **{contract.STAGE: "confirm", contract.ROW: CE_ROW,
+                                                         contract.ROW_INDEX: "0"}), [0.3, 0.35, 0.4])
+    store.run(eid, trial_tags("o-1", "c_1", "KD", 0, **{contract.STAGE: "confirm", contract.ROW: "Search #1 (t_1)",
+                                                         contract.ROW_INDEX: "1", contract.CONFIRMS: "t_1"}),
+              [0.3, 0.4, 0.45])
+    confirm, searched = stage_views(read_sweep(store.uri, "one", "o-1"))
+    table, text = confirmed_table(confirm, searched, "last")
+    cells = {row[1]: dict(zip(table.header, row)) for row in table.rows}
+    assert cells["Search #1 (t_1)"]["vs CE-only (pp)"] == "+5.00" and cells["Search #1 (t_1)"]["p (Welch)"] == "—"
+    assert "not tested" in text

@@ -548,3 +548,60 @@ def test_a_worker_failure_reason_is_the_workers_own_exception_not_trains_truncat
                             0: UserExceptionWithTraceback(first, "Traceback ...")})
     assert worker_reason(err) == f"PreflightError: {first}"
     assert worker_reason(RuntimeError("a\nkdray.errors.DataError: label value 9")) == "DataError: label value 9"
+
+
+# --- the confirmation stage's neighbours: --extend, --resume, the tuning split in an ablation ------------------
+
+def _ended_sweep(tmp_path: Path, kind: str = "search") -> Path:
+    """A sweep folder as a finished sweep leaves it (its state file and its space's copy), nothing run."""
+    folder = tmp_path / "sweep-1"
+    (folder / "space").mkdir(parents=True)
+    copy = folder / "space" / "space.yaml"
+    source = Path(DEMO_SPACE).read_text() if kind == "search" else \
+        yaml.safe_dump({"name": "abl", "seeds": [0], "rows": [{"name": "CE"}]})
+    copy.write_text(source)
+    state = {"sweep_id": "1", "parent_run_id": "p", "space_path": str(copy), "space_file": str(copy),
+             "ended": "2 finished", "stages": [{"name": kind if kind == "search" else "ablation", "folder": "tune",
+                                                "ended": True}]}
+    (folder / "kdray_sweep.json").write_text(json.dumps(state))
+    return folder
+
+
+@pytest.mark.parametrize("n", [0, -2])
+def test_extend_counts_at_least_one_trial(tmp_path, n):
+    from kdray.orchestration.resume import load_state
+
+    with pytest.raises(ConfigError, match=rf"--extend {n}: expected a number of trials >= 1"):
+        load_state(request(DEMO_SPACE, resume=str(_ended_sweep(tmp_path)), extend=n))
+
+
+def test_extend_appends_a_search_stage_seeded_anew_and_an_ablation_has_none(tmp_path):
+    from kdray.orchestration.resume import load_state
+
+    state, _ = load_state(request(DEMO_SPACE, resume=str(_ended_sweep(tmp_path)), extend=3))
+    assert "ended" not in state
+    assert state["stages"][-1] == {"name": "search", "folder": "tune-extend1", "num_samples": 3, "seed": 1,
+                                   "extension": 1}
+    with pytest.raises(ConfigError, match="is an ablation .* no search to extend"):
+        load_state(request(DEMO_SPACE, resume=str(_ended_sweep(tmp_path / "a", "ablation")), extend=2))
+    with pytest.raises(ConfigError, match="ran to its end .* add --extend N"):
+        load_state(request(DEMO_SPACE, resume=str(_ended_sweep(tmp_path / "b"))))
+
+
+def test_resume_refuses_a_space_and_extend_needs_resume(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep_cli.main(["--resume", str(tmp_path), "--space", DEMO_SPACE, "--dry-run"])
+    assert exit_.value.code == 2 and "--space is refused here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        sweep_cli.main(["--extend", "2", "--dry-run"])
+    assert exit_.value.code == 2 and "name it with --resume" in capsys.readouterr().err
+
+
+def test_an_ablation_on_a_tuning_split_is_refused(tmp_path, teacher):
+    space = write(tmp_path / "abl.yaml", {"seeds": [0], "rows": [{"name": "CE"}, {"name": "KD", "set": {
+        "losses.kd.enabled": True}}]})
+    with pytest.raises(ConfigError, match=r"data.tune_split.fraction=0.1: .* is an ablation, whose tables would "
+                                          r"then be scored on held-out training images"):
+        dry_run(request(space, "data.tune_split.fraction=0.1", f"teacher.checkpoint={teacher}"))
+    assert any("tuning split" in line for line in dry_run(request(
+        demo_space(tmp_path), f"teacher.checkpoint={teacher}")))  # the demo search selects on one

@@ -236,10 +236,18 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
         space = load_space(resumed_space_file(state, sweep_dir), base)
         if state.get("num_samples"):
             space.num_samples = state["num_samples"]
+        if "confirm_settings" in state:  # as the sweep started (a smoke test's are cut): extensions confirm alike
+            kept = state["confirm_settings"]
+            space.confirm = Confirm(kept["top_k"], tuple(kept["seeds"])) if kept else None
         job, space_path = override(base, space.overrides), state["space_path"]
     else:
         base, job, space = prepare(request)
         space_path = request.space_path
+    if space.kind == "ablation" and tune_split_on(override(base, space.overrides).data):
+        raise ConfigError(f"data.tune_split.fraction={override(base, space.overrides).data.tune_split.fraction}: "
+                          f"{space_path} is an ablation, whose tables would then be scored on held-out training "
+                          "images, not on val; the tuning split is for a search (its confirmation stage reports on "
+                          "val): set data.tune_split.fraction=0 or leave it out")
     baseline = add_baseline_row(space, base) if space.kind == "ablation" else None
     jobs = trial_jobs(space, base)
     # an ablation needs the teacher when some row distils (trial_jobs gives the rows' jobs); a search may
@@ -300,7 +308,7 @@ def dry_run(request: SweepRequest) -> list[str]:
     local = not (request.address or os.environ.get("RAY_ADDRESS"))
     cluster = local_resources() if local else None
     lines = [f"resuming sweep {state['sweep_id']} from {sweep_dir}"] if state else []
-    if request.extend:
+    if request.extend is not None:
         lines.append(f"extending it by {request.extend} search trial(s) from its Optuna study, then confirming the "
                      "configurations that are then among the best and were not confirmed before")
     lines += [f"job {job.name}: student {job.student.arch} (width {job.student.width:g}), teacher "

@@ -83,11 +83,11 @@ def load_state(request: SweepRequest) -> tuple[dict[str, Any], Path]:
     if not file.is_file():
         raise ConfigError(f"--resume: {sweep_dir} is not a kdray sweep folder (no {STATE_FILE})")
     state = json.loads(file.read_text())
-    if state.get("ended") and not request.extend:
+    if state.get("ended") and request.extend is None:
         raise ConfigError(f"--resume: sweep {state['sweep_id']} ran to its end ({state['ended']}); --resume "
                           "continues an interrupted sweep: add --extend N to search N more trials, or start a new "
                           "sweep to run trials again")
-    if request.extend:
+    if request.extend is not None:
         extend_state(state, sweep_dir, request.extend)
     return state, sweep_dir
 
@@ -156,6 +156,8 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
     state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
              "job_data": to_dict(plan.base), "space_path": str(Path(plan.space_path).resolve()),
              "space_file": str(copy), "space_sha256": sha(space.source), "num_samples": space.num_samples,
+             "confirm_settings": ({"top_k": space.confirm.top_k, "seeds": list(space.confirm.seeds)}
+                                  if space.confirm is not None else None),
              "train_teacher": plan.train_teacher, "stages": [first_stage(space)]}
     if space.kind == "search":
         state["study_storage"] = request.study_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"

@@ -65,7 +65,7 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     else:  # reopened: how it ended last time no longer holds
         tracker.client.update_run(state["parent_run_id"], status="RUNNING")
         tracker.clear_tag(state["parent_run_id"], contract.FAILURE)
-        if request.extend:  # the extension's stage, recorded before anything runs (an interrupted one resumes)
+        if request.extend is not None:  # its stage recorded before anything runs (an interrupted one resumes)
             write_state(sweep_dir, state)
             tracker.set_tags(state["parent_run_id"],
                              {contract.TRIALS_PLANNED: str(planned_total(sweep_stages(state, plan.space), plan.space))})

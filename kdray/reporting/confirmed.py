@@ -86,18 +86,21 @@ def _p_text(test: WelchTest | None) -> str:
 
 
 def verdict(rows: list[ConfirmedRow], split: str = "val") -> str | None:
-    """The winner (the best confirmed searched configuration) in one paragraph, with its gains over the CE-only
+    """The winner (the best confirmed searched configuration; called the best searched configuration when the
+    CE-only student beats it) in one paragraph, with its gains over the CE-only
     student and over the runner-up and whether each exceeds the seed noise; None without a confirmed row."""
     ranked = [row for row in rows if row.search_trial and row.group.mean is not None]
     if not ranked:
         return None
     win = ranked[0]
     ce = next((row for row in rows if row.is_ce and row.group.mean is not None), None)
-    text = (f"Winner: {win.row} ({win.method or DASH}): {_cell(win)} confirmed on val; search score "
+    beaten = ce is not None and ce.group.mean > win.group.mean
+    lead = "Best searched configuration" if beaten else "Winner"
+    text = (f"{lead}: {win.row} ({win.method or DASH}): {_cell(win)} confirmed on val; search score "
             f"{pct(win.search_score)} (one seed, {split}).")
     if ce is not None:
         text += " " + _gain("the CE-only student", win, ce, welch_t_test(win.values, ce.values))
-        if ce.group.mean > win.group.mean:
+        if beaten:
             text += " No searched configuration beats the CE-only student on average."
     if len(ranked) > 1:
         second = ranked[1]
@@ -127,27 +130,30 @@ def confirmed_table(confirm: SweepData, search: SweepData, value: str) -> tuple[
         return None, None
     rows = confirmed_rows(confirm, search, value)
     split = _search_split(search)
+    ce = next((row for row in rows if row.is_ce and row.group.mean is not None), None)
     header = ["Rank", "Row", "Method", f"Search score (%, {split})", "Confirmed mIoU (%)", "n", "vs CE-only (pp)",
               "p (Welch)", "Search trial", "Excluded"]
     cells, records = [], []
     for rank, row in enumerate(rows, 1):
         g, test = row.group, row.vs_ce
+        diff = g.mean - ce.group.mean if ce is not None and row is not ce and g.mean is not None else None
         score = pct(row.search_score) + (DAGGER if row.search_stopped else "") if row.search_trial else DASH
         cells.append([str(rank), row.row, row.method or DASH, score, mean_std(g.mean, g.std), str(g.n),
-                      signed(test.difference) if test else DASH, _p_text(test), row.search_trial or DASH,
+                      signed(diff), _p_text(test), row.search_trial or DASH,
                       g.excluded or DASH])
         records.append({"rank": rank, "row": row.row, "method": row.method, "search_trial": row.search_trial,
                         "search_rank": row.search_rank, "search_score_pct": percent_or_none(row.search_score),
                         "search_stopped": row.search_stopped, "search_iteration": row.search_iteration,
                         "miou_pct_mean": percent_or_none(g.mean), "miou_pct_std": percent_or_none(g.std), "n": g.n,
-                        "seeds": list(g.seeds), "vs_ce_pp": percent_or_none(test.difference) if test else None,
+                        "seeds": list(g.seeds), "vs_ce_pp": percent_or_none(diff),
                         "vs_ce_p": test.p if test else None, "vs_ce_significant": test.significant if test else None,
                         "value": value, "sweep_id": confirm.sweep_id})
     seeds = sorted({s for row in rows for s in row.group.seeds})
     caption = (f"Search summary (sweep `{confirm.sweep_id}`): the search's best configurations and the CE-only "
                f"student, each run again at full length on val over seeds {seeds}, ranked by the mean of val mIoU "
                f"at {describe_value(value)}; beside it, the single-seed score the search selected them by "
-               f"({split}). vs CE-only: difference of means; p: Welch's t-test, two-sided (* p < {ALPHA}).")
+               f"({split}). vs CE-only: difference of means; p: Welch's t-test, two-sided (* p < {ALPHA}; — with "
+               "fewer than 2 seeds or no spread).")
     notes = []
     text = verdict(rows, split)
     if text:

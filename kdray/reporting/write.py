@@ -233,5 +233,5 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
 
 def _verdict(tables: list[Table]) -> str | None:
     summary = next((t for t in tables if t.name == "search_summary"), None)
-    return summary.notes[0] if summary is not None and summary.notes and summary.notes[0].startswith("Winner") \
-        else None
+    first = summary.notes[0] if summary is not None and summary.notes else ""
+    return first if first.startswith(("Winner", "Best searched configuration")) else None
