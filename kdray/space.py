@@ -380,9 +380,14 @@ def _parse_confirm(spec: Any, num_samples: int, where: str) -> Confirm | None:
     """`confirm: {top_k: K, seeds: [...]}`, or `confirm: false` / absent (no confirmation stage)."""
     if spec is None or spec is False:
         return None
-    if not isinstance(spec, dict) or set(spec) - {"top_k", "seeds"} or "seeds" not in spec:
-        raise _err(where, f"got {spec!r}; expected {{top_k: K, seeds: [0, 1, 2]}} (or false for no confirmation)")
-    top_k = spec.get("top_k", 1)
+    expected = "expected {top_k: K, seeds: [0, 1, 2]} (or false for no confirmation)"
+    if not isinstance(spec, dict):
+        raise _err(where, f"got {spec!r}; {expected}")
+    unknown, missing = sorted(set(spec) - {"top_k", "seeds"}), [k for k in ("top_k", "seeds") if k not in spec]
+    if unknown or missing:
+        what = f"unknown key(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
+        raise _err(where, f"got {spec!r}: {what}; {expected}")
+    top_k = spec["top_k"]
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_samples:
         raise _err(f"{where}.top_k", f"got {top_k!r}; expected an integer from 1 to num_samples ({num_samples}): "
                                      "the configurations confirmed come from the search's trials")

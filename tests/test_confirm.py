@@ -68,7 +68,7 @@ def write(path: Path, data: dict) -> str:
 @pytest.mark.parametrize(("confirm", "expected"), [
     ({"top_k": 3, "seeds": [0, 1, 2]}, Confirm(3, (0, 1, 2))),
     ({"top_k": 6, "seeds": [7]}, Confirm(6, (7,))),  # top_k may be num_samples
-    ({"seeds": [5, 2]}, Confirm(1, (5, 2))),  # top_k 1 by default; the seeds' order is kept
+    ({"top_k": 1, "seeds": [5, 2]}, Confirm(1, (5, 2))),  # the seeds' order is kept
     (False, None),
     (None, None),  # absent
 ])
@@ -90,8 +90,9 @@ def test_confirm_is_parsed(tmp_path, demo_job, confirm, expected):
     ({"top_k": 2, "seeds": [0, "1"]}, ["confirm.seeds: got [0, '1']"]),
     ({"top_k": 2, "seeds": [0, True]}, ["confirm.seeds: got [0, True]"]),
     ({"top_k": 2, "seeds": 3}, ["confirm.seeds: got 3"]),
-    ({"top_k": 2}, ["confirm: got {'top_k': 2}", "seeds"]),
-    ({"top_k": 2, "seeds": [0], "rank_by": "mean"}, ["confirm: got", "rank_by"]),
+    ({"top_k": 2}, ["confirm: got {'top_k': 2}: missing seeds"]),
+    ({"seeds": [0, 1]}, ["confirm: got {'seeds': [0, 1]}: missing top_k"]),
+    ({"top_k": 2, "seeds": [0], "rank_by": "mean"}, ["confirm: got", "unknown key(s) rank_by"]),
     (True, ["confirm: got True", "or false for no confirmation"]),
     ([2, [0, 1]], ["confirm: got [2, [0, 1]]"]),
 ])

@@ -173,11 +173,19 @@ def _metric_note(data: SweepData) -> str:
     return ""
 
 
+def scored_on(data: SweepData) -> str:
+    """What the search's trials were scored on: `val mIoU`, or `tune-split mIoU` when their runs say they were
+    scored on a tuning split of the training split (tag kdray.eval_split=tune)."""
+    splits = set(data.runs.column("eval_split").to_pylist()) if "eval_split" in data.runs.column_names else set()
+    return "tune-split mIoU" if "tune" in splits else "val mIoU"
+
+
 def search_tables(data: SweepData, search: Search, value: str, top_k: int = 10) -> list[Table]:
     """`search_best` (the best trial and its parameters), `search_top` (the top-k trials) and, when it could be
     estimated, `importance`."""
     where = f"sweep `{data.sweep_id}`, experiment `{data.experiment}`"
-    ranked = (f"Trials ranked by val mIoU (%) at {describe_value(value)}; early-stopped trials ({DAGGER}) "
+    score = scored_on(data)
+    ranked = (f"Trials ranked by {score} (%) at {describe_value(value)}; early-stopped trials ({DAGGER}) "
               f"with their value at stopping; {_left_out(data)}.{_metric_note(data)}")
     types = knob_types(search.space)
     tables = []
@@ -185,7 +193,7 @@ def search_tables(data: SweepData, search: Search, value: str, top_k: int = 10) 
     if best is not None:
         mark = DAGGER if best.state == EARLY_STOPPED else ""
         rows = [["Trial", best.label], ["Run", best.run_id], ["Method", best.method or DASH],
-                ["val mIoU (%)", pct(best.value) + mark]]
+                [f"{score} (%)", pct(best.value) + mark]]
         rows += [[k, knob_cell(best.params, k)] for k in search.space]
         data_row = {"run_id": best.run_id, "trial_id": best.label, "method": best.method, "state": best.state,
                     "miou_pct": percent_or_none(best.value), "value": value, "sweep_id": data.sweep_id,
@@ -218,7 +226,7 @@ def search_tables(data: SweepData, search: Search, value: str, top_k: int = 10) 
         records = [{"param": k, "importance": v, "estimator": imp.estimator, "quantile": imp.quantile,
                     "n_trials": imp.n_trials} for k, v in imp.values.items()]
         tables.append(Table("importance", "Parameter importance",
-                            f"Parameter importance ({where}) by {imp.describe()}; each trial scored by its val mIoU "
+                            f"Parameter importance ({where}) by {imp.describe()}; each trial scored by its {score} "
                             f"at {describe_value(value)}; a conditional knob counts only in trials where it was "
                             "active.", ["Parameter", "Importance"], rows, "lr", typed_table(records)))
     return tables
