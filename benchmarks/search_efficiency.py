@@ -270,17 +270,18 @@ def write_yaml(path: Path, data: dict[str, Any]) -> str:
 
 
 def start_ray() -> None:
-    """An embedded Ray as `kdray sweep` starts one (quiet, its workers pinned to it: `tune_setup.PINNED`); every
-    sweep of the benchmark runs on it. Nothing when RAY_ADDRESS names a cluster."""
+    """An embedded Ray as `kdray sweep` starts one (quiet, its workers pinned to it: see
+    `tune_setup.pinned_runtime_env`); every sweep of the benchmark runs on it. Nothing when RAY_ADDRESS names a
+    cluster."""
     import ray
 
     from kdray.orchestration.progress import quiet_ray_output
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return
-    from kdray.orchestration.tune_setup import PINNED
+    from kdray.orchestration.tune_setup import pinned_runtime_env
 
-    ray.init(log_to_driver=False, runtime_env=PINNED, **quiet_ray_output(False, local=True))
+    ray.init(log_to_driver=False, runtime_env=pinned_runtime_env(), **quiet_ray_output(False, local=True))
 
 
 def sweep(job: str, space: str, overrides: list[str], uri: str, log):

@@ -14,7 +14,7 @@ from ray.tune.search import Searcher
 
 from kdray import contract
 from kdray.orchestration.halving import BracketGate, SyncHalving, milestones
-from kdray.orchestration.tune_setup import PINNED
+from kdray.orchestration.tune_setup import pinned_runtime_env
 
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
 
@@ -585,7 +585,7 @@ def _sweep_twice_values(tmp_path, name: str):
 def test_through_tune_two_runs_of_one_seeded_search_stop_the_same_trials(tmp_path):
     import ray
 
-    ray.init(num_cpus=3, log_to_driver=False, runtime_env=PINNED)
+    ray.init(num_cpus=3, log_to_driver=False, runtime_env=pinned_runtime_env())
     try:
         first_search, first, first_s = _sweep_twice_values(tmp_path, "first")
         second_search, second, second_s = _sweep_twice_values(tmp_path, "second")
@@ -638,7 +638,7 @@ def test_a_real_sweep_pauses_and_resumes_trials_under_sync_halving(tmp_path, tea
             "data.synthetic.val_length=8", "data.batch_size=4", "data.eval_batch_size=8", "optim.iterations=4",
             "optim.eval_interval=2", "optim.log_interval=2", "teacher.width=0.125",
             "teacher.arch=deeplabv3_resnet18", "run.output_dir=runs", "teacher.checkpoint=teacher.pt"]
-    ray.init(num_cpus=2, log_to_driver=False, runtime_env=PINNED)
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env=pinned_runtime_env())
     try:
         began = time.monotonic()
         outcome = run_sweep(SweepRequest(str(repo / "jobs" / "demo.yaml"), str(space), tiny, tracking_uri=uri),
@@ -686,7 +686,7 @@ from ray import tune
 from kdray import contract
 from kdray.orchestration.halving import BracketGate, SyncHalving
 from kdray.orchestration.search import KdraySearch
-from kdray.orchestration.tune_setup import PINNED
+from kdray.orchestration.tune_setup import pinned_runtime_env
 from kdray.space import Dimension, sample_config
 
 
@@ -725,7 +725,7 @@ def tuner(storage, name):
 if __name__ == "__main__":
     import ray
 
-    ray.init(num_cpus=3, log_to_driver=False, runtime_env=PINNED)
+    ray.init(num_cpus=3, log_to_driver=False, runtime_env=pinned_runtime_env())
     tuner(sys.argv[1], sys.argv[2]).fit()
 '''
 
@@ -784,7 +784,7 @@ def test_through_tune_a_sweep_cut_mid_bracket_and_restored_stops_the_trials_an_u
     cut_s = time.monotonic() - began
     after_cut = json.loads(state_file.read_text())
     assert len(after_cut["left"]) < 6, after_cut  # the sweep did not end before the cut
-    ray.init(num_cpus=3, log_to_driver=False, runtime_env=PINNED)
+    ray.init(num_cpus=3, log_to_driver=False, runtime_env=pinned_runtime_env())
     try:
         began = time.monotonic()
         restored = tune.Tuner.restore(str(tmp_path / "cut"), trainable=job.make_trainable(),

@@ -119,4 +119,11 @@ def test_wheel_runs_the_demo_sweep_from_an_empty_directory(tmp_path):
     experiment = client.get_experiment_by_name("demo").experiment_id
     trials = client.search_runs([experiment], f"tags.`{contract.SWEEP_ID}` = '{state['sweep_id']}' and "
                                               f"tags.`{contract.KIND}` = 'trial'")
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    # the search's 2 trials (synchronous halving keeps the better: the other ends stopped early, unless its tiny
+    # run finished before the stop reached it), then the confirmation: the best one and the CE-only student
+    assert len(trials) == 4, [r.data.tags for r in trials]
+    stages = sorted(r.data.tags[contract.STAGE] for r in trials)
+    assert stages == ["confirm", "confirm", "search", "search"]
+    assert all(r.info.status == "FINISHED" or (r.info.status == "KILLED" and r.data.tags.get(contract.STOPPED_EARLY)
+                                                == "true") for r in trials)
+    assert all(r.info.status == "FINISHED" for r in trials if r.data.tags[contract.STAGE] == "confirm")

@@ -22,7 +22,7 @@ from kdray import contract
 from kdray.errors import ResourceError
 from kdray.orchestration.sampler import tpe_sampler
 from kdray.orchestration.sweep import SweepRequest, run_sweep, summary_table
-from kdray.orchestration.tune_setup import PINNED
+from kdray.orchestration.tune_setup import pinned_runtime_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ TINY = ["data.crop=[32, 32]", "data.synthetic.image_size=32", "data.synthetic.tr
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False, runtime_env=PINNED)
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env=pinned_runtime_env())
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -57,7 +57,7 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, **kwargs)
     else:
-        ray.init(log_to_driver=False, runtime_env=PINNED, **kwargs)
+        ray.init(log_to_driver=False, runtime_env=pinned_runtime_env(), **kwargs)
 
 
 def pin_ray_address() -> None:
@@ -70,7 +70,10 @@ def pin_ray_address() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-PINNED = {"worker_process_setup_hook": pin_ray_address}  # ray.init(runtime_env=...) of an embedded Ray
+def pinned_runtime_env() -> dict[str, Any]:
+    """`ray.init(runtime_env=...)` of an embedded Ray: its workers run `pin_ray_address`. A new dict every call:
+    Ray writes into the one it is given, and refuses it in a later `ray.init` of the same process."""
+    return {"worker_process_setup_hook": pin_ray_address}
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
