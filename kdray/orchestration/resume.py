@@ -101,13 +101,13 @@ def extend_state(state: dict[str, Any], sweep_dir: Path, n: int) -> None:
     from kdray.space import parse_space
 
     copy = state.get("space_file")
-    kind = parse_space(Path(copy).read_text()).kind if copy and Path(copy).is_file() else "search"
-    if kind != "search":
+    space = parse_space(Path(copy).read_text()) if copy and Path(copy).is_file() else None
+    if space is not None and space.kind != "search":
         raise ConfigError(f"--extend {n}: sweep {state['sweep_id']} is an ablation (rows x seeds): it has no "
                           "search to extend; start a new sweep with more rows or seeds")
     if n < 1:
         raise ConfigError(f"--extend {n}: expected a number of trials >= 1")
-    seed = int(parse_space(Path(copy).read_text()).seed) if copy and Path(copy).is_file() else 0
+    seed = space.seed if space is not None else 0
     stages = sweep_stages(state, None)
     record = extension_stage(stages, n, seed + sum(s["name"] == "search" for s in stages))
     state["stages"] = [*stages, record]

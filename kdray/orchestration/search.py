@@ -69,10 +69,15 @@ class KdraySearch(OptunaSearch):
 
     def trial_states(self) -> dict[str, int]:
         """How many of the study's trials are in each state (`COMPLETE`, `PRUNED`, `FAIL`, `RUNNING`, ...)."""
-        counts: dict[str, int] = {}
-        for trial in self._ot_study.get_trials(deepcopy=False):
-            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-        return counts
+        return state_counts(self._ot_study)
+
+
+def state_counts(study) -> dict[str, int]:
+    """An Optuna study's trials by state name, counted."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
 
 
 def _finite(value: Any) -> bool:

@@ -148,14 +148,13 @@ def stored_study_states(storage: str, study_name: str) -> dict[str, int]:
     """The trial states of the study `study_name` in `storage` by count; {} when it cannot be read."""
     import optuna
 
+    from kdray.orchestration.search import state_counts
+
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except Exception:  # a study that was never created, a database gone: nothing to report
         return {}
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts
+    return state_counts(study)
 
 
 def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[str, Any], sweep_dir: Path,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from kdray.reporting.groups import Group, summarise, value_column
-from kdray.reporting.runs import EARLY_STOPPED, SweepData
+from kdray.reporting.runs import EARLY_STOPPED, SweepData, eval_splits
 from kdray.reporting.table import DAGGER, DASH, Table, mean_std, pct, percent_or_none, signed, typed_table
 from kdray.reporting.tables import CE, describe_value, exclusion_note
 from kdray.reporting.welch import ALPHA, WelchTest, welch_t_test
@@ -171,8 +171,7 @@ def confirmed_table(confirm: SweepData, search: SweepData, value: str) -> tuple[
 
 def _search_split(search: SweepData) -> str:
     """Where the search scored its trials: `tune split` when its runs say so (kdray.eval_split), else `val`."""
-    splits = {s for s in search.runs.column("eval_split").to_pylist() if s} if "eval_split" in \
-        search.runs.column_names else set()
+    splits = eval_splits(search)
     if splits == {"tune"}:
         return "tune split"
     return "val" if not splits or splits == {"val"} else ", ".join(sorted(splits))

@@ -296,6 +296,14 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
     return pa.Table.from_pylist(rows, schema=schema), keys
 
 
+def eval_splits(data: SweepData) -> set[str]:
+    """What the runs' val/* metrics measured (tag kdray.eval_split: `tune`, or a val split's name); empty for runs
+    recorded before the tag existed."""
+    if "eval_split" not in data.runs.column_names:
+        return set()
+    return {s for s in data.runs.column("eval_split").to_pylist() if s}
+
+
 def _is_local(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("sqlite:", "file:", "/")) or "://" not in tracking_uri
 

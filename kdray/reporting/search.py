@@ -22,7 +22,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from kdray import contract
 from kdray.reporting.groups import count_phrase, value_column
 from kdray.reporting.importance import Importance, param_importance
-from kdray.reporting.runs import EARLY_STOPPED, FINISHED, SweepData
+from kdray.reporting.runs import EARLY_STOPPED, FINISHED, SweepData, eval_splits
 from kdray.reporting.space import Knob, Outside, active_params, from_space_file, infer_knobs, trial_params
 from kdray.reporting.table import DAGGER, DASH, Table, pct, percent_or_none, typed_table
 from kdray.reporting.tables import describe_value, run_label, state_counts
@@ -176,8 +176,7 @@ def _metric_note(data: SweepData) -> str:
 def scored_on(data: SweepData) -> str:
     """What the search's trials were scored on: `val mIoU`, or `tune-split mIoU` when their runs say they were
     scored on a tuning split of the training split (tag kdray.eval_split=tune)."""
-    splits = set(data.runs.column("eval_split").to_pylist()) if "eval_split" in data.runs.column_names else set()
-    return "tune-split mIoU" if "tune" in splits else "val mIoU"
+    return "tune-split mIoU" if "tune" in eval_splits(data) else "val mIoU"
 
 
 def search_tables(data: SweepData, search: Search, value: str, top_k: int = 10) -> list[Table]:
