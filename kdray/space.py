@@ -440,6 +440,31 @@ def _parse_scheduler(spec: Any, where: str) -> Scheduler:
     return Scheduler(kind, grace, float(factor), bracket)
 
 
+def check_scheduler(space: SearchSpace, job: Job, where: str) -> None:
+    """ConfigError (naming `where`, the space file) for a search whose scheduler could never stop a trial of
+    `job` (the job with the space's overrides): a grace period that reaches the trials' last iteration, or a
+    bracket or search of one trial, which it has nothing to compare with. Such a setting is a mistake, not a
+    choice: `scheduler: {kind: none}` says "no early stopping"."""
+    s = space.scheduler
+    if space.kind != "search" or s.kind == "none":
+        return
+    iterations, interval = job.optim.iterations, job.optim.eval_interval
+    most = (iterations - 1) // interval  # the last evaluation before the final one
+    if s.grace_period * interval >= iterations:
+        trials = f"the trials (optim.iterations={iterations}, optim.eval_interval={interval})"
+        if most < 1:
+            raise _err(f"{where}: scheduler", f"{s.kind} needs an evaluation before the last, but {trials} "
+                       "evaluate only at their end: lower optim.eval_interval, or set scheduler kind none")
+        raise _err(f"{where}: scheduler.grace_period", f"got {s.grace_period} evaluation(s) = "
+                   f"{s.grace_period * interval} iterations, which {trials} reach only at their end: the "
+                   f"scheduler would never stop one; expected 1..{most}, or scheduler kind none")
+    size = min(s.bracket or space.num_samples, space.num_samples) if s.kind == "sync_halving" else space.num_samples
+    if size < 2:
+        key = "scheduler.bracket" if s.kind == "sync_halving" and space.num_samples > 1 else "num_samples"
+        raise _err(f"{where}: {key}", f"{s.kind} decides among {size} trial(s) at a time and would never stop "
+                   "one; expected at least 2, or scheduler kind none")
+
+
 def plan_lines(space: SearchSpace, job: Job) -> list[str]:
     """The trial plan, as `--dry-run` prints it."""
     lines = [f"space {space.name} ({space.kind}): {space.trial_count} trials, metric {space.metric} ({space.mode})"]

@@ -69,8 +69,8 @@ def test_eta_is_the_pace_since_the_start_applied_to_what_is_left():
 
 
 def test_metric_text_shows_val_ratios_in_percent():
-    assert metric_text("val/miou", 0.41304) == "mIoU 41.30"
-    assert metric_text("val/pixel_acc", 0.9) == "pixel acc 90.00"
+    assert metric_text("val/miou", 0.41304) == "mIoU 41.30%"
+    assert metric_text("val/pixel_acc", 0.9) == "pixel acc 90.00%"
     assert metric_text("train/loss/total", 0.123456) == "train/loss/total 0.1235"
     assert metric_text("val/miou", float("nan")) == "mIoU n/a"
 
@@ -134,12 +134,12 @@ def test_one_line_per_trial_event_with_count_and_eta():
         "[0/4 done, 1 running] trial t_00000: started (losses.kd.weight=1)",
         "[0/4 done, 2 running] trial t_00001: started (losses.kd.weight=0.5)",
         # 0.5 trial of work in 60 s: 3.5 trials left -> 420 s
-        "[0/4 done, 2 running, ETA 7m00s] trial t_00000: iteration 200/400 mIoU 41.30",
-        "[0/4 done, 2 running, ETA 6m00s] trial t_00000: iteration 400/400 mIoU 40.00 (best 41.30)",
-        "[1/4 done, 1 running, ETA 6m00s] trial t_00000: finished after iteration 400/400, best mIoU 41.30",
-        "[1/4 done, 1 running, ETA 3m20s] trial t_00001: iteration 200/400 mIoU 20.00",
+        "[0/4 done, 2 running, ETA 7m00s] trial t_00000: iteration 200/400 mIoU 41.30%",
+        "[0/4 done, 2 running, ETA 6m00s] trial t_00000: iteration 400/400 mIoU 40.00% (best 41.30%)",
+        "[1/4 done, 1 running, ETA 6m00s] trial t_00000: finished after iteration 400/400, best mIoU 41.30%",
+        "[1/4 done, 1 running, ETA 3m20s] trial t_00001: iteration 200/400 mIoU 20.00%",
         # a stopped trial counts as one trial of work: 2 done in 120 s
-        "[2/4 done, 0 running, ETA 2m00s] trial t_00001: stopped early at iteration 200/400, best mIoU 20.00",
+        "[2/4 done, 0 running, ETA 2m00s] trial t_00001: stopped early at iteration 200/400, best mIoU 20.00%",
         "[2/4 done, 1 running, ETA 2m00s] trial t_00002: started",
         "[3/4 done, 0 running, ETA 40s] trial t_00002: failed: ValueError: loss is nan",
         "[3/4 done] trials ended after 2m00s: 1 finished, 1 stopped early, 1 failed",
@@ -154,8 +154,8 @@ def test_a_trial_cut_short_by_ctrl_c_is_interrupted_not_stopped_early(monkeypatc
     cb.on_trial_complete(0, [a, b], a)
     cb.on_trial_complete(0, [a, b], b)  # it had reached the end: finished all the same
     cb.on_experiment_end([a, b])
-    assert lines[0].endswith("trial a: interrupted at iteration 200/400, best mIoU 30.00")
-    assert lines[1].endswith("trial b: finished after iteration 400/400, best mIoU 40.00")
+    assert lines[0].endswith("trial a: interrupted at iteration 200/400, best mIoU 30.00%")
+    assert lines[1].endswith("trial b: finished after iteration 400/400, best mIoU 40.00%")
     assert lines[2].endswith("1 finished, 1 interrupted")
 
 
@@ -179,7 +179,7 @@ def test_min_mode_tracks_the_lowest_value():
     t = FakeTrial("x")
     for it, v in ((1, 0.5), (2, 0.3), (3, 0.4)):
         cb.on_trial_result(0, [t], t, {"iteration": it, "iterations_total": 3, "val/pixel_acc": v})
-    assert lines[-1].endswith("iteration 3/3 pixel acc 40.00 (best 30.00)")
+    assert lines[-1].endswith("iteration 3/3 pixel acc 40.00% (best 30.00%)")
 
 
 def test_a_resumed_sweep_counts_restored_trials_but_not_their_time():
@@ -273,10 +273,10 @@ def test_teacher_lines_use_the_train_progress_format():
     show.show({"error": "ValueError: x"})
     show.show({"iteration": 310})  # nothing to show
     assert len(lines) == 4
-    assert re.fullmatch(r"teacher deeplabv3_resnet18 \[###\.{17}\] 150/900 mIoU 30\.00 \(best 30\.00\) "
+    assert re.fullmatch(r"teacher deeplabv3_resnet18 \[###\.{17}\] 150/900 mIoU 30\.00% \(best 30\.00%\) "
                         r"\| 1m0\ds elapsed, eta 5m0\ds", lines[0]), lines[0]
     assert " 200/900 loss 0.812, 93 img/s | " in lines[1]
-    assert " 300/900 mIoU 25.00 (best 30.00) | " in lines[2]
+    assert " 300/900 mIoU 25.00% (best 30.00%) | " in lines[2]
     assert lines[3] == "teacher deeplabv3_resnet18: a worker failed: ValueError: x"
 
 
@@ -379,8 +379,8 @@ def test_teacher_progress_prints_each_report_on_the_driver(ray_local, tmp_path):
                      run_config=ray.train.RunConfig(name="teacher", storage_path=str(tmp_path),
                                                     callbacks=[show.callback])).fit()
     assert [line.split(" | ")[0] for line in lines] == [
-        "teacher [##########..........] 2/4 mIoU 10.00 (best 10.00)",
-        "teacher [####################] 4/4 mIoU 20.00 (best 20.00)"]
+        "teacher [##########..........] 2/4 mIoU 10.00% (best 10.00%)",
+        "teacher [####################] 4/4 mIoU 20.00% (best 20.00%)"]
 
 
 @pytest.mark.ray
@@ -402,8 +402,23 @@ def test_sweep_progress_under_tune_prints_and_survives_tuner_pickle(ray_local, t
     grid = tuner.fit()
     assert grid.num_errors == 1
     text = "\n".join(lines)
-    assert re.search(r"\] trial \w+_00000: iteration 4/4 mIoU 20\.00", text), text
-    assert re.search(r"\] trial \w+_00000: finished after iteration 4/4, best mIoU 20\.00", text), text
+    assert re.search(r"\] trial \w+_00000: iteration 4/4 mIoU 20\.00%", text), text
+    assert re.search(r"\] trial \w+_00000: finished after iteration 4/4, best mIoU 20\.00%", text), text
     assert re.search(r"\] trial \w+_00001: failed: ValueError: bad x", text), text
     assert lines[-1].startswith("[2/2 done] trials ended after ")
     assert (tmp_path / "tune" / "tuner.pkl").is_file()  # the callback went into it without its `say`
+
+
+def test_a_paused_trial_counts_as_paused_not_running():
+    """Synchronous halving pauses a trial at a rung until its bracket is there: the count says so."""
+    lines = []
+    cb = SweepProgress(3, say=lines.append, clock=Clock())
+    a, b = FakeTrial("a", status="PENDING"), FakeTrial("b", status="PENDING")
+    cb.on_trial_start(0, [a, b], a)
+    a.status = "RUNNING"
+    cb.on_trial_start(0, [a, b], b)
+    b.status, a.status = "RUNNING", "PAUSED"
+    cb.on_trial_result(0, [a, b], b, {"iteration": 2, "iterations_total": 4, "val/miou": 0.2})
+    assert lines[-1].startswith("[0/3 done, 1 running, 1 paused")
+    cb.on_trial_start(0, [a, b], a)  # resumed: Tune still lists it PAUSED while it starts
+    assert lines[-1].startswith("[0/3 done, 2 running]")

@@ -605,3 +605,83 @@ def test_an_ablation_on_a_tuning_split_is_refused(tmp_path, teacher):
         dry_run(request(space, "data.tune_split.fraction=0.1", f"teacher.checkpoint={teacher}"))
     assert any("tuning split" in line for line in dry_run(request(
         demo_space(tmp_path), f"teacher.checkpoint={teacher}")))  # the demo search selects on one
+
+
+# --- a scheduler that could never stop a trial ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("scheduler", "overrides", "message"), [
+    ({"kind": "asha", "grace_period": 2}, ["optim.iterations=300", "optim.eval_interval=150"],
+     r"scheduler.grace_period: got 2 evaluation\(s\) = 300 iterations, which the trials \(optim.iterations=300, "
+     r"optim.eval_interval=150\) reach only at their end: .* expected 1..1, or scheduler kind none"),
+    ({"kind": "sync_halving", "grace_period": 1}, ["optim.iterations=100", "optim.eval_interval=100"],
+     r"scheduler: sync_halving needs an evaluation before the last, .* lower optim.eval_interval"),
+    ({"kind": "sync_halving", "grace_period": 1, "bracket": 1}, ["optim.iterations=300", "optim.eval_interval=100"],
+     r"scheduler.bracket: sync_halving decides among 1 trial\(s\) at a time and would never stop one"),
+])
+def test_a_scheduler_that_would_never_stop_a_trial_is_refused(tmp_path, teacher, scheduler, overrides, message):
+    space = demo_space(tmp_path, scheduler=scheduler, overrides={"run.workers": 1})
+    with pytest.raises(ConfigError, match=rf"space.yaml: {message}"):
+        dry_run(request(space, *overrides, f"teacher.checkpoint={teacher}"))
+    # one evaluation less in the grace period is a scheduler that can act; a smoke test is not held to it
+    dry_run(request(space, *overrides, f"teacher.checkpoint={teacher}", smoke_test=True))
+
+
+def test_asha_over_a_single_trial_is_refused(tmp_path, teacher):
+    space = demo_space(tmp_path, num_samples=1, scheduler={"kind": "asha", "grace_period": 1}, confirm=None)
+    with pytest.raises(ConfigError, match=r"num_samples: asha decides among 1 trial\(s\)"):
+        dry_run(request(space, "optim.iterations=300", "optim.eval_interval=100", f"teacher.checkpoint={teacher}"))
+
+
+def test_a_scalar_for_a_settings_block_says_how_to_set_one_key(teacher):
+    with pytest.raises(ConfigError, match=r"data.tune_split: got 0.03; expected a mapping of fraction, seed \(one "
+                                          r"of them on the command line: data.tune_split.fraction=0.03\)"):
+        dry_run(request(DEMO_SPACE, "data.tune_split=0.03", f"teacher.checkpoint={teacher}"))
+
+
+# --- the summary table of a search with stages ------------------------------------------------------------------
+
+def _summary(tid: str, stage: str, best: float, scored_on: str, label: str = "KD") -> TrialSummary:
+    return TrialSummary(tid, label, 0, {"losses.kd.weight": 1.0} if stage == "search" else {}, best, best, 4,
+                        FINISHED, stage, scored_on)
+
+
+def test_the_summary_ranks_every_search_trial_together_and_says_where_each_was_scored(tmp_path):
+    """After `--extend`, the trials come stage by stage (search, confirm, extension); the table ranks the
+    extension's search trials with the first search's, then the confirmation trials, and names the split."""
+    trials = [_summary("a", "search", 0.30, "tune split"), _summary("b", "search", 0.10, "tune split"),
+              _summary("c", "confirm", 0.25, "val", "Search #1 (a)"), _summary("d", "search", 0.40, "tune split")]
+    text = summary_table(SweepOutcome("s", tmp_path, "u", "e", "p", trials, 1.0))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:] if line.startswith("| ")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("1", "search", "d"), ("2", "search", "a"), ("3", "search", "b"),
+                                                  ("1", "confirm", "c")]
+    head = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    assert [r[head.index("scored on")] for r in rows] == ["tune split"] * 3 + ["val"]
+    assert "scored on the tuning split" in text
+    same = [_summary("a", "search", 0.3, "val"), _summary("c", "confirm", 0.25, "val")]  # one split: no column
+    assert "scored on" not in summary_table(SweepOutcome("s", tmp_path, "u", "e", "p", same, 1.0))
+    low = SweepOutcome("s", tmp_path, "u", "e", "p", trials[:2], 1.0, mode="min")  # lower is better
+    assert [line.split("|")[3].strip() for line in summary_table(low).splitlines()[2:4]] == ["b", "a"]
+
+
+def test_a_resumed_sweeps_stages_are_listed_with_what_is_left(tmp_path):
+    from kdray.orchestration.stages import stage_lines
+
+    space = load_space(DEMO_SPACE, load_job(DEMO))
+    stages = [{"name": "search", "folder": "tune", "ended": True},
+              {"name": "confirm", "folder": "confirm", "ended": True, "seeds": [0, 1],
+               "rows": [{"name": "Student (CE)"}, {"name": "Search #1 (x)"}]},
+              {"name": "search", "folder": "tune-extend1", "num_samples": 2, "seed": 1, "extension": 1}]
+    lines = stage_lines(stages, space, tmp_path)
+    assert lines[:3] == [f"  search, folder tune/: {space.num_samples} trial(s), ended",
+                         "  confirm, folder confirm/: 4 trial(s), ended",
+                         "  search (extension 1), folder tune-extend1/: 2 trial(s), to run"]
+    top_k, seeds = space.confirm.top_k, len(space.confirm.seeds)
+    assert lines[3] == (f"  then: confirmation of its best configurations not confirmed before (at most {top_k} x "
+                        f"{seeds} trial(s), chosen when the search ends)")
+    (tmp_path / "tune-extend1").mkdir()  # its Tune experiment began: an interrupted stage
+    assert stage_lines(stages, space, tmp_path)[2].endswith("2 trial(s), interrupted: it continues, its ended "
+                                                           "trials kept")
+    stages.append({"name": "confirm", "folder": "confirm-extend1", "seeds": [0, 1], "rows": [{"name": "S"}]})
+    assert stage_lines(stages, space, tmp_path)[3] == \
+        "  confirm (extension 1), folder confirm-extend1/: 2 trial(s), to run"
+

@@ -58,7 +58,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: got {value!r}; expected {_describe(tp)}")
+            first = dataclasses.fields(tp)[0].name if dataclasses.fields(tp) else "KEY"
+            raise ConfigError(f"{key}: got {value!r}; expected {_describe(tp)} (one of them on the command line: "
+                              f"{key}.{first}={value})")
         return build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -82,6 +82,7 @@ class TrialSummary:
     iteration: int
     status: str  # finished | stopped early | failed: <reason> | interrupted | not started
     stage: str = ""  # a search sweep's: search | confirm (kdray.orchestration.confirm)
+    scored_on: str = ""  # what its metric measured: "tune split", or the val split's name ("" unknown)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,8 @@ class SweepOutcome:
     report_markdown: str | None = None  # the tables of kdray.report, also logged on the sweep's run
     never_created: int = 0  # trials of the space that Tune had not even created when the sweep stopped
     verdict: str | None = None  # a search's winner, by its confirmed mean, and whether its gains exceed seed noise
+    metric: str = contract.VAL_MIOU  # what ranks the trials, and which way
+    mode: str = "max"
 
     @property
     def complete(self) -> bool:
@@ -121,25 +124,44 @@ class SweepOutcome:
         return ", ".join(f"{n} {s}" for s, n in tally.items() if n)
 
 
-def summary_table(outcome: SweepOutcome, metric: str = contract.VAL_MIOU) -> str:
-    """The results, best first, as a Markdown table; trials Tune never created are counted under it."""
+def summary_table(outcome: SweepOutcome) -> str:
+    """The results as a Markdown table, best first; trials Tune never created are counted under it.
+
+    A search sweep's trials come stage by stage: every search trial first (an extension's with the first
+    search's, ranked together), then the confirmation trials, ranked within their stage. A `scored on` column
+    appears when the trials' metric was measured on different splits (a search on a tuning split, its
+    confirmation on val): those scores do not compare across it."""
     from kdray.reporting.render import markdown_table
 
+    metric, mode = outcome.metric, outcome.mode
     staged = any(t.stage for t in outcome.trials)
-    keys = sorted({k for t in outcome.trials if t.stage != "confirm" for k in t.params if k != SEED_KEY})
-    head = ["rank", *(["stage"] if staged else []), "trial", "row / method", "seed", *keys, f"best {metric}",
-            f"last {metric}", "iteration", "status"]
+    trials = [*best_first([t for t in outcome.trials if t.stage != "confirm"], mode),
+              *[t for t in outcome.trials if t.stage == "confirm"]] if staged else outcome.trials
+    splits = {t.scored_on for t in trials if t.scored_on}
+    scored = len(splits) > 1
+    keys = sorted({k for t in trials if t.stage != "confirm" for k in t.params if k != SEED_KEY})
+    head = ["rank", *(["stage"] if staged else []), "trial", "row / method", "seed", *keys,
+            *(["scored on"] if scored else []), f"best {metric}", f"last {metric}", "iteration", "status"]
     rows, rank = [], {}
-    for t in outcome.trials:  # ranked within each stage (the trials come best first in each)
+    for t in trials:  # ranked within each kind of stage
         rank[t.stage] = rank.get(t.stage, 0) + 1
         confirm = t.stage == "confirm"  # a confirmation row's values are its search trial's: its row names it
         rows.append([str(rank[t.stage]), *([t.stage] if staged else []), t.trial_id, t.label, str(t.seed),
-                     *("" if confirm else _fmt(t.params.get(k, "")) for k in keys), _pct(t.best), _pct(t.last),
-                     str(t.iteration), t.status])
-    text = markdown_table(head, rows, "r" + "l" * staged + "llr" + "l" * len(keys) + "rrrl")
+                     *("" if confirm else _fmt(t.params.get(k, "")) for k in keys),
+                     *([t.scored_on] if scored else []), _pct(t.best), _pct(t.last), str(t.iteration), t.status])
+    text = markdown_table(head, rows, "r" + "l" * staged + "llr" + "l" * len(keys) + "l" * scored + "rrrl")
+    if scored:
+        text += ("\n\nThe search trials were scored on the tuning split (held-out training images), the "
+                 "confirmation trials on val: compare scores within a stage only.")
     if outcome.never_created:
         text += f"\n\n{outcome.never_created} more trial(s) of the space never started."
     return text
+
+
+def best_first(trials: list[TrialSummary], mode: str = "max") -> list[TrialSummary]:
+    """`trials` sorted by their best value (highest first for mode max), trials without one last; stable."""
+    sign = -1 if mode == "max" else 1
+    return sorted(trials, key=lambda t: (math.isnan(t.best), sign * (t.best if not math.isnan(t.best) else 0)))
 
 
 def _fmt(value: Any) -> str:

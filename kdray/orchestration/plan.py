@@ -24,7 +24,16 @@ from kdray.orchestration.confirm import describe as describe_confirmation
 from kdray.orchestration.resources import check_fits, concurrency, local_resources, per_trial
 from kdray.orchestration.resume import load_state, resumed_space_file
 from kdray.orchestration.tracking import resolve_tracking_uri
-from kdray.space import SEED_KEY, Confirm, Dimension, SearchSpace, load_space, plan_lines, probe_values
+from kdray.space import (
+    SEED_KEY,
+    Confirm,
+    Dimension,
+    SearchSpace,
+    check_scheduler,
+    load_space,
+    plan_lines,
+    probe_values,
+)
 
 # A smoke test's overrides; each dataset adds its own (`DatasetSpec.smoke_overrides`: the synthetic one shrinks).
 SMOKE = {"optim.iterations": 4, "optim.eval_interval": 2, "optim.log_interval": 2, "teacher.iterations": 4}
@@ -74,7 +83,10 @@ def prepare(request: SweepRequest) -> tuple[Job, Job, SearchSpace]:
         check_study_storage(request.study_storage, space, request.space_path)
     if request.smoke_test:
         _shrink(space, smoke)
-    return base, override(base, space.overrides), space
+    job = override(base, space.overrides)
+    if not request.smoke_test:  # a smoke test cuts the iterations to check the pipeline, not to stop trials
+        check_scheduler(space, job, Path(request.space_path).name)
+    return base, job, space
 
 
 def check_study_storage(url: str, space: SearchSpace, space_path: str) -> None:
@@ -321,7 +333,12 @@ def dry_run(request: SweepRequest) -> list[str]:
         lines.append(f"  tuning split: {100 * t.fraction:g}% of the training split held out ({held.tune_size} "
                      f"images, seed {t.seed}, digest {held.digest[:12]}): the trials train on {held.train_size} "
                      "and are scored there, not on val")
-    if space.kind == "search":
+    if state is not None:  # what is left of it: the stages it recorded, ended or not
+        from kdray.orchestration.stages import stage_lines, sweep_stages
+
+        lines.append("stages, in order:")
+        lines += stage_lines(sweep_stages(state, space), space, sweep_dir)
+    elif space.kind == "search":
         lines.append(f"  {describe_confirmation(space, job)}")
     asks = {}
     for where, trial_job in jobs:

@@ -2,7 +2,7 @@
 
 - `SweepProgress`, a Tune callback on the driver: one line when a trial starts, reports an evaluation,
   finishes, is stopped early or fails, each behind the sweep's count and ETA:
-  `[3/8 done, 2 running, ETA 4m10s] trial 1a2b3_00003 KD+I2CKD seed 0: iteration 200/400 mIoU 41.30`.
+  `[3/8 done, 2 running, ETA 4m10s] trial 1a2b3_00003 KD+I2CKD seed 0: iteration 200/400 mIoU 41.30%`.
 - `TeacherProgress`: the teacher trains as a Ray Train run whose reports reach only the Train controller (an
   actor); `ReportRelay`, a `ray.train.UserCallback` there, posts them to a small mailbox actor that a driver
   thread reads, and each becomes a `kdray.train`-style progress line (`kdray.engine.progress.Progress`).
@@ -44,14 +44,14 @@ _NAMES = {contract.VAL_MIOU: "mIoU", contract.VAL_PIXEL_ACC: "pixel acc"}
 
 
 def value_text(metric: str, value: float | None) -> str:
-    """`41.30`: val/ metrics (ratios) in %, others as they are."""
+    """`41.30%`: val/ metrics (ratios) in %, others as they are."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{100 * value:.2f}" if metric.startswith("val/") else f"{value:.4g}"
+    return f"{100 * value:.2f}%" if metric.startswith("val/") else f"{value:.4g}"
 
 
 def metric_text(metric: str, value: float | None) -> str:
-    """`mIoU 41.30`."""
+    """`mIoU 41.30%`."""
     return f"{_NAMES.get(metric, metric)} {value_text(metric, value)}"
 
 
@@ -158,6 +158,7 @@ class SweepProgress(ray.tune.Callback):
         self._fraction: dict[str, float] = {}  # trial id -> iterations reported / iterations_total
         self._best: dict[str, float] = {}
         self._started: set[str] = set()
+        self._starting = ""  # the trial on_trial_start is about (still PENDING or PAUSED in Tune's list)
         self._ended: dict[str, str] = {}  # trial id -> finished | stopped early | failed | interrupted
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment (tuner.pkl)
@@ -168,26 +169,31 @@ class SweepProgress(ray.tune.Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_starting", "")  # pickled by a kdray from before it was kept
         self.say, self.clock = echo, time.monotonic
 
     # -- the overall count ---------------------------------------------------------------------------------
-    def counts(self, trials: list) -> tuple[set[str], set[str]]:
-        """(ended, running) trial ids. Tune sets a trial RUNNING only after on_trial_start and TERMINATED after
-        on_trial_complete, so the callback's own record comes first; the trial list adds restored trials."""
+    def counts(self, trials: list) -> tuple[set[str], set[str], set[str]]:
+        """(ended, running, paused) trial ids. Tune sets a trial RUNNING only after on_trial_start and TERMINATED
+        after on_trial_complete, so the callback's own record comes first; the trial list adds restored trials.
+        A trial a scheduler paused (synchronous halving: waiting for its bracket) is paused, not running, until
+        it starts again."""
         ended = set(self._ended) | {t.trial_id for t in trials if str(t.status) in ("TERMINATED", "ERROR")}
-        running = ({t.trial_id for t in trials if str(t.status) == "RUNNING"} | self._started) - ended
-        return ended, running
+        paused = {t.trial_id for t in trials if str(t.status) == "PAUSED"} - ended - {self._starting}
+        running = ({t.trial_id for t in trials if str(t.status) == "RUNNING"} | self._started) - ended - paused
+        return ended, running, paused
 
     def prefix(self, trials: list) -> str:
-        ended, running = self.counts(trials)
+        ended, running, paused = self.counts(trials)
         work = len(ended) + sum(self._fraction.get(t, 0.0) for t in running)
         now = self.clock()
         if self._t0 is None:
             self._t0, self._work0 = now, work
-        total = max(self.total_trials, len(ended) + len(running))
+        total = max(self.total_trials, len(ended) + len(running) + len(paused))
         eta = eta_seconds(now - self._t0, self._work0, work, total)
         eta_text = f", ETA {_duration(eta)}" if eta is not None and len(ended) < total else ""
-        return f"[{len(ended)}/{total} done, {len(running)} running{eta_text}]"
+        waiting = f", {len(paused)} paused" if paused else ""
+        return f"[{len(ended)}/{total} done, {len(running)} running{waiting}{eta_text}]"
 
     def _say(self, trials: list, trial, text: str) -> None:
         try:
@@ -211,7 +217,9 @@ class SweepProgress(ray.tune.Callback):
         self._started.add(trial.trial_id)
         self._ended.pop(trial.trial_id, None)
         params = sampled(trial.config or {})
+        self._starting = trial.trial_id
         self._say(trials, trial, "started" + (f" ({params})" if params else ""))
+        self._starting = ""
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         self._track(trial, result)

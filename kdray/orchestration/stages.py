@@ -16,6 +16,7 @@ ended is collected from its folder, never run again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from kdray import contract
@@ -91,6 +92,36 @@ def planned_total(stages: list[dict[str, Any]], space: SearchSpace | None = None
         elif s["name"] == STAGE_SEARCH:
             total += s.get("num_samples") or (space.num_samples if space is not None else 0)
     return total
+
+
+def stage_count(record: dict[str, Any], space: SearchSpace) -> int:
+    """The trials one recorded stage makes."""
+    if record["name"] == STAGE_CONFIRM:
+        return len(record["rows"]) * len(record["seeds"])
+    if record["name"] == STAGE_SEARCH:
+        return record.get("num_samples") or space.num_samples
+    return space.trial_count
+
+
+def stage_lines(stages: list[dict[str, Any]], space: SearchSpace, sweep_dir: Path) -> list[str]:
+    """A resumed or extended sweep's stages, one line each, as `--dry-run` and the sweep's start print them:
+    which ended, which was interrupted (its Tune experiment is in `sweep_dir`) and which is still to run, with
+    their trial counts; and the confirmation still to be chosen when a search stage comes last."""
+    lines = []
+    for record in stages:
+        extension = record.get("extension") or record["folder"].partition("-extend")[2]
+        kind = record["name"] + (f" (extension {extension})" if extension else "")
+        n = stage_count(record, space)
+        status = ("ended" if record.get("ended") else
+                  "interrupted: it continues, its ended trials kept" if (sweep_dir / record["folder"]).exists()
+                  else "to run")
+        lines.append(f"  {kind}, folder {record['folder']}/: {n} trial(s), {status}")
+    if stages and stages[-1]["name"] == STAGE_SEARCH and space.kind == "search":
+        c = space.confirm
+        most = f"at most {c.top_k} x {len(c.seeds)} trial(s)" if c is not None else "none"
+        lines.append(f"  then: confirmation of its best configurations not confirmed before ({most}, chosen when "
+                     "the search ends)")
+    return lines
 
 
 def make_stage(record: dict[str, Any], space: SearchSpace, base: Job) -> Stage:

@@ -22,7 +22,7 @@ from kdray.orchestration.plan import SweepRequest, check_resources, check_store,
 from kdray.orchestration.progress import echo
 from kdray.orchestration.resources import local_resources
 from kdray.orchestration.resume import load_state, start_sweep, write_state
-from kdray.orchestration.stages import planned_total, sweep_stages
+from kdray.orchestration.stages import planned_total, stage_lines, sweep_stages
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.tune_setup import run_trials, start_ray
 
@@ -71,7 +71,14 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
                              {contract.TRIALS_PLANNED: str(planned_total(sweep_stages(state, plan.space), plan.space))})
             say(f"extending sweep {state['sweep_id']} by {request.extend} search trial(s) from its Optuna study")
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
-    say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
+    stages = sweep_stages(state, plan.space)
+    if request.resume and plan.space.kind == "search":
+        say(f"sweep {sweep_id}: {planned_total(stages, plan.space)} trial(s) planned in its stages so far, of space "
+            f"{plan.space.name!r}; folder {sweep_dir}")
+        for line in stage_lines(stages, plan.space, sweep_dir):
+            say(line)
+    else:
+        say(f"sweep {sweep_id}: {plan.space.trial_count} trial(s) of space {plan.space.name!r}; folder {sweep_dir}")
     try:
         outcome = run_trials(request, plan, tracker, state, sweep_dir, cluster, say)
     except BaseException as err:  # Ctrl+C outside Tune's own handling, SIGTERM, or a bug: close what it opened

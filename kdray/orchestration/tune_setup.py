@@ -4,7 +4,6 @@ ablation), running the trials, and what became of each.
 
 from __future__ import annotations
 
-import math
 import os
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from kdray.orchestration.outcome import (
     STOPPED_EARLY,
     SweepOutcome,
     TrialSummary,
+    best_first,
     close_open_runs,
     failure_reason,
 )
@@ -196,7 +196,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         never_created += result.never_created
         if result.interrupted:  # Tune saved its state; --resume reopens the runs and continues
             outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, True,
-                                   never_created=never_created)
+                                   never_created=never_created, metric=space.metric, mode=space.mode)
             close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
             say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
             return outcome
@@ -215,7 +215,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         save_state(sweep_dir, {"stages": stages})
         i += 1
     outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, False,
-                           never_created=never_created)
+                           never_created=never_created, metric=space.metric, mode=space.mode)
     from kdray.reporting import write_report
 
     close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
@@ -349,10 +349,19 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
         label = config.get(ROW_KEY) or (method_label(job.losses) if job is not None else "?")
         params = {k: v for k, v in config.items() if k != ROW_KEY}
         out.append(TrialSummary(trial.trial_id, label, int(config.get(SEED_KEY, 0)), params, last, best, done,
-                                status, stage))
-    sign = -1 if space.mode == "max" else 1
-    out.sort(key=lambda t: (math.isnan(t.best), sign * (t.best if not math.isnan(t.best) else 0)))
-    return out, interrupted
+                                status, stage, scored_on(job)))
+    return best_first(out, space.mode), interrupted
+
+
+def scored_on(job: Job | None) -> str:
+    """What a trial's val/* metrics measure: "tune split" (held-out training images), or the val split's name;
+    "" for a trial whose job cannot be built."""
+    if job is None:
+        return ""
+    from kdray.data import split_name
+    from kdray.data.tune_split import tune_split_on
+
+    return "tune split" if tune_split_on(job.data) else split_name(job.data, "val")
 
 
 def _trial_job(base: Job, space: SearchSpace, config: dict[str, Any]) -> Job | None:
