@@ -86,6 +86,20 @@ TRAIN_LOSS_PREFIX = "train/loss/"  # + term name (ce, kd, i2ckd, ..., total)
 TRAIN_LOSS_TOTAL = TRAIN_LOSS_PREFIX + "total"
 TRAIN_LR = "train/lr"
 TRAIN_IMAGES_PER_S = "train/images_per_s"
+# What a trial costs (logged once the cost is known; the student's at the start, training's at each evaluation):
+STUDENT_PARAMS = "student/params"  # the student's parameters (a count)
+STUDENT_GFLOPS = "student/gflops"  # one forward pass of one image at the job's evaluation size, 1e9 FLOPs (a
+#   multiply-add counts 2, torch.utils.flop_counter's convention; papers' "FLOPs" are often multiply-adds: half)
+STUDENT_LATENCY_MS = "student/latency_ms"  # inference of one image (batch 1), the trial's device and precision,
+#   median of timed runs after warm-up, milliseconds
+TRAIN_S_PER_ITERATION = "train/s_per_iteration"  # wall seconds per training iteration (the whole step, all ranks)
+TRAIN_DEVICE_SECONDS = "train/device_seconds"  # device time the run spent so far: GPU-seconds (wall x GPUs) with
+#   GPUs, else CPU-seconds (the processes' CPU time, summed over ranks)
+TRAIN_PEAK_MEMORY_MB = "train/peak_memory_mb"  # peak device memory of a rank (GPU: allocated; CPU: resident), MiB
+TRAIN_TEACHER_SHARE = "train/teacher_share"  # the teacher forward's fraction of the step's wall time (0..1)
+COST_METRICS = (STUDENT_PARAMS, STUDENT_GFLOPS, STUDENT_LATENCY_MS, TRAIN_S_PER_ITERATION, TRAIN_DEVICE_SECONDS,
+                TRAIN_PEAK_MEMORY_MB, TRAIN_TEACHER_SHARE)
+COST_DEVICE = "kdray.cost.device"  # tag: where the costs were measured (cpu, or the GPU's name), with the precision
 # What each evaluation reports to Tune (with ITERATION and ITERATIONS_TOTAL): the metrics a search space can
 # optimise and ASHA can compare. Everything else (per-class IoU, training terms) goes to MLflow only.
 TUNE_METRICS = (VAL_MIOU, VAL_PIXEL_ACC)
