@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdray.errors import ConfigError
@@ -157,6 +157,7 @@ class Evaluation:
     iou: tuple[float, ...]
     best_miou: float
     is_best: bool
+    cost: dict[str, float] = field(default_factory=dict)  # COST_METRICS known at this evaluation (may be empty)
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.iou):
@@ -168,11 +169,12 @@ class Evaluation:
         out: dict[str, float] = {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc}
         out.update({iou_metric_key(name): value for name, value in zip(self.classes, self.iou)})
         out[VAL_BEST_MIOU] = self.best_miou
+        out.update(self.cost)
         return out
 
     def tune_metrics(self) -> dict[str, float]:
-        """What Tune gets of it: ITERATION and TUNE_METRICS (the caller adds ITERATIONS_TOTAL)."""
-        return {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc}
+        """What Tune gets of it: ITERATION, TUNE_METRICS and the costs (the caller adds ITERATIONS_TOTAL)."""
+        return {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc, **self.cost}
 
 
 def improves(miou: float, best: float) -> bool:

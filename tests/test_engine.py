@@ -352,3 +352,33 @@ def test_a_checkpoint_written_before_the_loss_registry_still_resumes(tmp_path):
     assert state["owned_optimizers"] == {"adversarial": {"state": {}, "param_groups": []}}
     torch.save({"format": 1, "iteration": 3, "d_optimizer": None}, tmp_path / "old" / FILENAME)
     assert load_checkpoint(tmp_path / "old")["owned_optimizers"] == {}
+
+
+def test_each_evaluation_carries_the_runs_costs_and_a_resume_continues_them(tmp_path, teacher_file):
+    """The student's parameters, FLOPs per image (the evaluation size: 32x32 here) and latency, and what training
+    spent so far: device seconds growing from one evaluation to the next and carried over a resume; the teacher's
+    share of the step where a teacher runs. The scores of the history stay free of timings."""
+    from kdray import contract
+    from kdray.engine.cost import forward_flops, parameter_count
+
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True})
+    reports = []
+    train(job, tmp_path / "s", report=lambda m, c: reports.append((m, c)), progress=False, stop_after=3)
+    first, ckpt = reports[-1]
+    student = build_model("deeplabv3_resnet18", 8, width=0.125)
+    assert first.cost[contract.STUDENT_PARAMS] == parameter_count(student)
+    assert first.cost[contract.STUDENT_GFLOPS] == pytest.approx(forward_flops(student, 32, 32) / 1e9)
+    assert first.cost[contract.STUDENT_LATENCY_MS] > 0
+    assert 0 < first.cost[contract.TRAIN_TEACHER_SHARE] < 1
+    assert first.cost[contract.TRAIN_S_PER_ITERATION] > 0 and first.cost[contract.TRAIN_PEAK_MEMORY_MB] > 0
+    assert set(first.cost) <= set(first.metrics()) and set(first.cost) <= set(first.tune_metrics())
+    assert not set(first.cost) & set(load_checkpoint(ckpt)["history"][-1])
+    resumed = []
+    train(job, tmp_path / "s", report=lambda m, c: resumed.append(m), progress=False, resume=ckpt)
+    assert resumed[-1].cost[contract.TRAIN_DEVICE_SECONDS] > first.cost[contract.TRAIN_DEVICE_SECONDS]
+
+    plain = tiny_job(tmp_path, **{"run.latency_repeats": 0})  # CE only, latency not timed: no teacher share
+    costs = []
+    train(plain, tmp_path / "ce", report=lambda m, c: costs.append(m.cost), progress=False, stop_after=3)
+    assert contract.STUDENT_LATENCY_MS not in costs[-1] and contract.TRAIN_TEACHER_SHARE not in costs[-1]
+    assert costs[-1][contract.STUDENT_PARAMS] == parameter_count(student)

@@ -86,7 +86,8 @@ def to_yaml(job: Job) -> str:
 
 
 # Keys that change where results go or how often they are printed, not what is trained.
-_NOT_HASHED = ("plugins", "tracking", "run.output_dir", "optim.log_interval", "data.loader_workers")
+_NOT_HASHED = ("plugins", "tracking", "run.output_dir", "optim.log_interval", "data.loader_workers",
+               "run.latency_repeats")
 
 
 def weight_settings(job: Job) -> dict[str, Any]:

@@ -144,6 +144,7 @@ class RunConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads per worker; 0 leaves torch's default
     output_dir: str = "runs"  # each run writes under <output_dir>/<job name>/...
+    latency_repeats: int = 10  # timed inference runs of the student (batch 1) whose median it logs; 0: not timed
 
 
 @dataclass

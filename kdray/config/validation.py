@@ -174,6 +174,8 @@ def validate(job: Job) -> Job:
     _require(r.gpus_per_worker >= 0, "run.gpus_per_worker", r.gpus_per_worker, "must be >= 0")
     _positive("run.cpus_per_worker", r.cpus_per_worker)
     _require(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0: torch's default)")
+    _require(r.latency_repeats >= 0, "run.latency_repeats", r.latency_repeats,
+             "must be >= 0 (timed inference runs of the student; 0: latency not measured)")
     _require(r.amp == "none" or r.gpus_per_worker > 0, "run.amp", r.amp,
              "mixed precision is for GPU runs: set run.gpus_per_worker > 0 or run.amp=none")
     _require(not r.channels_last or r.gpus_per_worker > 0, "run.channels_last", r.channels_last,

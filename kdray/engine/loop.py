@@ -7,6 +7,7 @@ on one process or on every rank of a data-parallel group.
         total = sum_k w_k * loss_k        backward, step        # adapters train with the student
         each loss-owned optimizer's step (the holistic loss's discriminator, on detached logits)
         every eval_interval: mIoU on the val split -> report(evaluation, checkpoint_dir)
+                             with the run's costs (`kdray.engine.cost`): the student's, and training's so far
 
 The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log` callables. What it reports is
 spelled by `kdray.contract`: a typed `Evaluation` per evaluation, metric names for the training log.
@@ -14,6 +15,7 @@ spelled by `kdray.contract`: a typed `Evaluation` per evaluation, metric names f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +33,14 @@ from kdray.config.schema import TuneSplitConfig
 from kdray.contract import Evaluation
 from kdray.data import IterationBatchSampler, build_dataset, class_names
 from kdray.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdray.engine.cost import (
+    TrainingCost,
+    evaluation_size,
+    forward_flops,
+    inference_latency,
+    parameter_count,
+    run_cost,
+)
 from kdray.engine.distributed import RankContext, gather_objects, mean_over_ranks
 from kdray.engine.evaluate import evaluate, evaluation_loader, judge
 from kdray.engine.progress import Progress
@@ -181,17 +191,25 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
         show.message(f"{role} {job.teacher.arch if role == 'teacher' else job.student.arch}: "
                      f"{objective.formula()}, {iterations} iterations, global batch {job.data.batch_size} "
                      f"over {ctx.world_size} worker(s)")
+    # what the student costs to run (the main rank measures; every rank reports it) and what training spends
+    student = student_costs(job, setup.model, device) if role == "student" and ctx.is_main else {}
+    cost = TrainingCost(device)
+    if resume is not None and "cost" in state:
+        cost.load_state_dict(state["cost"][ctx.rank] if ctx.rank < len(state["cost"]) else state["cost"][0])
+    step.teacher_timer = cost.teacher
     model.train()
     window: dict[str, float] = {}
     window_n, window_t, window_images = 0, time.perf_counter(), 0
-    for i, (images, labels) in enumerate(loader, start=start):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        lr = optim_cfg.lr * (1 - i / iterations) ** optim_cfg.poly_power
-        step.set_lr(lr)
-        total, parts = step(images, labels)
-
-        values = mean_over_ranks({**parts, "total": total}, ctx)
+    batches = iter(loader)
+    for i in range(start, stop):
+        with cost.iteration():  # the whole iteration: the batch's loading included, the evaluation not
+            images, labels = next(batches)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lr = optim_cfg.lr * (1 - i / iterations) ** optim_cfg.poly_power
+            step.set_lr(lr)
+            total, parts = step(images, labels)
+            values = mean_over_ranks({**parts, "total": total}, ctx)
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(name, i + 1, value)
@@ -217,10 +235,13 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
         if done % optim_cfg.eval_interval == 0 or done == iterations:
             result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
                               autocast_for(job, device) if job.run.amp != "none" else None, window_of(job.data))
-            evaluation = judge(done, result, names, best[0])  # best: restored on resume
-            if evaluation.is_best:
-                best = (evaluation.miou, done)
-            history.append(evaluation.metrics())
+            spent = gather_objects({"student": student, "training": cost.as_metrics(), "state": cost.state_dict()},
+                                   ctx)
+            judged = judge(done, result, names, best[0])  # best: restored on resume
+            if judged.is_best:
+                best = (judged.miou, done)
+            history.append(judged.metrics())  # the scores; the costs (timings) go with the report only
+            evaluation = replace(judged, cost={**spent[0]["student"], **run_cost([r["training"] for r in spent])})
             rng_states = gather_objects(
                 {"cpu": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ctx)
@@ -234,6 +255,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
                     "optimizer": optimizer.state_dict(),
                     "owned_optimizers": {name: o.state_dict() for name, o in owned_optimizers.items()},
                     "scaler": scaler.state_dict(), "rng": rng_states, "best": list(best), "history": history,
+                    "cost": [r["state"] for r in spent],
                 }))
                 show.message(f"eval @ {done}: mIoU {100 * evaluation.miou:.2f}  "
                              f"(best {100 * best[0]:.2f} @ {best[1]})")
@@ -243,6 +265,20 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     best_path = output_dir / f"best_{role}.pt"
     return RunResult(stop, history, best[0] if best[1] >= 0 else float("nan"), best[1],
                      time.perf_counter() - t_start, output_dir, best_path if best_path.exists() else None)
+
+
+def student_costs(job: Job, model: nn.Module, device: torch.device) -> dict[str, float]:
+    """The student's parameters, FLOPs per image at the job's evaluation size and, unless run.latency_repeats is
+    0, its inference latency (batch 1, the run's device and precision): `kdray.contract`'s STUDENT_* metrics."""
+    height, width = evaluation_size(job.data)
+    out = {contract.STUDENT_PARAMS: float(parameter_count(model)),
+           contract.STUDENT_GFLOPS: forward_flops(model, height, width) / 1e9}
+    if job.run.latency_repeats:
+        autocast = (lambda: autocast_for(job, device)) if job.run.amp != "none" else contextlib.nullcontext
+        latency = inference_latency(model.to(device), height, width, device, autocast=autocast,
+                                    repeats=job.run.latency_repeats)
+        out[contract.STUDENT_LATENCY_MS] = latency.median_ms
+    return out
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

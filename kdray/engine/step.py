@@ -56,6 +56,8 @@ class TrainStep:
     losses: Callable[[StepTensors], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
     # loss name -> its owned loss as a function of the step's tensors (graph-replayed where it may be)
     owned_losses: dict[str, Callable[[StepTensors], torch.Tensor]] = field(default_factory=dict)
+    # a context the teacher's forward runs in, to time it (`kdray.engine.cost.TrainingCost.teacher`); none by default
+    teacher_timer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     # the parameter lists the step all-reduces on several ranks, collected once from the objective
     adapters: list[nn.Parameter] = field(init=False)
     owned_params: dict[str, list[nn.Parameter]] = field(init=False)
@@ -130,7 +132,7 @@ class TrainStep:
             student_taps = self.student_taps.collect(student_out) if self.student_taps is not None else None
             teacher_out = teacher_taps = None
             if self.teacher is not None:
-                with torch.no_grad():  # its auxiliary head (eval mode) only when a loss reads its logits
+                with self.teacher_timer(), torch.no_grad():  # its aux head only when a loss reads its logits
                     teacher_out = self.teacher(images, aux=True) if self.teacher_aux else self.teacher(images)
                 teacher_taps = self.teacher_taps.collect(teacher_out) if self.teacher_taps is not None else None
         objective = self.objective

@@ -9,6 +9,7 @@ hands it back as `Result.return_value` (rank 0's), and the trial decides what it
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +24,10 @@ from kdray import contract
 from kdray.config import Job
 from kdray.contract import Evaluation
 from kdray.engine import NonFiniteLossError, RankContext, load_checkpoint, train
+from kdray.engine.cost import cost_device
 from kdray.orchestration.tracking import RunLogger
+
+SAMPLING_S = 10  # seconds between two samples of a trial's system metrics
 
 
 def train_per_worker(config: dict[str, Any]) -> str | None:
@@ -53,6 +57,10 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != contract.ITERATION}, step)
 
     resume = ray.train.get_checkpoint()
+    monitor = None
+    if logger is not None and role == "student":  # a trial's run: where its costs were measured, and the machine's
+        logger.set_tags({contract.COST_DEVICE: cost_device(ctx.device, job.run.amp)})
+        monitor = system_metrics(config["tracking_uri"], config["run_id"], resumed=resume is not None)
     try:
         with resume.as_directory() if resume is not None else contextlib.nullcontext(None) as resume_dir:
             if resume_dir is not None and logger is not None:
@@ -75,8 +83,26 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
         # as the function's value, and the trial fails with it.
         return str(err)
     finally:
+        if monitor is not None:
+            monitor.finish()
         shutil.rmtree(scratch, ignore_errors=True)
     return None
+
+
+def system_metrics(tracking_uri: str, run_id: str, resumed: bool):
+    """MLflow's system-metrics monitor on the run (a thread sampling CPU and memory, GPU utilisation and memory
+    where there are GPUs, logged as `system/*` metrics every SAMPLING_S seconds), started; None when MLflow cannot
+    start one (the run goes on without)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SAMPLING_S, resume_logging=resumed,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception as err:  # an optional view of the machine never stops a trial
+        logging.getLogger(__name__).warning("system metrics are off for run %s: %s", run_id, err)
+        return None
+    return monitor
 
 
 def scaling_config(job: Job) -> ScalingConfig:
