@@ -1,8 +1,9 @@
 """`python -m kdray.report --experiment NAME [--sweep ID]`: a sweep's tables and plots from its MLflow runs.
 
-Writes the ablation table, the method comparison, the search summary (search sweeps), per-class IoU and the
-runs left out of the means, as Markdown, LaTeX (booktabs), CSV or Parquet, plus PNG plots, to --out, and prints
-the Markdown. It only reads MLflow; with --log it also logs the files on the sweep's parent run under `report/`.
+Writes the ablation table, the method comparison, the Pareto front of mIoU against GFLOPs and latency (when the
+runs logged costs), the search summary (search sweeps), per-class IoU and the runs left out of the means, as
+Markdown, LaTeX (booktabs), CSV or Parquet, plus PNG plots, to --out, and prints the Markdown. It only reads
+MLflow; with --log it also logs the files on the sweep's parent run under `report/`.
 Without --sweep it reports the latest sweep that is not a smoke test (--smoke-test sweeps: name them).
 
 examples:

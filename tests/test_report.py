@@ -435,3 +435,45 @@ def test_remote_stores_read_histories_in_threads():
     assert [h[0].value for h in histories(remote, "http://tracking:5000", pairs)] == list(range(32))
     assert [h[0].value for h in histories(local, "sqlite:////tmp/x.db", pairs)] == list(range(32))
     assert len(remote.threads) > 1 and len(local.threads) == 1
+
+
+# the methods table of sweep abl-1 (--value last) as kdray wrote it before runs logged cost metrics: a sweep without
+# them must keep it byte for byte
+METHODS_MARKDOWN_BEFORE_COSTS = (
+    "### Methods\n"
+    "\n"
+    "Methods: val mIoU (%) at the last evaluation of each run, mean ± sample std (ddof=1) over the "
+    "finished runs of each row, n = 3 seeds (0, 1, 2); sweep `abl-1` (space tiny-ablation), experiment "
+    "`kdtest`. Params: the student's parameters (the teacher's on teacher rows), millions.\n"
+    "\n"
+    "| Teacher → Student | Method | Params (M) | mIoU (%) | n | Best run | Excluded |\n"
+    "|:---|:---|---:|---:|---:|:---|:---|\n"
+    "| deeplabv3_resnet101 → deeplabv3_resnet18 | Teacher | 61.1 | 78.00 | 1 | 78.00 (teacher) | — |\n"
+    "| deeplabv3_resnet101 → deeplabv3_resnet18 | CE | 13.6 | 71.00 ± 1.00 | 3 | 72.00 (abl_1) | 1 "
+    "interrupted |\n"
+    "| deeplabv3_resnet101 → deeplabv3_resnet18 | KD | 13.6 | 74.00 ± 1.00 | 3 | 75.00 (abl_7) | 1 "
+    "failed |\n"
+    "| deeplabv3_resnet101 → deeplabv3_resnet18 | KD+I2CKD | 13.6 | 76.00 ± 1.00 | 3 | 77.00 (abl_12) | "
+    "1 early-stopped |\n"
+    "| deeplabv3_resnet101 → deeplabv3_resnet18 | I2CKD | 13.6 | 57.00 ± 1.41† | 2 | 58.00 (abl_15)† | — "
+    "|\n"
+    "\n"
+    "† built only from early-stopped runs (stopped by the scheduler before the full budget): their "
+    "values at stopping, not comparable with rows of finished runs.  \n"
+    "Early-stopped runs are counted but excluded from the mean; failed, not-started, interrupted and "
+    "unfinished (still running) runs, and finished runs without a val mIoU, are excluded; all are listed "
+    "in the excluded-runs table. This sweep: 3 early-stopped, 1 failed, 1 interrupted of 14 trial runs.  "
+    "\n"
+)
+
+
+def test_a_sweep_without_cost_metrics_keeps_its_tables_byte_for_byte(store, ablation_last, tmp_path):
+    from kdray.reporting.render import markdown
+
+    assert markdown(by_name(ablation_last)["methods"]) == METHODS_MARKDOWN_BEFORE_COSTS
+    assert "pareto" not in by_name(ablation_last)
+    data = read_sweep(store.uri, "kdtest", "abl-1")
+    assert not any(c.startswith("cost.") for c in data.runs.column_names)
+    result = write_report(store.uri, "kdtest", "srch-1", tmp_path, formats=("md", "csv"))
+    assert "GFLOPs" not in result.markdown and "Latency" not in result.markdown and "Pareto" not in result.markdown
+    assert not (tmp_path / "pareto.png").exists() and not (tmp_path / "pareto.csv").exists()

@@ -4,7 +4,10 @@ imports mlflow and optuna).
     runs.py        MLflow -> Arrow: the sweep's runs, the teacher runs, the val/miou histories
     groups.py      group runs, mean ± sample std over finished runs; what counts as finished
     table.py       the Table type (cells, caption, notes, numbers) and cell formatting
+    costs.py       what a row's runs cost (GFLOPs, latency, time, memory): the cost columns and their notes
     tables.py      ablation, methods, per-class IoU, excluded runs
+    confirmed.py   the search summary of a search's confirmation stage
+    pareto.py      the Pareto front of mIoU against GFLOPs and latency
     space.py       the knobs a sweep varied, recovered from the runs' params
     importance.py  PED-ANOVA parameter importance on a study rebuilt from the runs
     search.py      best trial, top-k, importance tables of a search sweep

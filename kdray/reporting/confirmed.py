@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from kdray.reporting.costs import CAPTION, COST_TYPES, cost_lookup, cost_record, device_notes, row_cost, shown_columns
 from kdray.reporting.groups import Group, summarise, value_column
 from kdray.reporting.runs import EARLY_STOPPED, SweepData, eval_splits
 from kdray.reporting.table import DAGGER, DASH, Table, mean_std, pct, percent_or_none, signed, typed_table
@@ -125,7 +126,11 @@ def _gain(what: str, win: ConfirmedRow, other: ConfirmedRow, test: WelchTest | N
 
 def confirmed_table(confirm: SweepData, search: SweepData, value: str) -> tuple[Table | None, str | None]:
     """`search_summary`: the confirmation rows ranked by their confirmed mean, and the verdict (`verdict`);
-    (None, None) for a sweep without confirmation runs."""
+    (None, None) for a sweep without confirmation runs.
+
+    When a confirmation run logged costs (`kdray.reporting.costs`), columns after n: Params (M), GFLOPs,
+    latency (ms), s / iteration, device-seconds per run, peak memory (MiB), each the mean over the runs the row's
+    confirmed mIoU averages and each shown only when a run logged it; the notes say where they were measured."""
     if not confirm.runs.num_rows:
         return None, None
     rows = confirmed_rows(confirm, search, value)
@@ -133,13 +138,18 @@ def confirmed_table(confirm: SweepData, search: SweepData, value: str) -> tuple[
     ce = next((row for row in rows if row.is_ce and row.group.mean is not None), None)
     header = ["Rank", "Row", "Method", f"Search score (%, {split})", "Confirmed mIoU (%)", "n", "vs CE-only (pp)",
               "p (Welch)", "Search trial", "Excluded"]
+    lookup = cost_lookup(confirm.runs)
+    costs = [(row.row, row_cost(lookup, row.group.run_ids)) for row in rows]
+    shown = shown_columns([cost for _, cost in costs])
+    at = header.index("n") + 1
+    header[at:at] = [c.header for c in shown]
     cells, records = [], []
-    for rank, row in enumerate(rows, 1):
+    for rank, (row, (_, cost)) in enumerate(zip(rows, costs), 1):
         g, test = row.group, row.vs_ce
         diff = g.mean - ce.group.mean if ce is not None and row is not ce and g.mean is not None else None
         score = pct(row.search_score) + (DAGGER if row.search_stopped else "") if row.search_trial else DASH
         cells.append([str(rank), row.row, row.method or DASH, score, mean_std(g.mean, g.std), str(g.n),
-                      signed(diff), _p_text(test), row.search_trial or DASH,
+                      *(cost.cell(c) for c in shown), signed(diff), _p_text(test), row.search_trial or DASH,
                       g.excluded or DASH])
         records.append({"rank": rank, "row": row.row, "method": row.method, "search_trial": row.search_trial,
                         "search_rank": row.search_rank, "search_score_pct": percent_or_none(row.search_score),
@@ -147,24 +157,29 @@ def confirmed_table(confirm: SweepData, search: SweepData, value: str) -> tuple[
                         "miou_pct_mean": percent_or_none(g.mean), "miou_pct_std": percent_or_none(g.std), "n": g.n,
                         "seeds": list(g.seeds), "vs_ce_pp": percent_or_none(diff),
                         "vs_ce_p": test.p if test else None, "vs_ce_significant": test.significant if test else None,
-                        "value": value, "sweep_id": confirm.sweep_id})
+                        **(cost_record(cost) if shown else {}), "value": value, "sweep_id": confirm.sweep_id})
     seeds = sorted({s for row in rows for s in row.group.seeds})
     caption = (f"Search summary (sweep `{confirm.sweep_id}`): the search's best configurations and the CE-only "
                f"student, each run again at full length on val over seeds {seeds}, ranked by the mean of val mIoU "
                f"at {describe_value(value)}; beside it, the single-seed score the search selected them by "
                f"({split}). vs CE-only: difference of means; p: Welch's t-test, two-sided (* p < {ALPHA}; — with "
                "fewer than 2 seeds or no spread).")
+    if shown:
+        caption += " Params: the student's logged parameters, millions. " + CAPTION
     notes = []
     text = verdict(rows, split)
     if text:
         notes.append(text)
     if any(row.search_stopped for row in rows):
         notes.append(f"{DAGGER} the search stopped this configuration early: its score is the value at stopping.")
+    if shown:
+        notes += device_notes(costs)
     notes.append(exclusion_note(confirm))
-    types = {"search_trial": pa.string(), "search_rank": pa.int64(), "search_score_pct": pa.float64(),
+    types = {**COST_TYPES, "search_trial": pa.string(), "search_rank": pa.int64(), "search_score_pct": pa.float64(),
              "search_stopped": pa.bool_(), "search_iteration": pa.int64(), "vs_ce_pp": pa.float64(),
              "vs_ce_p": pa.float64(), "vs_ce_significant": pa.bool_()}
-    table = Table("search_summary", "Search summary (confirmed)", caption, header, cells, "rllrrrrrll",
+    align = "rllrrr" + "r" * len(shown) + "rrll"
+    table = Table("search_summary", "Search summary (confirmed)", caption, header, cells, align,
                   typed_table(records, types), notes)
     return table, text
 

@@ -1,4 +1,5 @@
-"""The report's figures as PNG: mIoU vs iteration per method, the sweep's parallel coordinates, importance bars.
+"""The report's figures as PNG: mIoU vs iteration per method, the sweep's parallel coordinates, importance bars,
+the Pareto front of mIoU against GFLOPs and latency.
 
 Figures are built with matplotlib's object API on the Agg canvas, not pyplot: no global backend or figure
 state is touched, so a sweep or a notebook that imports this keeps its own. (Optuna's matplotlib plots go
@@ -8,6 +9,7 @@ through pyplot and are experimental, hence these few lines of our own.)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution
 
+from kdray.reporting.costs import GFLOPS, LATENCY
 from kdray.reporting.importance import Importance
+from kdray.reporting.pareto import ParetoRow, has_points
 from kdray.reporting.runs import EARLY_STOPPED, FINISHED
 from kdray.reporting.search import Search, format_param, in_space
 from kdray.reporting.space import Outside
@@ -157,4 +161,51 @@ def plot_importance(importance: Importance, path: Path, title: str) -> Path:
     ax.set_title(title)
     fig.text(0.01, -0.02, f"best {importance.n_top} of {importance.n_trials} trials vs all of them",
              fontsize="x-small", ha="left", va="top")
+    return _save(fig, path)
+
+
+def plot_pareto(rows: Sequence[ParetoRow], path: Path, title: str) -> Path | None:
+    """Two panels, val mIoU (%) against the student's GFLOPs and against its latency (ms): one point per placed
+    row (`pareto.ParetoRow`), error bars ± one sample std over its seeds, the front filled and joined by a line in
+    cost order (one front per device on the latency panel), dominated rows hollow; each point labelled with its
+    method (and its student, when the rows have several teacher → student pairs). None when no row is placed on
+    either front."""
+    if not has_points(rows):
+        return None
+    several_pairs = len({r.pair for r in rows}) > 1  # then each point names its student too
+    fig = Figure(figsize=(12, 4.8))
+    panels = ((fig.add_subplot(1, 2, 1), GFLOPS, "gflops_front", "GFLOPs (1e9 FLOPs, one image)", lambda r: None),
+              (fig.add_subplot(1, 2, 2), LATENCY, "latency_front", "latency (ms, batch 1)", lambda r: r.latency_device))
+    for ax, column, flag, xlabel, split in panels:
+        placed = [r for r in rows if getattr(r, flag) is not None]
+        series: dict[str | None, list[ParetoRow]] = {}
+        for r in placed:
+            series.setdefault(split(r), []).append(r)
+        for k, (device, members) in enumerate(series.items()):
+            color = f"C{k % 10}"
+            for r in members:
+                on = getattr(r, flag)
+                x, y = r.cost.mean(column), 100 * r.group.mean
+                std = 0.0 if r.group.std is None else 100 * r.group.std
+                ax.errorbar([x], [y], yerr=[std], fmt="o", color=color, markersize=7 if on else 6, capsize=3,
+                            markerfacecolor=color if on else "white", markeredgecolor=color, linewidth=1)
+                label = r.label + (f" [{r.pair[1] or '?'}]" if several_pairs else "")
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize="x-small")
+            front = sorted((r for r in members if getattr(r, flag)), key=lambda r: (r.cost.mean(column),
+                                                                                     -r.group.mean))
+            label = "front" + (f" ({device})" if device is not None else "")
+            ax.plot([r.cost.mean(column) for r in front], [100 * r.group.mean for r in front], color=color,
+                    linewidth=1.2, label=label)
+        if not placed:
+            ax.text(0.5, 0.5, f"no row with a {column.header}", transform=ax.transAxes, ha="center", va="center",
+                    color="gray")
+        else:
+            ax.legend(fontsize="small", loc="lower right")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val mIoU (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.text(0.01, -0.02, "filled: on the front (no row with lower-or-equal cost and higher-or-equal mean mIoU, "
+             "one strictly); hollow: dominated; bars: ± sample std (ddof=1) over the seeds; latency: one front per "
+             "device", fontsize="x-small", ha="left", va="top")
     return _save(fig, path)

@@ -51,6 +51,21 @@ _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _REMOTE_THREADS = 8
 IOU_COLUMN = "iou."  # + class name (the true one, from the CLASSES tag): the per-class IoU of the last evaluation
 PARAM_COLUMN = "params."  # + flattened config key
+# What a run cost (kdray.contract.COST_METRICS): the runs-table column of each metric, its last logged value, in the
+# metric's own unit (see the contract), named after that unit.
+COST_PARAMS = "cost.params"  # student/params: the student's parameters, a count (not millions)
+COST_GFLOPS = "cost.gflops"  # student/gflops: one forward pass of one image, 1e9 FLOPs (a multiply-add counts 2)
+COST_LATENCY_MS = "cost.latency_ms"  # student/latency_ms: batch-1 inference on the run's device, milliseconds
+COST_S_PER_ITERATION = "cost.s_per_iteration"  # train/s_per_iteration: wall seconds per training iteration
+COST_DEVICE_SECONDS = "cost.device_seconds"  # train/device_seconds: GPU-seconds (or CPU-seconds) the run spent
+COST_PEAK_MEMORY_MIB = "cost.peak_memory_mib"  # train/peak_memory_mb: a rank's peak device memory, MiB
+COST_TEACHER_SHARE = "cost.teacher_share"  # train/teacher_share: the teacher forward's share of a step (0..1)
+COST_COLUMNS = {contract.STUDENT_PARAMS: COST_PARAMS, contract.STUDENT_GFLOPS: COST_GFLOPS,
+                contract.STUDENT_LATENCY_MS: COST_LATENCY_MS, contract.TRAIN_S_PER_ITERATION: COST_S_PER_ITERATION,
+                contract.TRAIN_DEVICE_SECONDS: COST_DEVICE_SECONDS,
+                contract.TRAIN_PEAK_MEMORY_MB: COST_PEAK_MEMORY_MIB,
+                contract.TRAIN_TEACHER_SHARE: COST_TEACHER_SHARE}  # metric -> column
+COST_DEVICE_COLUMN = "cost.device"  # tag kdray.cost.device: where the costs were measured (cpu, the GPU's name)
 
 
 def default_tracking_uri() -> str:
@@ -78,6 +93,12 @@ class SweepData:
               row, seed, teacher_arch, student_arch, dataset, formula, failure, params_m, teacher_params_m,
               start_time, end_time, miou_last, pixel_acc_last, miou_best, best_step, last_step, n_evals,
               `iou.<class>` (last evaluation), `params.<key>` (the flattened config, strings).
+              Cost columns, only when at least one run logged a cost metric or the cost-device tag (runs recorded
+              before kdray logged costs give the table they always gave): cost.params (a count),
+              cost.gflops (1e9 FLOPs, one image), cost.latency_ms (batch-1 inference), cost.s_per_iteration
+              (wall seconds), cost.device_seconds (GPU- or CPU-seconds of the whole run),
+              cost.peak_memory_mib (MiB), cost.teacher_share (0..1): each metric's last logged value, null where
+              the run logged none; cost.device (the tag: cpu, or the GPU's name, with the precision).
               state: one of FINISHED, EARLY_STOPPED, FAILED, NOT_STARTED, INTERRUPTED, UNFINISHED, NO_VALUE.
     teachers: the experiment's teacher runs (KIND=teacher), same columns.
     history:  run_id, step, value of val/miou for every run in `runs` and `teachers` (None when not read;
@@ -259,7 +280,8 @@ def attributable(keys: dict[str, str]) -> dict[str, str]:
 
 def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
     """Runs as an Arrow table (columns as in `SweepData.runs`, without the history columns) and the classes,
-    name -> per-class IoU metric key, in class-id order (`class_keys`)."""
+    name -> per-class IoU metric key, in class-id order (`class_keys`). The cost columns are there only when one
+    of `runs` logged a cost metric or the cost-device tag."""
     runs = sorted(runs, key=lambda r: (_number(r.data.tags.get(contract.ROW_INDEX), int) or 0,
                                        natural_key(r.data.tags.get(contract.TRIAL_ID, "")), r.info.start_time or 0,
                                        r.info.run_id))
@@ -269,6 +291,8 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
     for run in runs:
         for key in run.data.params:
             param_keys.setdefault(key)
+    costs = any(contract.COST_DEVICE in run.data.tags or not run.data.metrics.keys().isdisjoint(COST_COLUMNS)
+                for run in runs)
     rows = []
     for order, run in enumerate(runs):
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
@@ -283,6 +307,9 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
             "start_time": run.info.start_time, "end_time": run.info.end_time,
             "miou_last": metrics.get(contract.VAL_MIOU), "pixel_acc_last": metrics.get(contract.VAL_PIXEL_ACC),
         })
+        if costs:
+            row.update({column: metrics.get(metric) for metric, column in COST_COLUMNS.items()})
+            row[COST_DEVICE_COLUMN] = tags.get(contract.COST_DEVICE)
         row.update({IOU_COLUMN + c: metrics.get(readable[c]) if c in readable else None for c in keys})
         row.update({PARAM_COLUMN + k: params.get(k) for k in param_keys})
         rows.append(row)
@@ -292,6 +319,7 @@ def runs_table(runs: list[Run]) -> tuple[pa.Table, dict[str, str]]:
         + [("seed", pa.int64()), ("params_m", pa.float64()), ("teacher_params_m", pa.float64()),
            ("start_time", pa.timestamp("ms")), ("end_time", pa.timestamp("ms")),
            ("miou_last", pa.float64()), ("pixel_acc_last", pa.float64())]
+        + ([(c, pa.float64()) for c in COST_COLUMNS.values()] + [(COST_DEVICE_COLUMN, pa.string())] if costs else [])
         + [(IOU_COLUMN + c, pa.float64()) for c in keys] + [(PARAM_COLUMN + k, pa.string()) for k in param_keys])
     return pa.Table.from_pylist(rows, schema=schema), keys
 

@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from kdray import contract
+from kdray.reporting.costs import (
+    CAPTION,
+    COST_TYPES,
+    PARAMS,
+    cost_lookup,
+    cost_record,
+    device_notes,
+    row_cost,
+    shown_columns,
+)
 from kdray.reporting.groups import Group, count_phrase, summarise, value_column
 from kdray.reporting.runs import (
     EARLY_STOPPED,
@@ -167,8 +177,9 @@ def ablation_table(data: SweepData, value: str) -> Table | None:
     return Table("ablation", "Ablation", caption, header, rows, "llrrrl", _data(records, data, value), notes)
 
 
-def _data(records: list[dict], data: SweepData, value: str) -> pa.Table:
-    return typed_table([{**r, "value": value, "sweep_id": data.sweep_id} for r in records])
+def _data(records: list[dict], data: SweepData, value: str, types: dict[str, pa.DataType] | None = None
+          ) -> pa.Table:
+    return typed_table([{**r, "value": value, "sweep_id": data.sweep_id} for r in records], types)
 
 
 @dataclass(frozen=True)
@@ -199,14 +210,20 @@ def method_groups(data: SweepData, value: str) -> list[MethodGroup]:
     return result
 
 
-def _pair_text(pair: tuple) -> str:
+def pair_text(pair: tuple) -> str:
+    """`teacher → student`, `?` for an arch not recorded."""
     return f"{pair[0] or '?'} → {pair[1] or '?'}"
 
 
 def methods_table(data: SweepData, value: str, confirmed: bool = False) -> Table:
     """Per teacher → student pair: the teacher, then each method with the student's params, mean ± std (n), the
     best run. `confirmed`: `data` holds a search's confirmation runs (one configuration per row, n counts
-    seeds)."""
+    seeds).
+
+    When a run logged costs (`kdray.reporting.costs`), columns after n: GFLOPs, latency (ms), s / iteration,
+    device-seconds per run and peak memory (MiB), each the mean over the runs the row's mIoU averages, each shown
+    only when a run logged it; the notes say where they were measured. Params (M) is the kdray.params_m tag, else
+    the logged student/params."""
     groups = method_groups(data, value)
     teachers = teacher_groups(data, value)
     params = _lookup(data.runs, "params_m")
@@ -216,10 +233,13 @@ def methods_table(data: SweepData, value: str, confirmed: bool = False) -> Table
         if p is not None:
             trial_teacher_params.setdefault(arch, p)
     labels = {**_labels(data.runs), **_labels(data.teachers)}
+    run_costs, teacher_costs = cost_lookup(data.runs), cost_lookup(data.teachers)
+    several_pairs = len({mg.pair for mg in groups}) > 1
     header = ["Teacher → Student", "Method", "Params (M)", "mIoU (%)", "n", "Best run", "Excluded"]
-    rows, records, notes, seen_pairs = [], [], [], []
+    rows, records, notes, seen_pairs, costs = [], [], [], [], []
     for mg in groups:
         g = mg.group
+        suffix = f" [{pair_text(mg.pair)}]" if several_pairs else ""
         if mg.pair not in seen_pairs:
             seen_pairs.append(mg.pair)
             t = teachers.get(mg.pair[0])
@@ -228,18 +248,34 @@ def methods_table(data: SweepData, value: str, confirmed: bool = False) -> Table
                              f"experiment `{data.experiment}`: teacher row omitted.")
             else:
                 p = teacher_params.get(t.best_run_id) or trial_teacher_params.get(mg.pair[0])
-                rows.append([_pair_text(mg.pair), "Teacher", millions(p), mean_std(t.mean, t.std), str(t.n),
+                rows.append([pair_text(mg.pair), "Teacher", millions(p), mean_std(t.mean, t.std), str(t.n),
                              _best_text(t, labels), t.excluded or DASH])
                 records.append({"teacher_arch": mg.pair[0], "student_arch": mg.pair[1], "method": "Teacher",
                                 "params_m": p, **_numbers(t)})
+                costs.append((f"Teacher{suffix}", row_cost(teacher_costs, t.run_ids)))
+        cost = row_cost(run_costs, g.run_ids)
         p = next((params[r] for r in g.run_ids or [g.best_run_id] if params.get(r) is not None), None)
-        rows.append([_pair_text(mg.pair), mg.label, millions(p), mean_std(g.mean, g.std, g.from_stopped), str(g.n),
+        if p is None:
+            p = cost.mean(PARAMS)
+        rows.append([pair_text(mg.pair), mg.label, millions(p), mean_std(g.mean, g.std, g.from_stopped), str(g.n),
                      _best_text(g, labels), g.excluded or DASH])
         method = mg.label if g.key[2] is not None else None  # no method tag: `—` shown, null in the files
         records.append({"teacher_arch": mg.pair[0], "student_arch": mg.pair[1], "method": method, "params_m": p,
                         **_numbers(g)})
+        costs.append((mg.label + suffix, cost))
+    shown = shown_columns([c for _, c in costs], skip=[PARAMS])
+    types = None
+    if shown:
+        at = header.index("n") + 1
+        header[at:at] = [c.header for c in shown]
+        for row, record, (_, cost) in zip(rows, records, costs):
+            row[at:at] = [cost.cell(c) for c in shown]
+            record.update(cost_record(cost))
+        types = COST_TYPES
     if any(mg.group.from_stopped for mg in groups):
         notes.append(DAGGER_NOTE)
+    if shown:
+        notes += device_notes(costs)
     notes.append(exclusion_note(data))
     what = "Methods"
     if confirmed:
@@ -250,7 +286,10 @@ def methods_table(data: SweepData, value: str, confirmed: bool = False) -> Table
                  "configurations, not seeds)")
     caption = _caption(data, value, what, [mg.group for mg in groups])
     caption += " Params: the student's parameters (the teacher's on teacher rows), millions."
-    return Table("methods", "Methods", caption, header, rows, "llrrrll", _data(records, data, value), notes)
+    if shown:
+        caption += " " + CAPTION
+    return Table("methods", "Methods", caption, header, rows, "llrrr" + "r" * len(shown) + "ll",
+                 _data(records, data, value, types), notes)
 
 
 def _labels(table: pa.Table) -> dict[str, str]:
@@ -273,7 +312,7 @@ def best_runs(data: SweepData, value: str) -> list[tuple[str, str, int | None]]:
     best_step = {**_lookup(data.runs, "best_step"), **_lookup(data.teachers, "best_step")}
     result, done = [], set()
     for mg in groups:
-        suffix = f" [{_pair_text(mg.pair)}]" if several_pairs else ""
+        suffix = f" [{pair_text(mg.pair)}]" if several_pairs else ""
         t = teachers.get(mg.pair[0])
         if t is not None and t.best_run_id and t.best_run_id not in done:
             done.add(t.best_run_id)

@@ -17,7 +17,9 @@ from kdray.contract import STAGE_CONFIRM
 from kdray.errors import ConfigError
 from kdray.reporting import plots, render
 from kdray.reporting.confirmed import confirmed_table
+from kdray.reporting.costs import has_costs
 from kdray.reporting.groups import VALUES, count_phrase
+from kdray.reporting.pareto import pareto_rows, pareto_table
 from kdray.reporting.runs import FINISHED, SweepData, open_client, read_iou_at, read_sweep
 from kdray.reporting.search import Search, analyse, search_tables
 from kdray.reporting.table import Table
@@ -41,7 +43,8 @@ SMOKE_NOTE = (f"SMOKE TEST (tag {contract.SMOKE_TEST}=true): a few iterations pe
 class ReportResult:
     markdown: str  # the whole report as Markdown (what report.md holds), whatever the formats
     files: tuple[Path, ...]  # everything written, tables and plots
-    tables: dict[str, Table]  # by name: ablation, methods, per_class, excluded, search_best, search_top, importance
+    tables: dict[str, Table]  # by name: search_summary, ablation, methods, pareto, per_class, excluded, search_best,
+    #   search_top, importance (those the sweep has)
     experiment: str
     sweep_id: str
     sweep_run_id: str
@@ -67,12 +70,12 @@ def build_tables(data: SweepData, value: str, *, top_k: int = 10,
         confirm, searched = stages
         search = analyse(searched, value)
         summary, _ = confirmed_table(confirm, searched, value)
-        tables = [summary, methods_table(confirm, value, confirmed=True),
+        tables = [summary, methods_table(confirm, value, confirmed=True), pareto_table(confirm, value),
                   *search_tables(searched, search, value, top_k), per_class_table(confirm, value, iou_at_best),
                   excluded_table(data)]
     else:
         search = analyse(data, value) if data.space_kind == "search" else None
-        tables = [ablation_table(data, value), methods_table(data, value)]
+        tables = [ablation_table(data, value), methods_table(data, value), pareto_table(data, value)]
         if search is not None:
             tables += search_tables(data, search, value, top_k)
         tables += [per_class_table(data, value, iou_at_best), excluded_table(data)]
@@ -123,6 +126,9 @@ def write_plots(data: SweepData, search: Search | None, out: Path, value: str) -
         data = stages[0]
     written = [plots.plot_curves(data.history, data.runs, _curve_groups(data, value), out / "miou_vs_iteration.png",
                                  f"val mIoU vs iteration, sweep {sid}")]
+    if has_costs(data.runs):  # the rows of the pareto table: the methods table's
+        written.append(plots.plot_pareto(pareto_rows(data, value), out / "pareto.png",
+                                         f"val mIoU vs cost, sweep {sid}"))
     if search is not None:
         written.append(plots.plot_parallel(search, out / "parallel_coordinates.png",
                                            f"Parallel coordinates, sweep {sid}"))
@@ -172,7 +178,8 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     out_dir:  None writes to reports/<experiment>/<sweep id> under the working directory.
     value:    "last" (each run's last evaluation) or "best" (its best evaluation; reads metric histories).
     Files: report.md; <table>.tex; <table>.csv and runs.csv; <table>.parquet, runs.parquet and history.parquet;
-    miou_vs_iteration.png, and for a search sweep parallel_coordinates.png and importance.png.
+    miou_vs_iteration.png, pareto.png when runs logged GFLOPs or latency, and for a search sweep
+    parallel_coordinates.png and importance.png.
     Raises ConfigError for an unknown store, experiment or sweep, or a bad value or format.
     """
     if value not in VALUES:
