@@ -533,7 +533,6 @@ def test_study_states_unwraps_nested_searchers():
 def _sweep_twice_values(tmp_path, name: str):
     """One seeded search through Tune: 6 samples, 3 at once, SyncHalving grace 2, eta 2, max_t 8, a trainable
     that reports x · (1 + iteration / 8) with small random sleeps and pauses/restores through tune checkpoints."""
-    import json
     import os
     import tempfile
     from functools import partial
@@ -609,70 +608,6 @@ def test_through_tune_two_runs_of_one_seeded_search_stop_the_same_trials(tmp_pat
         assert states == {x: ("COMPLETE" if first[x]["last"] == 8 else "PRUNED") for x in xs}
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_real_sweep_pauses_and_resumes_trials_under_sync_halving(tmp_path, teacher_file, monkeypatch):
-    """The demo job, tiny: 4 samples, 2 at a time, sync halving at the first evaluation (iteration 2 of 4). The
-    trials paused at the rung and then promoted restart their Train run from its checkpoint (MLflow tag
-    `kdray.resumed_from`) and finish; the others end stopped early; the sweep exits 0."""
-    import shutil
-    from pathlib import Path
-
-    import ray
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    from kdray.orchestration.sweep import SweepRequest, run_sweep
-
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(tmp_path)
-    shutil.copyfile(teacher_file, tmp_path / "teacher.pt")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "halving", "num_samples": 4, "seed": 0, "max_concurrent_trials": 2,
-        "scheduler": {"kind": "sync_halving", "grace_period": 1, "reduction_factor": 2},
-        "overrides": {"run.workers": 1, "run.cpus_per_worker": 0.9, "run.threads": 1},
-        "space": {"losses.kd.enabled": True, "losses.kd.weight": {"loguniform": [0.1, 10.0]}}}, sort_keys=False))
-    tiny = ["data.crop=[32, 32]", "data.synthetic.image_size=32", "data.synthetic.train_length=64",
-            "data.synthetic.val_length=8", "data.batch_size=4", "data.eval_batch_size=8", "optim.iterations=4",
-            "optim.eval_interval=2", "optim.log_interval=2", "teacher.width=0.125",
-            "teacher.arch=deeplabv3_resnet18", "run.output_dir=runs", "teacher.checkpoint=teacher.pt"]
-    ray.init(num_cpus=2, log_to_driver=False, runtime_env=pinned_runtime_env())
-    try:
-        began = time.monotonic()
-        outcome = run_sweep(SweepRequest(str(repo / "jobs" / "demo.yaml"), str(space), tiny, tracking_uri=uri),
-                            say=print)
-        print(f"sweep: {time.monotonic() - began:.0f} s")
-    finally:
-        ray.shutdown()
-    assert outcome.exit_code == 0 and outcome.complete, outcome.counts()
-    searched = [t for t in outcome.trials if getattr(t, "stage", "") != "confirm"]  # not a confirmation stage's
-    print([(t.trial_id, t.stage, t.status, t.iteration) for t in outcome.trials])
-    state = json.loads(next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*/tune.sync_halving.json")).read_text())
-    number = {n: trial for trial, n in state["numbers"].items()}
-    promoted = {number[n] for n in state["promoted"][0][2]}
-    stopped = {number[n] for n, _ in state["stopped"]}
-    assert len(promoted) == 2 and len(stopped) == 2 and not promoted & stopped
-    by_id = {t.trial_id: t for t in searched}
-    assert all(by_id[t].status == "finished" for t in promoted)
-    # a stopped trial ends at the rung; at 2 iterations a rung on this tiny job, its Train workers may finish the
-    # next two before the stop reaches them, and the summary then says so (finished, never resumed)
-    assert all(by_id[t].status in ("stopped early", "finished") for t in stopped)
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
-                              f"tags.`{contract.SWEEP_ID}` = '{outcome.sweep_id}' and tags.`{contract.KIND}` = 'trial'")
-    ids = {t.trial_id for t in searched}
-    resumed = {r.data.tags[contract.TRIAL_ID]: r.data.tags.get(contract.RESUMED_FROM) for r in runs
-               if r.data.tags[contract.TRIAL_ID] in ids}
-    status = {r.data.tags[contract.TRIAL_ID]: r.info.status for r in runs if r.data.tags[contract.TRIAL_ID] in ids}
-    print(f"resumed_from: {resumed}; MLflow status: {status}")
-    assert len(status) == 4
-    assert any(resumed[t] == "2" for t in promoted)  # at least one promoted trial paused at the rung
-    assert all(status[t] == "FINISHED" for t in promoted)
-    assert all(resumed[t] is None for t in stopped)  # the stopped never came back
-
-
 _RESTORE_JOB = '''"""A seeded search under SyncHalving (6 samples, 3 at once, grace 2, eta 2, max_t 8), its
 halving state in the experiment folder: run as a script, it runs the search `argv[2]` under the folder `argv[1]`."""
 import json
@@ -741,7 +676,6 @@ def test_through_tune_a_sweep_cut_mid_bracket_and_restored_stops_the_trials_an_u
     and is restored here with Tuner.restore(resume_unfinished, resume_errored): the scheduler, fresh from
     tuner.pkl, takes up its state file; the same trials end at the same iterations as in a run not cut."""
     import importlib.util
-    import json
     import os
     import signal
     import subprocess

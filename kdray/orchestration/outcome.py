@@ -135,8 +135,7 @@ def summary_table(outcome: SweepOutcome) -> str:
 
     metric, mode = outcome.metric, outcome.mode
     staged = any(t.stage for t in outcome.trials)
-    trials = [*best_first([t for t in outcome.trials if t.stage != "confirm"], mode),
-              *[t for t in outcome.trials if t.stage == "confirm"]] if staged else outcome.trials
+    trials = in_stage_order(outcome.trials, mode)
     splits = {t.scored_on for t in trials if t.scored_on}
     scored = len(splits) > 1
     keys = sorted({k for t in trials if t.stage != "confirm" for k in t.params if k != SEED_KEY})
@@ -156,6 +155,16 @@ def summary_table(outcome: SweepOutcome) -> str:
     if outcome.never_created:
         text += f"\n\n{outcome.never_created} more trial(s) of the space never started."
     return text
+
+
+def in_stage_order(trials: list[TrialSummary], mode: str = "max") -> list[TrialSummary]:
+    """A search sweep's trials as the summary shows them: every search trial, best first (an extension's ranked
+    with the first search's), then the confirmation trials in the order their stages ranked them. Trials
+    without stages (an ablation) as they are."""
+    if not any(t.stage for t in trials):
+        return list(trials)
+    return [*best_first([t for t in trials if t.stage != "confirm"], mode),
+            *[t for t in trials if t.stage == "confirm"]]
 
 
 def best_first(trials: list[TrialSummary], mode: str = "max") -> list[TrialSummary]:

@@ -116,11 +116,10 @@ def stage_lines(stages: list[dict[str, Any]], space: SearchSpace, sweep_dir: Pat
                   "interrupted: it continues, its ended trials kept" if (sweep_dir / record["folder"]).exists()
                   else "to run")
         lines.append(f"  {kind}, folder {record['folder']}/: {n} trial(s), {status}")
-    if stages and stages[-1]["name"] == STAGE_SEARCH and space.kind == "search":
-        c = space.confirm
-        most = f"at most {c.top_k} x {len(c.seeds)} trial(s)" if c is not None else "none"
-        lines.append(f"  then: confirmation of its best configurations not confirmed before ({most}, chosen when "
-                     "the search ends)")
+    c = space.confirm
+    if stages and stages[-1]["name"] == STAGE_SEARCH and space.kind == "search" and c is not None:
+        lines.append(f"  then: confirmation of its best configurations not confirmed before (at most {c.top_k} x "
+                     f"{len(c.seeds)} trial(s), chosen when the search ends)")
     return lines
 
 

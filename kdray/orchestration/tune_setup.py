@@ -25,6 +25,7 @@ from kdray.orchestration.outcome import (
     best_first,
     close_open_runs,
     failure_reason,
+    in_stage_order,
 )
 from kdray.orchestration.plan import exists, largest
 from kdray.orchestration.progress import SweepProgress, TrialLabel, quiet_ray_output, tune_verbosity
@@ -214,8 +215,9 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
                                         if rows else "every chosen configuration was confirmed before"))
         save_state(sweep_dir, {"stages": stages})
         i += 1
-    outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, False,
-                           never_created=never_created, metric=space.metric, mode=space.mode)
+    outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent,
+                           in_stage_order(trials, space.mode), 0.0, False, never_created=never_created,
+                           metric=space.metric, mode=space.mode)
     from kdray.reporting import write_report
 
     close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
