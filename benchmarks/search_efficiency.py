@@ -4,6 +4,10 @@
     python benchmarks/search_efficiency.py                                       # at the demo job's own length
     python benchmarks/search_efficiency.py --quick                               # the pipeline, in minutes
 
+A long run can be cut (Ctrl+C, a session's end) and run again with the same arguments: every sweep that ended is
+recorded in `<--out>/progress.json` (its sweep id, its trials' configurations, its wall time) and is read back from
+the MLflow store instead of being run again; only the sweep that was cut starts over. Other arguments start afresh.
+
 (Ray starts inside: run it where Ray may listen, e.g. in a loopback-only network namespace.)
 
 What is measured: on one job (jobs/demo.yaml) and one space (the knobs of the demo's search space: KD weight
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import math
 import os
 import statistics
@@ -52,6 +57,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,6 +332,40 @@ def confirmed_scores(outcome) -> dict[str, list[float]]:
     return scores
 
 
+class Progress:
+    """The sweeps of this benchmark that ended, kept in a JSON file so that a run cut short continues where it
+    stopped: `{"shape": <the settings' description>, "sweeps": {key: {sweep_id, experiment, tracking_uri, wall_s,
+    configs, trials}}}`. A file written under other settings is set aside (renamed `.stale`), never mixed in."""
+
+    def __init__(self, path: Path, shape: str):
+        self.path, self.shape = path, shape
+        self.sweeps: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("shape") == shape:
+                self.sweeps = data.get("sweeps", {})
+            else:
+                path.replace(path.with_suffix(".stale"))
+
+    def get(self, key: str):
+        """The recorded sweep `key` as an outcome-like object (sweep_id, experiment, tracking_uri, wall_s,
+        trials: a count) and its configurations; None when it has not ended yet."""
+        done = self.sweeps.get(key)
+        if done is None:
+            return None
+        outcome = SimpleNamespace(sweep_id=done["sweep_id"], experiment=done["experiment"],
+                                  tracking_uri=done["tracking_uri"], wall_s=done["wall_s"], trials=done["trials"])
+        return outcome, done["configs"]
+
+    def put(self, key: str, outcome, configs: dict[str, Any]) -> None:
+        self.sweeps[key] = {"sweep_id": outcome.sweep_id, "experiment": outcome.experiment,
+                            "tracking_uri": outcome.tracking_uri, "wall_s": outcome.wall_s,
+                            "trials": len(outcome.trials), "configs": configs}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"shape": self.shape, "sweeps": self.sweeps}, indent=1, default=str))
+        tmp.replace(self.path)
+
+
 def fmt(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -373,6 +413,11 @@ def plot(path: Path, grid: list[CurvePoint], searches: list[Search], marks: list
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def _count(trials) -> int:
+    """A sweep's trial count: its outcome's list, or the number a recorded sweep kept."""
+    return trials if isinstance(trials, int) else len(trials)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,7 +487,14 @@ def main(argv: list[str] | None = None) -> int:
     grid_space = write_yaml(spaces / "grid.yaml", {
         "name": "efficiency-grid", "seeds": [0], "max_concurrent_trials": args.concurrent, "overrides": fixed,
         "rows": [{"name": name, "set": settings} for name, settings in rows]})
-    grid_outcome = sweep(args.job, grid_space, overrides, uri, log("grid"))
+    progress = Progress(out / "progress.json", shape)
+    recorded = progress.get("grid")
+    if recorded is None:
+        grid_outcome = sweep(args.job, grid_space, overrides, uri, log("grid"))
+        progress.put("grid", grid_outcome, {})
+    else:
+        grid_outcome = recorded[0]
+        log("grid")(f"sweep {grid_outcome.sweep_id} ended in an earlier run: read back from {uri}")
     grid_trials = read_trials(grid_outcome, dict(rows), "row")
     grid_curve = spend_curve(grid_trials)
     grid_best = grid_curve[-1].best if grid_curve else None
@@ -456,9 +508,16 @@ def main(argv: list[str] | None = None) -> int:
                 "num_samples": n_samples, "seed": seed, "sampler": sampler,
                 "scheduler": {"kind": "asha", "grace_period": args.grace, "reduction_factor": args.reduction_factor},
                 "max_concurrent_trials": args.concurrent, "overrides": fixed, "space": demo["space"]})
-            outcome = sweep(args.job, path, overrides, uri, log(f"{sampler} seed {seed}"))
-            configs = {t.trial_id: {k: v for k, v in t.params.items() if k != "run.seed"} for t in outcome.trials
-                       if t.stage in ("search", "")}
+            key = f"{sampler}-seed{seed}"
+            recorded = progress.get(key)
+            if recorded is None:
+                outcome = sweep(args.job, path, overrides, uri, log(f"{sampler} seed {seed}"))
+                configs = {t.trial_id: {k: v for k, v in t.params.items() if k != "run.seed"}
+                           for t in outcome.trials if t.stage in ("search", "")}
+                progress.put(key, outcome, configs)
+            else:
+                outcome, configs = recorded
+                log(f"{sampler} seed {seed}")(f"sweep {outcome.sweep_id} ended in an earlier run: read back")
             s.sweep_id, s.wall_s = outcome.sweep_id, outcome.wall_s
             s.trials = read_trials(outcome, configs, "trial_id", stage="search")
             s.curve = spend_curve(s.trials)
@@ -480,7 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     confirm_space = write_yaml(spaces / "confirm.yaml", {
         "name": "efficiency-confirm", "seeds": list(args.confirm_seeds), "max_concurrent_trials": args.concurrent,
         "overrides": fixed, "rows": [{"name": n, "set": c} for n, c in to_confirm.values()]})
-    confirm_outcome = sweep(args.job, confirm_space, overrides, uri, log("confirm"))
+    rows_key = "confirm:" + json.dumps(sorted(n for n, _ in to_confirm.values()))  # the same rows, or run again
+    recorded = progress.get(rows_key)
+    if recorded is None:
+        confirm_outcome = sweep(args.job, confirm_space, overrides, uri, log("confirm"))
+        progress.put(rows_key, confirm_outcome, {})
+    else:
+        confirm_outcome = recorded[0]
+        log("confirm")(f"sweep {confirm_outcome.sweep_id} ended in an earlier run: read back")
     scores = confirmed_scores(confirm_outcome)
     wall = time.perf_counter() - t_start
 
@@ -532,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {s.method} seed {s.seed} | {sum(t.finished for t in trials)} / {sum(not t.finished for t in trials)}"
               f" | {spent} | {fmt(100 * budget_fraction(spent, budget), 0)} | {s.wall_s:.0f} |")
     print(f"| confirmation ({len(to_confirm)} configurations + CE x {len(args.confirm_seeds)} seeds) | "
-          f"{len(confirm_outcome.trials)} | – | – | {confirm_outcome.wall_s:.0f} |")
+          f"{_count(confirm_outcome.trials)} | – | – | {confirm_outcome.wall_s:.0f} |")
     print(f"\nTotal wall time {wall:.0f} s. Sweeps in {uri} (experiment {grid_outcome.experiment!r}).")
     print(verdict(deltas[TPE], args.tolerance, args.fraction, TPE))
     print(verdict(deltas[RANDOM], args.tolerance, args.fraction, RANDOM))

@@ -96,3 +96,21 @@ def test_config_identity_and_names():
                         se.I2CKD_WEIGHT: 0.0512, se.I2CKD_MARGIN: 1.2}) == "KD w2.41 T5.31 + I2CKD w0.0512 m1.2"
     assert se.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
     assert se.mean_std([1.0]) == (1.0, 0.0, 1) and se.mean_std([])[2] == 0
+
+
+def test_progress_keeps_ended_sweeps_for_a_run_cut_short_and_sets_aside_other_settings(tmp_path):
+    from types import SimpleNamespace
+
+    path = tmp_path / "progress.json"
+    outcome = SimpleNamespace(sweep_id="s1", experiment="demo", tracking_uri="sqlite:///x.db", wall_s=12.5,
+                              trials=[1, 2, 3])
+    first = se.Progress(path, "shape A")
+    assert first.get("tpe-seed0") is None
+    first.put("tpe-seed0", outcome, {"t1": {"losses.kd.weight": 0.5, "losses.i2ckd.enabled": True}})
+    again, configs = se.Progress(path, "shape A").get("tpe-seed0")
+    assert (again.sweep_id, again.experiment, again.tracking_uri, again.wall_s, again.trials) == \
+        ("s1", "demo", "sqlite:///x.db", 12.5, 3)
+    assert configs == {"t1": {"losses.kd.weight": 0.5, "losses.i2ckd.enabled": True}}
+    assert se.Progress(path, "shape B").get("tpe-seed0") is None  # other settings: a fresh start
+    assert path.with_suffix(".stale").is_file() and not path.exists()
+    assert se._count(3) == 3 and se._count([1, 2]) == 2
