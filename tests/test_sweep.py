@@ -146,8 +146,8 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
             assert run.data.params["data.tune_split.fraction"] == "0.25"
             digests.add(tags[contract.TUNE_SPLIT_DIGEST])
             assert client.get_metric_history(run.info.run_id, "train/loss/kd")
-            if trial in promoted:
-                assert run.info.status == "FINISHED" and steps == [2, 4]
+            if trial in promoted:  # (a trial that outran its pause to iteration 4 evaluates it again after it)
+                assert run.info.status == "FINISHED" and sorted(set(steps)) == [2, 4]
             if trial in stopped:
                 assert tags.get(contract.RESUMED_FROM) is None  # the stopped never came back
         else:  # confirmed on val, trained on the whole training split
