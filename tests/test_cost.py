@@ -274,3 +274,4 @@ def test_loaded_peak_memory_is_a_floor():
 def test_training_cost_refuses_bad_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TrainingCost("cpu", **kwargs)
+

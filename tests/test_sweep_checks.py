@@ -685,3 +685,20 @@ def test_a_resumed_sweeps_stages_are_listed_with_what_is_left(tmp_path):
     assert stage_lines(stages, space, tmp_path)[3] == \
         "  confirm (extension 1), folder confirm-extend1/: 2 trial(s), to run"
 
+
+# --- system metrics of a trial's run ------------------------------------------------------------------------
+
+def test_a_run_shorter_than_one_sampling_interval_still_gets_its_system_metrics(tmp_path):
+    """MLflow's monitor logs after a whole interval (10 s); the trial's own stop takes a last sample."""
+    from mlflow import MlflowClient
+
+    from kdray.orchestration.workers import stop_system_metrics, system_metrics
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x")).info.run_id
+    monitor = system_metrics(uri, run, resumed=False)
+    assert monitor is not None
+    stop_system_metrics(monitor)
+    metrics = client.get_run(run).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0

@@ -84,7 +84,7 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
         return str(err)
     finally:
         if monitor is not None:
-            monitor.finish()
+            stop_system_metrics(monitor)
         shutil.rmtree(scratch, ignore_errors=True)
     return None
 
@@ -103,6 +103,18 @@ def system_metrics(tracking_uri: str, run_id: str, resumed: bool):
         logging.getLogger(__name__).warning("system metrics are off for run %s: %s", run_id, err)
         return None
     return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor, with one last sample taken at the end: MLflow's monitor logs its first sample only after
+    a whole interval, so a run shorter than that would otherwise have none."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # an optional view of the machine never fails a trial
+        logging.getLogger(__name__).warning("the last system-metrics sample was not logged: %s", err)
 
 
 def scaling_config(job: Job) -> ScalingConfig:
