@@ -95,10 +95,10 @@ STUDENT_LATENCY_MS = "student/latency_ms"  # inference of one image (batch 1), t
 TRAIN_S_PER_ITERATION = "train/s_per_iteration"  # wall seconds per training iteration (the whole step, all ranks)
 TRAIN_DEVICE_SECONDS = "train/device_seconds"  # device time the run spent so far: GPU-seconds (wall x GPUs) with
 #   GPUs, else CPU-seconds (the processes' CPU time, summed over ranks)
-TRAIN_PEAK_MEMORY_MB = "train/peak_memory_mb"  # peak device memory of a rank (GPU: allocated; CPU: resident), MiB
+TRAIN_PEAK_MEMORY_MIB = "train/peak_memory_mib"  # peak device memory of a rank (GPU: allocated; CPU: resident), MiB
 TRAIN_TEACHER_SHARE = "train/teacher_share"  # the teacher forward's fraction of the step's wall time (0..1)
 COST_METRICS = (STUDENT_PARAMS, STUDENT_GFLOPS, STUDENT_LATENCY_MS, TRAIN_S_PER_ITERATION, TRAIN_DEVICE_SECONDS,
-                TRAIN_PEAK_MEMORY_MB, TRAIN_TEACHER_SHARE)
+                TRAIN_PEAK_MEMORY_MIB, TRAIN_TEACHER_SHARE)
 COST_DEVICE = "kdray.cost.device"  # tag: where the costs were measured (cpu, or the GPU's name), with the precision
 # What each evaluation reports to Tune (with ITERATION and ITERATIONS_TOTAL): the metrics a search space can
 # optimise and ASHA can compare. Everything else (per-class IoU, training terms) goes to MLflow only.

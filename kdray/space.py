@@ -232,6 +232,10 @@ def _did_you_mean(value: Any, valid: Iterable[str]) -> str:
 
 def _check_key(key: str, job_keys: set[str] | None, where: str) -> None:
     if job_keys is not None and key not in job_keys:
+        inside = sorted(k for k in job_keys if k.startswith(f"{key}."))
+        if inside:  # a section (data.tune_split): its keys are set one by one
+            raise _err(where, f"{key!r} is a section of the job, not a key: set its keys one by one, e.g. "
+                              f"{', '.join(inside[:4])}")
         section = key.split(".", 1)[0]
         plugin = " (a loss or dataset of your own: name its file under the job's plugins)" \
             if section in ("losses", "data") and key.count(".") >= 2 else ""

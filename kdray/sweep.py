@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --resume: search N more trials of a search sweep (even one that ran to its end) "
                              "from the same Optuna study, then confirm the configurations that are now among the best")
     parser.add_argument("--dry-run", action="store_true", help="validate job, space and resources; print the plan")
-    parser.add_argument("--smoke-test", action="store_true", help="a few iterations per trial (CI)")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="check the pipeline (CI): 4 iterations per trial; a search runs at most 2 trials and "
+                             "confirms its best one at one seed; the tables say SMOKE TEST")
     parser.add_argument("--train-teacher", action="store_true",
                         help="train the job's teacher first when teacher.checkpoint is missing "
                              "(always on for the built-in demo)")

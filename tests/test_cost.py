@@ -182,7 +182,7 @@ def test_training_cost_sums_steps_and_cpu_seconds():
     assert metrics[contract.TRAIN_S_PER_ITERATION] == pytest.approx(3.0)
     assert metrics[contract.TRAIN_DEVICE_SECONDS] == pytest.approx(6.0)
     assert metrics[contract.TRAIN_TEACHER_SHARE] == pytest.approx(0.25)
-    assert metrics[contract.TRAIN_PEAK_MEMORY_MB] > 0  # the test process's resident set
+    assert metrics[contract.TRAIN_PEAK_MEMORY_MIB] > 0  # the test process's resident set
     assert set(metrics) <= set(contract.COST_METRICS)
 
 

@@ -370,7 +370,7 @@ def test_each_evaluation_carries_the_runs_costs_and_a_resume_continues_them(tmp_
     assert first.cost[contract.STUDENT_GFLOPS] == pytest.approx(forward_flops(student, 32, 32) / 1e9)
     assert first.cost[contract.STUDENT_LATENCY_MS] > 0
     assert 0 < first.cost[contract.TRAIN_TEACHER_SHARE] < 1
-    assert first.cost[contract.TRAIN_S_PER_ITERATION] > 0 and first.cost[contract.TRAIN_PEAK_MEMORY_MB] > 0
+    assert first.cost[contract.TRAIN_S_PER_ITERATION] > 0 and first.cost[contract.TRAIN_PEAK_MEMORY_MIB] > 0
     assert set(first.cost) <= set(first.metrics()) and set(first.cost) <= set(first.tune_metrics())
     assert not set(first.cost) & set(load_checkpoint(ckpt)["history"][-1])
     resumed = []

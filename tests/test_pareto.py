@@ -34,7 +34,7 @@ def cost(gflops, latency, s_it, device_s, peak, params=13.6e6, share=0.3, device
     """The cost metrics of one run (None: not logged) and its device (None: no tag)."""
     metrics = {contract.STUDENT_PARAMS: params, contract.STUDENT_GFLOPS: gflops,
                contract.STUDENT_LATENCY_MS: latency, contract.TRAIN_S_PER_ITERATION: s_it,
-               contract.TRAIN_DEVICE_SECONDS: device_s, contract.TRAIN_PEAK_MEMORY_MB: peak,
+               contract.TRAIN_DEVICE_SECONDS: device_s, contract.TRAIN_PEAK_MEMORY_MIB: peak,
                contract.TRAIN_TEACHER_SHARE: share}
     return {k: v for k, v in metrics.items() if v is not None}, device
 

@@ -420,5 +420,7 @@ def test_a_paused_trial_counts_as_paused_not_running():
     b.status, a.status = "RUNNING", "PAUSED"
     cb.on_trial_result(0, [a, b], b, {"iteration": 2, "iterations_total": 4, "val/miou": 0.2})
     assert lines[-1].startswith("[0/3 done, 1 running, 1 paused")
+    a.last_result = {"iteration": 2}
+    cb.on_trial_result(0, [a, b], a, {"iteration": 2, "iterations_total": 4, "val/miou": 0.3})
     cb.on_trial_start(0, [a, b], a)  # resumed: Tune still lists it PAUSED while it starts
-    assert lines[-1].startswith("[0/3 done, 2 running]")
+    assert lines[-1].startswith("[0/3 done, 2 running]") and lines[-1].endswith("trial a: resumed after iteration 2")

@@ -370,7 +370,8 @@ def test_an_interrupted_search_resumes_its_study_and_extends_it(ray_cluster, tmp
     assert extended.complete and extended.exit_code == 0 and extended.parent_run_id == outcome.parent_run_id
     # every search trial, ranked together, then the CE-only baseline (no confirm: nothing more to confirm)
     assert [t.stage for t in extended.trials] == ["search"] * 4 + ["confirm"], summary_table(extended)
-    assert "  search (extension 1), folder tune-extend1/: 1 trial(s), to run" in said  # the stages it starts with
+    # the stages it starts with
+    assert "  search (extension 1), folder tune-extend1/: 1 trial(s), sampler seed 1, no point first, to run" in said
     runs = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
     assert len(runs) == 5 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 5  # nothing run twice
     assert {r.data.tags[contract.PARENT] for r in runs} == {outcome.parent_run_id}

@@ -674,12 +674,13 @@ def test_a_resumed_sweeps_stages_are_listed_with_what_is_left(tmp_path):
     lines = stage_lines(stages, space, tmp_path)
     assert lines[:3] == [f"  search, folder tune/: {space.num_samples} trial(s), ended",
                          "  confirm, folder confirm/: 4 trial(s), ended",
-                         "  search (extension 1), folder tune-extend1/: 2 trial(s), to run"]
+                         "  search (extension 1), folder tune-extend1/: 2 trial(s), sampler seed 1, no point "
+                         "first, to run"]
     top_k, seeds = space.confirm.top_k, len(space.confirm.seeds)
     assert lines[3] == (f"  then: confirmation of its best configurations not confirmed before (at most {top_k} x "
                         f"{seeds} trial(s), chosen when the search ends)")
     (tmp_path / "tune-extend1").mkdir()  # its Tune experiment began: an interrupted stage
-    assert stage_lines(stages, space, tmp_path)[2].endswith("2 trial(s), interrupted: it continues, its ended "
+    assert stage_lines(stages, space, tmp_path)[2].endswith("no point first, interrupted: it continues, its ended "
                                                            "trials kept")
     stages.append({"name": "confirm", "folder": "confirm-extend1", "seeds": [0, 1], "rows": [{"name": "S"}]})
     assert stage_lines(stages, space, tmp_path)[3] == \
@@ -702,3 +703,16 @@ def test_a_run_shorter_than_one_sampling_interval_still_gets_its_system_metrics(
     stop_system_metrics(monitor)
     metrics = client.get_run(run).data.metrics
     assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_a_tuning_split_is_set_key_by_key_and_never_searched(tmp_path, teacher):
+    section = write(tmp_path / "section.yaml", {"num_samples": 2, "overrides": {"data.tune_split": {
+        "fraction": 0.1, "seed": 0}}, "space": {"losses.kd.enabled": True}})
+    with pytest.raises(ConfigError, match=r"overrides.data.tune_split: 'data.tune_split' is a section of the job, "
+                                          r"not a key: set its keys one by one, e.g. data.tune_split.fraction"):
+        dry_run(request(section, f"teacher.checkpoint={teacher}"))
+    searched = write(tmp_path / "searched.yaml", {"num_samples": 2, "space": {
+        "losses.kd.enabled": True, "data.tune_split.fraction": {"uniform": [0.05, 0.2]}}})
+    with pytest.raises(ConfigError, match=r"data.tune_split.fraction is searched: the trials would each be scored "
+                                          r"on other held-out images"):
+        dry_run(request(searched, f"teacher.checkpoint={teacher}"))

@@ -397,10 +397,10 @@ class TrainingCost:
 
     def as_metrics(self) -> dict[str, float]:
         """This rank's training costs keyed by the contract's names: TRAIN_DEVICE_SECONDS and
-        TRAIN_PEAK_MEMORY_MB always, TRAIN_S_PER_ITERATION once an iteration was recorded, TRAIN_TEACHER_SHARE once
+        TRAIN_PEAK_MEMORY_MIB always, TRAIN_S_PER_ITERATION once an iteration was recorded, TRAIN_TEACHER_SHARE once
         a teacher forward was timed. Device seconds are this rank's: sum them over ranks for the run's."""
         out = {contract.TRAIN_DEVICE_SECONDS: self.device_seconds,
-               contract.TRAIN_PEAK_MEMORY_MB: self.peak_memory_mb()}
+               contract.TRAIN_PEAK_MEMORY_MIB: self.peak_memory_mb()}
         if self.s_per_iteration is not None:
             out[contract.TRAIN_S_PER_ITERATION] = self.s_per_iteration
         if self.teacher_share is not None:
@@ -442,7 +442,7 @@ def run_cost(per_rank: list[dict[str, float]]) -> dict[str, float]:
         values = [rank[key] for rank in per_rank if key in rank]
         if key == contract.TRAIN_DEVICE_SECONDS:
             out[key] = float(sum(values))
-        elif key == contract.TRAIN_PEAK_MEMORY_MB:
+        elif key == contract.TRAIN_PEAK_MEMORY_MIB:
             out[key] = float(max(values))
         else:
             out[key] = float(statistics.fmean(values))

@@ -260,6 +260,11 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
                           f"{space_path} is an ablation, whose tables would then be scored on held-out training "
                           "images, not on val; the tuning split is for a search (its confirmation stage reports on "
                           "val): set data.tune_split.fraction=0 or leave it out")
+    searched = [d.key for d in space.dimensions if d.key.startswith("data.tune_split.") and d.kind != "fixed"]
+    if searched:
+        raise ConfigError(f"{space_path}: space: {searched[0]} is searched: the trials would each be scored on other "
+                          "held-out images, and their scores would not compare; fix it in the space's overrides "
+                          "(e.g. data.tune_split.fraction: 0.1)")
     baseline = add_baseline_row(space, base) if space.kind == "ablation" else None
     jobs = trial_jobs(space, base)
     # an ablation needs the teacher when some row distils (trial_jobs gives the rows' jobs); a search may

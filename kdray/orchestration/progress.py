@@ -214,11 +214,15 @@ class SweepProgress(ray.tune.Callback):
 
     # -- Tune's hooks ------------------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        again = trial.trial_id in self._fraction  # it reported before: a trial a scheduler paused, going on
         self._started.add(trial.trial_id)
         self._ended.pop(trial.trial_id, None)
         params = sampled(trial.config or {})
         self._starting = trial.trial_id
-        self._say(trials, trial, "started" + (f" ({params})" if params else ""))
+        done = (trial.last_result or {}).get(contract.ITERATION)
+        text = (f"resumed after iteration {done}" if done is not None else "resumed") if again else \
+            "started" + (f" ({params})" if params else "")
+        self._say(trials, trial, text)
         self._starting = ""
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:

@@ -115,7 +115,8 @@ def stage_lines(stages: list[dict[str, Any]], space: SearchSpace, sweep_dir: Pat
         status = ("ended" if record.get("ended") else
                   "interrupted: it continues, its ended trials kept" if (sweep_dir / record["folder"]).exists()
                   else "to run")
-        lines.append(f"  {kind}, folder {record['folder']}/: {n} trial(s), {status}")
+        sampler = f", sampler seed {record['seed']}, no point first" if record.get("extension") else ""
+        lines.append(f"  {kind}, folder {record['folder']}/: {n} trial(s){sampler}, {status}")
     c = space.confirm
     if stages and stages[-1]["name"] == STAGE_SEARCH and space.kind == "search" and c is not None:
         lines.append(f"  then: confirmation of its best configurations not confirmed before (at most {c.top_k} x "

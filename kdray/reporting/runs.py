@@ -58,12 +58,12 @@ COST_GFLOPS = "cost.gflops"  # student/gflops: one forward pass of one image, 1e
 COST_LATENCY_MS = "cost.latency_ms"  # student/latency_ms: batch-1 inference on the run's device, milliseconds
 COST_S_PER_ITERATION = "cost.s_per_iteration"  # train/s_per_iteration: wall seconds per training iteration
 COST_DEVICE_SECONDS = "cost.device_seconds"  # train/device_seconds: GPU-seconds (or CPU-seconds) the run spent
-COST_PEAK_MEMORY_MIB = "cost.peak_memory_mib"  # train/peak_memory_mb: a rank's peak device memory, MiB
+COST_PEAK_MEMORY_MIB = "cost.peak_memory_mib"  # train/peak_memory_mib: a rank's peak device memory, MiB
 COST_TEACHER_SHARE = "cost.teacher_share"  # train/teacher_share: the teacher forward's share of a step (0..1)
 COST_COLUMNS = {contract.STUDENT_PARAMS: COST_PARAMS, contract.STUDENT_GFLOPS: COST_GFLOPS,
                 contract.STUDENT_LATENCY_MS: COST_LATENCY_MS, contract.TRAIN_S_PER_ITERATION: COST_S_PER_ITERATION,
                 contract.TRAIN_DEVICE_SECONDS: COST_DEVICE_SECONDS,
-                contract.TRAIN_PEAK_MEMORY_MB: COST_PEAK_MEMORY_MIB,
+                contract.TRAIN_PEAK_MEMORY_MIB: COST_PEAK_MEMORY_MIB,
                 contract.TRAIN_TEACHER_SHARE: COST_TEACHER_SHARE}  # metric -> column
 COST_DEVICE_COLUMN = "cost.device"  # tag kdray.cost.device: where the costs were measured (cpu, the GPU's name)
 
