@@ -43,6 +43,14 @@ def tune_split_on(cfg: DataConfig) -> bool:
     return cfg.tune_split.fraction > 0
 
 
+def eval_split(cfg: DataConfig) -> str:
+    """What a run's val/* metrics measure (the `kdray.eval_split` tag's value): TUNE when the tune split is on,
+    else the val split's name. Opens nothing."""
+    from kdray.data import split_name  # the package imports this module while it initialises
+
+    return TUNE if tune_split_on(cfg) else split_name(cfg, "val")
+
+
 def tune_split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """`(train_indices, tune_indices)` of a training split of `n` items: sorted, disjoint, together 0..n-1.
 
@@ -112,10 +120,8 @@ def tune_split_tags(cfg: DataConfig) -> dict[str, str]:
     """The MLflow tags (names in `kdray.contract`) saying what a run evaluates on: `kdray.eval_split` ("tune",
     or the val split's name when the tune split is off), and when it is on the tune split's digest, its size
     and the training images left. Opens the training split when on (see `summarize_tune_split`)."""
-    from kdray.data import split_name
-
     if not tune_split_on(cfg):
-        return {contract.EVAL_SPLIT: split_name(cfg, "val")}
+        return {contract.EVAL_SPLIT: eval_split(cfg)}
     summary = summarize_tune_split(cfg)
     return {contract.EVAL_SPLIT: TUNE, contract.TUNE_SPLIT_DIGEST: summary.digest,
             contract.TUNE_SPLIT_SIZE: str(summary.tune_size), contract.TUNE_SPLIT_TRAIN_SIZE: str(summary.train_size)}

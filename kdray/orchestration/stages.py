@@ -85,22 +85,17 @@ def confirmation_stage(space: SearchSpace, base: Job, searched: list[TrialSummar
 
 def planned_total(stages: list[dict[str, Any]], space: SearchSpace | None = None) -> int:
     """The trials the recorded stages make (a search stage without its own count: the space's num_samples)."""
-    total = 0
-    for s in stages:
-        if s["name"] == STAGE_CONFIRM:
-            total += len(s["rows"]) * len(s["seeds"])
-        elif s["name"] == STAGE_SEARCH:
-            total += s.get("num_samples") or (space.num_samples if space is not None else 0)
-    return total
+    return sum(stage_count(s, space) for s in stages if s["name"] in (STAGE_CONFIRM, STAGE_SEARCH))
 
 
-def stage_count(record: dict[str, Any], space: SearchSpace) -> int:
-    """The trials one recorded stage makes."""
+def stage_count(record: dict[str, Any], space: SearchSpace | None) -> int:
+    """The trials one recorded stage makes (a search stage without its own count: the space's num_samples, 0
+    without a space)."""
     if record["name"] == STAGE_CONFIRM:
         return len(record["rows"]) * len(record["seeds"])
     if record["name"] == STAGE_SEARCH:
-        return record.get("num_samples") or space.num_samples
-    return space.trial_count
+        return record.get("num_samples") or (space.num_samples if space is not None else 0)
+    return space.trial_count if space is not None else 0
 
 
 def stage_lines(stages: list[dict[str, Any]], space: SearchSpace, sweep_dir: Path) -> list[str]:

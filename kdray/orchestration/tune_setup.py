@@ -360,10 +360,10 @@ def scored_on(job: Job | None) -> str:
     "" for a trial whose job cannot be built."""
     if job is None:
         return ""
-    from kdray.data import split_name
-    from kdray.data.tune_split import tune_split_on
+    from kdray.data.tune_split import TUNE, eval_split
 
-    return "tune split" if tune_split_on(job.data) else split_name(job.data, "val")
+    split = eval_split(job.data)
+    return "tune split" if split == TUNE else split
 
 
 def _trial_job(base: Job, space: SearchSpace, config: dict[str, Any]) -> Job | None:
