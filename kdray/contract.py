@@ -49,6 +49,9 @@ DATASET = "kdray.dataset"
 FORMULA = "kdray.formula"  # "Loss = 1 * CE + 1 * KD + ..."
 RESUMED_FROM = "kdray.resumed_from"  # the iteration a restarted trial last continued from (worker or sweep restart)
 STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the trial
+# With STOPPED_EARLY: the iteration of the last evaluation the scheduler saw before it stopped the trial. Workers keep
+# training until the stop reaches them, so the run may have logged later evaluations: they are not its record.
+STOPPED_AT = "kdray.stopped_at"
 FAILURE = "kdray.failure"  # why a FAILED run failed
 PARENT = "mlflow.parentRunId"
 SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep (and teacher) run of a --smoke-test sweep: not a result

@@ -193,6 +193,12 @@ def store(tmp_path_factory):
     s.run(eid, trial_tags("raw-keys", "w_0",
                           **{contract.ROW: "KD", contract.CLASSES: json.dumps(["tv/monitor", "car"])}),
           history(0.7), iou={"val/iou/tv/monitor": 0.1, "val/iou/car": -0.1})
+    # a trial the scheduler stopped at step 100 whose workers logged step 200 before the stop reached them
+    eid = s.experiment("outran")
+    s.sweep(eid, "outran")
+    s.outran = s.run(eid, trial_tags("outran", "o_0", **{contract.STOPPED_EARLY: "true", contract.STOPPED_AT: "100"}),
+                     [0.3, 0.6], {**DEFAULTS, **KINDS["k_1"][0]}, "KILLED", iou={"val/iou/road": 0.0})
+    s.run(eid, trial_tags("outran", "o_1"), [0.5, 0.55], {**DEFAULTS, **KINDS["k_1"][0]}, iou={"val/iou/road": 0.0})
     return s
 
 
@@ -441,3 +447,17 @@ def test_report_header_counts_every_state(store, tmp_path):
     text = result.markdown
     assert ("12 trial runs: 5 finished, 1 early-stopped, 1 failed, 2 not started, 1 interrupted, 1 unfinished, "
             "1 no value.") in text
+
+
+def test_a_stopped_run_is_its_record_up_to_the_stop_not_what_its_workers_logged_after(store):
+    data = read_sweep(store.uri, "outran", "outran")
+    rows = {r["trial_id"]: r for r in data.runs.to_pylist()}
+    stopped, finished = rows["o_0"], rows["o_1"]
+    assert stopped["state"] == "early_stopped" and stopped["stopped_at"] == "100"
+    assert (stopped["miou_last"], stopped["miou_best"], stopped["last_step"], stopped["n_evals"]) == (0.3, 0.3, 100, 1)
+    assert stopped["iou.road"] is None and stopped["pixel_acc_last"] is None  # step 200's, not the stop's
+    history = [(r, s) for r, s in zip(data.history.column("run_id").to_pylist(), data.history.column("step").to_pylist())]
+    assert (store.outran, 200) not in history and (store.outran, 100) in history
+    assert (finished["miou_last"], finished["last_step"], finished["iou.road"]) == (0.55, 200, 0.55)
+    reasons = {r[0]: r[5] for r in by_name(build_tables(data, "last")[0])["excluded"].rows}
+    assert reasons["o_0"].startswith("stopped early by the scheduler at iteration 100; last mIoU 30.00")

@@ -359,6 +359,28 @@ def test_a_trial_restored_from_its_final_checkpoint_is_finished(tmp_path):
     assert [t.status for t in summaries] == [FINISHED] and not interrupted
 
 
+def test_a_trial_the_scheduler_stopped_stays_stopped_though_its_workers_logged_past_the_stop(tmp_path):
+    """Workers train on until Tune's stop reaches them: the run's MLflow history may go past the iteration the
+    scheduler decided on (here 2 of 4, then 4 logged); the trial was stopped at 2, and its run says so."""
+    from kdray.orchestration.trial import MlflowStatusCallback
+
+    space = write(tmp_path / "abl.yaml", {"name": "abl", "seeds": [0], "rows": [{"name": "CE"}]})
+    data = yaml.safe_load(Path(DEMO).read_text())
+    parsed = load_space(space, job_from_dict(data))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "exp")
+    run_id = tracker.trial_run("s1", "a", "p", "a", {}, {})
+    for step, value in ((2, 0.1), (4, 0.3)):
+        tracker.run_logger(run_id).log_metrics({contract.VAL_MIOU: value}, step)
+    trial = _Trial("a", "TERMINATED", {"kdray.row": "CE", "run.seed": 0}, {"iteration": 2, "iterations_total": 4})
+    MlflowStatusCallback(uri, "exp", "s1").on_trial_complete(0, [], trial)
+    tags = tracker.tags(run_id)
+    assert tracker.status(run_id) == "KILLED"
+    assert tags[contract.STOPPED_EARLY] == "true" and tags[contract.STOPPED_AT] == "2"
+    summaries, interrupted = trial_summaries(_Grid([trial]), parsed, job_from_dict(data), tracker, "s1")
+    assert [(t.status, t.iteration) for t in summaries] == [(STOPPED_EARLY, 2)] and not interrupted
+
+
 @pytest.mark.parametrize(("statuses", "code"), [([FINISHED, STOPPED_EARLY], 0), ([FINISHED, "failed: x"], 1),
                                                 ([FINISHED, NOT_STARTED], 1)])
 def test_exit_code_is_zero_only_when_every_trial_ran(tmp_path, statuses, code):

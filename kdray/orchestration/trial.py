@@ -138,19 +138,21 @@ class MlflowStatusCallback(ray.tune.Callback):
         run_id = self._run_id(trial)
         if run_id is None:
             return
+        # Tune's last result is where the trial ended, as the scheduler saw it: a trial restored from its final
+        # checkpoint reports its last evaluation again (train_per_worker), while the workers of a trial the
+        # scheduler stopped may have logged later evaluations to MLflow before the stop reached them.
         last = trial.last_result or {}
         done, total = last.get("iteration", 0), last.get("iterations_total", 0)
-        if total and done < total:  # Tune's last result may predate a restore: MLflow has every evaluation
-            done = max(done, self.tracker.last_step(run_id, contract.VAL_MIOU))
         # a trial that completes has not failed, whatever an earlier teardown wrote
         self.tracker.clear_tag(run_id, contract.FAILURE)
         if INTERRUPTED.is_set() and not (total and done >= total):
             self.tracker.end_run(run_id, "KILLED")  # cut short by Ctrl+C, not by the scheduler: --resume goes on
         elif total and done < total:
-            self.tracker.set_tags(run_id, {contract.STOPPED_EARLY: "true"})
+            self.tracker.set_tags(run_id, {contract.STOPPED_EARLY: "true", contract.STOPPED_AT: str(int(done))})
             self.tracker.end_run(run_id, "KILLED")
         else:
             self.tracker.clear_tag(run_id, contract.STOPPED_EARLY)
+            self.tracker.clear_tag(run_id, contract.STOPPED_AT)
             self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:

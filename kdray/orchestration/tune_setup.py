@@ -332,8 +332,8 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
             status = f"{FAILED}: {failure_reason(result.error)}"
         elif trial.status == "TERMINATED":
             run_id = tracker.find_run(**{contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: trial.trial_id})
-            if run_id is not None:  # a trial restored from its final checkpoint reports nothing new to Tune
-                done = max(done, tracker.last_step(run_id, contract.VAL_MIOU))
+            if run_id is not None and not done:  # Tune holds no result for it: the run's evaluations say how far
+                done = tracker.last_step(run_id, contract.VAL_MIOU)  # (never past a scheduler's stop: Tune saw it)
             if not total:  # (a job the space cannot build raises its error here)
                 total = (job or override(base, space.trial_overrides(config))).optim.iterations
             scheduled = run_id is not None and tracker.tags(run_id).get(contract.STOPPED_EARLY) == "true"

@@ -46,6 +46,7 @@ _TAG_COLUMNS = {  # column -> tag
     "failure": contract.FAILURE, "stage": contract.STAGE, "confirms": contract.CONFIRMS,
     "search_rank": contract.SEARCH_RANK, "search_score": contract.SEARCH_SCORE,
     "search_iteration": contract.SEARCH_ITERATION, "eval_split": contract.EVAL_SPLIT,
+    "stopped_at": contract.STOPPED_AT,
 }
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _REMOTE_THREADS = 8
@@ -92,7 +93,8 @@ class SweepData:
               the trial id, then start time); columns: run_id, run_name, status, state, order, trial_id, method,
               row, seed, teacher_arch, student_arch, dataset, formula, failure, params_m, teacher_params_m,
               start_time, end_time, miou_last, pixel_acc_last, miou_best, best_step, last_step, n_evals,
-              `iou.<class>` (last evaluation), `params.<key>` (the flattened config, strings).
+              `iou.<class>` (last evaluation), `params.<key>` (the flattened config, strings), stopped_at (the
+              iteration the scheduler stopped the run at; see `cut_at_stop`).
               Cost columns, only when at least one run logged a cost metric or the cost-device tag (runs recorded
               before kdray logged costs give the table they always gave): cost.params (a count),
               cost.gflops (1e9 FLOPs, one image), cost.latency_ms (batch-1 inference), cost.s_per_iteration
@@ -362,6 +364,34 @@ def read_history(client: MlflowClient, tracking_uri: str, run_ids: list[str], ke
                      "value": pa.array(values, pa.float64())})
 
 
+def cut_at_stop(runs: pa.Table, history: pa.Table | None) -> tuple[pa.Table, pa.Table | None]:
+    """A run the scheduler stopped (column stopped_at, from the STOPPED_AT tag) is its record up to that iteration:
+    evaluations its workers logged after it, before the stop reached them, are dropped from `history`, and its
+    last-evaluation columns (miou_last, pixel_acc_last, `iou.<class>`), which would be theirs, become the value at
+    the stop (miou_last, from the history) or null (the others; an early-stopped run is counted, never averaged).
+    Without a history the run's columns are kept."""
+    stops = {run_id: int(at) for run_id, at in zip(runs.column("run_id").to_pylist(),
+                                                   runs.column("stopped_at").to_pylist())
+             if at not in (None, "") and str(at).isdigit()}
+    if not stops or history is None:
+        return runs, history
+    ids, steps = history.column("run_id").to_pylist(), history.column("step").to_pylist()
+    keep = [run_id not in stops or step <= stops[run_id] for run_id, step in zip(ids, steps)]
+    outran = {run_id for run_id, kept in zip(ids, keep) if not kept}
+    if not outran:
+        return runs, history
+    history = history.filter(pa.array(keep))
+    at_stop = {run_id: value for run_id, value in zip(*(history.column(c).to_pylist() for c in ("run_id", "value")))
+               if run_id in outran}  # the history is ordered by step: the last kept value wins
+    rows = runs.column("run_id").to_pylist()
+    for name in runs.column_names:
+        if name == "miou_last" or name == "pixel_acc_last" or name.startswith(IOU_COLUMN):
+            old = runs.column(name).to_pylist()
+            new = [(at_stop.get(r) if name == "miou_last" else None) if r in outran else v for r, v in zip(rows, old)]
+            runs = runs.set_column(runs.column_names.index(name), name, pa.array(new, pa.float64()))
+    return runs, history
+
+
 def _with_history(table: pa.Table, history: pa.Table | None) -> pa.Table:
     """Add miou_best (max over evaluations), best_step (its first step), last_step and n_evals."""
     per_run: dict[str, list[tuple[int, float]]] = {}
@@ -420,6 +450,7 @@ def read_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None, 
             miou = read_history(client, tracking_uri, ids)
     except MlflowException as err:
         raise ConfigError(f"cannot read MLflow store {tracking_uri}: {err.message.splitlines()[0]}") from err
+    runs, miou = cut_at_stop(runs, miou)
     return SweepData(tracking_uri=tracking_uri, experiment=experiment, experiment_id=experiment_id,
                      sweep_run_id=sweep.info.run_id, sweep_tags=sweep_tags, runs=_with_history(runs, miou),
                      teachers=_with_history(teacher_runs, miou), history=miou, classes=tuple(keys),
