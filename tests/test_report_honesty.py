@@ -456,7 +456,7 @@ def test_a_stopped_run_is_its_record_up_to_the_stop_not_what_its_workers_logged_
     assert stopped["state"] == "early_stopped" and stopped["stopped_at"] == "100"
     assert (stopped["miou_last"], stopped["miou_best"], stopped["last_step"], stopped["n_evals"]) == (0.3, 0.3, 100, 1)
     assert stopped["iou.road"] is None and stopped["pixel_acc_last"] is None  # step 200's, not the stop's
-    history = [(r, s) for r, s in zip(data.history.column("run_id").to_pylist(), data.history.column("step").to_pylist())]
+    history = list(zip(data.history.column("run_id").to_pylist(), data.history.column("step").to_pylist()))
     assert (store.outran, 200) not in history and (store.outran, 100) in history
     assert (finished["miou_last"], finished["last_step"], finished["iou.road"]) == (0.55, 200, 0.55)
     reasons = {r[0]: r[5] for r in by_name(build_tables(data, "last")[0])["excluded"].rows}
