@@ -530,7 +530,7 @@ def test_study_states_unwraps_nested_searchers():
     assert study_states(config) == {}
 
 
-def _sweep_twice_values(tmp_path, name: str):
+def _seeded_search(tmp_path, name: str):
     """One seeded search through Tune: 6 samples, 3 at once, SyncHalving grace 2, eta 2, max_t 8, a trainable
     that reports x · (1 + iteration / 8) with small random sleeps and pauses/restores through tune checkpoints."""
     import os
@@ -581,31 +581,28 @@ def _sweep_twice_values(tmp_path, name: str):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_through_tune_two_runs_of_one_seeded_search_stop_the_same_trials(tmp_path):
+def test_through_tune_the_promoted_resume_from_their_rung_and_the_stopped_are_pruned(tmp_path):
+    """One seeded search through Tune (run-to-run sameness is the restore test's: a cut and restored run against
+    an uncut one)."""
     import ray
 
     ray.init(num_cpus=3, log_to_driver=False, runtime_env=pinned_runtime_env())
     try:
-        first_search, first, first_s = _sweep_twice_values(tmp_path, "first")
-        second_search, second, second_s = _sweep_twice_values(tmp_path, "second")
+        search, run, seconds = _seeded_search(tmp_path, "first")
     finally:
         ray.shutdown()
-    print(f"\nrun 1: {first_s:.1f} s {first}\nrun 2: {second_s:.1f} s {second}")
-    assert all(r["error"] is None for r in (*first.values(), *second.values()))
-    assert first.keys() == second.keys() and len(first) == 6  # the same configs were proposed
-    assert {x: r["last"] for x, r in first.items()} == {x: r["last"] for x, r in second.items()}
-    xs = sorted(first, reverse=True)
+    print(f"\nrun: {seconds:.1f} s {run}")
+    assert all(r["error"] is None for r in run.values()) and len(run) == 6
+    xs = sorted(run, reverse=True)
     # 6 -> ceil(6/2) = 3 at iteration 2 -> ceil(3/2) = 2 at iteration 4 -> those 2 run to 8
-    assert [first[x]["last"] for x in xs] == [8, 8, 4, 2, 2, 2]
-    assert max(first, key=lambda x: (first[x]["last"], x)) == max(second, key=lambda x: (second[x]["last"], x))
-    for run in (first, second):  # the promoted that paused at iteration 2 resumed from their checkpoint there
-        # (the trial whose result completed the rung, if promoted, went on without a pause)
-        assert sum(2 in run[x]["restored"] for x in xs[:3]) >= 2, run
-        assert all(run[x]["restored"] == [0] for x in xs[3:]), run  # the stopped ones never came back
-    for search in (first_search, second_search):
-        trials = search._ot_study.get_trials(deepcopy=False)
-        states = {round(t.params["x"], 12): t.state.name for t in trials}
-        assert states == {x: ("COMPLETE" if first[x]["last"] == 8 else "PRUNED") for x in xs}
+    assert [run[x]["last"] for x in xs] == [8, 8, 4, 2, 2, 2]
+    # the promoted that paused at iteration 2 resumed from their checkpoint there (the trial whose result
+    # completed the rung, if promoted, went on without a pause)
+    assert sum(2 in run[x]["restored"] for x in xs[:3]) >= 2, run
+    assert all(run[x]["restored"] == [0] for x in xs[3:]), run  # the stopped ones never came back
+    trials = search._ot_study.get_trials(deepcopy=False)
+    states = {round(t.params["x"], 12): t.state.name for t in trials}
+    assert states == {x: ("COMPLETE" if run[x]["last"] == 8 else "PRUNED") for x in xs}
 
 
 _RESTORE_JOB = '''"""A seeded search under SyncHalving (6 samples, 3 at once, grace 2, eta 2, max_t 8), its
@@ -674,7 +671,8 @@ def _last_iterations(grid) -> dict[float, int]:
 def test_through_tune_a_sweep_cut_mid_bracket_and_restored_stops_the_trials_an_uninterrupted_one_stops(tmp_path):
     """The search runs in a subprocess until 3 trials wait on the first rung, gets Ctrl+C (Tune saves its state),
     and is restored here with Tuner.restore(resume_unfinished, resume_errored): the scheduler, fresh from
-    tuner.pkl, takes up its state file; the same trials end at the same iterations as in a run not cut."""
+    tuner.pkl, takes up its state file; the same trials end at the same iterations as in a run not cut. So two
+    runs of one seeded search propose the same trials and stop the same ones, a cut and restore between."""
     import importlib.util
     import os
     import signal
