@@ -52,6 +52,8 @@ STOPPED_EARLY = "kdray.stopped_early"  # "true" when the scheduler stopped the t
 # With STOPPED_EARLY: the iteration of the last evaluation the scheduler saw before it stopped the trial. Workers keep
 # training until the stop reaches them, so the run may have logged later evaluations: they are not its record.
 STOPPED_AT = "kdray.stopped_at"
+# The iteration a run's own time budget (optim.time_budget_s) ended it at: the run is complete (FINISHED) there.
+TIME_BUDGET_STOP = "kdray.time_budget.stopped_at"
 FAILURE = "kdray.failure"  # why a FAILED run failed
 PARENT = "mlflow.parentRunId"
 SMOKE_TEST = "kdray.smoke_test"  # "true" on the sweep (and teacher) run of a --smoke-test sweep: not a result
@@ -81,6 +83,9 @@ def arch_label(arch: str, width: float) -> str:
 # metrics (step = iteration)
 ITERATION = "iteration"  # not an MLflow metric (it is the step); the key Tune's results and ASHA order by
 ITERATIONS_TOTAL = "iterations_total"  # with every Tune result: how far the trial would go
+# On the Tune result of the evaluation a run's own time budget (optim.time_budget_s) ended it at: 1.0. That run is
+# complete there: its ITERATIONS_TOTAL is the iteration reached (short of optim.iterations).
+TIME_BUDGET_REACHED = "time_budget_reached"
 VAL_MIOU = "val/miou"
 VAL_BEST_MIOU = "val/best_miou"  # the best val/miou of the run so far, this evaluation included
 VAL_PIXEL_ACC = "val/pixel_acc"
@@ -161,6 +166,7 @@ class Evaluation:
     best_miou: float
     is_best: bool
     cost: dict[str, float] = field(default_factory=dict)  # COST_METRICS known at this evaluation (may be empty)
+    time_budget_reached: bool = False  # the run's time budget ended it here: its last evaluation, short of the end
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.iou):
@@ -176,8 +182,12 @@ class Evaluation:
         return out
 
     def tune_metrics(self) -> dict[str, float]:
-        """What Tune gets of it: ITERATION, TUNE_METRICS and the costs (the caller adds ITERATIONS_TOTAL)."""
-        return {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc, **self.cost}
+        """What Tune gets of it: ITERATION, TUNE_METRICS, the costs and, at a time-budget stop, TIME_BUDGET_REACHED
+        (the caller adds ITERATIONS_TOTAL)."""
+        out = {ITERATION: self.iteration, VAL_MIOU: self.miou, VAL_PIXEL_ACC: self.pixel_acc, **self.cost}
+        if self.time_budget_reached:
+            out[TIME_BUDGET_REACHED] = 1.0
+        return out
 
 
 def improves(miou: float, best: float) -> bool:

@@ -9,6 +9,7 @@ exit codes:
   1    a trial failed or never started (the summary says which and why; the report lists them)
   2    bad input: the job, an override, the space, the data tree or a weights file (nothing was started)
   3    the cluster cannot run a trial the space can produce (the row or key is named; nothing was started)
+  4    its time budget ran out (sweep.time_budget_s): continue with --resume
   130  interrupted (Ctrl+C): continue with --resume
 """
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     # `kill` (SIGTERM) ends the sweep as Ctrl+C does past Tune's graceful stop: the runs it opened are closed
     signal.signal(signal.SIGTERM, _interrupt)
     outcome = run_sweep(request)
-    ended = "interrupted" if outcome.interrupted else "ended"
+    ended = ("stopped by its time budget" if outcome.budget_spent else "interrupted") if outcome.interrupted \
+        else "ended"
     print(f"\nsweep {outcome.sweep_id} {ended} after {outcome.wall_s:.0f} s: {outcome.counts()}; best first:\n")
     print(summary_table(outcome))
     if outcome.report_markdown:

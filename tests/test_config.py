@@ -166,3 +166,19 @@ def test_command_line_bad_value_exits_2_with_one_line(module, tmp_path):
 def test_command_help(module):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--job" in proc.stdout and "key.sub=value" in proc.stdout
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_time_budget_must_be_a_finite_count_of_seconds(value):
+    with pytest.raises(ConfigError, match=rf"optim.time_budget_s: got {value}.*finite and >= 0"):
+        job_from_dict({"optim": {"time_budget_s": value}})
+
+
+def test_a_time_budget_counts_in_the_students_digest_only_when_set_and_never_in_the_teachers():
+    from kdray.config.cache import teacher_key
+
+    plain = Job()
+    assert job_hash(job_from_dict({}, ["optim.time_budget_s=0"])) == job_hash(plain)  # digests before it stand
+    budgeted = job_from_dict({}, ["optim.time_budget_s=600"])
+    assert job_hash(budgeted) != job_hash(plain)  # where a run stops decides its weights: no resume across it
+    assert teacher_key(budgeted) == teacher_key(plain)  # the teacher's training ignores it

@@ -382,3 +382,65 @@ def test_each_evaluation_carries_the_runs_costs_and_a_resume_continues_them(tmp_
     train(plain, tmp_path / "ce", report=lambda m, c: costs.append(m.cost), progress=False, stop_after=3)
     assert contract.STUDENT_LATENCY_MS not in costs[-1] and contract.TRAIN_TEACHER_SHARE not in costs[-1]
     assert costs[-1][contract.STUDENT_PARAMS] == parameter_count(student)
+
+
+class _TenSecondIterations:
+    """A stand-in for the loop's TrainingCost whose iterations each take `per` seconds of training time."""
+
+    def __init__(self, per):
+        from kdray.engine.cost import TrainingCost
+
+        class Fake(TrainingCost):
+            def training_seconds(self):
+                return per * (self.iterations + (self._current is not None))
+
+        self.cls = Fake
+
+
+def _budget_worker(rank, port, job, out_dir, results):
+    import kdray.engine.loop as loop
+
+    loop.TrainingCost = _TenSecondIterations(10.0 if rank == 0 else 30.0).cls  # the ranks' clocks disagree
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        reports = []
+        result = train(job, out_dir, ctx=RankContext.current(), report=lambda m, c: reports.append(m.iteration),
+                       progress=False)
+        results[rank] = {"reports": reports, "iterations": result.iterations, "reached": result.time_budget_reached}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_time_budget_ends_the_run_with_an_evaluation_where_it_runs_out_and_a_resume_stays_there(
+        tmp_path, teacher_file, monkeypatch):
+    """Training seconds 10 per iteration, a budget of 15: the run stops after iteration 2 (of 6, evaluations at 3
+    and 6), evaluates there, and reports it as the end; resumed, it has nothing left to run."""
+    import kdray.engine.loop as loop
+
+    monkeypatch.setattr(loop, "TrainingCost", _TenSecondIterations(10.0).cls)
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "optim.time_budget_s": 15})
+    reports = []
+    result = train(job, tmp_path / "b", report=lambda m, c: reports.append((m, c)), progress=False)
+    assert [(m.iteration, m.time_budget_reached) for m, _ in reports] == [(2, True)]
+    assert (result.iterations, result.time_budget_reached) == (2, True)
+    assert [h["iteration"] for h in result.history] == [2]
+    checkpoint = reports[-1][1]
+    assert load_checkpoint(checkpoint)["time_budget_reached"] and load_checkpoint(checkpoint)["iteration"] == 2
+    again = []
+    resumed = train(job, tmp_path / "b", report=lambda m, c: again.append(m), progress=False, resume=checkpoint)
+    assert again == [] and (resumed.iterations, resumed.time_budget_reached) == (2, True)
+    # a budget the run never reaches changes nothing; the teacher's training ignores it
+    assert train(tiny_job(tmp_path, **{"optim.time_budget_s": 1e6}), tmp_path / "n", progress=False).iterations == 6
+    teacher = train(job, tmp_path / "t", role="teacher", progress=False)
+    assert (teacher.iterations, teacher.time_budget_reached) == (6, False)
+
+
+def test_ranks_whose_clocks_disagree_stop_at_the_same_iteration_on_their_mean(tmp_path, teacher_file):
+    """Rank 0 counts 10 s an iteration, rank 1 30 s: on their mean (20 s) a budget of 35 s ends both after
+    iteration 2 (rank 0 alone would go to 4): no rank is left waiting in a collective."""
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "run.workers": 2, "data.batch_size": 4,
+                                              "optim.time_budget_s": 35})
+    results = mp.Manager().dict()
+    mp.spawn(_budget_worker, args=(_free_port(), job, str(tmp_path / "ddp"), results), nprocs=2, join=True)
+    assert results[0] == results[1] == {"reports": [2], "iterations": 2, "reached": True}

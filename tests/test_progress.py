@@ -159,6 +159,18 @@ def test_a_trial_cut_short_by_ctrl_c_is_interrupted_not_stopped_early(monkeypatc
     assert lines[2].endswith("1 finished, 1 interrupted")
 
 
+def test_a_trial_its_time_budget_ended_is_finished_where_the_budget_ran_out():
+    lines = []
+    cb = SweepProgress(1, say=lines.append, clock=Clock())
+    ended = {**result(137, 0.3), "iterations_total": 137, "time_budget_reached": 1.0}
+    a = FakeTrial("a", last_result=ended)
+    cb.on_trial_complete(0, [a], a)
+    cb.on_experiment_end([a])
+    assert lines[0].endswith("trial a: finished at iteration 137: its time budget (optim.time_budget_s) ran out, "
+                             "best mIoU 30.00%")
+    assert lines[1].endswith("1 finished")
+
+
 def test_interrupted_reads_the_sweeps_ctrl_c_flag(monkeypatch):
     import threading
 

@@ -283,37 +283,56 @@ def _interrupt_after_a_finished_trial(args: list[str], tmp_path: Path, uri: str)
     return client, exp, out
 
 
-def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, teacher_file):
+def test_a_sweep_its_time_budget_stops_resumes_with_every_trial_exactly_once(ray_cluster, tmp_path, teacher_file,
+                                                                             monkeypatch):
+    """`sweep.time_budget_s` stops the sweep as Ctrl+C does (the SIGINT path itself is the search-resume test's):
+    here the budget's clock runs out once the first trial reported its first evaluation, so that trial is cut
+    mid-run, the CE-only row the sweep added never starts, and the sweep exits 4. `--resume` then runs both to
+    their end, the cut one from its checkpoint, each once."""
+    import threading
+
+    from kdray.orchestration import budget
+
+    reported = threading.Event()
+    real = budget.start_budget
+    monkeypatch.setattr(budget, "start_budget", lambda s, clock=None: real(s, lambda: 1e9 if reported.is_set() else 0))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "ablation.yaml", {
         "name": "resume", "seeds": [0], "max_concurrent_trials": 1,
-        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 6,
+        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.iterations": 8,
                       "optim.eval_interval": 2},
         "rows": [{"name": "+KD", "set": {"losses.kd.enabled": True}}]})
-    args = [sys.executable, "-m", "kdray.sweep", "--job", str(DEMO), "--space", space, "--address", ray_cluster,
-            "--tracking-uri", uri, *tiny_except("optim.iterations", "optim.eval_interval"),
-            f"run.output_dir={tmp_path}/runs",
-            f"teacher.checkpoint={teacher_file}"]
-    client, exp, out = _interrupt_after_a_finished_trial(args, tmp_path, uri)
-    sweep_dir = next((tmp_path / "runs" / "demo" / "sweeps").glob("sweep-*"))
-    before = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
-    assert 1 <= len(before) <= 2
+    lines = []
+
+    def say(line):
+        lines.append(line)
+        if "iteration 2/8" in line:
+            reported.set()
+
+    request = SweepRequest(str(DEMO), space, [*tiny_except("optim.iterations", "optim.eval_interval"),
+                                              f"run.output_dir={tmp_path}/runs", f"teacher.checkpoint={teacher_file}",
+                                              "sweep.time_budget_s=3600"], tracking_uri=uri)
+    outcome = run_sweep(request, say=say)
+    out = "\n".join(lines)
+    assert outcome.interrupted and outcome.budget_spent and outcome.exit_code == 4, out[-3000:]
+    assert any(line.startswith("sweep stopped: its time budget of 3600 s spent") and "--resume" in line
+               for line in lines), out[-3000:]
+    assert "no CE-only row: the sweep adds 'Student (CE)' first" in out
+    # the summary never calls a trial finished that did not run every iteration
+    assert sorted(t.status for t in outcome.trials) == ["interrupted", "not started"], summary_table(outcome)
+    client, exp = MlflowClient(uri), MlflowClient(uri).get_experiment_by_name("demo")
     # no run is left RUNNING, the sweep's own included; the cut-short ones are KILLED, to be reopened
     everything = client.search_runs([exp.experiment_id], "")
     assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"], out[-3000:]
-    assert "sweep interrupted" in out and "resume with" in out
-    # the summary never calls a trial finished that did not run every iteration
-    assert "no CE-only row: the sweep adds 'Student (CE)' first" in out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and ("+KD" in line or "(CE)" in line)]
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[-1] in ("finished", "interrupted", "not started"), row
-        assert cells[-1] != "finished" or cells[-2] == "6", row
+    before = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
+    assert 1 <= len(before) <= 2 and all(r.info.status in ("KILLED", "FAILED") for r in before)
 
-    request = SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir))
-    outcome = run_sweep(request, say=lambda *_: None)
-    assert outcome.complete and outcome.exit_code == 0, summary_table(outcome)
-    assert [t.status for t in outcome.trials] == ["finished"] * 2
+    sweep_dir = outcome.sweep_dir
+    reported.clear()
+    resumed = run_sweep(SweepRequest(str(DEMO), space, tracking_uri=uri, resume=str(sweep_dir)),
+                        say=lambda *_: None)
+    assert resumed.complete and resumed.exit_code == 0, summary_table(resumed)
+    assert [t.status for t in resumed.trials] == ["finished"] * 2
     sweep_run = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'sweep'")[0]
     assert sweep_run.info.status == "FINISHED" and contract.FAILURE not in sweep_run.data.tags
     after = client.search_runs([exp.experiment_id], f"tags.`{contract.KIND}` = 'trial'")
@@ -323,7 +342,10 @@ def test_interrupted_sweep_resumes_with_every_trial_exactly_once(ray_cluster, tm
     assert all(r.info.status == "FINISHED" for r in after)
     for run in after:  # a resumed trial continued its own run: one history, no repeated steps
         steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
-        assert steps[-1] == 6 and len(steps) == len(set(steps)) or sorted(set(steps)) == [2, 4, 6]
+        assert sorted(set(steps)) == [2, 4, 6, 8], steps
+    cut_id = next(t.trial_id for t in outcome.trials if t.status == "interrupted")
+    cut = next(r for r in after if r.data.tags[contract.TRIAL_ID] == cut_id)
+    assert cut.data.tags.get(contract.RESUMED_FROM) in ("2", "4", "6"), cut.data.tags  # from its checkpoint
     print(f"MLflow trial runs: {len(before)} before the resume, {len(after)} after")
 
 

@@ -18,6 +18,7 @@ from kdray.config.schema import (
     ModelConfig,
     OptimConfig,
     RunConfig,
+    SweepConfig,
     TeacherConfig,
     TrackingConfig,
 )
@@ -25,7 +26,7 @@ from kdray.config.validation import validate
 from kdray.plugins import import_plugins, resolve_entries
 
 __all__ = [
-    "AUTO", "DataConfig", "Job", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig",
+    "AUTO", "DataConfig", "Job", "LossesConfig", "ModelConfig", "OptimConfig", "RunConfig", "SweepConfig",
     "TeacherConfig", "TrackingConfig", "apply_overrides", "build", "flatten", "job_from_dict", "job_hash",
     "load_job", "override", "parse_override", "read_yaml", "to_dict", "to_yaml", "validate",
 ]
@@ -86,7 +87,7 @@ def to_yaml(job: Job) -> str:
 
 
 # Keys that change where results go or how often they are printed, not what is trained.
-_NOT_HASHED = ("plugins", "tracking", "run.output_dir", "optim.log_interval", "data.loader_workers",
+_NOT_HASHED = ("plugins", "tracking", "sweep", "run.output_dir", "optim.log_interval", "data.loader_workers",
                "run.latency_repeats")
 
 
@@ -96,7 +97,7 @@ def weight_settings(job: Job) -> dict[str, Any]:
     A plugin's sections are in every job of a process that imported it, so they count only where they act:
     a plugin dataset's options when it is the job's dataset, a plugin loss's when it is enabled. The built-in
     sections are in every job alike and always count (digests made before plugins existed stay valid), but
-    `data.tune_split` only when it is on.
+    `data.tune_split` and `optim.time_budget_s` only when they are on.
     """
     from kdray.data.registry import DATASETS
     from kdray.losses.registry import LOSSES
@@ -107,6 +108,8 @@ def weight_settings(job: Job) -> dict[str, Any]:
              if _from_plugin(spec.module) and not getattr(job.losses, name).enabled]
     if not job.data.tune_split.fraction:  # off: digests made before the tuning split existed stay valid
         idle.append("data.tune_split.")
+    if not job.optim.time_budget_s:  # likewise for a run without a time budget
+        idle.append("optim.time_budget_s")
     return {k: v for k, v in flatten(to_dict(job)).items() if not k.startswith(tuple(idle))}
 
 

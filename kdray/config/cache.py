@@ -20,7 +20,8 @@ from kdray.config.schema import Job
 AUTO = "auto"
 _TEACHER_KEYS = ("data.", "teacher.", "optim.", "losses.ce.", "run.seed", "run.amp")
 _IGNORED = ("teacher.checkpoint", "data.loader_workers", "optim.log_interval")
-_STUDENT_ONLY = ("data.tune_split.",)  # a search's tuning split: the teacher trains on the whole training split
+# a search's tuning split (the teacher trains on the whole training split) and a student run's time budget
+_STUDENT_ONLY = ("data.tune_split.", "optim.time_budget_s")
 
 
 def cache_dir() -> Path:

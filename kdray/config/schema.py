@@ -131,6 +131,11 @@ class OptimConfig:
     iterations: int = 40000
     eval_interval: int = 4000
     log_interval: int = 50
+    # A student run's wall-clock budget, seconds: it stops after the iteration that brings its training time to
+    # this (the iterations' wall time summed over the run and its resumes, batch loading included; evaluations,
+    # checkpoints and start-up not), evaluates there and ends complete. The poly schedule stays over `iterations`.
+    # 0: no budget. The teacher's training ignores it.
+    time_budget_s: float = 0.0
 
 
 @dataclass
@@ -154,6 +159,14 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    # A whole sweep's wall-clock budget, seconds, counted from when its teacher and trials start: when it runs out,
+    # the sweep stops as Ctrl+C stops it (the running trials keep their checkpoints; `--resume` continues it, with
+    # the budget afresh) and exits 4. 0: no budget. What a sweep runs, not what a trial trains: not in any digest.
+    time_budget_s: float = 0.0
+
+
+@dataclass
 class Job:
     name: str = "job"
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,6 +176,7 @@ class Job:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Python files or importable modules that register losses or datasets (`kdray.plugins`); imported before the
     # rest of the job is read, on the driver and on every worker. Paths are resolved against the working directory.
     plugins: tuple[str, ...] = ()

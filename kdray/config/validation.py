@@ -167,6 +167,12 @@ def validate(job: Job) -> Job:
     _require(o.iterations >= 1, "optim.iterations", o.iterations, "must be >= 1")
     _require(o.eval_interval >= 1, "optim.eval_interval", o.eval_interval, "must be >= 1")
     _require(o.log_interval >= 1, "optim.log_interval", o.log_interval, "must be >= 1")
+    _require(math.isfinite(o.time_budget_s) and o.time_budget_s >= 0, "optim.time_budget_s", o.time_budget_s,
+             "must be finite and >= 0 (a student run's training seconds; 0: no budget)")
+
+    budget = job.sweep.time_budget_s
+    _require(math.isfinite(budget) and budget >= 0, "sweep.time_budget_s", budget,
+             "must be finite and >= 0 (a whole sweep's wall-clock seconds; 0: no budget)")
 
     _require(r.workers >= 1, "run.workers", r.workers, "must be >= 1")
     # seeds feed torch.manual_seed as seed * 1000 + rank, which must stay a 64-bit integer

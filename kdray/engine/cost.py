@@ -344,8 +344,8 @@ class TrainingCost:
         timed = self.iterations % self.teacher_every == 0
         if timed:
             self._synchronize()
-        self._current = {"timed": timed, "teacher": None}
         start = self._wall()
+        self._current = {"timed": timed, "teacher": None, "start": start}
         try:
             yield
             if timed:
@@ -370,6 +370,12 @@ class TrainingCost:
         current["teacher"] = (current["teacher"] or 0.0) + self._wall() - start
 
     # -- what has been spent ---------------------------------------------------------------------------------
+
+    def training_seconds(self) -> float:
+        """Wall seconds of the iterations recorded (a loaded state's included), plus, inside `iteration()`, the
+        current one's so far: what a run's time budget (`optim.time_budget_s`) counts."""
+        current = self._current
+        return self.step_seconds + (self._wall() - current["start"] if current is not None else 0.0)
 
     @property
     def s_per_iteration(self) -> float | None:

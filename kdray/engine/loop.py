@@ -65,6 +65,9 @@ class NonFiniteLossError(KdrayError):
         self.term, self.iteration, self.value = term, iteration, value
 
 
+_SPENT = "time budget spent"  # the ranks' training seconds, averaged with the step's losses (not a loss)
+
+
 @dataclass
 class RunResult:
     iterations: int
@@ -74,6 +77,7 @@ class RunResult:
     wall_s: float = 0.0
     output_dir: Path | None = None
     best_weights: Path | None = None  # the best evaluation's student (or teacher) state dict
+    time_budget_reached: bool = False  # optim.time_budget_s ended the run at `iterations` (in this session or before)
 
     @property
     def final_miou(self) -> float:
@@ -139,6 +143,9 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     resumable checkpoint on the main rank and None elsewhere. `log(metrics)` is called on the main rank every
     `optim.log_interval` iterations (keys from `kdray.contract`). `resume` names a checkpoint directory to
     continue from. `stop_after` ends the run early after that iteration (a test's stand-in for an interruption).
+    A student run with `optim.time_budget_s` ends after the iteration that brings the mean over ranks of their
+    training seconds (`TrainingCost.training_seconds`) to the budget: it evaluates there, its Evaluation says
+    `time_budget_reached`, and `RunResult.iterations` is the iteration reached (resumed from there, it runs nothing).
     """
     t_start = time.perf_counter()
     ctx = ctx or RankContext.current()
@@ -197,6 +204,12 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     if resume is not None and "cost" in state:
         cost.load_state_dict(state["cost"][ctx.rank] if ctx.rank < len(state["cost"]) else state["cost"][0])
     step.teacher_timer = cost.teacher
+    # a student run's time budget: the ranks stop together, on the mean of their training seconds
+    budget = job.optim.time_budget_s if role == "student" else 0.0
+    # resumed from the evaluation the budget ended the run at (the checkpoint says so: every rank reads the same)
+    out_of_time = bool(budget) and resume is not None and bool(state.get("time_budget_reached"))
+    if out_of_time:
+        stop = start
     model.train()
     window: dict[str, float] = {}
     window_n, window_t, window_images = 0, time.perf_counter(), 0
@@ -209,16 +222,18 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             lr = optim_cfg.lr * (1 - i / iterations) ** optim_cfg.poly_power
             step.set_lr(lr)
             total, parts = step(images, labels)
-            values = mean_over_ranks({**parts, "total": total}, ctx)
+            spent = {_SPENT: torch.tensor(cost.training_seconds(), device=device)} if budget else {}
+            values = mean_over_ranks({**parts, "total": total, **spent}, ctx)
+        done = i + 1
+        out_of_time = bool(budget) and values.pop(_SPENT) >= budget and done < stop
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(name, i + 1, value)
             window[name] = window.get(name, 0.0) + value
         window_n += 1
         window_images += images.shape[0] * ctx.world_size
-        done = i + 1
 
-        if done % optim_cfg.log_interval == 0 or done == stop:
+        if done % optim_cfg.log_interval == 0 or done == stop or out_of_time:
             elapsed = time.perf_counter() - window_t
             metrics = {contract.train_loss_key(k): v / window_n for k, v in window.items()}
             metrics.update({contract.TRAIN_LR: lr,
@@ -232,7 +247,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
                                   f"{metrics[contract.TRAIN_IMAGES_PER_S]:.0f} img/s")
             window, window_n, window_t, window_images = {}, 0, time.perf_counter(), 0
 
-        if done % optim_cfg.eval_interval == 0 or done == iterations:
+        if done % optim_cfg.eval_interval == 0 or done == iterations or out_of_time:
             result = evaluate(model, val_loader, job.data.num_classes, job.data.ignore_index, ctx,
                               autocast_for(job, device) if job.run.amp != "none" else None, window_of(job.data))
             spent = gather_objects({"student": student, "training": cost.as_metrics(), "state": cost.state_dict()},
@@ -241,7 +256,8 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             if judged.is_best:
                 best = (judged.miou, done)
             history.append(judged.metrics())  # the scores; the costs (timings) go with the report only
-            evaluation = replace(judged, cost={**spent[0]["student"], **run_cost([r["training"] for r in spent])})
+            evaluation = replace(judged, cost={**spent[0]["student"], **run_cost([r["training"] for r in spent])},
+                                 time_budget_reached=out_of_time)
             rng_states = gather_objects(
                 {"cpu": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ctx)
@@ -255,16 +271,21 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
                     "optimizer": optimizer.state_dict(),
                     "owned_optimizers": {name: o.state_dict() for name, o in owned_optimizers.items()},
                     "scaler": scaler.state_dict(), "rng": rng_states, "best": list(best), "history": history,
-                    "cost": [r["state"] for r in spent],
+                    "cost": [r["state"] for r in spent], "time_budget_reached": out_of_time,
                 }))
                 show.message(f"eval @ {done}: mIoU {100 * evaluation.miou:.2f}  "
                              f"(best {100 * best[0]:.2f} @ {best[1]})")
             if report is not None:
                 report(evaluation, checkpoint_dir)
+        if out_of_time:
+            show.message(f"time budget of {budget:g} s reached at iteration {done} of {iterations}: the run ends here")
+            stop = done
+            break
 
     best_path = output_dir / f"best_{role}.pt"
     return RunResult(stop, history, best[0] if best[1] >= 0 else float("nan"), best[1],
-                     time.perf_counter() - t_start, output_dir, best_path if best_path.exists() else None)
+                     time.perf_counter() - t_start, output_dir, best_path if best_path.exists() else None,
+                     time_budget_reached=out_of_time)
 
 
 def student_costs(job: Job, model: nn.Module, device: torch.device) -> dict[str, float]:

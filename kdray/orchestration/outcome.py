@@ -15,7 +15,8 @@ from kdray.orchestration.tracking import Tracker
 from kdray.space import SEED_KEY
 
 # What a trial can end as, in the summary table. The sweep's exit code (`SweepOutcome.exit_code`, listed in
-# `kdray sweep --help`) is 0 only when every trial finished or was stopped early, 130 when interrupted, else 1.
+# `kdray sweep --help`) is 0 only when every trial finished or was stopped early, 130 when interrupted (4 when by
+# the sweep's time budget), else 1.
 FINISHED, STOPPED_EARLY, FAILED, INTERRUPTED, NOT_STARTED = ("finished", "stopped early", "failed", "interrupted",
                                                              "not started")
 
@@ -104,6 +105,7 @@ class SweepOutcome:
     verdict: str | None = None  # a search's winner, by its confirmed mean, and whether its gains exceed seed noise
     metric: str = contract.VAL_MIOU  # what ranks the trials, and which way
     mode: str = "max"
+    budget_spent: bool = False  # interrupted by its time budget (sweep.time_budget_s), not by Ctrl+C
 
     @property
     def complete(self) -> bool:
@@ -113,7 +115,7 @@ class SweepOutcome:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
+            return 4 if self.budget_spent else 130
         return 0 if all(t.ok for t in self.trials) and not self.never_created else 1
 
     def counts(self) -> str:

@@ -260,6 +260,10 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
                           f"{space_path} is an ablation, whose tables would then be scored on held-out training "
                           "images, not on val; the tuning split is for a search (its confirmation stage reports on "
                           "val): set data.tune_split.fraction=0 or leave it out")
+    swept = [d.key for d in space.dimensions if d.key.startswith("sweep.")]
+    if swept:
+        raise ConfigError(f"{space_path}: space: {swept[0]} is the sweep's own setting, not a trial's: set it in the "
+                          f"space's overrides or on the command line ({swept[0]}=...)")
     searched = [d.key for d in space.dimensions if d.key.startswith("data.tune_split.") and d.kind != "fixed"]
     if searched:
         raise ConfigError(f"{space_path}: space: {searched[0]} is searched: the trials would each be scored on other "
@@ -338,6 +342,13 @@ def dry_run(request: SweepRequest) -> list[str]:
         lines.append(f"  tuning split: {100 * t.fraction:g}% of the training split held out ({held.tune_size} "
                      f"images, seed {t.seed}, digest {held.digest[:12]}): the trials train on {held.train_size} "
                      "and are scored there, not on val")
+    if job.optim.time_budget_s:
+        lines.append(f"  time budget per trial: {job.optim.time_budget_s:g} s of training (optim.time_budget_s): a "
+                     f"trial ends complete where it runs out, evaluated there, at most {job.optim.iterations} "
+                     "iterations")
+    if job.sweep.time_budget_s:
+        lines.append(f"time budget of the sweep: {job.sweep.time_budget_s:g} s (sweep.time_budget_s): it then stops "
+                     "as Ctrl+C stops it, exit code 4; --resume continues it")
     if state is not None:  # what is left of it: the stages it recorded, ended or not
         from kdray.orchestration.stages import stage_lines, sweep_stages
 

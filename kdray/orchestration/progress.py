@@ -248,6 +248,8 @@ class SweepProgress(ray.tune.Callback):
         best = self._best.get(trial.trial_id, last.get(self.metric))
         where = "after" if status == "finished" else "at"
         text = f"{status} {where} iteration {done}/{total}" if total else status
+        if last.get(contract.TIME_BUDGET_REACHED) and status == "finished":
+            text = f"finished at iteration {done}: its time budget (optim.time_budget_s) ran out"
         if best is not None:
             text += f", best {metric_text(self.metric, best)}"
         self._say(trials, trial, text)

@@ -164,8 +164,15 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
     ablation grid; or a search, its confirmation stage, and any extension's search and confirmation), each one
     that ended before collected, not run again; the outcome, with the report written and the sweep's runs
     closed (or left resumable when interrupted)."""
+    from kdray.orchestration.budget import BUDGET_SPENT, start_budget
+
     space = plan.space
     sweep_id, parent = state["sweep_id"], state["parent_run_id"]
+    budget = plan.job.sweep.time_budget_s
+    deadline = start_budget(budget)
+    if budget:
+        say(f"time budget: {budget:g} s (sweep.time_budget_s); when it runs out the sweep stops as Ctrl+C stops it, "
+            "and --resume continues it")
     if plan.train_teacher:
         train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say, smoke=request.smoke_test)
     elif plan.needs_teacher and exists(plan.teacher_job.teacher.checkpoint):
@@ -189,6 +196,9 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
             result = StageResult([], False, 0)
         elif record.get("ended"):
             result = StageResult(stage_trials(stage, plan, tracker, context, sweep_dir), False, 0)
+        elif deadline.passed:  # the stage does not begin: --resume begins it
+            BUDGET_SPENT.set()
+            result = StageResult([], True, stage.space.trial_count)
         else:
             result = run_stage(stage, request=request, plan=plan, tracker=tracker, context=context,
                                sweep_dir=sweep_dir, limit=limit, say=say,
@@ -196,10 +206,14 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         trials.extend(result.trials)
         never_created += result.never_created
         if result.interrupted:  # Tune saved its state; --resume reopens the runs and continues
+            spent = BUDGET_SPENT.is_set()
             outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, True,
-                                   never_created=never_created, metric=space.metric, mode=space.mode)
-            close_open_runs(tracker, sweep_id, parent, True, f"interrupted: {outcome.counts()}")
-            say(f"sweep interrupted ({outcome.counts()}): resume it with python -m kdray.sweep --resume {sweep_dir}")
+                                   never_created=never_created, metric=space.metric, mode=space.mode,
+                                   budget_spent=spent)
+            why = f"time budget of {budget:g} s spent" if spent else "interrupted"
+            close_open_runs(tracker, sweep_id, parent, True, f"{why}: {outcome.counts()}")
+            say(f"sweep {'stopped: its ' + why if spent else why} ({outcome.counts()}): resume it with "
+                f"python -m kdray.sweep --resume {sweep_dir}")
             return outcome
         if not record.get("ended"):
             record["ended"] = True
@@ -241,6 +255,7 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
     the one already there, restored with its unfinished and errored trials."""
     from ray import tune
 
+    from kdray.orchestration.budget import TimeBudget
     from kdray.orchestration.trial import INTERRUPTED as CTRL_C
     from kdray.orchestration.trial import InterruptWatch, MlflowStatusCallback
 
@@ -251,7 +266,7 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
     if path.exists() and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        callbacks = [InterruptWatch(), MlflowStatusCallback(plan.uri, plan.experiment, context.sweep_id),
+        callbacks = [InterruptWatch(), TimeBudget(), MlflowStatusCallback(plan.uri, plan.experiment, context.sweep_id),
                      SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.base),
                                    say=say)]
         storage = None

@@ -2,8 +2,10 @@
 
 `train_per_worker` is the plain loop plus three bridges: Ray's checkpoint to resume from, each evaluation to
 `ray.train.report` (every rank, the same number of times; rank 0 attaches the checkpoint), and rank 0's
-metrics to the trial's MLflow run. A run that stops on purpose (a non-finite loss) returns its reason: `fit`
-hands it back as `Result.return_value` (rank 0's), and the trial decides what it means.
+metrics to the trial's MLflow run. A run its time budget (optim.time_budget_s) ended reports the iteration it
+reached as its ITERATIONS_TOTAL: Tune, the scheduler and the sweep's summary see it complete. A run that stops
+on purpose (a non-finite loss) returns its reason: `fit` hands it back as `Result.return_value` (rank 0's), and
+the trial decides what it means.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
             if evaluation.is_best:  # the engine just wrote these weights
                 logger.log_artifact(scratch / f"best_{role}.pt", contract.BEST_CHECKPOINT_ARTIFACT_DIR)
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**evaluation.tune_metrics(), contract.ITERATIONS_TOTAL: config["iterations"]},
-                         checkpoint=checkpoint)
+        if evaluation.time_budget_reached and logger is not None:  # the run is complete at this iteration
+            logger.set_tags({contract.TIME_BUDGET_STOP: str(evaluation.iteration)})
+        total = evaluation.iteration if evaluation.time_budget_reached else config["iterations"]
+        ray.train.report({**evaluation.tune_metrics(), contract.ITERATIONS_TOTAL: total}, checkpoint=checkpoint)
 
     def log(metrics: dict[str, float]) -> None:
         if logger is not None:
@@ -71,8 +75,9 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
             # Resumed from the final checkpoint: nothing was left to run, so tell Tune (again, on every rank) where
             # the run ended; otherwise the restored trial would look stopped early.
             last = result.history[-1]
-            ray.train.report({**{k: last[k] for k in (contract.ITERATION, *contract.TUNE_METRICS)},
-                              contract.ITERATIONS_TOTAL: config["iterations"]})
+            ended = {contract.ITERATIONS_TOTAL: last[contract.ITERATION], contract.TIME_BUDGET_REACHED: 1.0} \
+                if result.time_budget_reached else {contract.ITERATIONS_TOTAL: config["iterations"]}
+            ray.train.report({**{k: last[k] for k in (contract.ITERATION, *contract.TUNE_METRICS)}, **ended})
         if role == "teacher" and ctx.is_main and result.best_weights is not None:
             target = Path(job.teacher.checkpoint)
             target.parent.mkdir(parents=True, exist_ok=True)
