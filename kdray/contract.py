@@ -61,6 +61,7 @@ NOT_STARTED = "kdray.not_started"  # "true" on the run of a trial that never sta
 TRIALS_PLANNED = "kdray.trials_planned"  # on the sweep run: how many trials its space makes (rows x seeds, samples)
 STUDY_STATES = "kdray.study_states"  # on a search's sweep run: "COMPLETE=4 PRUNED=2" as the Optuna study ended
 STUDY_STORAGE = "kdray.study_storage"  # on a search's sweep run: the Optuna storage URL holding its study
+MATCH = "kdray.match"  # on a matched ablation's sweep run: each row's measured s/iteration and iterations, JSON
 SAMPLER_TAG_PREFIX = "kdray.sampler."  # on a search's sweep run: the Optuna sampler and each of its settings
 STAGE = "kdray.stage"  # a search sweep's trial runs: search (sampled by Optuna) | confirm (rows x seeds, after it)
 STAGE_SEARCH, STAGE_CONFIRM = "search", "confirm"  # its values

@@ -32,6 +32,8 @@ An **ablation** space runs every row x seed, no sampling:
     rows:
       - {name: Student (CE)}
       - {name: +KD, set: {losses.kd.enabled: true}}
+    match: {row: +KD}        # optional: every row gets the device-seconds +KD takes for the job's iterations
+    # or match: {device_seconds: 3600}; each row's iterations then follow from its measured s/iteration
 
 Distributions: `uniform: [low, high]`, `loguniform: [low, high]` (low > 0), `int: [low, high]` (inclusive;
 `step`, `log` optional), `choice: [...]`. `if: KEY` makes a knob conditional on an earlier boolean choice
@@ -63,7 +65,9 @@ _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
                 "points_to_evaluate", "max_concurrent_trials", "description", "confirm", "sampler"}
 _ABLATION_KEYS = {"name", "kind", "metric", "mode", "seeds", "rows", "overrides", "max_concurrent_trials",
-                  "description"}
+                  "description", "match"}
+_MATCH_KEYS = {"device_seconds", "row", "measure"}
+MATCHED_KEYS = ("optim.iterations", "optim.eval_interval")  # what a match sets on each row
 _SCHEDULER_KEYS = {"kind", "grace_period", "reduction_factor", "bracket"}
 _SCHEDULER_KINDS = ("asha", "sync_halving", "none")
 SEED_KEY = "run.seed"
@@ -99,6 +103,18 @@ class Confirm:
     seeds: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Match:
+    """An ablation whose rows train for equal device-seconds (`kdray.orchestration.matching`): the budget is
+    `device_seconds` per trial, or what the row named `row` takes for the job's `optim.iterations`; each row's
+    iterations follow from its measured seconds per iteration (median of `iterations` after `warmup`)."""
+
+    device_seconds: float | None = None
+    row: str | None = None
+    iterations: int = 10
+    warmup: int = 3
+
+
 @dataclass
 class SearchSpace:
     name: str
@@ -117,6 +133,7 @@ class SearchSpace:
     source: str = ""  # the YAML text, logged with the sweep
     confirm: Confirm | None = None  # a search's confirmation stage (None: the search's own scores decide)
     sampler: str = "tpe"  # a search's Optuna sampler: tpe | random (kdray.orchestration.sampler)
+    match: Match | None = None  # an ablation's rows at equal device-seconds (None: each at the job's iterations)
 
     @property
     def trial_count(self) -> int:
@@ -332,7 +349,44 @@ def _load_ablation(data, where, job_keys, job, common) -> SearchSpace:
     names = [r[0] for r in rows]
     if len(set(names)) != len(names):
         raise _err(f"{where}: rows", f"row names must be unique, got {names}")
-    return SearchSpace(**common, seeds=seeds, rows=tuple(rows))
+    match = _parse_match(data.get("match"), names, f"{where}: match")
+    if match is not None:
+        for at, settings in [("overrides", common["overrides"])] + [(f"rows[{i}] ({n}).set", r)
+                                                                    for i, (n, r) in enumerate(rows)]:
+            fixed = [k for k in MATCHED_KEYS if k in settings]
+            if fixed:
+                raise _err(f"{where}: {at}.{fixed[0]}", "a matched ablation derives each row's iterations and "
+                                                        "evaluation interval from the budget: remove it, or the match")
+    return SearchSpace(**common, seeds=seeds, rows=tuple(rows), match=match)
+
+
+def _parse_match(spec: Any, rows: list[str], where: str) -> Match | None:
+    """`match: {device_seconds: S}` or `match: {row: NAME}`, with `measure: {iterations: N, warmup: W}` optional."""
+    if spec is None:
+        return None
+    expected = ("expected {device_seconds: SECONDS} or {row: NAME} (the budget of that row at the job's "
+                "iterations), optionally with measure: {iterations: 10, warmup: 3}")
+    if not isinstance(spec, dict) or set(spec) - _MATCH_KEYS:
+        unknown = sorted(set(spec) - _MATCH_KEYS) if isinstance(spec, dict) else []
+        raise _err(where, f"got {spec!r}{': unknown key(s) ' + ', '.join(unknown) if unknown else ''}; {expected}")
+    if ("device_seconds" in spec) == ("row" in spec):
+        raise _err(where, f"got {spec!r}: give one of device_seconds and row; {expected}")
+    seconds, row = spec.get("device_seconds"), spec.get("row")
+    if seconds is not None:
+        seconds = _number(f"{where}.device_seconds", seconds)
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise _err(f"{where}.device_seconds", f"got {spec['device_seconds']!r}; expected seconds > 0")
+    if row is not None and row not in rows:
+        raise _err(f"{where}.row", f"got {row!r}{_did_you_mean(row, rows)}; expected one of the rows: "
+                                   f"{', '.join(rows)}")
+    measure = spec.get("measure") or {}
+    if not isinstance(measure, dict) or set(measure) - {"iterations", "warmup"}:
+        raise _err(f"{where}.measure", f"got {measure!r}; expected {{iterations: 10, warmup: 3}}")
+    iterations, warmup = measure.get("iterations", 10), measure.get("warmup", 3)
+    for key, value, low in (("iterations", iterations, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise _err(f"{where}.measure.{key}", f"got {value!r}; expected an integer >= {low}")
+    return Match(seconds, row, iterations, warmup)
 
 
 def _load_search(data, where, job_keys, job, common) -> SearchSpace:

@@ -150,7 +150,7 @@ def test_every_shipped_job_loads():
 
 def test_to_dict_has_every_section():
     assert set(to_dict(Job())) == {"name", "data", "teacher", "student", "losses", "optim", "run", "tracking",
-                                "plugins"}
+                                "sweep", "plugins"}
 
 
 @pytest.mark.parametrize("module", ["kdray.train", "kdray.teacher"])

@@ -444,3 +444,16 @@ def test_ranks_whose_clocks_disagree_stop_at_the_same_iteration_on_their_mean(tm
     results = mp.Manager().dict()
     mp.spawn(_budget_worker, args=(_free_port(), job, str(tmp_path / "ddp"), results), nprocs=2, join=True)
     assert results[0] == results[1] == {"reports": [2], "iterations": 2, "reached": True}
+
+
+def test_an_iteration_is_timed_on_the_jobs_own_loop_after_its_warm_up(tmp_path, teacher_file):
+    from kdray.engine import measure_iteration_seconds
+
+    job = tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True, "run.workers": 2, "data.batch_size": 8})
+    timing = measure_iteration_seconds(job, iterations=3, warmup=2)
+    assert len(timing.samples) == 3 and timing.warmup == 2 and timing.median_s > 0
+    assert timing.median_s == sorted(timing.samples)[1]
+    assert str(timing).endswith("s/iteration (median of 3, after 2 warm-up)")
+    assert not (tmp_path / "runs").exists()  # nothing written: no evaluation, no checkpoint, a scratch folder
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        measure_iteration_seconds(job, iterations=0)

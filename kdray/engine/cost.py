@@ -318,6 +318,7 @@ class TrainingCost:
         self.step_seconds = 0.0
         self.timed_step_seconds = 0.0  # the steps of the iterations whose teacher forward was timed
         self.teacher_seconds = 0.0
+        self.session_seconds: list[float] = []  # each iteration recorded by this object (not a loaded state's)
         self._current: dict[str, Any] | None = None  # the iteration `iteration()` is timing
 
     # -- recording -------------------------------------------------------------------------------------------
@@ -330,6 +331,7 @@ class TrainingCost:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.iterations += 1
         self.step_seconds += seconds
+        self.session_seconds.append(seconds)
         if teacher_seconds is not None:
             self.timed_step_seconds += seconds
             self.teacher_seconds += teacher_seconds

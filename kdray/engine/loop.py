@@ -78,6 +78,7 @@ class RunResult:
     output_dir: Path | None = None
     best_weights: Path | None = None  # the best evaluation's student (or teacher) state dict
     time_budget_reached: bool = False  # optim.time_budget_s ended the run at `iterations` (in this session or before)
+    iteration_seconds: list[float] = field(default_factory=list)  # wall seconds of each iteration this call ran
 
     @property
     def final_miou(self) -> float:
@@ -222,8 +223,8 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             lr = optim_cfg.lr * (1 - i / iterations) ** optim_cfg.poly_power
             step.set_lr(lr)
             total, parts = step(images, labels)
-            spent = {_SPENT: torch.tensor(cost.training_seconds(), device=device)} if budget else {}
-            values = mean_over_ranks({**parts, "total": total, **spent}, ctx)
+            budget_clock = {_SPENT: torch.tensor(cost.training_seconds(), device=device)} if budget else {}
+            values = mean_over_ranks({**parts, "total": total, **budget_clock}, ctx)
         done = i + 1
         out_of_time = bool(budget) and values.pop(_SPENT) >= budget and done < stop
         for name, value in values.items():
@@ -285,7 +286,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     best_path = output_dir / f"best_{role}.pt"
     return RunResult(stop, history, best[0] if best[1] >= 0 else float("nan"), best[1],
                      time.perf_counter() - t_start, output_dir, best_path if best_path.exists() else None,
-                     time_budget_reached=out_of_time)
+                     time_budget_reached=out_of_time, iteration_seconds=list(cost.session_seconds))
 
 
 def student_costs(job: Job, model: nn.Module, device: torch.device) -> dict[str, float]:

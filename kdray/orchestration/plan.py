@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,8 @@ def _shrink(space: SearchSpace, smoke: dict[str, Any]) -> None:
     space.overrides.update({k: v for k, v in smoke.items() if k in space.overrides})
     space.rows = tuple((name, {**settings, **{k: v for k, v in smoke.items() if k in settings}})
                        for name, settings in space.rows)
+    if space.match is not None:  # matched: measured briefly, and no row past the smoke test's iterations
+        space.match = replace(space.match, iterations=2, warmup=1)
     if space.kind == "search":
         space.num_samples = min(space.num_samples, 2)
         if space.confirm is not None:  # the pipeline checked end to end: one configuration, one seed
@@ -227,6 +229,7 @@ class Plan:
     uri: str
     experiment: str
     notes: list[str]
+    matched: list | None = None  # a matched ablation's rows (kdray.orchestration.matching), once measured
 
     @property
     def teacher_job(self) -> Job:
@@ -270,6 +273,12 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
                           "held-out images, and their scores would not compare; fix it in the space's overrides "
                           "(e.g. data.tune_split.fraction: 0.1)")
     baseline = add_baseline_row(space, base) if space.kind == "ablation" else None
+    matched = None
+    if space.match is not None and (state or {}).get("matched"):  # measured when the sweep started: kept
+        from kdray.orchestration.matching import apply, from_state
+
+        matched = from_state(state["matched"])
+        apply(space, matched)
     jobs = trial_jobs(space, base)
     # an ablation needs the teacher when some row distils (trial_jobs gives the rows' jobs); a search may
     # switch on any loss
@@ -286,7 +295,7 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
         notes += check_teacher_training(base)
     uri = resolve_tracking_uri(request.tracking_uri or (state or {}).get("tracking_uri") or job.tracking.uri)
     return Plan(base, job, space, space_path, jobs, needs_teacher, train_teacher, uri,
-                job.tracking.experiment or job.name, notes)
+                job.tracking.experiment or job.name, notes, matched)
 
 
 def _named_teacher(data: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -356,6 +365,18 @@ def dry_run(request: SweepRequest) -> list[str]:
         lines += stage_lines(sweep_stages(state, space), space, sweep_dir)
     elif space.kind == "search":
         lines.append(f"  {describe_confirmation(space, job)}")
+    if space.match is not None:
+        from kdray.orchestration.matching import match_lines
+
+        if plan.matched is not None:
+            lines += match_lines(space, plan.matched, "when the sweep started")
+        else:
+            m = space.match
+            budget = f"{m.device_seconds:g} device-seconds each" if m.device_seconds is not None else \
+                f"what row {m.row!r} takes for its {job.optim.iterations} iterations"
+            lines.append(f"equal device-seconds (match): every row trains for {budget}; each row's seconds per "
+                         f"iteration are measured when the sweep starts (median of {m.iterations} after "
+                         f"{m.warmup} warm-up, on one worker's resources), its iterations follow from them")
     asks = {}
     for where, trial_job in jobs:
         r = trial_job.run

@@ -27,7 +27,7 @@ from kdray.orchestration.outcome import (
     failure_reason,
     in_stage_order,
 )
-from kdray.orchestration.plan import exists, largest
+from kdray.orchestration.plan import SMOKE, exists, largest
 from kdray.orchestration.progress import SweepProgress, TrialLabel, quiet_ray_output, tune_verbosity
 from kdray.orchestration.resources import TRIAL_CPU, concurrency
 from kdray.orchestration.resume import mark_ended, save_state
@@ -178,6 +178,9 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
     elif plan.needs_teacher and exists(plan.teacher_job.teacher.checkpoint):
         record_teacher(plan.teacher_job, tracker, say)
 
+    if space.match is not None and plan.matched is None:
+        measure_match(plan, tracker, parent, sweep_dir, say, smoke=request.smoke_test)
+
     from kdray.orchestration.trial import SweepContext
 
     # the trials' edge: Tune ships the job as plain data, and each trial builds its Job from it once
@@ -247,6 +250,23 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         tracker.clear_tag(parent, contract.FAILURE)
         tracker.end_run(parent, "FINISHED")
     return outcome
+
+
+def measure_match(plan: Plan, tracker: Tracker, parent: str, sweep_dir: Path, say, smoke: bool = False) -> None:
+    """A matched ablation's rows, measured on Ray and given their iterations (`kdray.orchestration.matching`):
+    applied to the plan's space, kept in the state file and on the sweep's run, and said."""
+    from kdray.orchestration.matching import apply, derive, match_lines, match_tag, measure_rows, to_state
+
+    space = plan.space
+    say(f"measuring each row's seconds per iteration for equal device-seconds ({len(space.rows)} row(s), one at a "
+        "time)")
+    seconds = measure_rows(space, plan.base, on_ray=True)
+    plan.matched = derive(space, plan.base, seconds, cap=SMOKE["optim.iterations"] if smoke else None)
+    apply(space, plan.matched)
+    save_state(sweep_dir, {"matched": to_state(plan.matched)})
+    tracker.set_tags(parent, {contract.MATCH: match_tag(plan.matched)})
+    for line in match_lines(space, plan.matched, "on one worker's resources of each row"):
+        say(line)
 
 
 def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Tracker, context, sweep_dir: Path,
