@@ -21,6 +21,14 @@ A **search** space samples trials with Optuna:
       - {losses.kd.weight: 1.0, losses.kd.temperature: 1.0, losses.i2ckd.enabled: true, losses.i2ckd.weight: 1.0}
     confirm: {top_k: 3, seeds: [0, 1, 2]}     # then the 3 best distinct configurations, at full length, per seed
 
+A search may trade several objectives instead of one metric (`objectives:` replaces `metric`/`mode`; any score or
+cost trials report to Tune; no scheduler, as one stops trials by a single metric):
+
+    objectives: [{metric: val/miou, mode: max}, {metric: student/latency_ms, mode: min}]
+
+Optuna's sampler then searches for the Pareto front; the first objective is the one the tables rank by, and the
+confirmation stage takes the front's configurations first.
+
 The confirmation stage (`confirm`, `kdray.orchestration.confirm`) re-runs the search's best configurations over
 seeds, with the CE-only student beside them, and ranks them by their mean: the search's own scores come from one
 seed each (and from a tuning subset of the training split when the job sets `data.tune_split`).
@@ -63,7 +71,9 @@ from kdray.losses.objective import config_formula
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
-                "points_to_evaluate", "max_concurrent_trials", "description", "confirm", "sampler"}
+                "points_to_evaluate", "max_concurrent_trials", "description", "confirm", "sampler", "objectives"}
+# What a multi-objective search can trade off: the scores and what a trial costs, all in Tune's results.
+OBJECTIVE_METRICS = contract.TUNE_METRICS + contract.COST_METRICS
 _ABLATION_KEYS = {"name", "kind", "metric", "mode", "seeds", "rows", "overrides", "max_concurrent_trials",
                   "description", "match"}
 _MATCH_KEYS = {"device_seconds", "row", "measure"}
@@ -134,6 +144,13 @@ class SearchSpace:
     confirm: Confirm | None = None  # a search's confirmation stage (None: the search's own scores decide)
     sampler: str = "tpe"  # a search's Optuna sampler: tpe | random (kdray.orchestration.sampler)
     match: Match | None = None  # an ablation's rows at equal device-seconds (None: each at the job's iterations)
+    # A multi-objective search's (metric, mode) pairs, the first also `metric`/`mode` (the one Tune and the tables
+    # rank by); () for one objective.
+    objectives: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def trial_count(self) -> int:
@@ -306,10 +323,11 @@ def _parse(data: dict[str, Any], source: str, where: str, stem: str, job: Job | 
             raise _err(f"{where}: {key}",
                        f"unknown key for {article} {kind} space; valid: {', '.join(sorted(allowed))}")
     name = data.get("name", stem)
-    metric, mode = data.get("metric", "val/miou"), data.get("mode", "max")
+    objectives = _parse_objectives(data, where) if "objectives" in data else ()
+    metric, mode = objectives[0] if objectives else (data.get("metric", "val/miou"), data.get("mode", "max"))
     if mode not in ("max", "min"):
         raise _err(f"{where}: mode", f"got {mode!r}; expected max or min")
-    if metric not in contract.TUNE_METRICS:
+    if metric not in contract.TUNE_METRICS and not objectives:
         raise _err(f"{where}: metric", f"got {metric!r}{_did_you_mean(metric, contract.TUNE_METRICS)}; a space can "
                                        f"optimise what trials report to Tune: {', '.join(contract.TUNE_METRICS)}")
     job_keys = set(flatten(to_dict(job))) if job is not None else None
@@ -326,7 +344,36 @@ def _parse(data: dict[str, Any], source: str, where: str, stem: str, job: Job | 
               "max_concurrent_trials": concurrent, "source": source}
     if kind == "ablation":
         return _load_ablation(data, where, job_keys, job, common)
-    return _load_search(data, where, job_keys, job, common)
+    return _load_search(data, where, job_keys, job, {**common, "objectives": objectives})
+
+
+def _parse_objectives(data: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    """`objectives: [{metric: M, mode: max|min}, ...]`: two or more, distinct, each a metric trials report to Tune
+    (a score or a cost); `metric`/`mode` are then not given (the first objective is the space's metric)."""
+    spec, at = data["objectives"], f"{where}: objectives"
+    expected = ("expected a list of two or more {metric: M, mode: max|min}, e.g. [{metric: val/miou, mode: max}, "
+                "{metric: student/latency_ms, mode: min}]")
+    if not isinstance(spec, list) or len(spec) < 2:
+        raise _err(at, f"got {spec!r}; {expected} (one objective: use metric and mode)")
+    given = [k for k in ("metric", "mode") if k in data]
+    if given:
+        raise _err(f"{where}: {given[0]}", "a space with objectives takes its metric and mode from them (the first "
+                                           "is the one tables rank by): remove it")
+    out = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, dict) or set(item) != {"metric", "mode"}:
+            raise _err(f"{at}[{i}]", f"got {item!r}; expected {{metric: M, mode: max|min}}")
+        metric, mode = item["metric"], item["mode"]
+        if metric not in OBJECTIVE_METRICS:
+            raise _err(f"{at}[{i}].metric", f"got {metric!r}{_did_you_mean(metric, OBJECTIVE_METRICS)}; an objective "
+                                            f"is what trials report to Tune: {', '.join(OBJECTIVE_METRICS)}")
+        if mode not in ("max", "min"):
+            raise _err(f"{at}[{i}].mode", f"got {mode!r}; expected max or min")
+        out.append((metric, mode))
+    metrics = [m for m, _ in out]
+    if len(set(metrics)) != len(metrics):
+        raise _err(at, f"got {metrics}: each metric once")
+    return tuple(out)
 
 
 def _load_ablation(data, where, job_keys, job, common) -> SearchSpace:
@@ -417,6 +464,14 @@ def _load_search(data, where, job_keys, job, common) -> SearchSpace:
     for i, point in enumerate(points):
         _check_point(point, dims, f"{where}: points_to_evaluate[{i}]")
     scheduler = _parse_scheduler(data.get("scheduler"), f"{where}: scheduler")
+    if common["objectives"] and scheduler.kind != "none":
+        raise _err(f"{where}: scheduler", f"{scheduler.kind} stops trials by one metric, and this search has "
+                                          f"{len(common['objectives'])} objectives: set scheduler kind none (every "
+                                          "trial runs to its end)")
+    latency = contract.STUDENT_LATENCY_MS in {m for m, _ in common["objectives"]}
+    if latency and job is not None and not override(job, common["overrides"]).run.latency_repeats:
+        raise _err(f"{where}: objectives", f"{contract.STUDENT_LATENCY_MS} is an objective, but run.latency_repeats "
+                                           "is 0, so no trial times its student: set run.latency_repeats >= 1")
     confirm = _parse_confirm(data.get("confirm"), num_samples, f"{where}: confirm")
     sampler = data.get("sampler", "tpe")
     if sampler not in ("tpe", "random"):
@@ -526,6 +581,10 @@ def check_scheduler(space: SearchSpace, job: Job, where: str) -> None:
 def plan_lines(space: SearchSpace, job: Job) -> list[str]:
     """The trial plan, as `--dry-run` prints it."""
     lines = [f"space {space.name} ({space.kind}): {space.trial_count} trials, metric {space.metric} ({space.mode})"]
+    if space.multi_objective:
+        shown = ", ".join(f"{m} ({d})" for m, d in space.objectives)
+        lines[0] = (f"space {space.name} ({space.kind}): {space.trial_count} trials, objectives {shown}: a Pareto "
+                    f"front, ranked by {space.metric}")
     if space.overrides:
         lines.append("  fixed for every trial: " + ", ".join(f"{k}={v}" for k, v in space.overrides.items()))
     if space.kind == "ablation":

@@ -216,11 +216,16 @@ def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cl
         "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1},
         # a distilling row (the teacher is then scored and recorded) that diverges
         "rows": [{"name": "Student (CE)"},
-                 {"name": "diverges", "set": {"losses.kd.enabled": True, "optim.lr": 1.0e30, "optim.momentum": 0.0}}]})
+                 {"name": "diverges", "set": {"losses.kd.enabled": True, "optim.lr": 1.0e30, "optim.momentum": 0.0}}],
+        # at equal device-seconds: the CE row's own (its 4 iterations); the diverging row cannot be timed
+        "match": {"row": "Student (CE)", "measure": {"iterations": 2, "warmup": 1}}})
     request = SweepRequest(str(DEMO), space, [*TINY, "run.output_dir=runs", "teacher.checkpoint=teacher.pt"],
                            tracking_uri=uri)
-    outcome = run_sweep(request, say=lambda *_: None)
+    lines = []
+    outcome = run_sweep(request, say=lines.append)
     assert outcome.complete and len(outcome.trials) == 4
+    assert any(line.startswith("equal device-seconds: ") for line in lines), lines
+    assert any(line.startswith("  row 'diverges': not timed (loss term") for line in lines), lines
     client, runs = children(uri, "demo", outcome.sweep_id)
     combos = sorted((r.data.tags[contract.ROW], r.data.tags[contract.SEED]) for r in runs)
     assert {r.data.tags[contract.ROW]: r.data.tags[contract.ROW_INDEX] for r in runs} == \
@@ -246,6 +251,10 @@ def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cl
     assert outcome.exit_code == 1 and outcome.counts() == "2 finished, 2 failed"
     sweep_run = client.get_run(outcome.parent_run_id)
     assert sweep_run.info.status == "FAILED" and sweep_run.data.tags[contract.FAILURE] == "2 finished, 2 failed"
+    matched = {m["row"]: m for m in json.loads(sweep_run.data.tags[contract.MATCH])}
+    assert matched["Student (CE)"]["iterations"] == 4 and matched["Student (CE)"]["s_per_iteration"] > 0
+    assert "at iteration" in matched["diverges"]["unmeasured"]
+    assert {r.data.params["optim.iterations"] for r in runs} == {"4"}
 
 
 def test_a_gpu_request_on_a_cpu_cluster_fails_fast(ray_cluster, tmp_path, teacher_file):

@@ -74,14 +74,35 @@ class Candidate:
     status: str
 
 
-def candidates(trials: Iterable[Any], top_k: int, mode: str = "max") -> list[Candidate]:
+def pareto_front(values: list[tuple[float, ...]], modes: tuple[str, ...]) -> list[bool]:
+    """For each point, whether no other point dominates it: q dominates p when q is at least as good on every
+    objective (max or min, as `modes` says) and better on one. Equal points do not dominate each other. O(n^2)."""
+    signs = [1.0 if m == "max" else -1.0 for m in modes]
+    oriented = [tuple(s * v for s, v in zip(signs, point)) for point in values]
+
+    def dominates(q, p):
+        return all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p))
+
+    return [not any(dominates(q, p) for q in oriented) for p in oriented]
+
+
+def candidates(trials: Iterable[Any], top_k: int, mode: str = "max",
+               objectives: tuple[tuple[str, str], ...] = ()) -> list[Candidate]:
     """The `top_k` best distinct configurations among `trials` (`TrialSummary`s of the search stage) that
-    finished or were stopped early with a finite score, ranked as the module docstring says."""
+    finished or were stopped early with a finite score, ranked as the module docstring says. With several
+    `objectives` ((metric, mode) pairs, each trial's values in `TrialSummary.objectives`), the configurations on
+    the trials' Pareto front come first (those without every value finite are behind them), each group as
+    before."""
     if top_k < 1:
         return []
     sign = -1 if mode == "max" else 1
     scored = [t for t in trials if t.ok and math.isfinite(t.last)]
-    scored.sort(key=lambda t: (-t.iteration, sign * t.last, t.trial_id))
+    behind: dict[str, bool] = {}
+    if len(objectives) > 1:
+        whole = [t for t in scored if len(t.objectives) == len(objectives) and all(map(math.isfinite, t.objectives))]
+        front = pareto_front([t.objectives for t in whole], tuple(m for _, m in objectives))
+        behind = {t.trial_id: not on for t, on in zip(whole, front)}
+    scored.sort(key=lambda t: (behind.get(t.trial_id, bool(behind)), -t.iteration, sign * t.last, t.trial_id))
     chosen: list[Candidate] = []
     seen: set[str] = set()
     for t in scored:
@@ -151,5 +172,7 @@ def describe(space: SearchSpace, job: Job) -> str:
     if c is None:
         return (f"then: the CE-only student once (seed {job.run.seed}) as the baseline; no confirmation stage "
                 "(the search's single-seed scores rank the trials: add confirm: {top_k: 3, seeds: [0, 1, 2]})")
-    return (f"then: confirmation of the top {c.top_k} distinct configuration(s) and the CE-only student, seeds "
+    which = f"the top {c.top_k} distinct configuration(s)" if not space.multi_objective else \
+        f"up to {c.top_k} distinct configuration(s), those of the Pareto front first (by {space.metric})"
+    return (f"then: confirmation of {which} and the CE-only student, seeds "
             f"{list(c.seeds)}: {planned_trials(space)} full-length trials{on_val}")

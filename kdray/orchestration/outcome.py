@@ -84,6 +84,7 @@ class TrialSummary:
     status: str  # finished | stopped early | failed: <reason> | interrupted | not started
     stage: str = ""  # a search sweep's: search | confirm (kdray.orchestration.confirm)
     scored_on: str = ""  # what its metric measured: "tune split", or the val split's name ("" unknown)
+    objectives: tuple[float, ...] = ()  # a multi-objective search's: each objective's last value (NaN: none)
 
     @property
     def ok(self) -> bool:
@@ -106,6 +107,7 @@ class SweepOutcome:
     metric: str = contract.VAL_MIOU  # what ranks the trials, and which way
     mode: str = "max"
     budget_spent: bool = False  # interrupted by its time budget (sweep.time_budget_s), not by Ctrl+C
+    objectives: tuple[tuple[str, str], ...] = ()  # a multi-objective search's (metric, mode) pairs
 
     @property
     def complete(self) -> bool:
@@ -141,16 +143,19 @@ def summary_table(outcome: SweepOutcome) -> str:
     splits = {t.scored_on for t in trials if t.scored_on}
     scored = len(splits) > 1
     keys = sorted({k for t in trials if t.stage != "confirm" for k in t.params if k != SEED_KEY})
+    others = [m for m, _ in outcome.objectives[1:]]  # a multi-objective search's other objectives, last values
     head = ["rank", *(["stage"] if staged else []), "trial", "row / method", "seed", *keys,
-            *(["scored on"] if scored else []), f"best {metric}", f"last {metric}", "iteration", "status"]
+            *(["scored on"] if scored else []), f"best {metric}", f"last {metric}", *others, "iteration", "status"]
     rows, rank = [], {}
     for t in trials:  # ranked within each kind of stage
         rank[t.stage] = rank.get(t.stage, 0) + 1
         confirm = t.stage == "confirm"  # a confirmation row's values are its search trial's: its row names it
         rows.append([str(rank[t.stage]), *([t.stage] if staged else []), t.trial_id, t.label, str(t.seed),
                      *("" if confirm else _fmt(t.params.get(k, "")) for k in keys),
-                     *([t.scored_on] if scored else []), _pct(t.best), _pct(t.last), str(t.iteration), t.status])
-    text = markdown_table(head, rows, "r" + "l" * staged + "llr" + "l" * len(keys) + "l" * scored + "rrrl")
+                     *([t.scored_on] if scored else []), _pct(t.best), _pct(t.last),
+                     *(_value(t.objectives, i + 1) for i in range(len(others))), str(t.iteration), t.status])
+    text = markdown_table(head, rows, "r" + "l" * staged + "llr" + "l" * len(keys) + "l" * scored + "rr"
+                          + "r" * len(others) + "rl")
     if scored:
         text += ("\n\nThe search trials were scored on the tuning split (held-out training images), the "
                  "confirmation trials on val: compare scores within a stage only.")
@@ -177,6 +182,11 @@ def best_first(trials: list[TrialSummary], mode: str = "max") -> list[TrialSumma
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _value(values: tuple[float, ...], i: int) -> str:
+    """Objective `i` of a trial, 4 significant digits; blank when it has none (a confirmation row)."""
+    return f"{values[i]:.4g}" if i < len(values) and math.isfinite(values[i]) else ""
 
 
 def _pct(value: float) -> str:

@@ -26,7 +26,9 @@ from kdray.orchestration.sampler import make_sampler
 
 class KdraySearch(OptunaSearch):
     """`OptunaSearch` with a sampler of `kdray.orchestration.sampler` (TPE unless `sampler="random"`) and the trial
-    states of the module docstring."""
+    states of the module docstring. With `metric` and `mode` lists (several objectives) the study has one direction
+    per objective and a completed trial is told every objective's last value (no intermediate values: Optuna keeps
+    none for several objectives)."""
 
     def __init__(self, *, seed: int, sampler: str = "tpe", **kwargs: Any):
         super().__init__(sampler=make_sampler(sampler, seed), **kwargs)
@@ -35,6 +37,8 @@ class KdraySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """An evaluation: the trial's intermediate value at its training iteration (Tune's own counter restarts
         after a restore), each iteration once."""
+        if isinstance(self.metric, list):  # Optuna keeps no intermediate values for several objectives
+            return
         value, step = result.get(self.metric), result.get(contract.ITERATION)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials or not _finite(value) or step is None:
             return
@@ -51,7 +55,7 @@ class KdraySearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         result = result or {}
-        value = result.get(self.metric)
+        value = [result.get(m) for m in self.metric] if isinstance(self.metric, list) else result.get(self.metric)
         done, total = result.get(contract.ITERATION, 0), result.get(contract.ITERATIONS_TOTAL, 0)
         short = bool(total) and done < total
         if short and not error and INTERRUPTED.is_set():
@@ -59,12 +63,13 @@ class KdraySearch(OptunaSearch):
         if not error:
             self.on_trial_result(trial_id, result)  # Tune hands the last evaluation to this call alone
         trial = self._ot_trials[trial_id]
-        if error or not _finite(value):
+        if error or not all(map(_finite, value if isinstance(value, list) else [value])):
             self._ot_study.tell(trial, state=TrialState.FAIL)
         elif short:
             self._ot_study.tell(trial, state=TrialState.PRUNED)
         else:
-            self._ot_study.tell(trial, float(value), state=TrialState.COMPLETE)
+            told = [float(v) for v in value] if isinstance(value, list) else float(value)
+            self._ot_study.tell(trial, told, state=TrialState.COMPLETE)
         self._completed_trials.add(trial_id)
 
     def trial_states(self) -> dict[str, int]:

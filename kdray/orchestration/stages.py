@@ -76,7 +76,7 @@ def confirmation_stage(space: SearchSpace, base: Job, searched: list[TrialSummar
     done = {tags.get(contract.CONFIRMS) for s in stages if s["name"] == STAGE_CONFIRM
             for tags in row_tags(s).values()}
     top_k = space.confirm.top_k if space.confirm is not None else 0
-    chosen = [c for c in candidates(searched, top_k, space.mode) if c.trial_id not in done]
+    chosen = [c for c in candidates(searched, top_k, space.mode, space.objectives) if c.trial_id not in done]
     with_ce = not any(s["name"] == STAGE_CONFIRM for s in stages)
     k = sum(s["name"] == STAGE_CONFIRM for s in stages)
     folder = "confirm" if not k else f"confirm-extend{k}"

@@ -99,7 +99,9 @@ def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = 
         return tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1, max_concurrent_trials=limit)
     from kdray.orchestration.search import KdraySearch
 
-    search = KdraySearch(space=space.define_by_run(), metric=space.metric, mode=space.mode, seed=space.seed,
+    metric, mode = (space.metric, space.mode) if not space.multi_objective else \
+        ([m for m, _ in space.objectives], [d for _, d in space.objectives])
+    search = KdraySearch(space=space.define_by_run(), metric=metric, mode=mode, seed=space.seed,
                          sampler=space.sampler,
                          points_to_evaluate=space.points_to_evaluate or None, study_name=study_name,
                          storage=study_storage(storage) if storage else None)
@@ -212,6 +214,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
             spent = BUDGET_SPENT.is_set()
             outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent, trials, 0.0, True,
                                    never_created=never_created, metric=space.metric, mode=space.mode,
+                                   objectives=space.objectives,
                                    budget_spent=spent)
             why = f"time budget of {budget:g} s spent" if spent else "interrupted"
             close_open_runs(tracker, sweep_id, parent, True, f"{why}: {outcome.counts()}")
@@ -234,7 +237,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         i += 1
     outcome = SweepOutcome(sweep_id, sweep_dir, plan.uri, plan.experiment, parent,
                            in_stage_order(trials, space.mode), 0.0, False, never_created=never_created,
-                           metric=space.metric, mode=space.mode)
+                           metric=space.metric, mode=space.mode, objectives=space.objectives)
     from kdray.reporting import write_report
 
     close_open_runs(tracker, sweep_id, None, False, "the sweep ended with this trial's run still open")
@@ -385,9 +388,14 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
             status = INTERRUPTED if done or series else NOT_STARTED
         label = config.get(ROW_KEY) or (method_label(job.losses) if job is not None else "?")
         params = {k: v for k, v in config.items() if k != ROW_KEY}
+        values = tuple(_number(metrics.get(m)) for m, _ in space.objectives) if space.multi_objective else ()
         out.append(TrialSummary(trial.trial_id, label, int(config.get(SEED_KEY, 0)), params, last, best, done,
-                                status, stage, scored_on(job)))
+                                status, stage, scored_on(job), values))
     return best_first(out, space.mode), interrupted
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 def scored_on(job: Job | None) -> str:
