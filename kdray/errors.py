@@ -32,3 +32,10 @@ class ResourceError(KdrayError):
 
 class PreflightError(KdrayError):
     """A distillation loss cannot run on the shapes the teacher and student produce."""
+
+
+class MatchError(KdrayError):
+    """A matched ablation cannot set its budget: the row it is matched to could not be timed (its loss is not
+    finite). Raised once the sweep has started (after its teacher), so it ends as a failed sweep does."""
+
+    exit_code = 1

@@ -50,6 +50,9 @@ def plan(job: Job, sizes: dict[str, int]) -> str:
     lines.append(f"optim: SGD lr {o.lr:g}, momentum {o.momentum:g}, weight decay {o.weight_decay:g}, poly power "
                  f"{o.poly_power:g}; {o.iterations} iterations ({epochs:.1f} epochs), evaluate every "
                  f"{o.eval_interval}")
+    if o.time_budget_s:
+        lines.append(f"  time budget: {o.time_budget_s:g} s of training (optim.time_budget_s): the run ends complete "
+                     "where it runs out, evaluated there, the schedule cut")
     gpus = r.workers * r.gpus_per_worker
     lines.append(f"batch: {d.batch_size} per iteration = {r.workers} worker(s) x {per_worker} images")
     lines.append(f"resources: {r.workers} worker(s) x ({r.gpus_per_worker:g} GPU, {r.cpus_per_worker:g} CPU) = "

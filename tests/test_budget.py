@@ -126,3 +126,19 @@ def test_a_budget_is_checked_before_anything_starts(tmp_path, teacher_file):
         "losses.kd.enabled": True, "sweep.time_budget_s": {"choice": [60, 120]}}}))
     with pytest.raises(ConfigError, match="space: sweep.time_budget_s is the sweep's own setting, not a trial's"):
         dry_run(SweepRequest(DEMO, str(searched), [f"teacher.checkpoint={teacher_file}"]))
+
+
+def test_a_row_cannot_set_the_sweeps_budget(tmp_path, teacher_file):
+    space = _space(tmp_path, rows=[{"name": "CE"}, {"name": "KD", "set": {"losses.kd.enabled": True,
+                                                                         "sweep.time_budget_s": 60}}])
+    with pytest.raises(ConfigError, match=r"rows \(KD\): set.sweep.time_budget_s is the sweep's own setting"):
+        dry_run(SweepRequest(DEMO, space, [f"teacher.checkpoint={teacher_file}"]))
+
+
+def test_the_training_plan_states_a_runs_budget():
+    from kdray.config import load_job
+    from kdray.train import plan
+
+    job = load_job(DEMO, ["optim.time_budget_s=120"])
+    assert "  time budget: 120 s of training (optim.time_budget_s)" in plan(job, {"train": 10, "val": 2})
+    assert "time budget" not in plan(load_job(DEMO), {"train": 10, "val": 2})

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kdray.config import job_from_dict, load_job
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, MatchError
 from kdray.orchestration.matching import apply, derive, from_state, match_lines, measure_rows, to_state
 from kdray.space import load_space, parse_space
 
@@ -68,7 +68,7 @@ def test_a_row_that_cannot_be_timed_keeps_its_iterations_unless_it_sets_the_budg
     matched = derive(s, DEMO, {"CE": 0.2, "KD": 0.5, "KD x2": why})
     assert (matched[2].iterations, matched[2].unmeasured, math.isnan(matched[2].s_per_iteration)) == (600, why, True)
     assert f"  row 'KD x2': not timed ({why}): at its job's 600 iterations" in match_lines(s, matched, "here")
-    with pytest.raises(ConfigError, match="match.row: 'KD' sets the budget, but its training iteration could not"):
+    with pytest.raises(MatchError, match="match.row: 'KD' sets the budget, but its training iteration could not"):
         derive(s, DEMO, {"CE": 0.2, "KD": why, "KD x2": 0.3})
 
 

@@ -461,3 +461,15 @@ def test_a_stopped_run_is_its_record_up_to_the_stop_not_what_its_workers_logged_
     assert (finished["miou_last"], finished["last_step"], finished["iou.road"]) == (0.55, 200, 0.55)
     reasons = {r[0]: r[5] for r in by_name(build_tables(data, "last")[0])["excluded"].rows}
     assert reasons["o_0"].startswith("stopped early by the scheduler at iteration 100; last mIoU 30.00")
+
+
+def test_a_matched_ablations_tables_say_each_row_trained_for_its_own_iterations(tmp_path):
+    s = Store(tmp_path / "mlflow.db")
+    eid = s.experiment("matched")
+    match = json.dumps([{"row": "CE", "iterations": 1200}, {"row": "KD", "iterations": 600}])
+    s.sweep(eid, "m", kind="ablation", **{contract.MATCH: match})
+    for row in ("CE", "KD"):
+        s.run(eid, trial_tags("m", f"t_{row}", row, **{contract.ROW: row}), history(0.5))
+    tables = by_name(build_tables(read_sweep(s.uri, "matched", "m"), "last")[0])
+    expected = "Rows trained at equal device-seconds (the space's match), each for its own iterations: CE 1200, KD 600."
+    assert expected in tables["ablation"].notes and expected in tables["methods"].notes

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kdray.config import Job, override, to_dict
-from kdray.errors import ConfigError
+from kdray.errors import MatchError
 from kdray.space import MATCHED_KEYS, SEED_KEY, SearchSpace
 
 
@@ -52,7 +52,7 @@ def derive(space: SearchSpace, base: Job, seconds: dict[str, float | str], cap: 
     """Every row's iterations and evaluation interval from its measured seconds per iteration (`seconds`, one per
     row: a number, or why it could not be measured, e.g. a loss that is NaN from the start), by the module
     docstring's rule; `cap`: at most that many iterations (a smoke test's). A row that could not be measured keeps
-    its job's iterations (its trials will show why). ConfigError when the budget's own row (match.row) could not
+    its job's iterations (its trials will show why). MatchError when the budget's own row (match.row) could not
     be measured; ValueError for a row without any entry."""
     match = space.match
     if match is None:
@@ -65,7 +65,7 @@ def derive(space: SearchSpace, base: Job, seconds: dict[str, float | str], cap: 
     if match.device_seconds is not None:
         budget = match.device_seconds
     elif not usable[match.row]:
-        raise ConfigError(f"match.row: {match.row!r} sets the budget, but its training iteration could not be "
+        raise MatchError(f"match.row: {match.row!r} sets the budget, but its training iteration could not be "
                           f"timed ({seconds[match.row]}): name another row, or give match.device_seconds")
     else:
         ref = jobs[match.row]

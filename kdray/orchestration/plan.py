@@ -263,10 +263,13 @@ def make_plan(request: SweepRequest, state: dict[str, Any] | None, sweep_dir: Pa
                           f"{space_path} is an ablation, whose tables would then be scored on held-out training "
                           "images, not on val; the tuning split is for a search (its confirmation stage reports on "
                           "val): set data.tune_split.fraction=0 or leave it out")
-    swept = [d.key for d in space.dimensions if d.key.startswith("sweep.")]
+    swept = [(f"space: {d.key}", d.key) for d in space.dimensions if d.key.startswith("sweep.")]
+    swept += [(f"rows ({name}): set.{k}", k) for name, settings in space.rows for k in settings
+              if k.startswith("sweep.")]
     if swept:
-        raise ConfigError(f"{space_path}: space: {swept[0]} is the sweep's own setting, not a trial's: set it in the "
-                          f"space's overrides or on the command line ({swept[0]}=...)")
+        where, key = swept[0]
+        raise ConfigError(f"{space_path}: {where} is the sweep's own setting, not a trial's: set it in the space's "
+                          f"overrides or on the command line ({key}=...)")
     searched = [d.key for d in space.dimensions if d.key.startswith("data.tune_split.") and d.kind != "fixed"]
     if searched:
         raise ConfigError(f"{space_path}: space: {searched[0]} is searched: the trials would each be scored on other "
@@ -352,9 +355,9 @@ def dry_run(request: SweepRequest) -> list[str]:
                      f"images, seed {t.seed}, digest {held.digest[:12]}): the trials train on {held.train_size} "
                      "and are scored there, not on val")
     if job.optim.time_budget_s:
+        most = "its matched iterations" if space.match is not None else f"{job.optim.iterations} iterations"
         lines.append(f"  time budget per trial: {job.optim.time_budget_s:g} s of training (optim.time_budget_s): a "
-                     f"trial ends complete where it runs out, evaluated there, at most {job.optim.iterations} "
-                     "iterations")
+                     f"trial ends complete where it runs out, evaluated there, at most {most}")
     if job.sweep.time_budget_s:
         lines.append(f"time budget of the sweep: {job.sweep.time_budget_s:g} s (sweep.time_budget_s): it then stops "
                      "as Ctrl+C stops it, exit code 4; --resume continues it")

@@ -8,6 +8,7 @@ baseline) go first, under the teacher.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -98,6 +99,19 @@ def state_counts(data: SweepData) -> dict[str, int]:
     return counts
 
 
+def match_note(data: SweepData) -> list[str]:
+    """A matched ablation's rows trained for equal device-seconds, each for its own number of iterations (the sweep
+    run's MATCH tag): the note that says so, with the iterations; [] for any other sweep or an unreadable tag."""
+    try:
+        rows = json.loads(data.sweep_tags.get(contract.MATCH) or "null")
+        shown = ", ".join(f"{r['row']} {r['iterations']}" for r in rows)
+    except (ValueError, TypeError, KeyError):
+        return []
+    if not shown:
+        return []
+    return [f"Rows trained at equal device-seconds (the space's match), each for its own iterations: {shown}."]
+
+
 def exclusion_note(data: SweepData) -> str:
     """The rule, and how many of the sweep's runs it left out, by state."""
     phrase = count_phrase(state_counts(data))
@@ -170,6 +184,7 @@ def ablation_table(data: SweepData, value: str) -> Table | None:
         notes.append("No CE-only row with a value: gains omitted.")
     if any(g.from_stopped for g in groups):
         notes.append(DAGGER_NOTE)
+    notes += match_note(data)
     notes.append(exclusion_note(data))
     caption = _caption(data, value, "Ablation", groups)
     if baseline is not None:
@@ -276,6 +291,7 @@ def methods_table(data: SweepData, value: str, confirmed: bool = False) -> Table
         notes.append(DAGGER_NOTE)
     if shown:
         notes += device_notes(costs)
+    notes += match_note(data)
     notes.append(exclusion_note(data))
     what = "Methods"
     if confirmed:
