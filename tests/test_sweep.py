@@ -208,12 +208,13 @@ def test_trials_asha_stops_are_pruned_in_the_study_complete_ones_complete(ray_cl
 
 def test_a_search_over_two_objectives_tells_the_study_both(ray_cluster, tmp_path, teacher_file):
     """mIoU against the student's size, its width searched: Tune ranks by the first objective, the study (two
-    directions) is told both values of each trial, and the summary shows the second."""
+    directions) is told both values of each trial, and the summary shows the second. Every trial runs under a
+    time budget (optim.time_budget_s) it spends in its first iteration: it ends there, complete."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "pareto.yaml", {
         "name": "pareto", "num_samples": 2, "seed": 0, "max_concurrent_trials": 2, "confirm": False,
         "objectives": [{"metric": "val/miou", "mode": "max"}, {"metric": "student/params", "mode": "min"}],
-        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1},
+        "overrides": {"run.cpus_per_worker": 0.9, "run.threads": 1, "optim.time_budget_s": 1.0e-6},
         "space": {"student.width": {"choice": [0.0625, 0.125]}, "losses.kd.enabled": True,
                   "losses.kd.weight": {"loguniform": [0.1, 10.0]}}})
     request = SweepRequest(str(DEMO), space, [*TINY, f"run.output_dir={tmp_path}/runs",
@@ -231,6 +232,11 @@ def test_a_search_over_two_objectives_tells_the_study_both(ray_cluster, tmp_path
     for trial in study.trials:
         miou, size = trial.values
         assert size == params[trial.params["student.width"]] and 0 <= miou <= 1
+    # the time budget ended each trial after its first iteration, evaluated there: finished, not stopped early
+    assert [(t.status, t.iteration) for t in outcome.trials] == [("finished", 1)] * 3
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags[contract.TIME_BUDGET_STOP] == "1"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)] == [1]
 
 
 def test_ablation_runs_rows_times_seeds_and_a_diverging_trial_fails_alone(ray_cluster, tmp_path, teacher_file,
