@@ -319,6 +319,11 @@ def test_quiet_settings_and_their_undo(quiet_state, capsys):
     assert token.filter(record) is False
     other = token.makeRecord(token.name, logging.WARNING, "f", 1, "Token authentication is disabled", (), None)
     assert token.filter(other)  # the security warning for a disabled mode stays
+    slow = logging.getLogger(P._SLOW_LOGGER)
+    for text in ("The `on_step_begin` operation took 1.472 s, which may be a performance bottleneck.",
+                 "Processing trial results took 0.559 s, which may be a performance bottleneck. Please consider ..."):
+        assert slow.filter(slow.makeRecord(slow.name, logging.WARNING, "f", 1, text, (), None)) is False
+    assert slow.filter(slow.makeRecord(slow.name, logging.WARNING, "f", 1, "anything else", (), None))
 
     noise = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 127.0.0.1, which "
              "is 4x the maximum expected startup concurrency (2).")
@@ -337,7 +342,7 @@ def test_quiet_settings_and_their_undo(quiet_state, capsys):
 
     assert quiet_ray_output(True, environ=environ) == {}  # --verbose: Ray's own defaults, all of it back
     assert environ == {} and constants.ENABLE_RAY_CLUSTER is before
-    assert P._token_filter not in token.filters
+    assert P._token_filter not in token.filters and P._slow_filter not in slow.filters
     assert not hasattr(ray_worker.print_to_stdstream, "__kdray_original__")
     assert {name: logging.getLogger(name).level for name in P.CHATTY_LIBRARIES} == levels
     ray_worker.print_to_stdstream({"lines": [noise], "pid": "raylet", "is_err": False}, ignore_prefix=False)

@@ -433,6 +433,10 @@ class TeacherProgress:
 #     tables" (a new SQLite store) and Optuna's "[I ...] A new study created in memory with name: optuna" (the
 #     searcher): INFO records of their own loggers, which each library configures when imported. Their level
 #     goes to WARNING after importing them (an import afterwards would reset it).
+#  7. Tune's "The `on_step_begin` operation took 1.472 s, which may be a performance bottleneck" and "Processing
+#     trial results took ..." (`warn_if_slow`, logger ray.tune.utils.util, at its 0.5 s threshold, read when Ray
+#     is imported): on a busy machine Tune's own bookkeeping crosses it; nothing a user can act on. Dropped by a
+#     filter on that logger.
 _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 RAYLET_NOISE = re.compile(r"worker processes have been started on node")
@@ -447,7 +451,14 @@ class _DropNotice(logging.Filter):
         return not record.getMessage().startswith(self.start)
 
 
+class _DropContaining(_DropNotice):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.start not in record.getMessage()
+
+
 _token_filter = _DropNotice(_TOKEN_NOTICE)
+_SLOW_LOGGER = "ray.tune.utils.util"
+_slow_filter = _DropContaining("may be a performance bottleneck")
 # After Ctrl+C Tune logs "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" and
 # "Trials did not complete: [...]"; kdray says what was interrupted and how to resume (`kdray sweep --resume`).
 _TUNE_LOGGER = "ray.tune.tune"
@@ -545,7 +556,8 @@ def quiet_ray_output(verbose: bool, local: bool = True, environ: MutableMapping[
         if key not in environ:
             environ[key] = value
             _saved.setdefault(("env", id(environ)), {})[key] = value
-    for name, notice in ((_TOKEN_LOGGER, _token_filter), *((_TUNE_LOGGER, f) for f in _tune_interrupt_filters)):
+    for name, notice in ((_TOKEN_LOGGER, _token_filter), (_SLOW_LOGGER, _slow_filter),
+                         *((_TUNE_LOGGER, f) for f in _tune_interrupt_filters)):
         logger = logging.getLogger(name)
         if verbose:
             logger.removeFilter(notice)
