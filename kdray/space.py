@@ -320,8 +320,10 @@ def _parse(data: dict[str, Any], source: str, where: str, stem: str, job: Job | 
     for key in data:
         if key not in allowed:
             article = "an" if kind == "ablation" else "a"
+            hint = {"match": " (match is an ablation's: its rows at equal compute)",
+                    "objectives": " (objectives are a search's: several metrics traded off)"}.get(key, "")
             raise _err(f"{where}: {key}",
-                       f"unknown key for {article} {kind} space; valid: {', '.join(sorted(allowed))}")
+                       f"unknown key for {article} {kind} space{hint}; valid: {', '.join(sorted(allowed))}")
     name = data.get("name", stem)
     objectives = _parse_objectives(data, where) if "objectives" in data else ()
     metric, mode = objectives[0] if objectives else (data.get("metric", "val/miou"), data.get("mode", "max"))
@@ -586,7 +588,9 @@ def plan_lines(space: SearchSpace, job: Job) -> list[str]:
         lines[0] = (f"space {space.name} ({space.kind}): {space.trial_count} trials, objectives {shown}: a Pareto "
                     f"front, ranked by {space.metric}")
     if space.overrides:
-        lines.append("  fixed for every trial: " + ", ".join(f"{k}={v}" for k, v in space.overrides.items()))
+        fixed = {k: v for k, v in space.overrides.items() if not k.startswith("sweep.")}  # the sweep's, not a trial's
+        if fixed:
+            lines.append("  fixed for every trial: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     if space.kind == "ablation":
         for name, settings in space.rows:
             shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "(the job as it is)"

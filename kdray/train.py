@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     job = load_job(args.job or default_job(), args.overrides)
     sizes = open_splits(job, full=args.check_data)
     notes = check_weights(job)
+    if job.sweep.time_budget_s:
+        notes.append(f"sweep.time_budget_s={job.sweep.time_budget_s:g} bounds a sweep (python -m kdray.sweep); one "
+                     "training ignores it: optim.time_budget_s is a run's budget")
     check_losses(job)
     if args.dry_run:
         print(plan(job, sizes))

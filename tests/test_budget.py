@@ -142,3 +142,16 @@ def test_the_training_plan_states_a_runs_budget():
     job = load_job(DEMO, ["optim.time_budget_s=120"])
     assert "  time budget: 120 s of training (optim.time_budget_s)" in plan(job, {"train": 10, "val": 2})
     assert "time budget" not in plan(load_job(DEMO), {"train": 10, "val": 2})
+
+
+def test_the_sweeps_budget_is_no_trial_setting_in_the_plan_and_a_training_says_it_ignores_it(tmp_path, capsys):
+    from kdray import train
+    from kdray.config import load_job
+    from kdray.space import load_space, plan_lines
+
+    job = load_job(DEMO)
+    space = load_space(_space(tmp_path, overrides={"sweep.time_budget_s": 60, "run.threads": 1}), job)
+    assert "  fixed for every trial: run.threads=1" in plan_lines(space, job)
+    assert train.main(["--job", DEMO, "--dry-run", "sweep.time_budget_s=5"]) == 0
+    assert "note: sweep.time_budget_s=5 bounds a sweep (python -m kdray.sweep); one training ignores it" \
+        in capsys.readouterr().out

@@ -92,7 +92,7 @@ def test_a_match_leaves_no_row_its_own_iterations(tmp_path):
         space(tmp_path, {"row": "CE"}, rows=rows)
     with pytest.raises(ConfigError, match="overrides.optim.eval_interval: a matched ablation derives"):
         space(tmp_path, {"row": "CE"}, overrides={"optim.eval_interval": 10})
-    with pytest.raises(ConfigError, match="match: unknown key for a search space"):
+    with pytest.raises(ConfigError, match=r"match: unknown key for a search space \(match is an ablation's"):
         parse_space("space: {losses.kd.weight: {uniform: [0, 1]}}\nmatch: {row: CE}\n")
 
 

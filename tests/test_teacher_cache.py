@@ -37,7 +37,9 @@ def test_a_setting_that_changes_the_teacher_changes_the_file(override):
 
 
 @pytest.mark.parametrize("override", ["losses.kd.enabled=true", "student.width=0.25", "run.output_dir=/elsewhere",
-                                      "optim.log_interval=7", "tracking.experiment=x", "run.workers=2"])
+                                      "optim.log_interval=7", "tracking.experiment=x", "run.workers=2",
+                                      # the demo teacher trains for its own teacher.iterations, not the student's
+                                      "optim.iterations=100", "optim.time_budget_s=60", "sweep.time_budget_s=600"])
 def test_settings_that_leave_the_teacher_alone_keep_the_file(override):
     assert load_job(DEMO, [override]).teacher.checkpoint == load_job(DEMO).teacher.checkpoint
 
@@ -53,3 +55,8 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == (tmp_path / "home" / ".cache" / "kdray").resolve()
+
+
+def test_without_its_own_iterations_a_teacher_trains_for_optim_iterations():
+    job = ["teacher.iterations=null"]
+    assert load_job(DEMO, [*job, "optim.iterations=100"]).teacher.checkpoint != load_job(DEMO, job).teacher.checkpoint

@@ -2,10 +2,10 @@
 
 The file is `<cache>/teachers/<job name>-<teacher arch>-<key>.pt`, where `<cache>` is `$KDRAY_CACHE_DIR`, else
 `$XDG_CACHE_HOME/kdray`, else `~/.cache/kdray`, and `<key>` digests every setting that determines the teacher's
-weights: the data, the teacher's own section, the optimiser, the CE term, the run's seed and precision (not the
-worker count: the global batch is the same). The same job from any directory finds the same teacher; a job
-that would train a different one gets another file. The built-in demo uses it: its teacher trains once per
-machine and user.
+weights: the data, the teacher's own section, the optimiser (but `optim.iterations` when `teacher.iterations` is
+set), the CE term, the run's seed and precision (not the worker count: the global batch is the same). The same
+job from any directory finds the same teacher; a job that would train a different one gets another file. The
+built-in demo uses it: its teacher trains once per machine and user.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def teacher_key(job: Job) -> str:
     from kdray.config import weight_settings
 
     flat = weight_settings(job)
+    # a teacher with its own teacher.iterations does not train for optim.iterations (the student's)
+    ignored = _IGNORED + (("optim.iterations",) if job.teacher.iterations is not None else ())
     kept = {k: v for k, v in flat.items()
-            if k.startswith(_TEACHER_KEYS) and k not in _IGNORED and not k.startswith(_STUDENT_ONLY)}
+            if k.startswith(_TEACHER_KEYS) and k not in ignored and not k.startswith(_STUDENT_ONLY)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -279,7 +279,8 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             if report is not None:
                 report(evaluation, checkpoint_dir)
         if out_of_time:
-            show.message(f"time budget of {budget:g} s reached at iteration {done} of {iterations}: the run ends here")
+            show.message(f"time budget of {budget:g} s (optim.time_budget_s) reached at iteration {done} of "
+                         f"{iterations}: the run ends here")
             stop = done
             break
 

@@ -358,9 +358,6 @@ def dry_run(request: SweepRequest) -> list[str]:
         most = "its matched iterations" if space.match is not None else f"{job.optim.iterations} iterations"
         lines.append(f"  time budget per trial: {job.optim.time_budget_s:g} s of training (optim.time_budget_s): a "
                      f"trial ends complete where it runs out, evaluated there, at most {most}")
-    if job.sweep.time_budget_s:
-        lines.append(f"time budget of the sweep: {job.sweep.time_budget_s:g} s (sweep.time_budget_s): it then stops "
-                     "as Ctrl+C stops it, exit code 4; --resume continues it")
     if state is not None:  # what is left of it: the stages it recorded, ended or not
         from kdray.orchestration.stages import stage_lines, sweep_stages
 
@@ -368,6 +365,9 @@ def dry_run(request: SweepRequest) -> list[str]:
         lines += stage_lines(sweep_stages(state, space), space, sweep_dir)
     elif space.kind == "search":
         lines.append(f"  {describe_confirmation(space, job)}")
+    if job.sweep.time_budget_s:
+        lines.append(f"time budget of the sweep: {job.sweep.time_budget_s:g} s (sweep.time_budget_s): it then stops "
+                     "as Ctrl+C stops it, exit code 4; --resume continues it")
     if space.match is not None:
         from kdray.orchestration.matching import match_lines
 
