@@ -37,7 +37,7 @@ def teacher_key(job: Job) -> str:
     from kdray.config import weight_settings
 
     flat = weight_settings(job)
-    # a teacher with its own teacher.iterations does not train for optim.iterations (the student's)
+    # the teacher trains for `job.teacher_iterations`: optim.iterations counts only when it is that
     ignored = _IGNORED + (("optim.iterations",) if job.teacher.iterations is not None else ())
     kept = {k: v for k, v in flat.items()
             if k.startswith(_TEACHER_KEYS) and k not in ignored and not k.startswith(_STUDENT_ONLY)}

@@ -200,6 +200,11 @@ class Job:
         return copied
 
     @property
+    def teacher_iterations(self) -> int:
+        """How long the teacher trains: `teacher.iterations`, else `optim.iterations`."""
+        return self.teacher.iterations if self.teacher.iterations is not None else self.optim.iterations
+
+    @property
     def distills(self) -> bool:
         """True when some enabled loss reads a teacher tensor (every distillation loss; not CE)."""
         from kdray.losses import LOSSES

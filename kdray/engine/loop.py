@@ -125,7 +125,7 @@ def _setup(job: Job, role: str, device: torch.device) -> _Setup:
         model = build_model(cfg.arch, job.data.num_classes, aux=ce.aux_weight > 0, width=cfg.width,
                             backbone_weights=cfg.backbone_weights)
         losses = LossesConfig(ce=replace(ce, enabled=True))
-        return _Setup(model, losses, cfg.iterations or job.optim.iterations, None)
+        return _Setup(model, losses, job.teacher_iterations, None)
     cfg = job.student
     model = build_model(cfg.arch, job.data.num_classes, aux=student_aux(job), width=cfg.width,
                         backbone_weights=cfg.backbone_weights)

@@ -30,7 +30,7 @@ def train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, sm
     tracker.log_params(run_id, flatten(to_dict(job)))
     say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
     try:
-        with TeacherProgress(job.teacher.iterations or job.optim.iterations, say,
+        with TeacherProgress(job.teacher_iterations, say,
                              name=f"teacher {job.teacher.arch}") as progress:
             fit(job, role="teacher", run_id=run_id, tracking_uri=uri, name="teacher", storage_path=str(sweep_dir),
                 callbacks=[progress.callback])

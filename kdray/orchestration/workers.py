@@ -135,7 +135,7 @@ def fit(job: Job, *, role: str, run_id: str | None, tracking_uri: str, name: str
     """Run the engine for `job` on Ray Train workers and wait for it. `name` must be stable across restarts:
     a restarted trial finds its checkpoint by it. The result's `return_value` is None, or the reason the run
     stopped on purpose (see `train_per_worker`)."""
-    iterations = (job.teacher.iterations or job.optim.iterations) if role == "teacher" else job.optim.iterations
+    iterations = job.teacher_iterations if role == "teacher" else job.optim.iterations
     trainer = TorchTrainer(
         train_per_worker,
         train_loop_config={"job": job, "role": role, "run_id": run_id, "tracking_uri": tracking_uri,
