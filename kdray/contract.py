@@ -91,6 +91,12 @@ VAL_MIOU = "val/miou"
 VAL_BEST_MIOU = "val/best_miou"  # the best val/miou of the run so far, this evaluation included
 VAL_PIXEL_ACC = "val/pixel_acc"
 VAL_IOU_PREFIX = "val/iou/"  # + class name, made loggable (iou_metric_key)
+# A run's best weights scored once more at its end with data.eval_scales / data.eval_flip (softmax scores averaged
+# over the scales and mirror images, `kdray.engine.multiscale`); the name says which, `miou_metric_key` picks it.
+# VAL_MIOU stays the single-scale score every evaluation reports and runs select on.
+VAL_MIOU_MS = VAL_MIOU + "_ms"  # scales other than [1.0], no flip
+VAL_MIOU_FLIP = VAL_MIOU + "_flip"  # scale 1 and its mirror image
+VAL_MIOU_MS_FLIP = VAL_MIOU + "_ms_flip"  # both: the papers' "MS + flip"
 TRAIN_LOSS_PREFIX = "train/loss/"  # + term name (ce, kd, i2ckd, ..., total)
 TRAIN_LOSS_TOTAL = TRAIN_LOSS_PREFIX + "total"
 TRAIN_LR = "train/lr"
@@ -142,6 +148,24 @@ def iou_metric_key(class_name: str) -> str:
     if name in ("", ".", ".."):
         name = "_" * max(len(name), 1)
     return VAL_IOU_PREFIX + name
+
+
+def protocol_suffix(scales: tuple[float, ...], flip: bool) -> str:
+    """How an evaluation's scores are averaged, as a metric-name suffix: "" for one pass at scale 1 (the plain
+    val/miou), "_ms" when `scales` is anything but (1.0,), "_flip" with mirror images, "_ms_flip" for both."""
+    return ("_ms" if tuple(scales) != (1.0,) else "") + ("_flip" if flip else "")
+
+
+def miou_metric_key(scales: tuple[float, ...], flip: bool) -> str:
+    """VAL_MIOU, VAL_MIOU_MS, VAL_MIOU_FLIP or VAL_MIOU_MS_FLIP: the mIoU of an evaluation over `scales` (image
+    resize factors) with or without horizontal flips."""
+    return VAL_MIOU + protocol_suffix(scales, flip)
+
+
+def protocol_iou_key(class_name: str, scales: tuple[float, ...], flip: bool) -> str:
+    """A class's IoU under the same protocol: `val/iou/<class>` for one pass at scale 1, else e.g.
+    `val/iou_ms_flip/<class>` (the class name made loggable as `iou_metric_key` does)."""
+    return "val/iou" + protocol_suffix(scales, flip) + iou_metric_key(class_name)[len(VAL_IOU_PREFIX) - 1:]
 
 
 def train_loss_key(term: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kdray.cli import default_job, job_parser, run_main
 from kdray.config import Job, job_hash, load_job
+from kdray.contract import miou_metric_key
 from kdray.data import split_name
 from kdray.data.tune_split import summarize_tune_split, tune_split_on
 from kdray.engine import train
@@ -37,6 +38,9 @@ def plan(job: Job, sizes: dict[str, int]) -> str:
     window = "whole images" if d.eval_mode == "whole" else f"sliding windows {d.eval_crop or d.crop}"
     lines.append(f"  train crop {d.crop[0]}x{d.crop[1]}, random scale {d.scale_range[0]}-{d.scale_range[1]}, "
                  f"flip {d.flip}; evaluation: {window}, single scale, batch {d.eval_batch_size}")
+    if tuple(d.eval_scales) != (1.0,) or d.eval_flip:
+        lines.append(f"  at the end, the best weights also at scales {list(d.eval_scales)}"
+                     f"{' with flips' if d.eval_flip else ''}: {miou_metric_key(d.eval_scales, d.eval_flip)}")
     lines.append(f"  normalize: order {d.normalize.order}, mean {list(d.normalize.mean)}, std {list(d.normalize.std)}")
     for key, path in (("teacher.checkpoint", job.teacher.checkpoint), ("student.backbone_weights",
                                                                          job.student.backbone_weights)):
@@ -95,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{method_label(job.losses)} student {job.student.arch}: final mIoU {100 * result.final_miou:.2f}, "
           f"best {100 * result.best_miou:.2f} at iteration {result.best_iteration}, {result.wall_s:.0f} s; "
           f"outputs in {out}")
+    key = miou_metric_key(job.data.eval_scales, job.data.eval_flip)
+    if key in result.final_scores:
+        print(f"the best weights at scales {list(job.data.eval_scales)}{' with flips' if job.data.eval_flip else ''}: "
+              f"{key} {100 * result.final_scores[key]:.2f}")
     return 0
 
 

@@ -86,9 +86,10 @@ def to_yaml(job: Job) -> str:
     return yaml.safe_dump(to_dict(job), sort_keys=False)
 
 
-# Keys that change where results go or how often they are printed, not what is trained.
+# Keys that change where results go or how often they are printed, not what is trained. The multi-scale protocol
+# only adds a score of the best weights at the end (runs select on the single-scale val/miou): the same weights.
 _NOT_HASHED = ("plugins", "tracking", "sweep", "run.output_dir", "optim.log_interval", "data.loader_workers",
-               "run.latency_repeats")
+               "run.latency_repeats", "data.eval_scales", "data.eval_flip")
 
 
 def weight_settings(job: Job) -> dict[str, Any]:

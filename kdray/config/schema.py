@@ -64,6 +64,12 @@ class DataConfig(RegistrySections):
     eval_mode: Literal["whole", "slide"] = "whole"
     eval_crop: tuple[int, int] | None = None  # (height, width) of a window; None: data.crop
     eval_stride: tuple[int, int] | None = None  # None: two thirds of the window
+    # The papers' "MS + flip" (`kdray.engine.multiscale`): softmax scores averaged over the image resized by each
+    # scale and, with eval_flip, over its mirror image too. val/miou stays the single-scale score every evaluation
+    # reports and runs select on; with other settings than these defaults, a run's best weights are scored this way
+    # once more at its end (val/miou_ms_flip, val/miou_ms or val/miou_flip), as `python -m kdray.evaluate` does.
+    eval_scales: tuple[float, ...] = (1.0,)  # e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]; each > 0 and <= 4, once
+    eval_flip: bool = False
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     tune_split: TuneSplitConfig = field(default_factory=TuneSplitConfig)
 

@@ -68,6 +68,22 @@ def _validate_dataset(job: Job, spec: DatasetSpec) -> None:
                      f"must be 1..{window[i]} (the window side), or the windows would leave gaps")
 
 
+MAX_EVAL_SCALE = 4.0  # data.eval_scales: a 1024x2048 image at 4x is 4096x8192, already more than any GPU evaluates
+
+
+def _validate_eval_scales(scales: tuple[float, ...]) -> None:
+    """data.eval_scales: a non-empty list of resize factors, each finite, > 0 and <= MAX_EVAL_SCALE, none twice
+    (a repeated scale would weigh twice in the average)."""
+    _require(len(scales) >= 1, "data.eval_scales", list(scales),
+             "a non-empty list of image scales, e.g. [1.0] (single scale) or [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
+    for i, scale in enumerate(scales):
+        _require(math.isfinite(scale) and 0 < scale <= MAX_EVAL_SCALE, f"data.eval_scales[{i}]", scale,
+                 f"each scale must be > 0 and <= {MAX_EVAL_SCALE:g} (a factor the image is resized by)")
+    repeated = sorted({s for s in scales if scales.count(s) > 1})
+    _require(not repeated, "data.eval_scales", list(scales),
+             f"each scale once ({', '.join(f'{s:g}' for s in repeated)} repeated would weigh twice in the average)")
+
+
 def _validate_losses(job: Job) -> None:
     """Each loss's options against the ranges its registered config declares (`kdray.losses.registry`)."""
     from kdray.losses import LOSSES  # plain torch, same layer as the models
@@ -137,6 +153,7 @@ def validate(job: Job) -> Job:
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
     _require(not spec.eval_batch_one or d.eval_batch_size == 1, "data.eval_batch_size", d.eval_batch_size,
              f"the {d.dataset} images differ in size, so they are evaluated one at a time: set 1")
+    _validate_eval_scales(d.eval_scales)
     _validate_dataset(job, spec)
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     for i, s in enumerate(d.normalize.std):

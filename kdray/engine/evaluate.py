@@ -1,5 +1,7 @@
 """Evaluation as the papers do it: whole images, single scale, logits upsampled to the label size.
-With a `window` (data.eval_mode: slide) the logits come from overlapping windows instead (engine/sliding.py).
+With a `window` (data.eval_mode: slide) the logits come from overlapping windows instead (engine/sliding.py);
+with `scales` other than (1.0,) or `flip`, from the mean softmax over the scales and mirror images
+(engine/multiscale.py, the papers' "MS + flip").
 """
 
 from __future__ import annotations
@@ -7,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdray.contract import Evaluation, improves
 from kdray.engine.distributed import RankContext
-from kdray.engine.sliding import Window, slide_logits
+from kdray.engine.multiscale import multiscale_scores
+from kdray.engine.sliding import Window
 from kdray.metrics import ConfusionMatrix
 
 
@@ -26,8 +28,10 @@ def evaluation_loader(dataset: Dataset, batch_size: int, ctx: RankContext, worke
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, ignore_index: int, ctx: RankContext,
-             autocast: torch.autocast | None = None, window: Window | None = None) -> dict[str, object]:
-    """`{"miou", "iou", "pixel_acc"}` over the whole split (all ranks)."""
+             autocast: torch.autocast | None = None, window: Window | None = None,
+             scales: Sequence[float] = (1.0,), flip: bool = False) -> dict[str, object]:
+    """`{"miou", "iou", "pixel_acc"}` over the whole split (all ranks): each batch's prediction is the argmax of
+    `multiscale_scores` (the single-scale logits with the defaults `scales=(1.0,)`, `flip=False`)."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, ctx.device)
@@ -40,9 +44,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, ignore_inde
 
     for images, labels in loader:
         images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-        logits = forward(images) if window is None else slide_logits(forward, images, window)
-        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        cm.update(logits, labels)
+        cm.update(multiscale_scores(forward, images, labels.shape[-2:], scales, flip, window), labels)
     model.train(was_training)
     return cm.all_reduce().compute()
 

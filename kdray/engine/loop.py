@@ -8,6 +8,7 @@ on one process or on every rank of a data-parallel group.
         each loss-owned optimizer's step (the holistic loss's discriminator, on detached logits)
         every eval_interval: mIoU on the val split -> report(evaluation, checkpoint_dir)
                              with the run's costs (`kdray.engine.cost`): the student's, and training's so far
+    at the end (data.eval_scales / data.eval_flip set): the best weights scored once more, multi-scale -> log
 
 The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log` callables. What it reports is
 spelled by `kdray.contract`: a typed `Evaluation` per evaluation, metric names for the training log.
@@ -44,6 +45,7 @@ from kdray.engine.cost import (
 from kdray.engine.distributed import RankContext, gather_objects, mean_over_ranks
 from kdray.engine.evaluate import evaluate, evaluation_loader, judge
 from kdray.engine.progress import Progress
+from kdray.engine.scoring import score_best_weights
 from kdray.engine.sliding import window_of
 from kdray.engine.step import TrainStep, autocast_for
 from kdray.errors import CheckpointError, KdrayError
@@ -79,6 +81,9 @@ class RunResult:
     best_weights: Path | None = None  # the best evaluation's student (or teacher) state dict
     time_budget_reached: bool = False  # optim.time_budget_s ended the run at `iterations` (in this session or before)
     iteration_seconds: list[float] = field(default_factory=list)  # wall seconds of each iteration this call ran
+    # a complete run's best weights under data.eval_scales / eval_flip (`kdray.engine.scoring.score_best_weights`:
+    # e.g. val/miou_ms_flip and val/iou_ms_flip/<class>); empty when the job evaluates single scale only
+    final_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def final_miou(self) -> float:
@@ -147,6 +152,9 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     A student run with `optim.time_budget_s` ends after the iteration that brings the mean over ranks of their
     training seconds (`TrainingCost.training_seconds`) to the budget: it evaluates there, its Evaluation says
     `time_budget_reached`, and `RunResult.iterations` is the iteration reached (resumed from there, it runs nothing).
+    A complete run of a job with data.eval_scales other than [1.0] or data.eval_flip then scores its best weights
+    once that way (every rank), calls `log` with those metrics at the last iteration and returns them as
+    `RunResult.final_scores`.
     """
     t_start = time.perf_counter()
     ctx = ctx or RankContext.current()
@@ -285,9 +293,19 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
             break
 
     best_path = output_dir / f"best_{role}.pt"
+    final: dict[str, float] = {}
+    if stop == iterations or out_of_time:  # complete: its best weights once more, under the job's multi-scale protocol
+        final = score_best_weights(job, model, best_path, val_loader, ctx,
+                                   autocast_for(job, device) if job.run.amp != "none" else None)
+        if final and ctx.is_main:
+            show.message(", ".join(f"{k} {100 * v:.2f}" for k, v in final.items() if k.startswith(contract.VAL_MIOU))
+                         + f" (the best weights, iteration {best[1]})")
+            if log is not None:
+                log({**final, contract.ITERATION: stop})
     return RunResult(stop, history, best[0] if best[1] >= 0 else float("nan"), best[1],
                      time.perf_counter() - t_start, output_dir, best_path if best_path.exists() else None,
-                     time_budget_reached=out_of_time, iteration_seconds=list(cost.session_seconds))
+                     time_budget_reached=out_of_time, iteration_seconds=list(cost.session_seconds),
+                     final_scores=final)
 
 
 def student_costs(job: Job, model: nn.Module, device: torch.device) -> dict[str, float]:
