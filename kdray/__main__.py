@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("kdray.train", "distil one student from the job's teacher (--dry-run: validate and print the plan)"),
     "teacher": ("kdray.teacher", "train a job's teacher with cross-entropy and save its weights"),
     "report": ("kdray.report", "a sweep's tables and plots from its MLflow runs"),
+    "evaluate": ("kdray.evaluate", "score a checkpoint single- and multi-scale (+ flip); Cityscapes test predictions"),
 }
 
 

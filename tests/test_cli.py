@@ -77,7 +77,7 @@ def test_kdray_help_lists_the_commands(capsys):
         dispatcher.main(["--help"])
     out = capsys.readouterr().out
     assert exited.value.code == 0
-    for name in ("sweep", "train", "teacher", "report"):
+    for name in ("sweep", "train", "teacher", "report", "evaluate"):
         assert f"\n  {name} " in out
 
 
@@ -89,12 +89,12 @@ def test_kdray_unknown_or_missing_command_exits_2(argv, capsys):
     assert exited.value.code == 2
     if argv:
         assert err.strip().splitlines() == [f"kdray: error: unknown command {argv[0]!r}; valid commands: sweep, "
-                                            "train, teacher, report (see kdray --help)"]
+                                            "train, teacher, report, evaluate (see kdray --help)"]
     else:
-        assert err.startswith("usage: kdray {sweep,train,teacher,report}")
+        assert err.startswith("usage: kdray {sweep,train,teacher,report,evaluate}")
 
 
-@pytest.mark.parametrize("name", ["sweep", "train", "teacher", "report"])
+@pytest.mark.parametrize("name", ["sweep", "train", "teacher", "report", "evaluate"])
 def test_kdray_subcommand_help_shows_the_module_form(name, capsys):
     with pytest.raises(SystemExit) as exited:
         dispatcher.main([name, "--help"])

@@ -6,13 +6,19 @@
 
 Per image, the `labelTrainIds` file is read when it exists (values 0..18, 255), else the `labelIds` file
 (values 0..33) is mapped to train ids here with the official table (cityscapesScripts `labels.py`); every
-other id is ignored. Test labels are not public, so the splits are train and val. A lossy .jpg (or a .mat) with
-a label file's name in its place is named as such.
+other id is ignored. Test labels are not public, so the splits are train and val; `CityscapesImages` reads a
+split's images alone (the test split's, to predict them for the benchmark server: `kdray.engine.export`). A lossy
+.jpg (or a .mat) with a label file's name in its place is named as such.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
 
 from kdray.data.files import (
     SAMPLE_MASKS,
@@ -21,6 +27,7 @@ from kdray.data.files import (
     Sample,
     existing_dir,
     existing_root,
+    read_image,
     stand_in_error,
     unpaired,
 )
@@ -35,6 +42,8 @@ CLASS_NAMES = (
 # guard rail, bridge, tunnel, polegroup, caravan, trailer, ...) are ignored.
 LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                      26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+# trainId -> labelId, its inverse: what a prediction for the benchmark server holds (cityscapesScripts scores labelIds)
+TRAIN_TO_LABEL_ID = {train: label for label, train in LABEL_TO_TRAIN_ID.items()}
 NUM_LABEL_IDS = 34
 _IMAGE_END, _TRAIN_IDS_END, _IDS_END = "_leftImg8bit.png", "_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"
 LAYOUT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"
@@ -101,3 +110,27 @@ def _image_base(image: Path) -> tuple[str, str]:
 def _base(label: Path) -> str:
     ending = _TRAIN_IDS_END if label.name.endswith(_TRAIN_IDS_END) else _IDS_END
     return label.name[: -len(ending)]
+
+
+class CityscapesImages(Dataset):
+    """The images of one split without labels: the test split, whose labels are not public, or any other split
+    whose predictions are wanted. Items are `(transform(image), index)`, the image a `tv_tensors.Image` uint8
+    (3, H, W) (`transform` defaults to none); `paths[index]` is its file, `<root>/leftImg8bit/<split>/<city>/
+    <city>_<seq>_<frame>_leftImg8bit.png`, sorted. DataError when the root or the split's folder is missing or
+    holds no such image."""
+
+    def __init__(self, root: str | Path | None, split: str = "test",
+                 transform: Callable[[tv_tensors.Image], Any] | None = None):
+        root = existing_root(root, "cityscapes", f"leftImg8bit/{split}/<city>/*{_IMAGE_END}")
+        image_dir = existing_dir(root / "leftImg8bit" / split, f"the Cityscapes {split} images")
+        self.paths = sorted(image_dir.glob(f"*/*{_IMAGE_END}"))
+        if not self.paths:
+            raise DataError(f"{image_dir}: no <city>/*{_IMAGE_END} images: the Cityscapes {split} split is empty")
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = tv_tensors.Image(read_image(self.paths[index]))
+        return (image if self.transform is None else self.transform(image)), index

@@ -77,3 +77,9 @@ def train_transforms(crop: tuple[int, int], scale_range: tuple[float, float], fl
 
 def eval_transforms(mean: Sequence[float], std: Sequence[float], order: str = "rgb") -> v2.Compose:
     return v2.Compose([*_normalize(mean, std, order), _ToPlain()])
+
+
+def eval_image_transforms(mean: Sequence[float], std: Sequence[float], order: str = "rgb") -> v2.Compose:
+    """`eval_transforms` for an image without its mask (a test split's): a uint8 `tv_tensors.Image` (3, H, W) in,
+    the same float32 (3, H, W) plain tensor out."""
+    return v2.Compose([*_normalize(mean, std, order), v2.ToPureTensor()])
