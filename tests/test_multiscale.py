@@ -289,3 +289,52 @@ def test_without_the_best_weights_file_nothing_is_scored(tmp_path):
     scores = score_best_weights(job, build_model("deeplabv3_resnet18", 8, width=0.125), tmp_path / "none.pt", loader,
                                 RankContext())
     assert scores == {}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_scores(rank, port, job, folder, data, results):
+    """One of two gloo ranks: only rank 0 has the best weights on its disk; each starts from other weights."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(100 + rank)
+        model = build_model("deeplabv3_resnet18", 8, width=0.125, aux=False)
+        path = Path(folder) / f"rank{rank}" / "best_student.pt"
+        if rank == 0:
+            path.parent.mkdir(parents=True)
+            torch.manual_seed(7)
+            torch.save(build_model("deeplabv3_resnet18", 8, width=0.125, aux=False).state_dict(), path)
+        ctx = RankContext(rank, 2)
+        results[rank] = score_best_weights(job, model, path, evaluation_loader(data, 1, ctx), ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_on_two_ranks_the_main_ranks_best_weights_are_scored_over_the_whole_split(tmp_path):
+    """Ray gives each rank its own scratch folder: rank 0's weights reach the others, each scores its share of the
+    split, and the summed confusion matrices give every rank the one-process score."""
+    import torch.multiprocessing as mp
+
+    job = tiny_job(tmp_path, **{"data.eval_scales": [0.75, 1.0], "data.eval_flip": True})
+    g = torch.Generator().manual_seed(5)
+    data = list(zip(torch.randn(5, 3, 24, 32, generator=g), torch.randint(0, 8, (5, 24, 32), generator=g)))
+    results = mp.Manager().dict()
+    mp.spawn(_rank_scores, args=(_free_port(), job, str(tmp_path), data, results), nprocs=2, join=True)
+
+    torch.manual_seed(7)
+    best = build_model("deeplabv3_resnet18", 8, width=0.125, aux=False)
+    alone = evaluate(best, evaluation_loader(data, 1, RankContext()), 8, 255, RankContext(), scales=(0.75, 1.0),
+                     flip=True)
+    assert results[0] == results[1]
+    assert results[0]["val/miou_ms_flip"] == alone["miou"]
+    assert [results[0][f"val/iou_ms_flip/{n}"] for n in ("background", "road")] == pytest.approx(
+        alone["iou"][:2], nan_ok=True)
