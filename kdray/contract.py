@@ -124,6 +124,16 @@ JOB_ARTIFACT = "config/job.yaml"
 SPACE_ARTIFACT = "config/space.yaml"
 BEST_CHECKPOINT_ARTIFACT_DIR = "checkpoints"  # holds best_student.pt
 REPORT_ARTIFACT_DIR = "report"  # the tables and plots on the sweep run
+# What a run shows of its predictions (data.preview_images val images, the same for every run of a job):
+PREDICTIONS_IMAGE_KEY = "predictions"  # MlflowClient.log_image key, one image per evaluation, step = iteration:
+#   rows image | ground truth | student | teacher (distilling runs) | errors (`kdray.rendering.render_predictions`)
+BEST_PREDICTIONS_FILE = "best_predictions.npz"  # the best evaluation's previews and class-id predictions
+#   (`kdray.rendering.write_predictions`), written to the run's output folder and logged under:
+PREDICTIONS_ARTIFACT_DIR = "predictions"
+QUALITATIVE_FIGURE = "qualitative.png"  # the sweep report's figure: the previews by each method's best run
+QUALITATIVE_IMAGE_KEY = "qualitative"  # ... also logged with log_image on the sweep's run (step 0)
+STUDENT_MODEL_NAME = "student"  # mlflow.pytorch.log_model name of a trial's best student (a LoggedModel)
+MODEL_FAILURE = "kdray.model.failure"  # tag: why the best student could not be logged as an MLflow model
 
 # What a class name may keep in its metric key: MLflow's characters less '/' and ':' (see iou_metric_key).
 _REFUSED_IN_CLASS_NAME = re.compile(r"[^\w.\- ]")

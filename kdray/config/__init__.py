@@ -88,8 +88,9 @@ def to_yaml(job: Job) -> str:
 
 # Keys that change where results go or how often they are printed, not what is trained. The multi-scale protocol
 # only adds a score of the best weights at the end (runs select on the single-scale val/miou): the same weights.
+# The previews only render a few val images' predictions.
 _NOT_HASHED = ("plugins", "tracking", "sweep", "run.output_dir", "optim.log_interval", "data.loader_workers",
-               "run.latency_repeats", "data.eval_scales", "data.eval_flip")
+               "run.latency_repeats", "data.eval_scales", "data.eval_flip", "data.preview_images")
 
 
 def weight_settings(job: Job) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from kdray.config.schema import Job
 AUTO = "auto"
 _TEACHER_KEYS = ("data.", "teacher.", "optim.", "losses.ce.", "run.seed", "run.amp")
 # how a teacher is scored once more at its end (data.eval_*: multi-scale, flips) does not change its weights
-_IGNORED = ("teacher.checkpoint", "data.loader_workers", "optim.log_interval", "data.eval_scales", "data.eval_flip")
+_IGNORED = ("teacher.checkpoint", "data.loader_workers", "optim.log_interval", "data.eval_scales", "data.eval_flip",
+            "data.preview_images")  # ... nor which val images its evaluations render
 # a search's tuning split (the teacher trains on the whole training split) and a student run's time budget
 _STUDENT_ONLY = ("data.tune_split.", "optim.time_budget_s")
 

@@ -70,6 +70,10 @@ class DataConfig(RegistrySections):
     # once more at its end (val/miou_ms_flip, val/miou_ms or val/miou_flip), as `python -m kdray.evaluate` does.
     eval_scales: tuple[float, ...] = (1.0,)  # e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]; each > 0 and <= 4, once
     eval_flip: bool = False
+    # How many val images each evaluation renders as image | ground truth | student | teacher | errors (logged on the
+    # run as the `predictions` image, the iteration its step): a fixed set, the same for every run and seed of the
+    # job (`kdray.rendering.preview_indices`). 0: none. The best evaluation's predictions are kept for the report.
+    preview_images: int = 4
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     tune_split: TuneSplitConfig = field(default_factory=TuneSplitConfig)
 
@@ -162,6 +166,9 @@ class RunConfig:
 class TrackingConfig:
     uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db, or $MLFLOW_TRACKING_URI when set
     experiment: str | None = None  # None: the job's name
+    # Each trial's best student as an MLflow model too (mlflow.pytorch.log_model, a model page with signature and
+    # input example; about ten CPU-seconds at a run's end); false: only its checkpoint artifact.
+    log_model: bool = True
 
 
 @dataclass

@@ -68,6 +68,7 @@ def _validate_dataset(job: Job, spec: DatasetSpec) -> None:
                      f"must be 1..{window[i]} (the window side), or the windows would leave gaps")
 
 
+MAX_PREVIEW_IMAGES = 16  # data.preview_images: rows of the rendered predictions, which MLflow shows as one image
 MAX_EVAL_SCALE = 4.0  # data.eval_scales: a 1024x2048 image at 4x is 4096x8192, already more than any GPU evaluates
 
 
@@ -154,6 +155,8 @@ def validate(job: Job) -> Job:
     _require(not spec.eval_batch_one or d.eval_batch_size == 1, "data.eval_batch_size", d.eval_batch_size,
              f"the {d.dataset} images differ in size, so they are evaluated one at a time: set 1")
     _validate_eval_scales(d.eval_scales)
+    _require(0 <= d.preview_images <= MAX_PREVIEW_IMAGES, "data.preview_images", d.preview_images,
+             f"must be 0..{MAX_PREVIEW_IMAGES} (val images rendered at each evaluation, one row each; 0: none)")
     _validate_dataset(job, spec)
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     for i, s in enumerate(d.normalize.std):

@@ -26,8 +26,8 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.na
 
 __all__ = [
     "DATASETS", "DatasetRequest", "DatasetSpec", "FileSegmentation", "IterationBatchSampler", "TransformedDataset",
-    "build_dataset", "class_names", "dataset_spec", "eval_transforms", "raw_dataset", "register_dataset",
-    "split_name", "train_transforms",
+    "build_dataset", "class_names", "class_palette", "dataset_spec", "eval_transforms", "raw_dataset",
+    "register_dataset", "split_name", "train_transforms",
 ]
 
 
@@ -71,3 +71,10 @@ def class_names(cfg: DataConfig) -> list[str]:
     spec = dataset_spec(cfg.dataset)
     names = list(spec.names(spec.options_of(cfg)))
     return names if len(names) == cfg.num_classes else [f"class_{k}" for k in range(cfg.num_classes)]
+
+
+def class_palette(cfg: DataConfig) -> tuple[tuple[int, int, int], ...]:
+    """The (r, g, b) colour of each class id 0..data.num_classes-1 (no files are read): the dataset's registered
+    palette, or generated well-separated colours when it has none or the job's class count differs from it
+    (`DatasetSpec.colours`)."""
+    return dataset_spec(cfg.dataset).colours(cfg.num_classes)

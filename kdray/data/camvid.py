@@ -27,13 +27,17 @@ from kdray.errors import DataError
 
 CLASS_NAMES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
                "bicyclist")
+# SegNet's colours of the 11 classes (alexgkendall/SegNet-Tutorial, Scripts/test_segmentation_camvid.py), in the
+# order above; its void ("Unlabelled") is black, as kdray draws ignored pixels.
+PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+           (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 VOID = 11
 LAYOUT = "train/, trainannot/, val/, valannot/, test/ and testannot/"
 
 
 # The papers report CamVid on its test split.
 @register_dataset("camvid", class_names=CLASS_NAMES, splits=("train", "val", "test", "trainval"),
-                  paper_splits=("train", "test"), void=VOID, image_size=(360, 480))
+                  paper_splits=("train", "test"), void=VOID, image_size=(360, 480), palette=PALETTE)
 class CamVid(FileSegmentation):
     dataset = "camvid"
 

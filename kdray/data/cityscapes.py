@@ -38,6 +38,13 @@ CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
+# The official colour of each train id (cityscapesScripts, helpers/labels.py, the `color` of the label with that
+# trainId), as the benchmark and the papers' figures draw them.
+PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153), (250, 170, 30),
+    (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
+    (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
 # labelId -> trainId for the 19 evaluated classes; the other ids 0..33 (void, ground, parking, rail track,
 # guard rail, bridge, tunnel, polegroup, caravan, trailer, ...) are ignored.
 LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -51,7 +58,7 @@ LAYOUT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>
 
 # Test labels are not public, so only train and val can be trained or evaluated on.
 @register_dataset("cityscapes", class_names=CLASS_NAMES, splits=("train", "val"), paper_splits=("train", "val"),
-                  void=255, label_map=LABEL_TO_TRAIN_ID, image_size=(1024, 2048))
+                  void=255, label_map=LABEL_TO_TRAIN_ID, image_size=(1024, 2048), palette=PALETTE)
 class Cityscapes(FileSegmentation):
     dataset = "cityscapes"
 

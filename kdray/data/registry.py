@@ -41,6 +41,11 @@ The contract:
   File errors are `DataError`s naming the file.
 - **smoke_overrides**: dotted-key overrides a `--smoke-test` sweep applies when the job reads this dataset
   (a short synthetic split), so that a smoke test stays seconds long.
+- **palette**: the colour each class is drawn in (the predictions an evaluation renders, the report's
+  qualitative figure): K (r, g, b) tuples of integers 0..255 in class-id order, K the number of class names
+  (any length when the names come from an option: it is used when it has data.num_classes entries). None: a
+  generated palette of well-separated colours (`default_palette`). Pixels of no class (the ignore value) are
+  drawn black whatever the palette says.
 
 A plugin file registers its datasets the same way (`plugins:` in a job); from then on `data.dataset: my_data`
 and `data.my_data.*` work in jobs, overrides and search spaces.
@@ -48,9 +53,10 @@ and `data.my_data.*` work in jobs, overrides and search spaces.
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +65,7 @@ from torch.utils.data import Dataset
 from kdray.config.options import check_options
 from kdray.errors import ConfigError
 
-__all__ = ["DATASETS", "DatasetRequest", "DatasetSpec", "dataset_spec", "register_dataset"]
+__all__ = ["DATASETS", "DatasetRequest", "DatasetSpec", "dataset_spec", "default_palette", "register_dataset"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class DatasetRequest:
 
 
 Build = Callable[[DatasetRequest], Dataset]
+Palette = tuple[tuple[int, int, int], ...]  # one (r, g, b) per class id, each 0..255
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class DatasetSpec:
     options: type | None = None
     build: Build | None = None
     smoke_overrides: Mapping[str, Any] = field(default_factory=dict)
+    palette: Palette | None = None
 
     def options_of(self, data: Any) -> Any:
         """This dataset's options in the job's `data` section (None when it has none)."""
@@ -115,6 +123,13 @@ class DatasetSpec:
     def largest_image(self, options: Any) -> tuple[int, int] | None:
         """(height, width) of the largest image served; None: unbounded."""
         return self.image_size(options) if callable(self.image_size) else self.image_size
+
+    def colours(self, num_classes: int) -> Palette:
+        """The colours of class ids 0..num_classes-1: the registered palette when it has that many entries, else
+        `default_palette(num_classes)` (no palette registered, or a job whose class count differs from it)."""
+        if self.palette is not None and len(self.palette) == num_classes:
+            return self.palette
+        return default_palette(num_classes)
 
     def check(self, data: Any) -> None:
         """Check the options' ranges and rules (`kdray.config.options.check_options`)."""
@@ -139,11 +154,13 @@ def register_dataset(name: str, *, class_names: tuple[str, ...] | str, paper_spl
                      image_size: tuple[int, int] | Callable[[Any], tuple[int, int]] | None = None,
                      eval_batch_one: bool = False, needs_root: bool = True, strict_class_count: bool = True,
                      options: type | None = None, build: Build | None = None,
-                     smoke_overrides: Mapping[str, Any] | None = None) -> Callable[[type], type]:
+                     smoke_overrides: Mapping[str, Any] | None = None,
+                     palette: Sequence[Sequence[int]] | None = None) -> Callable[[type], type]:
     """Class decorator registering a `Dataset` class as the dataset `name` (see the module docstring).
 
     Raises ConfigError when `name` is not an identifier or is taken by another class, `options` is not a
-    dataclass, `class_names` names no field of it, or the splits are malformed. Registering the same class again
+    dataclass, `class_names` names no field of it, the splits are malformed, or `palette` is not one (r, g, b)
+    triple of integers 0..255 per class name. Registering the same class again
     (a plugin imported twice) is a no-op.
     """
     if not isinstance(name, str) or not name.isidentifier():
@@ -159,6 +176,7 @@ def register_dataset(name: str, *, class_names: tuple[str, ...] | str, paper_spl
         class_names = tuple(class_names)
     if len(paper_splits) != 2 or (splits is not None and not set(paper_splits) <= set(splits)):
         raise ConfigError(f"register_dataset({name!r}): paper_splits must be (train, evaluation), among splits")
+    colours = _palette(name, palette, None if isinstance(class_names, str) else len(class_names))
 
     def register(cls: type) -> type:
         previous = DATASETS.get(name)
@@ -168,7 +186,7 @@ def register_dataset(name: str, *, class_names: tuple[str, ...] | str, paper_spl
         DATASETS[name] = DatasetSpec(
             name, cls, class_names, tuple(paper_splits), tuple(splits) if splits is not None else None, void,
             label_map, image_size, eval_batch_one, needs_root, strict_class_count, options, build,
-            dict(smoke_overrides or {}))
+            dict(smoke_overrides or {}), colours)
         return cls
 
     return register
@@ -181,6 +199,48 @@ def dataset_spec(name: str) -> DatasetSpec:
     close = difflib.get_close_matches(str(name), list(DATASETS), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise ConfigError(f"data.dataset: got {name!r}{hint}; registered: {', '.join(DATASETS)}")
+
+
+def default_palette(count: int) -> Palette:
+    """`count` distinct colours for class ids 0..count-1, none black (black marks ignored pixels).
+
+    Colour k has hue (k * phi) mod 1, phi = (sqrt(5) - 1) / 2 (the golden-ratio sequence: each new hue falls in
+    the largest gap left by the previous ones), saturation 0.95 or 0.6 (alternating with k) and value 0.95, 0.75 or
+    0.55 (cycling with k // 2), converted from HSV to 8-bit RGB. A colour that repeats an earlier one (possible only
+    among hundreds of classes, after rounding) is moved to the next unused one in RGB order.
+    """
+    phi = (5 ** 0.5 - 1) / 2
+    colours: list[tuple[int, int, int]] = []
+    used: set[tuple[int, int, int]] = {(0, 0, 0)}
+    for k in range(count):
+        hue, saturation, value = (k * phi) % 1.0, (0.95, 0.6)[k % 2], (0.95, 0.75, 0.55)[(k // 2) % 3]
+        r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
+        code = (round(255 * r) << 16) | (round(255 * g) << 8) | round(255 * b)
+        while ((code >> 16) & 255, (code >> 8) & 255, code & 255) in used:
+            code = (code + 1) % (1 << 24)
+        colour = ((code >> 16) & 255, (code >> 8) & 255, code & 255)
+        used.add(colour)
+        colours.append(colour)
+    return tuple(colours)
+
+
+def _palette(name: str, palette: Sequence[Sequence[int]] | None, count: int | None) -> Palette | None:
+    """`palette` as a tuple of (r, g, b) int triples, checked: `count` entries (when the class names are known),
+    each three integers 0..255. ConfigError naming the dataset and the entry otherwise."""
+    if palette is None:
+        return None
+    colours = []
+    for k, entry in enumerate(palette):
+        ok = (isinstance(entry, Sequence) and len(entry) == 3
+              and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in entry))
+        if not ok:
+            raise ConfigError(f"register_dataset({name!r}): palette[{k}] = {entry!r} must be an (r, g, b) triple of "
+                              "integers 0..255")
+        colours.append((int(entry[0]), int(entry[1]), int(entry[2])))
+    if count is not None and len(colours) != count:
+        raise ConfigError(f"register_dataset({name!r}): palette has {len(colours)} colours for {count} classes: one "
+                          "(r, g, b) per class id, in id order")
+    return tuple(colours)
 
 
 def _qualified(cls: type) -> str:

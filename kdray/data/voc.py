@@ -32,6 +32,22 @@ CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+
+
+def voc_colour(index: int) -> tuple[int, int, int]:
+    """The colour of class `index` in the PASCAL VOC devkit's palette (VOCdevkit `VOClabelcolormap.m`, the colour
+    table of the label PNGs): bits 0, 1, 2 of the index go to the top bit of r, g, b, bits 3, 4, 5 to the next
+    bit down, and so on: 0 -> (0, 0, 0), 1 -> (128, 0, 0), 2 -> (0, 128, 0), 3 -> (128, 128, 0), 15 -> (192, 128,
+    128)."""
+    r = g = b = 0
+    for shift in range(8):
+        r |= ((index >> (3 * shift)) & 1) << (7 - shift)
+        g |= ((index >> (3 * shift + 1)) & 1) << (7 - shift)
+        b |= ((index >> (3 * shift + 2)) & 1) << (7 - shift)
+    return r, g, b
+
+
+PALETTE = tuple(voc_colour(k) for k in range(len(CLASS_NAMES)))  # background is black, as in the devkit
 LAYOUT = "JPEGImages/, SegmentationClassAug/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt"
 
 
@@ -43,7 +59,7 @@ def mask_folder(split: str) -> str:
 # Any ImageSets/Segmentation/<split>.txt is a split. VOC images are at most 500x500 and differ in size, so they
 # are evaluated one at a time.
 @register_dataset("voc", class_names=CLASS_NAMES, paper_splits=("train_aug", "val"), void=255,
-                  image_size=(500, 500), eval_batch_one=True)
+                  image_size=(500, 500), eval_batch_one=True, palette=PALETTE)
 class VOCAug(FileSegmentation):
     dataset = "voc"
 

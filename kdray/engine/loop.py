@@ -7,7 +7,8 @@ on one process or on every rank of a data-parallel group.
         total = sum_k w_k * loss_k        backward, step        # adapters train with the student
         each loss-owned optimizer's step (the holistic loss's discriminator, on detached logits)
         every eval_interval: mIoU on the val split -> report(evaluation, checkpoint_dir)
-                             with the run's costs (`kdray.engine.cost`): the student's, and training's so far
+                             with the run's costs (`kdray.engine.cost`): the student's, and training's so far;
+                             data.preview_images val images predicted and drawn -> preview(iteration, picture)
     at the end (data.eval_scales / data.eval_flip set): the best weights scored once more, multi-scale -> log
 
 The loop knows nothing of Ray or MLflow: orchestration passes `report` and `log` callables. What it reports is
@@ -44,6 +45,7 @@ from kdray.engine.cost import (
 )
 from kdray.engine.distributed import RankContext, gather_objects, mean_over_ranks
 from kdray.engine.evaluate import evaluate, evaluation_loader, judge
+from kdray.engine.previews import PreviewSet
 from kdray.engine.progress import Progress
 from kdray.engine.scoring import score_best_weights
 from kdray.engine.sliding import window_of
@@ -57,6 +59,9 @@ from kdray.models.weights import read_state_dict
 # report(evaluation, checkpoint_dir): every rank, after each evaluation; the directory on the main rank only
 Report = Callable[[Evaluation, "str | None"], None]
 Log = Callable[[dict[str, float]], None]
+# preview(iteration, picture): the main rank, after each evaluation; picture is `kdray.rendering.render_predictions`'
+# uint8 (H, W, 3) RGB rows (image | ground truth | student | teacher | errors) of the job's preview images
+Preview = Callable[[int, Any], None]
 
 
 class NonFiniteLossError(KdrayError):
@@ -140,7 +145,7 @@ def _setup(job: Job, role: str, device: torch.device) -> _Setup:
 
 def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankContext | None = None,
           report: Report | None = None, log: Log | None = None, resume: str | Path | None = None,
-          progress: bool = True, stop_after: int | None = None) -> RunResult:
+          progress: bool = True, stop_after: int | None = None, preview: Preview | None = None) -> RunResult:
     """Train one run of `job` and return its evaluation history.
 
     `report(evaluation, checkpoint_dir)` is called on every rank after each evaluation (the same number of
@@ -149,6 +154,9 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
     resumable checkpoint on the main rank and None elsewhere. `log(metrics)` is called on the main rank every
     `optim.log_interval` iterations (keys from `kdray.contract`). `resume` names a checkpoint directory to
     continue from. `stop_after` ends the run early after that iteration (a test's stand-in for an interruption).
+    With data.preview_images > 0 the main rank predicts those val images at each evaluation (`kdray.engine.previews`)
+    and calls `preview(iteration, picture)` before `report`; at a best evaluation it also writes their predictions to
+    `<output_dir>/best_predictions.npz` (`kdray.rendering.write_predictions`), with or without `preview`.
     A student run with `optim.time_budget_s` ends after the iteration that brings the mean over ranks of their
     training seconds (`TrainingCost.training_seconds`) to the budget: it evaluates there, its Evaluation says
     `time_budget_reached`, and `RunResult.iterations` is the iteration reached (resumed from there, it runs nothing).
@@ -201,6 +209,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(job.run.seed))
     val_loader = evaluation_loader(val_set, job.data.eval_batch_size, ctx, job.data.loader_workers)
     names = class_names(job.data)
+    previews = PreviewSet.of(job, val_set, device, lambda: autocast_for(job, device)) if ctx.is_main else None
 
     show = Progress(stop, start, enabled=progress and ctx.is_main)
     if ctx.is_main and start == 0:
@@ -272,6 +281,12 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ctx)
             checkpoint_dir = None
             if ctx.is_main:
+                if previews is not None:
+                    best_path = output_dir / contract.BEST_PREDICTIONS_FILE if evaluation.is_best else None
+                    picture = previews.update(model, setup.teacher, done, evaluation.miou, best_path=best_path,
+                                              render=preview is not None)
+                    if picture is not None and preview is not None:
+                        preview(done, picture)
                 if evaluation.is_best:
                     _save_weights(model, output_dir / f"best_{role}.pt")
                 checkpoint_dir = str(save_checkpoint(output_dir / "checkpoint", {

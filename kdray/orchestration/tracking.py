@@ -149,5 +149,14 @@ class RunLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         retrying(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """An image of the run at `step` (the iteration), shown by MLflow's UI under `key` with a step slider.
+
+        `image`: uint8 (H, W, 3) RGB (or what `MlflowClient.log_image` takes). MLflow 3 stores it as the artifacts
+        `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` and a compressed `...+compressed.webp` (a '/' in the
+        key becomes '~'; the key may hold letters, digits, '_', '-', '.', ' ' and '/') and tags the run
+        `mlflow.loggedImages`. Logged synchronously, so it is in the store when this returns."""
+        retrying(lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True))
+
     def set_tags(self, tags: dict[str, str]) -> None:
         retrying(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
