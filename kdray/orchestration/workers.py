@@ -2,8 +2,11 @@
 
 `train_per_worker` is the plain loop plus three bridges: Ray's checkpoint to resume from, each evaluation to
 `ray.train.report` (every rank, the same number of times; rank 0 attaches the checkpoint), and rank 0's
-metrics to the trial's MLflow run. A run its time budget (optim.time_budget_s) ended reports the iteration it
-reached as its ITERATIONS_TOTAL: Tune, the scheduler and the sweep's summary see it complete. A run that stops
+metrics to the trial's MLflow run, with each evaluation's preview picture (`contract.PREDICTIONS_IMAGE_KEY`, the
+iteration its step), the best evaluation's weights and predictions as artifacts, and, when a student run ends, its
+best weights as an MLflow model (`kdray.orchestration.student_model`; `tracking.log_model`). A run its time
+budget (optim.time_budget_s) ended reports the iteration it reached as its ITERATIONS_TOTAL: Tune, the scheduler
+and the sweep's summary see it complete. A run that stops
 on purpose (a non-finite loss) returns its reason: `fit` hands it back as `Result.return_value` (rank 0's), and
 the trial decides what it means.
 """
@@ -27,6 +30,7 @@ from kdray.config import Job
 from kdray.contract import Evaluation
 from kdray.engine import NonFiniteLossError, RankContext, load_checkpoint, train
 from kdray.engine.cost import cost_device
+from kdray.orchestration.student_model import log_best_student
 from kdray.orchestration.tracking import RunLogger
 
 SAMPLING_S = 10  # seconds between two samples of a trial's system metrics
@@ -47,13 +51,20 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
         reported.append(evaluation.iteration)
         if logger is not None:
             log(evaluation.metrics())
-            if evaluation.is_best:  # the engine just wrote these weights
+            if evaluation.is_best:  # the engine just wrote these weights (and the previews' predictions)
                 logger.log_artifact(scratch / f"best_{role}.pt", contract.BEST_CHECKPOINT_ARTIFACT_DIR)
+                predictions = scratch / contract.BEST_PREDICTIONS_FILE
+                if predictions.is_file():
+                    logger.log_artifact(predictions, contract.PREDICTIONS_ARTIFACT_DIR)
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         if evaluation.time_budget_reached and logger is not None:  # the run is complete at this iteration
             logger.set_tags({contract.TIME_BUDGET_STOP: str(evaluation.iteration)})
         total = evaluation.iteration if evaluation.time_budget_reached else config["iterations"]
         ray.train.report({**evaluation.tune_metrics(), contract.ITERATIONS_TOTAL: total}, checkpoint=checkpoint)
+
+    def preview(iteration: int, picture) -> None:
+        if logger is not None:
+            logger.log_image(picture, contract.PREDICTIONS_IMAGE_KEY, iteration)
 
     def log(metrics: dict[str, float]) -> None:
         if logger is not None:
@@ -70,7 +81,7 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
             if resume_dir is not None and logger is not None:
                 logger.set_tags({contract.RESUMED_FROM: str(load_checkpoint(resume_dir)["iteration"])})
             result = train(job, scratch, role=role, ctx=ctx, report=report, log=log, resume=resume_dir,
-                           progress=False)
+                           progress=False, preview=preview if logger is not None else None)
         if not reported and result.history:
             # Resumed from the final checkpoint: nothing was left to run, so tell Tune (again, on every rank) where
             # the run ended; otherwise the restored trial would look stopped early.
@@ -78,6 +89,8 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
             ended = {contract.ITERATIONS_TOTAL: last[contract.ITERATION], contract.TIME_BUDGET_REACHED: 1.0} \
                 if result.time_budget_reached else {contract.ITERATIONS_TOTAL: config["iterations"]}
             ray.train.report({**{k: last[k] for k in (contract.ITERATION, *contract.TUNE_METRICS)}, **ended})
+        if logger is not None and role == "student" and job.tracking.log_model and result.best_iteration >= 0:
+            log_best_student(config["tracking_uri"], config["run_id"], job, result.best_weights, result.best_iteration)
         if role == "teacher" and ctx.is_main and result.best_weights is not None:
             target = Path(job.teacher.checkpoint)
             target.parent.mkdir(parents=True, exist_ok=True)
