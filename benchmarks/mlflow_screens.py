@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
                                "--host", "127.0.0.1", "--port", str(port)],
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_healthy(f"{base}/health", server)
         with sync_playwright() as playwright:
@@ -198,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                 shrink(path, args.width)
                 print(f"| {path} | #{route.split('?')[0]} | {path.stat().st_size / 1024:.0f} |")
             browser.close()
-    finally:
-        server.terminate()
+    finally:  # the UI's uvicorn and job-runner children too: the whole process group
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
     return 0
 
 
