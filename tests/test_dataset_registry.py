@@ -130,7 +130,7 @@ def test_the_built_in_specs_state_the_papers_facts():
     splits = {name: DATASETS[name].splits for name in ("synthetic", "cityscapes", "camvid", "voc", "folder")}
     assert splits == {"synthetic": ("train", "val"), "cityscapes": ("train", "val"),
                       "camvid": ("train", "val", "test", "trainval"), "voc": None, "folder": None}
-    assert [n for n, s in DATASETS.items() if s.eval_batch_one] == ["voc"]
+    assert [n for n, s in DATASETS.items() if s.eval_batch_one] == ["ade20k", "voc"]
     assert [n for n, s in DATASETS.items() if not s.needs_root] == ["synthetic"]
     assert DATASETS["cityscapes"].label_map is LABEL_TO_TRAIN_ID and len(LABEL_TO_TRAIN_ID) == 19
     assert (DATASETS["cityscapes"].void, DATASETS["voc"].void, DATASETS["camvid"].void) == (255, 255, 11)

@@ -21,6 +21,7 @@ from kdray import train as train_cli
 from kdray.config import load_job
 from kdray.config.schema import DataConfig
 from kdray.data import build_dataset, class_names, raw_dataset
+from kdray.data.ade20k import ADE20K
 from kdray.data.camvid import CamVid
 from kdray.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
 from kdray.data.folder import FolderOptions, FolderSegmentation
@@ -113,7 +114,18 @@ def folder_tree(root: Path, splits=(("train", 3), ("val", 2)), k: int = 3) -> Pa
     return root
 
 
-TREES = {"cityscapes": cityscapes_tree, "voc": voc_tree, "camvid": camvid_tree, "folder": folder_tree}
+def ade20k_tree(root: Path, splits=(("training", 3), ("validation", 2))) -> Path:
+    """JPEG images; annotations hold 0..150 (0 unlabelled, v is class v - 1)."""
+    for split, n in splits:
+        prefix = "ADE_train" if split == "training" else "ADE_val"
+        for i in range(n):
+            save(colour(i), root / "images" / split / f"{prefix}_{i + 1:08d}.jpg")
+            save(pattern(i, 151), root / "annotations" / split / f"{prefix}_{i + 1:08d}.png")
+    return root
+
+
+TREES = {"cityscapes": cityscapes_tree, "voc": voc_tree, "camvid": camvid_tree, "folder": folder_tree,
+         "ade20k": ade20k_tree}
 
 
 def assert_pairs(dataset, expected_mask) -> None:
@@ -205,11 +217,11 @@ def test_folder_dataset_pairs_by_stem(tmp_path):
 @pytest.mark.parametrize("dataset", sorted(TREES))
 def test_build_dataset_dispatches_with_the_paper_splits(tmp_path, dataset):
     root = TREES[dataset](tmp_path)
-    k = {"cityscapes": 19, "voc": 21, "camvid": 11, "folder": 3}[dataset]
+    k = {"cityscapes": 19, "voc": 21, "camvid": 11, "folder": 3, "ade20k": 150}[dataset]
     cfg = DataConfig(dataset=dataset, root=str(root), num_classes=k, crop=(16, 16))
     if dataset == "folder":
         cfg.folder = FolderOptions(("a", "b", "c"))
-    sizes = {"cityscapes": (3, 2), "voc": (4, 2), "camvid": (3, 2), "folder": (3, 2)}[dataset]
+    sizes = {"cityscapes": (3, 2), "voc": (4, 2), "camvid": (3, 2), "folder": (3, 2), "ade20k": (3, 2)}[dataset]
     assert (len(raw_dataset(cfg, "train")), len(raw_dataset(cfg, "val"))) == sizes  # camvid val = test
     image, mask = build_dataset(cfg, "train")[(0, 7)]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and mask.shape == (16, 16)
@@ -242,7 +254,7 @@ def error_of(make) -> str:
 
 @pytest.mark.parametrize("dataset", sorted(TREES))
 def test_missing_root_and_missing_split(tmp_path, dataset):
-    open_ = {"cityscapes": Cityscapes, "voc": VOCAug, "camvid": CamVid,
+    open_ = {"cityscapes": Cityscapes, "voc": VOCAug, "camvid": CamVid, "ade20k": ADE20K,
              "folder": lambda r, s: FolderSegmentation(r, s, ("a", "b", "c"))}[dataset]
     message = error_of(lambda: open_(tmp_path / "absent", "train"))
     assert "data.root" in message and "absent" in message and "does not exist" in message
