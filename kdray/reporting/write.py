@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from kdray import contract
 from kdray.contract import STAGE_CONFIRM
@@ -20,6 +21,7 @@ from kdray.reporting.confirmed import confirmed_table
 from kdray.reporting.costs import has_costs
 from kdray.reporting.groups import VALUES, count_phrase
 from kdray.reporting.pareto import pareto_rows, pareto_table
+from kdray.reporting.qualitative import write_qualitative
 from kdray.reporting.runs import FINISHED, SweepData, open_client, read_iou_at, read_sweep
 from kdray.reporting.search import Search, analyse, search_tables
 from kdray.reporting.table import Table
@@ -178,8 +180,10 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     out_dir:  None writes to reports/<experiment>/<sweep id> under the working directory.
     value:    "last" (each run's last evaluation) or "best" (its best evaluation; reads metric histories).
     Files: report.md; <table>.tex; <table>.csv and runs.csv; <table>.parquet, runs.parquet and history.parquet;
-    miou_vs_iteration.png, pareto.png when runs logged GFLOPs or latency, and for a search sweep
-    parallel_coordinates.png and importance.png.
+    miou_vs_iteration.png, pareto.png when runs logged GFLOPs or latency, for a search sweep
+    parallel_coordinates.png and importance.png, and qualitative.png (the preview images predicted by each method's
+    best run, `kdray.reporting.qualitative`) when those runs logged predictions; with `log_artifacts` that figure is
+    also logged with log_image (key `qualitative`, step 0) on the sweep's run.
     Raises ConfigError for an unknown store, experiment or sweep, or a bad value or format.
     """
     if value not in VALUES:
@@ -205,11 +209,16 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     images = write_plots(data, search, out, value) if plots else []
+    stages = stage_views(data)
+    qualitative = write_qualitative(stages[0] if stages is not None else data, value, out) if plots else None
     timings["plots"] = time.perf_counter() - start
 
     start = time.perf_counter()
     text = report_markdown(data, value, tables, images)
     files = list(images)
+    if qualitative is not None and qualitative.path is not None:
+        text += "\n" + qualitative.markdown
+        files.append(qualitative.path)
     if "md" in formats:
         (out / "report.md").write_text(text)
         files.append(out / "report.md")
@@ -231,6 +240,10 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
         client = open_client(tracking_uri)
         for path in files:
             client.log_artifact(data.sweep_run_id, str(path), contract.REPORT_ARTIFACT_DIR)
+        if qualitative is not None and qualitative.path is not None:  # also in the run's image view
+            with Image.open(qualitative.path) as figure:
+                client.log_image(data.sweep_run_id, figure.convert("RGB"), key=contract.QUALITATIVE_IMAGE_KEY, step=0,
+                                 synchronous=True)
     timings["write"] = time.perf_counter() - start
     return ReportResult(markdown=text, files=tuple(files), tables={t.name: t for t in tables},
                         experiment=experiment, sweep_id=data.sweep_id, sweep_run_id=data.sweep_run_id, value=value,
