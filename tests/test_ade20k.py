@@ -141,9 +141,10 @@ def test_a_mask_of_another_size_is_named(tmp_path):
 def test_check_data_reads_every_annotation_of_a_paper_job(tmp_path, capsys):
     job = str(REPO / "jobs" / "ade20k_dl101_to_psp18.yaml")
     overrides = fake_job_inputs(tmp_path, "ade20k_dl101_to_psp18.yaml")
-    assert train_cli.main(["--job", job, "--dry-run", "--check-data", *overrides]) == 0
+    assert train_cli.main(["--job", job, "--dry-run", "--check-data", "losses.kd.enabled=true", *overrides]) == 0
     out = capsys.readouterr().out
     assert "train on training (16 images), evaluate on validation (2 images), 150 classes" in out
+    assert "deeplabv3_resnet101_ade20k_best_model.pth (public: the CIRKD ADE20K teacher" in out and "note:" not in out
     assert "16 training masks checked" in out and "2 validation masks checked" in out
     bad = tmp_path / "data" / TRAIN / "ADE_train_00000002.png"  # index 1: a normal start reads 0, 8 and 15
     save(np.full((H, W), 200, np.uint8), bad)

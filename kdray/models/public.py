@@ -7,9 +7,9 @@ downloads it. Loading is strict (`load_segmenter_weights` / `load_backbone_weigh
 so the network sees what it was trained on, as `data.normalize` values (0..1 pixel scale, then
 `(x - mean) / std` in `order`).
 
-Where the numbers come from. CIRKD (github.com/winycg/CIRKD, dataset/cityscapes.py, voc.py, camvid.py) reads
-images with `cv2.imread` (BGR, 0..255) and computes `image - [104.00698793, 116.66876762, 122.67891434]`, with
-no division by a std, for training and evaluation alike. On kdray's 0..1 scale that is mean = m / 255 and
+Where the numbers come from. CIRKD (github.com/winycg/CIRKD, dataset/cityscapes.py, voc.py, camvid.py, ade20k.py)
+reads images with `cv2.imread` (BGR, 0..255) and computes `image - [104.00698793, 116.66876762, 122.67891434]`,
+with no division by a std, for training and evaluation alike. On kdray's 0..1 scale that is mean = m / 255 and
 std = 1 / 255 in BGR order. Its ResNet students are fine-tuned from the deep-stem ImageNet files under that
 same input; those files come from CSAIL's semantic-segmentation-pytorch (sceneparsing.csail.mit.edu, model
 `pretrained_resnet`), whose own ImageNet normalisation is not published with them.
@@ -72,6 +72,10 @@ PUBLIC_CHECKPOINTS: dict[str, PublicCheckpoint] = {c.file: c for c in (
     PublicCheckpoint("deeplabv3_resnet101_camvid_best_model.pth", "segmenter", "deeplabv3_resnet101", 11, True,
                      CIRKD_INPUT, "camvid", _CIRKD, False,
                      "the CIRKD CamVid teacher (69.84 mIoU); no key list here, so whether it has the 2d8ad0f layout "
+                     "is untested: strict loading will say"),
+    PublicCheckpoint("deeplabv3_resnet101_ade20k_best_model.pth", "segmenter", "deeplabv3_resnet101", 150, True,
+                     CIRKD_INPUT, "ade20k", "github.com/winycg/CIRKD README (Baidu Cloud link)", False,
+                     "the CIRKD ADE20K teacher (42.70 mIoU); no key list here, so whether it has the 2d8ad0f layout "
                      "is untested: strict loading will say"),
 )}
 
