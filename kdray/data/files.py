@@ -1,8 +1,8 @@
 """What the datasets read from disk share: (image, mask) file pairs, label decoding through a lookup table, and
 the checks that stop a bad tree before training starts.
 
-Each loader (cityscapes.py, voc.py, camvid.py, folder.py) finds its pairs in its own layout and hands them to
-`FileSegmentation`, which
+Each loader (cityscapes.py, voc.py, camvid.py, ade20k.py, folder.py) finds its pairs in its own layout and hands
+them to `FileSegmentation`, which
 - on construction reads a few masks spread over the split (`sample_check`), so a wrong tree fails in seconds;
 - `check()` reads every mask (the `--check-data` scan): single channel, the same size as its image, and
   only values its `LabelCodec` knows; the first bad file stops it with a `DataError` naming file and value;
