@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 from test_datasets import H, W, ade20k_tree, assert_pairs, colour, error_of, fake_job_inputs, pattern, save
 
-from kdray import sweep as sweep_cli
 from kdray import train as train_cli
 from kdray.config.schema import DataConfig
 from kdray.data import DATASETS, class_names
@@ -151,25 +150,3 @@ def test_check_data_reads_every_annotation_of_a_paper_job(tmp_path, capsys):
     assert train_cli.main(["--job", job, "--dry-run", *overrides]) == 0
     with pytest.raises(DataError, match=f"{bad}: mask value 200 is not one of the ADE20K annotation values"):
         train_cli.main(["--job", job, "--dry-run", "--check-data", *overrides])
-
-
-# The sweep's preflight runs each trial's losses once at the job's 512x512 crop with 150 classes: 10-40 s on 2 cores.
-@pytest.mark.slow
-@pytest.mark.parametrize("job_file", JOBS)
-def test_the_paper_jobs_pass_the_sweep_dry_run(tmp_path, monkeypatch, capsys, job_file):
-    """Planned for a cluster (--address; a dry run connects to nothing: on this machine the 8 GPUs a trial asks for
-    would be refused); 20 training images, as the space holds 10% out for tuning and one global batch is 16."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    overrides = fake_job_inputs(tmp_path, job_file, sizes=(20, 2))
-    space = str(REPO / "search_spaces" / "i2ckd_weights.yaml")
-    assert sweep_cli.main(["--job", str(REPO / "jobs" / job_file), "--space", space, "--dry-run", *overrides,
-                           "--address", "ray://head.invalid:10001"]) == 0
-    out = capsys.readouterr().out
-    student = "deeplabv3_resnet18" if job_file.endswith("dl18.yaml") else "pspnet_resnet18"
-    assert f"student {student} (width 1), teacher deeplabv3_resnet101 (width 1), 40000 iterations, global batch " \
-           "16 = 8 worker(s) x 2" in out
-    assert "resources per trial: 8 worker(s) x (5 CPU, 1 GPU), nccl" in out
-    assert "deeplabv3_resnet101_ade20k_best_model.pth (present, checked)" in out
-    assert "dry run: job, space, data tree, weight files and store are valid; nothing was started" in out
-    assert "note:" not in out and not (tmp_path / "mlflow.db").exists()
