@@ -175,6 +175,17 @@ def test_small_images_are_enlarged_in_blocks_and_wide_ones_shrunk():
     assert wide.shape == (256, 4 * 512 + 3 * GAP, 3)
 
 
+def test_rendering_needs_neither_torch_nor_mlflow():
+    """The report draws with it: numpy and PIL only."""
+    import ast
+
+    with open(rendering.__file__) as source:
+        tree = ast.parse(source.read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {n for n in names if n.split(".")[0] in ("torch", "mlflow", "ray") or n.startswith("kdray.engine")}
+
+
 def test_render_refuses_maps_of_another_size():
     with pytest.raises(ValueError, match="image 0"):
         render_predictions([np.zeros((4, 4, 3), np.uint8)], [np.zeros((4, 4), int)], [np.zeros((2, 2), int)], None,
@@ -262,3 +273,40 @@ def test_log_image_puts_one_image_per_step_in_the_store(tmp_path):
     with Image.open(client.download_artifacts(run_id, png, str(tmp_path / "down"))) as stored:
         assert np.array_equal(np.asarray(stored.convert("RGB")), picture)
     assert client.get_run(run_id).data.tags.get("mlflow.loggedImages", "").lower() == "true"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_trial_run_on_ray_shows_its_previews_predictions_and_model(tmp_path, teacher_file):
+    """One distilling run on a Ray Train worker, recorded in MLflow as a trial's run is: a `predictions` image at
+    each evaluation, the best predictions as an artifact, and the best student as a logged model at the best
+    iteration; the run stays RUNNING (the trial, not the worker, closes it)."""
+    import ray
+
+    from kdray.orchestration.tune_setup import pinned_runtime_env
+    from kdray.orchestration.workers import fit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("ray-previews", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment, tags={contract.KIND: "trial"}).info.run_id
+    job = tiny_job(tmp_path, **{"teacher.arch": "deeplabv3_resnet18", "teacher.width": 0.125,
+                                "teacher.checkpoint": teacher_file, "losses.kd.enabled": True,
+                                "run.cpus_per_worker": 1})
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env=pinned_runtime_env())
+    try:
+        result = fit(job, role="student", run_id=run_id, tracking_uri=uri, name="previews",
+                     storage_path=str(tmp_path / "ray"))
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.return_value is None
+    images = [f.path for f in client.list_artifacts(run_id, "images")]
+    assert {int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")} == {2, 4}
+    kept = {f.path for f in client.list_artifacts(run_id, contract.PREDICTIONS_ARTIFACT_DIR)}
+    assert kept == {f"{contract.PREDICTIONS_ARTIFACT_DIR}/{contract.BEST_PREDICTIONS_FILE}"}
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and contract.MODEL_FAILURE not in run.data.tags
+    best = max(client.get_metric_history(run_id, contract.VAL_MIOU), key=lambda m: (m.value, -m.step)).step
+    assert [(o.step,) for o in run.outputs.model_outputs] == [(best,)]
+    model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert model.name == contract.STUDENT_MODEL_NAME and model.experiment_id == experiment

@@ -167,7 +167,7 @@ class TrackingConfig:
     uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db, or $MLFLOW_TRACKING_URI when set
     experiment: str | None = None  # None: the job's name
     # Each trial's best student as an MLflow model too (mlflow.pytorch.log_model, a model page with signature and
-    # input example; about ten CPU-seconds at a run's end); false: only its checkpoint artifact.
+    # input example; a few CPU-seconds at a run's end); false: only its checkpoint artifact.
     log_model: bool = True
 
 

@@ -12,6 +12,7 @@ imports mlflow and optuna).
     importance.py  PED-ANOVA parameter importance on a study rebuilt from the runs
     search.py      best trial, top-k, importance tables of a search sweep
     plots.py       PNG figures
+    qualitative.py the preview images predicted by each method's best run (the papers' qualitative figure)
     render.py      Markdown, LaTeX, CSV, Parquet
     write.py       `write_report`, what `python -m kdray.report` and the sweep call
 """
