@@ -2,8 +2,9 @@
 
 Writes the ablation table, the method comparison, the Pareto front of mIoU against GFLOPs and latency (when the
 runs logged costs), the search summary (search sweeps), per-class IoU and the runs left out of the means, as
-Markdown, LaTeX (booktabs), CSV or Parquet, plus PNG plots, to --out, and prints the Markdown. It only reads
-MLflow; with --log it also logs the files on the sweep's parent run under `report/`.
+Markdown, LaTeX (booktabs), CSV or Parquet, plus PNG plots (with qualitative.png: the preview images predicted by
+each method's best run), to --out, and prints the Markdown. It only reads MLflow; with --log it also logs the files
+on the sweep's parent run under `report/`.
 Without --sweep it reports the latest sweep that is not a smoke test (--smoke-test sweeps: name them).
 
 examples:
