@@ -9,7 +9,7 @@ renders at each evaluation, and the report, which composes a sweep's figure from
 
 Colours: a class id k is drawn in `palette[k]` (the dataset's, `kdray.data.class_palette`); a pixel of no class
 (the ignore value, or any id outside 0..K-1) is black (`IGNORE_COLOUR`). The error map is black where the student
-is right, white where it is wrong, and grey where the ground truth is the ignore value (nothing to be wrong about).
+is right, red where it is wrong, and grey where the ground truth is the ignore value (nothing to be wrong about).
 Every panel of a row has the size its image is displayed at (`display_size`): wider than MAX_PANEL_WIDTH pixels is
 shrunk to it, narrower than MIN_PANEL_WIDTH is enlarged by a whole factor (nearest neighbour), so that the 64x64
 demo images stay visible and a 1024x2048 Cityscapes row is 512 pixels a panel, not 2048.
@@ -33,7 +33,7 @@ MIN_PANEL_WIDTH = 128  # pixels: narrower images are enlarged by the largest who
 GAP = 4  # pixels of background between panels and between rows
 BACKGROUND = (255, 255, 255)  # the gaps, and the right of a row narrower than the widest
 IGNORE_COLOUR = (0, 0, 0)  # ground-truth pixels of no class (the ignore value)
-CORRECT_COLOUR, WRONG_COLOUR, UNJUDGED_COLOUR = (0, 0, 0), (255, 255, 255), (128, 128, 128)  # the error map
+CORRECT_COLOUR, WRONG_COLOUR, UNJUDGED_COLOUR = (0, 0, 0), (255, 0, 0), (128, 128, 128)  # the error map
 FORMAT_VERSION = 1  # of the predictions file
 
 

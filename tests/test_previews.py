@@ -129,7 +129,7 @@ def test_denormalize_gives_back_the_pixels_eval_transforms_normalised():
 
 # --- drawing, by hand -----------------------------------------------------------------------------------------------
 
-P0, P1, BLACK, WHITE, GREY = (10, 20, 30), (40, 50, 60), (0, 0, 0), (255, 255, 255), (128, 128, 128)
+P0, P1, BLACK, WHITE, GREY, RED = (10, 20, 30), (40, 50, 60), (0, 0, 0), (255, 255, 255), (128, 128, 128), (255, 0, 0)
 
 
 def test_a_two_by_two_row_drawn_by_hand(monkeypatch):
@@ -143,7 +143,7 @@ def test_a_two_by_two_row_drawn_by_hand(monkeypatch):
     truth_panel = [[P0, P1], [BLACK, P1]]  # 255 is the ignore value: black
     student_panel = [[P0, P0], [P1, P1]]
     teacher_panel = [[P0, P1], [P0, P1]]
-    errors = [[BLACK, WHITE], [GREY, BLACK]]  # right, wrong (0 for 1), not judged (ignored), right
+    errors = [[BLACK, RED], [GREY, BLACK]]  # right, wrong (0 for 1), not judged (ignored), right
     gap = [[WHITE] * GAP] * 2
     expected = np.concatenate([image, np.array(gap, np.uint8), np.array(truth_panel, np.uint8),
                                np.array(gap, np.uint8), np.array(student_panel, np.uint8), np.array(gap, np.uint8),
