@@ -5,14 +5,20 @@ report all spell a metric or a tag the same way and none of them imports another
 
 MLflow layout:
 
-    experiment  = the job's name (or tracking.experiment)
+    experiment  = the job's name (or tracking.experiment); tag EXPERIMENT_KIND = EXPERIMENT_KIND_TRAINING
     sweep run   = parent, one per `python -m kdray.sweep`         tags: KIND=sweep, SWEEP_ID, SPACE, SPACE_KIND, ...
+                  metric VAL_BEST_MIOU (the best trial's, step = trials ended), tags BEST_RUN, BEST_TRIAL, BEST_PARAMS
     trial runs  = children (mlflow.parentRunId = sweep run)  tags: KIND=trial, SWEEP_ID, TRIAL_ID, METHOD, SEED, ...
     teacher run = the teacher's own training, when kdray did it    tags: KIND=teacher, TEACHER_ARCH, PARAMS_M
+                  (a sweep's: not nested under its run; TRAINED_FOR_SWEEP names the sweep)
+    train run   = one `python -m kdray.train`                      tags: KIND=train, laid out as a trial
 
-Params of a trial are its flattened job config (`losses.kd.weight`, ...). Metrics carry the iteration as step.
-Status: FINISHED; KILLED for trials the scheduler stopped early (STOPPED_EARLY=true) or that were interrupted;
-FAILED with the reason in FAILURE.
+Every run has a description (NOTE) and, where it trained or evaluated, dataset inputs (DATA_CONTEXT: training,
+evaluation). Params of a run are its active job config, flattened (`losses.kd.weight`, ...): a disabled loss's
+options and the options of datasets other than data.dataset are left out (each loss's `enabled` stays); SEARCHED
+names the knobs its sweep varies. Metrics carry the iteration as step.
+Status: FINISHED, also for trials the scheduler stopped early (STOPPED_EARLY=true, STOPPED_AT); KILLED for runs
+that were interrupted (Ctrl+C, a sweep's time budget: resumable); FAILED with the reason in FAILURE.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from kdray.errors import ConfigError
 
 # tags
-KIND = "kdray.kind"  # sweep | trial | teacher
+KIND = "kdray.kind"  # sweep | trial | teacher | train
 SWEEP_ID = "kdray.sweep_id"
 SPACE = "kdray.space"  # the search space's name
 SPACE_KIND = "kdray.space_kind"  # search | ablation
@@ -74,6 +80,20 @@ TUNE_SPLIT_DIGEST = "kdray.tune_split.digest"  # sha256 hex of the held-out imag
 TUNE_SPLIT_SIZE = "kdray.tune_split.size"  # how many training-split images were held out and evaluated on
 TUNE_SPLIT_TRAIN_SIZE = "kdray.tune_split.train_size"  # how many training-split images were left to train on
 EVAL_SPLIT = "kdray.eval_split"  # what the val/* metrics measure: "tune", or the name of the val split
+SEARCHED = "kdray.searched"  # a trial's: the config keys its sweep varies (sampled knobs, or its row's keys and the
+#   seed), comma-separated in the space's order: the columns worth comparing across its runs
+TRAINED_FOR_SWEEP = "kdray.trained_for_sweep"  # a teacher run a sweep trained: that sweep's id (it is not nested
+#   under the sweep's run: the teacher serves every later sweep of the same settings)
+BEST_RUN = "kdray.best.run_id"  # on a sweep's run: its best trial's run id (see VAL_BEST_MIOU there)
+BEST_TRIAL = "kdray.best.trial_id"  # ... that trial's id
+BEST_PARAMS = "kdray.best.params"  # ... its SEARCHED knobs' values, JSON {config key: value as logged}
+OUTPUT_DIR = "kdray.output_dir"  # a `kdray.train` / `kdray.teacher` run's output folder (absolute): its resume
+# MLflow's own names kdray sets
+NOTE = "mlflow.note.content"  # a run's description (Markdown), shown on its page
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the experiment's kind, as MLflow's UI writes it from its kind selector
+EXPERIMENT_KIND_TRAINING = "custom_model_development"  # "Machine learning" (model training), not GenAI
+DATA_CONTEXT = "mlflow.data.context"  # a dataset input's tag: what the run did with it
+DATA_TRAINING, DATA_EVALUATION = "training", "evaluation"  # its values
 
 
 def arch_label(arch: str, width: float) -> str:

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                              "sqlite:///<the sweep's folder>/optuna.db; open it with optuna-dashboard URL)")
     args = parser.parse_args(argv)
 
+    from kdray.orchestration.record import ui_url
     from kdray.orchestration.sweep import SweepRequest, dry_run, run_sweep, summary_table
 
     demo = args.job is None
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.verdict:  # a confirmed search: the winner by its mean over seeds, and whether its gains are noise
         print(f"\n{outcome.verdict}")
     print(f"\nMLflow: mlflow ui --backend-store-uri {outcome.tracking_uri}   (experiment {outcome.experiment!r})")
+    if outcome.experiment_id:
+        print(f"  its runs: {ui_url(outcome.tracking_uri, outcome.experiment_id)}")
     if outcome.interrupted:
         print(f"resume with: python -m kdray.sweep --resume {outcome.sweep_dir}")
     return outcome.exit_code

@@ -465,7 +465,7 @@ def add_search_sweep(s: Store, eid: str, sweep_id: str, rows: dict | None, tune_
         run_ids[trial] = s.run(eid, trial_tags(sweep_id, trial, "KD+I2CKD" if en else "KD", 0, **extra), values,
                                steps, params=config(0, kd=True, i2ckd=en, **{"losses.kd.weight": w,
                                                                           "losses.i2ckd.margin": m}),
-                               status={"STOPPED": "KILLED"}.get(state, state))
+                               status={"STOPPED": "FINISHED"}.get(state, state))
     number = 0
     for index, (row, (method, trial, rank, values)) in enumerate((rows or {}).items()):
         for seed, value in enumerate(values):

@@ -99,8 +99,11 @@ def trial_tags(sweep_id, trial_id, method, seed, **extra):
 
 
 def config(seed, kd=False, i2ckd=False, **more):
-    return {"losses.kd.enabled": kd, "losses.i2ckd.enabled": i2ckd, "losses.kd.weight": 1.0,
-            "losses.i2ckd.margin": 0.5, "run.seed": seed, "data.root": "/data/synthetic", **more}
+    """A trial's params as kdray logs them: the options of a disabled loss are left out, its `enabled` stays."""
+    params = {"losses.kd.enabled": kd, "losses.i2ckd.enabled": i2ckd, "losses.kd.weight": 1.0,
+              "losses.i2ckd.margin": 0.5, "run.seed": seed, "data.root": "/data/synthetic", **more}
+    off = [f"losses.{name}." for name, on in (("kd", kd), ("i2ckd", i2ckd)) if not on]
+    return {k: v for k, v in params.items() if k.endswith(".enabled") or not k.startswith(tuple(off))}
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +126,13 @@ def store(tmp_path_factory):
                      [0.5], params=config(3, kd=True), status="FAILED")
     s.stopped = s.run(eid, trial_tags("abl-1", "abl_13", "KD+I2CKD", 3, **{contract.ROW: "+KD+I2CKD",
                                                                            contract.STOPPED_EARLY: "true"}),
-                      [0.60, 0.62], params=config(3, kd=True, i2ckd=True), status="KILLED")
+                      [0.60, 0.62], params=config(3, kd=True, i2ckd=True))  # stopped: FINISHED, tagged
     s.interrupted = s.run(eid, trial_tags("abl-1", "abl_3", "CE", 3, **{contract.ROW: "Student (CE)"}),
                           [0.65], params=config(3), status="KILLED")
     for seed, values in I2CKD_STOPPED.items():
         s.run(eid, trial_tags("abl-1", f"abl_{15 + seed}", "I2CKD", seed, **{contract.ROW: "+I2CKD",
                                                                              contract.STOPPED_EARLY: "true"}),
-              values, params=config(seed, i2ckd=True), status="KILLED")
+              values, params=config(seed, i2ckd=True))
     s.search = s.run(eid, {contract.KIND: "sweep", contract.SWEEP_ID: "srch-1", contract.SPACE: "tiny-search",
                            contract.SPACE_KIND: "search", contract.METRIC: contract.VAL_MIOU, contract.MODE: "max"})
     s.client.log_text(s.search, SPACE_YAML, contract.SPACE_ARTIFACT)
@@ -142,7 +145,7 @@ def store(tmp_path_factory):
         if state == "STOPPED":
             values = values[:2]
             values[-1] = last  # stopped after two evaluations, at `last`
-        status = {"STOPPED": "KILLED"}.get(state, state)
+        status = {"STOPPED": "FINISHED"}.get(state, state)  # a stopped trial ends FINISHED, tagged
         s.search_runs[trial] = s.run(eid, trial_tags("srch-1", trial, "KD+I2CKD" if en else "KD", 0, **extra),
                                      values, params=config(0, kd=True, i2ckd=en, **{"losses.kd.weight": w,
                                                                                     "losses.i2ckd.margin": m}),

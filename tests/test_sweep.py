@@ -130,6 +130,13 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
         tags, trial = run.data.tags, run.data.tags[contract.TRIAL_ID]
         assert tags[contract.PARENT] == outcome.parent_run_id
         assert run.data.params["run.workers"] == "2"
+        # its description, its searched knobs and its data (the active config only: no disabled loss's options)
+        assert f"of [sweep {outcome.sweep_id}]" in tags[contract.NOTE] and tags[contract.SEARCHED]
+        assert {i.dataset.name for i in run.inputs.dataset_inputs} <= {
+            "synthetic/train", "synthetic/val", "synthetic/train (minus tune split)", "synthetic/train (tune split)"}
+        assert len(run.inputs.dataset_inputs) == 2
+        if run.data.params["losses.i2ckd.enabled"] == "False":
+            assert "losses.i2ckd.weight" not in run.data.params
         steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == \
             ["checkpoints/best_student.pt"]
@@ -148,8 +155,8 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
                 assert run.info.status == "FINISHED" and sorted(set(steps)) == [2, 4]
             if trial in stopped:
                 assert tags.get(contract.RESUMED_FROM) is None  # the stopped never came back
-                assert run.info.status == "KILLED" and tags[contract.STOPPED_EARLY] == "true"
-                assert tags[contract.STOPPED_AT] == "2"
+                assert run.info.status == "FINISHED" and tags[contract.STOPPED_EARLY] == "true"
+                assert tags[contract.STOPPED_AT] == "2" and "Stopped early by the scheduler" in tags[contract.NOTE]
         else:  # confirmed on val, trained on the whole training split
             assert run.info.status == "FINISHED" and steps == [2, 4]
             assert tags[contract.STAGE] == "confirm" and tags[contract.EVAL_SPLIT] == "val"
@@ -164,6 +171,15 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
     assert len(digests) == 1  # every search trial held out the same images
     teachers = client.search_runs([parent.info.experiment_id], f"tags.`{contract.KIND}` = 'teacher'")
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"  # trained once, as its own run
+    assert contract.PARENT not in teachers[0].data.tags  # beside the sweep's run, not under it: linked
+    assert teachers[0].data.tags[contract.TRAINED_FOR_SWEEP] == outcome.sweep_id
+    # the sweep's run: its best trial (a confirmation one: scored on val), its plan and its report
+    assert parent.data.tags[contract.BEST_RUN] in {r.info.run_id for r in runs if r.data.tags[contract.STAGE] ==
+                                                   "confirm"}
+    assert contract.VAL_BEST_MIOU in parent.data.metrics and "**Best trial**" in parent.data.tags[contract.NOTE]
+    assert f"Report: `{outcome.sweep_dir / 'report'}`" in parent.data.tags[contract.NOTE]
+    assert client.get_experiment(parent.info.experiment_id).tags[contract.EXPERIMENT_KIND] == \
+        contract.EXPERIMENT_KIND_TRAINING
     # alone, with the job's own resources: the space's overrides size the trials that share the machine
     assert (teachers[0].data.params["run.workers"], teachers[0].data.params["run.threads"]) == ("1", "2")
     assert Path(tmp_path / "teacher.pt").is_file()
@@ -469,9 +485,12 @@ def test_status_callback_marks_stopped_and_failed_runs(tmp_path):
     callback.on_trial_complete(0, [], _Trial("b", {"iteration": 4, "iterations_total": 10}))
     callback.on_trial_error(0, [], _Trial("c", {}, RuntimeError("Traceback...\nValueError: out of memory")))
     assert tracker.status(ids["a"]) == "FINISHED"
-    assert tracker.status(ids["b"]) == "KILLED" and tracker.tags(ids["b"])[contract.STOPPED_EARLY] == "true"
+    # stopped early ends FINISHED, the stop tagged and said (FAILED stays the failures')
+    assert tracker.status(ids["b"]) == "FINISHED" and tracker.tags(ids["b"])[contract.STOPPED_EARLY] == "true"
+    assert "Stopped early by the scheduler at iteration 4 of 10" in tracker.tags(ids["b"])[contract.NOTE]
     assert tracker.status(ids["c"]) == "FAILED"
     assert tracker.tags(ids["c"])[contract.FAILURE] == "ValueError: out of memory"
+    assert tracker.tags(ids["c"])[contract.NOTE] == "Failed: ValueError: out of memory"
     # the same trial id again (a restored trial) continues its run instead of creating a second one
     assert tracker.trial_run("s1", "b", "p", "b", {}, {}) == ids["b"]
 

@@ -33,6 +33,7 @@ from kdray.orchestration.resume import resumed_space_file
 from kdray.orchestration.sweep import SweepRequest, dry_run, prepare, run_sweep
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.tune_setup import summaries as trial_summaries
+from kdray.reporting.runs import EARLY_STOPPED, run_state
 from kdray.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,8 +376,11 @@ def test_a_trial_the_scheduler_stopped_stays_stopped_though_its_workers_logged_p
     trial = _Trial("a", "TERMINATED", {"kdray.row": "CE", "run.seed": 0}, {"iteration": 2, "iterations_total": 4})
     MlflowStatusCallback(uri, "exp", "s1").on_trial_complete(0, [], trial)
     tags = tracker.tags(run_id)
-    assert tracker.status(run_id) == "KILLED"
+    # it ended as it should (FINISHED, not a red cross in MLflow's UI), its stop in its tags and description
+    assert tracker.status(run_id) == "FINISHED"
     assert tags[contract.STOPPED_EARLY] == "true" and tags[contract.STOPPED_AT] == "2"
+    assert "Stopped early by the scheduler at iteration 2 of 4" in tags[contract.NOTE]
+    assert run_state(tracker.status(run_id), tags) == EARLY_STOPPED  # the report's reading
     summaries, interrupted = trial_summaries(_Grid([trial]), parsed, job_from_dict(data), tracker, "s1")
     assert [(t.status, t.iteration) for t in summaries] == [(STOPPED_EARLY, 2)] and not interrupted
 

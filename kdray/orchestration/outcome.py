@@ -108,6 +108,7 @@ class SweepOutcome:
     mode: str = "max"
     budget_spent: bool = False  # interrupted by its time budget (sweep.time_budget_s), not by Ctrl+C
     objectives: tuple[tuple[str, str], ...] = ()  # a multi-objective search's (metric, mode) pairs
+    experiment_id: str = ""  # the MLflow experiment's id (for the UI's links)
 
     @property
     def complete(self) -> bool:

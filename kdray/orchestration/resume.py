@@ -17,6 +17,7 @@ from kdray.config import job_from_dict, read_yaml, to_dict, to_yaml
 from kdray.errors import ConfigError
 from kdray.orchestration.confirm import planned_trials
 from kdray.orchestration.outcome import reason
+from kdray.orchestration.record import sweep_note
 from kdray.orchestration.stages import first_stage
 from kdray.orchestration.tracking import Tracker
 
@@ -131,6 +132,16 @@ def resumed_space_file(state: dict[str, Any], sweep_dir: Path) -> str:
     return copy
 
 
+def teacher_line(plan: Plan) -> str | None:
+    """Where the sweep's teacher comes from, for its description (Markdown); None when no trial reads a
+    teacher."""
+    if not plan.needs_teacher:
+        return None
+    path = f"`{plan.teacher_job.teacher.checkpoint}`"
+    return f"{path}, trained first by this sweep (a run of its own, tagged {contract.TRAINED_FOR_SWEEP})" \
+        if plan.train_teacher else path
+
+
 def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[dict[str, Any], Path]:
     """The sweep's folder (with a copy of its space and its state file) and its MLflow run: the state."""
     job, space = plan.job, plan.space
@@ -152,6 +163,8 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
         from kdray.orchestration.sampler import sampler_description
 
         tags.update(sampler_description(space.seed, space.sampler))
+    tags[contract.NOTE] = sweep_note(job, space, sweep_id, str(sweep_dir / "report"),
+                                     int(tags[contract.TRIALS_PLANNED]), teacher_line(plan))
     parent = tracker.start_run(f"sweep-{sweep_id}", tags)
     state = {"sweep_id": sweep_id, "parent_run_id": parent, "tracking_uri": plan.uri, "experiment": plan.experiment,
              "job_data": to_dict(plan.base), "space_path": str(Path(plan.space_path).resolve()),

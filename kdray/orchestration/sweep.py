@@ -9,6 +9,8 @@ row x seed), each trial a Ray Train run, every trial an MLflow child run of the 
     tune_setup.py   Ray, the Tuner (Optuna/ASHA or the ablation grid), running the trials, what became of each
     trial.py        one trial: its job, its MLflow run, its Ray Train workers; the MLflow status callback
     outcome.py      trial statuses, failure reasons, the summary table, closing the runs
+    record.py       what a run shows in MLflow: active params, searched knobs, dataset inputs, descriptions, and
+                    the sweep's best trial on the sweep's run
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from kdray import contract
 from kdray.orchestration.outcome import SweepOutcome, close_open_runs, reason, summary_table
 from kdray.orchestration.plan import SweepRequest, check_resources, check_store, dry_run, make_plan, prepare
 from kdray.orchestration.progress import echo
+from kdray.orchestration.record import ui_url
 from kdray.orchestration.resources import local_resources
 from kdray.orchestration.resume import load_state, start_sweep, write_state
 from kdray.orchestration.stages import planned_total, stage_lines, sweep_stages
@@ -35,8 +38,9 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     Everything that can be checked without Ray is checked before Ray starts and before anything is written to
     MLflow: the job, the space, the overrides, the data tree, the weight files, and (on an embedded Ray) every
     trial configuration against this machine. Whatever way the sweep ends, no MLflow run it opened is left
-    RUNNING: trials that were cut short end KILLED, the sweep's own run FINISHED, FAILED (a trial failed) or
-    KILLED (interrupted; `--resume` reopens them).
+    RUNNING: trials end FINISHED (those the scheduler stopped early too, tagged so), FAILED, or KILLED when they
+    were cut short; the sweep's own run FINISHED, FAILED (a trial failed) or KILLED (interrupted; `--resume`
+    reopens them).
     """
     t0 = time.perf_counter()
     state, sweep_dir = load_state(request) if request.resume else (None, None)
@@ -60,6 +64,7 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
     check_resources(plan.resource_jobs(), cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")],
                     plan.space_path)
     tracker = Tracker(plan.uri, plan.experiment)
+    say(f"its runs in the MLflow UI, once `mlflow ui` serves the store: {ui_url(plan.uri, tracker.experiment_id)}")
     if state is None:
         state, sweep_dir = start_sweep(request, plan, tracker)
     else:  # reopened: how it ended last time no longer holds
@@ -88,4 +93,5 @@ def run_sweep(request: SweepRequest, say=echo) -> SweepOutcome:
                         else reason(err))
         raise
     outcome.wall_s = time.perf_counter() - t0
+    outcome.experiment_id = tracker.experiment_id
     return outcome

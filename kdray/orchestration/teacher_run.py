@@ -4,20 +4,34 @@ the val split when it is given but has no run yet, so that the report's tables h
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 from kdray import contract
-from kdray.config import Job, flatten, to_dict
+from kdray.config import Job
+from kdray.config.schema import TuneSplitConfig
 from kdray.contract import Evaluation
 from kdray.errors import ResourceError
 from kdray.orchestration.outcome import reason
 from kdray.orchestration.progress import TeacherProgress
+from kdray.orchestration.record import (
+    active_params,
+    log_datasets,
+    model_phrase,
+    run_note,
+    teacher_tags,
+    ui_route,
+)
 from kdray.orchestration.tracking import Tracker
 
 
-def train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, smoke: bool = False) -> None:
-    """Train the job's teacher on Ray Train workers into `job.teacher.checkpoint`, as a run of its own."""
+def train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, smoke: bool = False,
+                  sweep: tuple[str, str] | None = None) -> None:
+    """Train the job's teacher on Ray Train workers into `job.teacher.checkpoint`, as a run of its own.
+
+    `sweep`: (sweep id, the sweep run's id) of the sweep that needs it. The teacher's run is not nested under the
+    sweep's (the file serves every later sweep of the same settings): it names the sweep in TRAINED_FOR_SWEEP
+    and links to its run in its description."""
     from kdray.models import build_model
     from kdray.orchestration.workers import fit
 
@@ -26,8 +40,14 @@ def train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, sm
     tags = teacher_tags(job, params_m)
     if smoke:
         tags[contract.SMOKE_TEST] = "true"
+    where = f"Trained for its weights file `{job.teacher.checkpoint}`"
+    if sweep is not None:
+        tags[contract.TRAINED_FOR_SWEEP] = sweep[0]
+        where += f", first needed by [sweep {sweep[0]}]({ui_route(tracker.experiment_id, sweep[1])})"
+    tags[contract.NOTE] = run_note(job, "teacher", where)
     run_id = tracker.start_run(f"teacher-{job.teacher.arch}", tags)
-    tracker.log_params(run_id, flatten(to_dict(job)))
+    tracker.log_params(run_id, active_params(job, role="teacher"))
+    log_datasets(tracker, run_id, replace(job.data, tune_split=TuneSplitConfig()))
     say(f"training the teacher {job.teacher.arch} (width {job.teacher.width:g}) -> {job.teacher.checkpoint}")
     try:
         with TeacherProgress(job.teacher_iterations, say,
@@ -41,17 +61,6 @@ def train_teacher(job: Job, tracker: Tracker, uri: str, sweep_dir: Path, say, sm
     tracker.end_run(run_id, "FINISHED")
     if not Path(job.teacher.checkpoint).is_file():
         raise ResourceError(f"the teacher run ended without writing {job.teacher.checkpoint}")
-
-
-def teacher_tags(job: Job, params_m: float) -> dict[str, str]:
-    from kdray.data import class_names
-
-    return {contract.KIND: "teacher",
-            contract.TEACHER_ARCH: contract.arch_label(job.teacher.arch, job.teacher.width),
-            contract.PARAMS_M: f"{params_m:.4f}",
-            contract.DATASET: job.data.dataset, contract.SEED: str(job.run.seed),
-            contract.TEACHER_CHECKPOINT: str(job.teacher.checkpoint),
-            contract.CLASSES: json.dumps(class_names(job.data))}
 
 
 def evaluate_teacher(job: Job) -> tuple[Evaluation, float]:
@@ -81,6 +90,8 @@ def record_teacher(job: Job, tracker: Tracker, say) -> None:
     """
     import ray
 
+    from kdray.data import split_name
+
     if tracker.find_run(**{contract.KIND: "teacher", contract.TEACHER_CHECKPOINT: str(job.teacher.checkpoint)}):
         return
     say(f"scoring the teacher {job.teacher.checkpoint} on the val split for the report's teacher row")
@@ -88,8 +99,13 @@ def record_teacher(job: Job, tracker: Tracker, say) -> None:
     evaluation, params_m = ray.get(task.remote(job))
     # what the teacher's own training would have logged of an evaluation: its scores, not the run's best so far
     metrics = {k: v for k, v in evaluation.metrics().items() if k not in (contract.ITERATION, contract.VAL_BEST_MIOU)}
-    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", teacher_tags(job, params_m))
+    tags = teacher_tags(job, params_m)
+    tags[contract.NOTE] = (f"**{model_phrase(job, 'teacher')}** from `{job.teacher.checkpoint}` (not trained here), "
+                           f"scored once on {job.data.dataset}/{split_name(job.data, 'val')}: the report's teacher "
+                           "row.")
+    run_id = tracker.start_run(f"teacher-{job.teacher.arch}", tags)
     try:
+        log_datasets(tracker, run_id, replace(job.data, tune_split=TuneSplitConfig()), trained=False)
         tracker.run_logger(run_id).log_metrics(metrics, 0)
     except BaseException as err:
         tracker.set_tags(run_id, {contract.FAILURE: reason(err)[:5000]})

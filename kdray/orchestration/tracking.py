@@ -25,6 +25,10 @@ __all__ = ["RunLogger", "Tracker", "resolve_tracking_uri", "retrying"]  # the st
 T = TypeVar("T")
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
 _FILTER_SAFE = re.compile(r"[\w.:/+@ -]*")  # tag values that stand in a search filter's quotes as they are
+EXPERIMENT_NOTE = ("Model-training runs of kdray (knowledge distillation for semantic segmentation): each sweep is a "
+                   "parent run with its trials nested under it; teacher runs and single `kdray train` runs stand "
+                   "beside them. Choose **Model training** in the sidebar's switch (or **Training runs**) to see "
+                   "them: the GenAI overview shows traces, which kdray does not log.")
 
 
 def retrying(call: Callable[[], T], attempts: int = 6) -> T:
@@ -40,7 +44,12 @@ def retrying(call: Callable[[], T], attempts: int = 6) -> T:
 
 
 class Tracker:
-    """The sweep's view of one MLflow experiment."""
+    """The sweep's view of one MLflow experiment (created when missing, restored when deleted), tagged
+    `mlflow.experimentKind = custom_model_development` unless it has a kind already: a model-training experiment,
+    for the MLflow UIs that choose an experiment's view by that tag. MLflow 3.17's UI does not: it opens every
+    experiment in the view of its sidebar's GenAI / Model training switch, GenAI until the browser's user picks
+    the other (see `kdray.orchestration.record`); the experiment's description, which that GenAI overview shows
+    on top, says so (EXPERIMENT_NOTE, unless the experiment has a description already)."""
 
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
@@ -53,6 +62,12 @@ class Tracker:
                 retrying(lambda: self.client.restore_experiment(found.experiment_id))
             self.experiment_id = found.experiment_id
         self.experiment = experiment
+        tags = found.tags if found is not None else {}
+        # a kind or description someone chose since is kept
+        for key, value in ((contract.EXPERIMENT_KIND, contract.EXPERIMENT_KIND_TRAINING),
+                           (contract.NOTE, EXPERIMENT_NOTE)):
+            if key not in tags:
+                retrying(lambda key=key, value=value: self.client.set_experiment_tag(self.experiment_id, key, value))
 
     def find_run(self, **tags: str) -> str | None:
         """The id of the newest run carrying all these tags, if any.

@@ -8,7 +8,7 @@ reason: the callback and the sweep's summary take the reason from that error, no
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -20,11 +20,18 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from kdray import contract
-from kdray.config import Job, flatten, job_from_dict, to_dict, to_yaml
-from kdray.data import class_names
-from kdray.data.tune_split import tune_split_tags
-from kdray.losses.objective import config_formula, method_label
+from kdray.config import Job, job_from_dict, to_yaml
+from kdray.losses.objective import config_formula
 from kdray.orchestration.outcome import TrialFailed, is_trial_failure, worker_reason
+from kdray.orchestration.record import (
+    active_params,
+    append_note,
+    log_datasets,
+    record_best,
+    run_tags,
+    searched_keys,
+    trial_note,
+)
 from kdray.orchestration.tracking import Tracker
 from kdray.orchestration.workers import fit
 from kdray.space import ROW_KEY, SearchSpace
@@ -54,23 +61,12 @@ class SweepContext:
 
 
 def trial_tags(job: Job, space: SearchSpace, config: dict[str, Any]) -> dict[str, str]:
-    from kdray.models import build_model
-
-    student = build_model(job.student.arch, job.data.num_classes, aux=job.student.aux, width=job.student.width)
-    tags = {
-        contract.METHOD: method_label(job.losses),
-        contract.SEED: str(job.run.seed),
-        contract.TEACHER_ARCH: contract.arch_label(job.teacher.arch, job.teacher.width),
-        contract.STUDENT_ARCH: contract.arch_label(job.student.arch, job.student.width),
-        contract.PARAMS_M: f"{sum(p.numel() for p in student.parameters()) / 1e6:.4f}",
-        contract.DATASET: job.data.dataset,
-        contract.SPACE: space.name,
-    }
+    """A trial run's tags: a student run's (`kdray.orchestration.record.run_tags`), its space, and its ablation
+    row when it has one."""
+    tags = {**run_tags(job), contract.SPACE: space.name}
     if ROW_KEY in config:
         tags[contract.ROW] = config[ROW_KEY]
         tags[contract.ROW_INDEX] = str([name for name, _ in space.rows].index(config[ROW_KEY]))
-    tags[contract.CLASSES] = json.dumps(class_names(job.data))
-    tags.update(tune_split_tags(job.data))  # what its val/* metrics measure: val, or the search's tuning split
     return tags
 
 
@@ -96,12 +92,17 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
         tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
         tracker.end_run(run_id, "FAILED")
         raise TrialFailed(why) from err
+    searched = searched_keys(space, config)
+    tags[contract.SEARCHED] = ",".join(searched)
     run_id = tracker.trial_run(sweep.sweep_id, trial_id, sweep.parent_run_id,
                                name=f"{tags.get(contract.ROW, tags[contract.METHOD])}-s{job.run.seed}-{trial_id}",
-                               tags=tags, params=flatten(to_dict(job)))
+                               tags=tags, params=active_params(job, searched))
     tracker.clear_tag(run_id, contract.FAILURE)  # a restarted trial starts clean (a failure is written anew)
-    tracker.set_tags(run_id, {contract.FORMULA: config_formula(job.losses)})
+    tracker.set_tags(run_id, {contract.FORMULA: config_formula(job.losses),
+                              contract.NOTE: trial_note(job, tags, searched, sweep.sweep_id, trial_id,
+                                                        tracker.experiment_id, sweep.parent_run_id)})
     tracker.log_text(run_id, to_yaml(job), contract.JOB_ARTIFACT)
+    log_datasets(tracker, run_id, job.data)
     try:
         result = fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
                      storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
@@ -116,14 +117,17 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
 
 
 class MlflowStatusCallback(ray.tune.Callback):
-    """Ends each trial's MLflow run with the status it earned: FINISHED, KILLED (stopped early), FAILED."""
+    """Ends each trial's MLflow run with the status it earned: FINISHED (stopped early by the scheduler too, then
+    tagged STOPPED_EARLY and STOPPED_AT, and said in its description), KILLED (cut short by Ctrl+C: resumable),
+    FAILED; then gives the sweep's run its best trial so far (`kdray.orchestration.record.record_best`)."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_id: str):
         self.tracking_uri, self.experiment, self.sweep_id = tracking_uri, experiment, sweep_id
         self._tracker: Tracker | None = None
+        self._parent: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "_tracker": None}
+        return {**self.__dict__, "_tracker": None, "_parent": None}
 
     @property
     def tracker(self) -> Tracker:
@@ -133,6 +137,16 @@ class MlflowStatusCallback(ray.tune.Callback):
 
     def _run_id(self, trial) -> str | None:
         return self.tracker.find_run(**{contract.SWEEP_ID: self.sweep_id, contract.TRIAL_ID: trial.trial_id})
+
+    def _record_best(self) -> None:
+        """The sweep's best trial so far, on the sweep's run (a callback pickled before it kept the run finds it)."""
+        try:
+            if getattr(self, "_parent", None) is None:
+                self._parent = self.tracker.find_run(**{contract.KIND: "sweep", contract.SWEEP_ID: self.sweep_id})
+            if self._parent is not None:
+                record_best(self.tracker, self.sweep_id, self._parent)
+        except Exception as err:  # a view of the results never stops the sweep (its end records the best again)
+            logging.getLogger(__name__).warning("the sweep's best trial was not recorded: %s", err)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self._run_id(trial)
@@ -147,13 +161,16 @@ class MlflowStatusCallback(ray.tune.Callback):
         self.tracker.clear_tag(run_id, contract.FAILURE)
         if INTERRUPTED.is_set() and not (total and done >= total):
             self.tracker.end_run(run_id, "KILLED")  # cut short by Ctrl+C, not by the scheduler: --resume goes on
-        elif total and done < total:
+            return
+        if total and done < total:  # the scheduler's stop: the trial ended as it should, short of its length
             self.tracker.set_tags(run_id, {contract.STOPPED_EARLY: "true", contract.STOPPED_AT: str(int(done))})
-            self.tracker.end_run(run_id, "KILLED")
+            append_note(self.tracker, run_id, f"Stopped early by the scheduler at iteration {int(done)} of "
+                                              f"{int(total)}: its record ends there.")
         else:
             self.tracker.clear_tag(run_id, contract.STOPPED_EARLY)
             self.tracker.clear_tag(run_id, contract.STOPPED_AT)
-            self.tracker.end_run(run_id, "FINISHED")
+        self.tracker.end_run(run_id, "FINISHED")
+        self._record_best()
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self._run_id(trial)
@@ -164,6 +181,9 @@ class MlflowStatusCallback(ray.tune.Callback):
             text = str(error).strip() if error is not None else ""
             why = text.splitlines()[-1] if text else "the trial failed"
             self.tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+        why = self.tracker.tags(run_id).get(contract.FAILURE, "")
+        if why:
+            append_note(self.tracker, run_id, f"Failed: {why[:500]}")
         self.tracker.end_run(run_id, "FAILED")
 
 

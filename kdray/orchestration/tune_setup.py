@@ -176,7 +176,8 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         say(f"time budget: {budget:g} s (sweep.time_budget_s); when it runs out the sweep stops as Ctrl+C stops it, "
             "and --resume continues it")
     if plan.train_teacher:
-        train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say, smoke=request.smoke_test)
+        train_teacher(plan.teacher_job, tracker, plan.uri, sweep_dir, say, smoke=request.smoke_test,
+                      sweep=(sweep_id, parent))
     elif plan.needs_teacher and exists(plan.teacher_job.teacher.checkpoint):
         record_teacher(plan.teacher_job, tracker, say)
 
@@ -246,6 +247,7 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
                           formats=("md", "tex", "csv", "parquet"), log_artifacts=True)
     outcome.report_markdown = report.markdown
     outcome.verdict = report.verdict
+    describe_ended(plan, tracker, state, sweep_dir, stages, outcome.counts())
     if outcome.exit_code:
         tracker.set_tags(parent, {contract.FAILURE: outcome.counts()})
         tracker.end_run(parent, "FAILED")
@@ -253,6 +255,21 @@ def run_trials(request: SweepRequest, plan: Plan, tracker: Tracker, state: dict[
         tracker.clear_tag(parent, contract.FAILURE)
         tracker.end_run(parent, "FINISHED")
     return outcome
+
+
+def describe_ended(plan: Plan, tracker: Tracker, state: dict[str, Any], sweep_dir: Path,
+                   stages: list[dict[str, Any]], counts: str) -> None:
+    """The sweep's description as it ended (its plan with the stages it ran, its trials' counts, where its report
+    is) and its best trial (`record_best`), on the sweep's run."""
+    from kdray.orchestration.record import record_best, sweep_note
+    from kdray.orchestration.resume import teacher_line
+
+    parent = state["parent_run_id"]
+    note = sweep_note(plan.job, plan.space, state["sweep_id"], str(sweep_dir / "report"),
+                      planned_total(stages, plan.space) if plan.space.kind == "search" else plan.space.trial_count,
+                      teacher_line(plan), ended=counts)
+    tracker.set_tags(parent, {contract.NOTE: note})
+    record_best(tracker, state["sweep_id"], parent)
 
 
 def measure_match(plan: Plan, tracker: Tracker, parent: str, sweep_dir: Path, say, smoke: bool = False) -> None:

@@ -461,15 +461,17 @@ def sweep_teachers(teachers: list[Run], sweep_tags: dict[str, str]) -> list[Run]
     """The teacher run(s) of the sweep's own teacher.
 
     A sweep that names its teacher's weights file (tag TEACHER_CHECKPOINT on the sweep's run) gets the latest
-    run of that file only: other teachers of the experiment (another width, a smoke test's 4-iteration one, an
-    earlier file at the same path) are not its teacher. An older sweep without the tag gets every teacher run
-    that is not a smoke test's.
+    run of that file only, the latest FINISHED one when there is one (a `kdray.teacher --force` retraining that
+    failed or was interrupted wrote no file): other teachers of the experiment (another width, a smoke test's
+    4-iteration one, an earlier file at the same path) are not its teacher. An older sweep without the tag gets
+    every teacher run that is not a smoke test's.
     """
     path = sweep_tags.get(contract.TEACHER_CHECKPOINT)
     if path is None:
         return [r for r in teachers if r.data.tags.get(contract.SMOKE_TEST) != "true"]
     same = [r for r in teachers if r.data.tags.get(contract.TEACHER_CHECKPOINT) == path]
-    return sorted(same, key=lambda r: r.info.start_time or 0)[-1:]
+    done = [r for r in same if r.info.status == "FINISHED"]
+    return sorted(done or same, key=lambda r: r.info.start_time or 0)[-1:]
 
 
 def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
