@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kdray.errors import KdrayError
@@ -45,6 +48,33 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="override job values, e.g. losses.kd.weight=0.5 optim.iterations=200; "
                              "they may come before, between or after the options")
     return parser
+
+
+def tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--tracking-uri` and `--no-tracking`: where a training's MLflow run goes, or that it has none."""
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: the job's tracking.uri, else $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///<cwd>/mlflow.db, as a sweep)")
+    parser.add_argument("--no-tracking", action="store_true", help="record no MLflow run")
+
+
+def interrupt(signum, frame) -> None:
+    """A signal handler that raises KeyboardInterrupt: SIGTERM then ends a command as Ctrl+C does."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within it, SIGTERM (`kill`) raises KeyboardInterrupt, so a command closes what it opened as on Ctrl+C; the
+    handler before it is put back after. A no-op off the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """`python -m kdray.train --job JOB [key=value ...]`: distil one student from the job's teacher.
 
-Prints the mIoU at each evaluation; writes checkpoints and the best student under run.output_dir.
-`--resume DIR` continues an interrupted run from its checkpoint directory.
+Prints the mIoU at each evaluation; writes checkpoints and the best student under run.output_dir, and records the
+run in MLflow (kind train: params, dataset inputs, metrics, the best checkpoint, a description) in the store a sweep
+uses: --tracking-uri, else tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; --no-tracking records nothing.
+`--resume DIR` continues an interrupted run from its checkpoint directory (and its MLflow run).
 `--dry-run` validates the job, checks the data tree and the weight files, prints the plan and stops: nothing is
 trained and no model is built. `--check-data` reads every mask of both splits first (a normal start reads a
 few), then goes on (with --dry-run: stops after the plan).
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kdray.cli import default_job, job_parser, run_main
+from kdray.cli import default_job, job_parser, run_main, sigterm_as_ctrl_c, tracking_arguments
 from kdray.config import Job, job_hash, load_job
 from kdray.contract import miou_metric_key
 from kdray.data import split_name
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the job, check data and weight files, print the plan; train nothing")
     parser.add_argument("--check-data", action="store_true", help="read and check every mask before starting")
+    tracking_arguments(parser)
     args = parser.parse_args(argv)
     job = load_job(args.job or default_job(), args.overrides)
     sizes = open_splits(job, full=args.check_data)
@@ -95,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     if job.distills:
         print(f"teacher: {job.teacher.checkpoint}")
     print(f"outputs: {out}")
-    result = train(job, out, role="student", resume=args.resume)
+    if args.no_tracking:
+        result = train(job, out, role="student", resume=args.resume)
+    else:
+        from kdray.orchestration.single import train_tracked
+
+        with sigterm_as_ctrl_c():  # `kill` ends the run as Ctrl+C does: its MLflow run KILLED
+            result = train_tracked(job, out, resume=args.resume, tracking_uri=args.tracking_uri)
     print(f"{method_label(job.losses)} student {job.student.arch}: final mIoU {100 * result.final_miou:.2f}, "
           f"best {100 * result.best_miou:.2f} at iteration {result.best_iteration}, {result.wall_s:.0f} s; "
           f"outputs in {out}")

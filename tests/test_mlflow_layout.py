@@ -1,8 +1,8 @@
 """What a researcher finds in MLflow: the experiment's kind, each run's active params and searched knobs, its data
 as dataset inputs (digest, sizes), its description, the sweep's best trial on the sweep's run, the teacher's run
-beside (not under) the sweep that trained it.
+beside (not under) the sweep that trained it, and `kdray.train` / `kdray.teacher` recorded as runs.
 
-A temporary SQLite store each; no Ray.
+A temporary SQLite store each; no Ray. The two trainings on the synthetic demo are a few iterations long (slow).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+import kdray.teacher
+import kdray.train
 from kdray import contract
 from kdray.cli import default_job
 from kdray.config import flatten, load_job, to_dict
@@ -34,6 +36,9 @@ from kdray.space import ROW_KEY, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPACE = REPO / "search_spaces" / "demo.yaml"
+TINY = ["optim.iterations=2", "optim.eval_interval=1", "optim.log_interval=1", "data.batch_size=4",
+        "data.eval_batch_size=4", "data.synthetic.train_length=16", "data.synthetic.val_length=4",
+        "run.latency_repeats=0", "run.threads=1"]
 
 
 def store(tmp_path: Path) -> str:
@@ -291,3 +296,68 @@ def test_a_sweeps_teacher_row_is_the_latest_finished_run_of_its_file(tmp_path):
         ids.append(run_id.info.run_id)
     found = [client.get_run(i) for i in ids]
     assert [r.info.run_id for r in sweep_teachers(found, {contract.TEACHER_CHECKPOINT: "/w/a.pt"})] == ids[:1]
+
+
+# -- kdray.train and kdray.teacher ---------------------------------------------------------------------------------
+
+def one_run(uri: str, kind: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`{contract.KIND}` = '{kind}'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("the loss is NaN"), "FAILED"),
+                                               (KeyboardInterrupt(), "KILLED")])
+def test_a_training_that_raises_or_is_interrupted_never_leaves_its_run_running(tmp_path, monkeypatch, error,
+                                                                                status):
+    import kdray.engine
+
+    def train(*args, **kwargs):
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kdray.engine, "train", train)
+    with pytest.raises(type(error)):
+        kdray.train.main(["--tracking-uri", str(tmp_path / "m.db"), *TINY])
+    _, run = one_run(store(tmp_path).replace("mlflow.db", "m.db"), "train")
+    assert run.info.status == status
+    assert run.data.tags[contract.FAILURE] == ("RuntimeError: the loss is NaN" if status == "FAILED" else "interrupted")
+
+
+@pytest.mark.slow
+def test_kdray_train_is_a_run_laid_out_as_a_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert kdray.train.main(TINY) == 0  # the default store: ./mlflow.db, as a sweep's
+    client, run = one_run(store(tmp_path), "train")
+    assert run.info.status == "FINISHED" and run.data.tags[contract.METHOD] == "CE"
+    assert client.get_experiment(run.info.experiment_id).name == "demo"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)] == [1, 2]
+    assert contract.TRAIN_LOSS_TOTAL in run.data.metrics and contract.VAL_BEST_MIOU in run.data.metrics
+    assert "losses.kd.enabled" in run.data.params and "losses.kd.weight" not in run.data.params
+    assert run.data.tags[contract.NOTE].startswith("**CE-only student deeplabv3_resnet18 (width 0.125)**: L = 1·CE; "
+                                                   "seed 0, 2 iterations")
+    assert "A single run of `python -m kdray.train`" in run.data.tags[contract.NOTE]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"synthetic/train", "synthetic/val"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, contract.BEST_CHECKPOINT_ARTIFACT_DIR)] == \
+        ["checkpoints/best_student.pt"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == [contract.JOB_ARTIFACT]
+
+
+@pytest.mark.slow
+def test_kdray_teacher_is_a_teacher_run_a_later_sweeps_report_can_take(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "teacher.pt"
+    uri = store(tmp_path)
+    assert kdray.teacher.main(["--tracking-uri", uri, f"teacher.checkpoint={target}", "teacher.iterations=2",
+                               "teacher.width=0.125", *TINY]) == 0
+    client, run = one_run(uri, "teacher")
+    assert run.info.status == "FINISHED" and target.is_file()
+    assert run.data.tags[contract.TEACHER_CHECKPOINT] == str(target) and contract.PARENT not in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)] == [1, 2]
+    assert run.data.tags[contract.NOTE].startswith("**teacher deeplabv3_resnet18 (width 0.125)**: L = 1·CE; seed 0, "
+                                                   "2 iterations on synthetic/train, scored on synthetic/val.")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, contract.BEST_CHECKPOINT_ARTIFACT_DIR)] == \
+        ["checkpoints/best_teacher.pt"]
