@@ -87,18 +87,19 @@ def pages(client: MlflowClient, experiment: str, sweep_id: str | None) -> dict[s
     confirmed = [run.info.run_id for run in trials if run.data.tags.get(contract.STAGE) == "confirm"]
     compared = confirmed or [run.info.run_id for run in scored]
     parent, trial = sweep.info.run_name, best.info.run_name
+    view = "?workflowType=machine_learning"  # MLflow 3.17's sidebar switch, set to Model training (not GenAI)
     routes = {
-        "runs": (f"/experiments/{experiment_id}/runs", parent, expand_row(parent)),
-        "parent": (f"/experiments/{experiment_id}/runs/{sweep.info.run_id}", parent, None),
-        "predictions": (f"/experiments/{experiment_id}/runs/{best.info.run_id}/model-metrics", trial,
+        "runs": (f"/experiments/{experiment_id}/runs{view}", parent, expand_row(parent)),
+        "parent": (f"/experiments/{experiment_id}/runs/{sweep.info.run_id}{view}", parent, None),
+        "predictions": (f"/experiments/{experiment_id}/runs/{best.info.run_id}/model-metrics{view}", trial,
                         filter_charts("predictions")),
         "model": None,
         "compare": ("/compare-runs?runs=" + quote(json.dumps(compared)) + "&experiments="
-                    + quote(json.dumps([experiment_id])), "Comparing", None),
+                    + quote(json.dumps([experiment_id])) + view.replace("?", "&"), "Comparing", None),
     }
     models = [output.model_id for output in (best.outputs.model_outputs if best.outputs else [])]
     if models:
-        routes["model"] = (f"/experiments/{experiment_id}/models/{models[-1]}", "model", None)
+        routes["model"] = (f"/experiments/{experiment_id}/models/{models[-1]}{view}", "model", None)
     else:
         print(f"the best trial {trial} logged no model: no model.png", file=sys.stderr)
         del routes["model"]
