@@ -344,6 +344,14 @@ def test_kdray_train_is_a_run_laid_out_as_a_trial(tmp_path, monkeypatch):
     assert [a.path for a in client.list_artifacts(run.info.run_id, contract.BEST_CHECKPOINT_ARTIFACT_DIR)] == \
         ["checkpoints/best_student.pt"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == [contract.JOB_ARTIFACT]
+    # what a trial's run shows: each evaluation's picture (step = iteration), the best predictions, the model
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert {int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")} == {1, 2}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, contract.PREDICTIONS_ARTIFACT_DIR)] == \
+        [f"{contract.PREDICTIONS_ARTIFACT_DIR}/{contract.BEST_PREDICTIONS_FILE}"]
+    best = max(client.get_metric_history(run.info.run_id, contract.VAL_MIOU), key=lambda m: (m.value, -m.step)).step
+    assert [o.step for o in run.outputs.model_outputs] == [best]
+    assert client.get_logged_model(run.outputs.model_outputs[0].model_id).name == contract.STUDENT_MODEL_NAME
 
 
 @pytest.mark.slow

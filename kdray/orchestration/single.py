@@ -103,10 +103,17 @@ class SingleRun:
         metrics = evaluation.metrics()
         step = int(metrics.pop(contract.ITERATION))
         self._logger.log_metrics(metrics, step)
-        if evaluation.is_best:  # the engine has just written them
+        if evaluation.is_best:  # the engine has just written them (and the preview images' predictions)
             self._logger.log_artifact(self.output_dir / f"best_{self.role}.pt", contract.BEST_CHECKPOINT_ARTIFACT_DIR)
+            predictions = self.output_dir / contract.BEST_PREDICTIONS_FILE
+            if predictions.is_file():
+                self._logger.log_artifact(predictions, contract.PREDICTIONS_ARTIFACT_DIR)
         if evaluation.time_budget_reached:
             self._logger.set_tags({contract.TIME_BUDGET_STOP: str(evaluation.iteration)})
+
+    def preview(self, iteration: int, picture) -> None:
+        """The engine's `preview`: the evaluation's picture under the trial runs' image key, the iteration as step."""
+        self._logger.log_image(picture, contract.PREDICTIONS_IMAGE_KEY, iteration)
 
     def log(self, metrics: dict[str, float]) -> None:
         """The engine's `log`: a window's training metrics (or the final multi-scale scores) at their iteration."""
@@ -126,7 +133,9 @@ class SingleRun:
 
 def train_tracked(job: Job, output_dir: Path, *, role: str = "student", resume: str | None = None,
                   tracking_uri: str | None = None, command: str = "python -m kdray.train", say=print):
-    """`kdray.engine.train` of `job` into `output_dir`, recorded as a `SingleRun`; returns the engine's RunResult.
+    """`kdray.engine.train` of `job` into `output_dir`, recorded as a `SingleRun` as a trial's run is (with the
+    evaluations' preview pictures and, for a student, its best weights as an MLflow model); returns the engine's
+    RunResult.
     Whatever ends the training (an error, Ctrl+C) ends the run first, then goes on up."""
     from kdray.engine import train
 
@@ -134,7 +143,12 @@ def train_tracked(job: Job, output_dir: Path, *, role: str = "student", resume: 
     run.start(resumed=resume is not None)
     say(f"MLflow run {run.run_id} in {run.uri} (experiment {job.tracking.experiment or job.name!r}): {run.link}")
     try:
-        result = train(job, output_dir, role=role, resume=resume, report=run.report, log=run.log)
+        result = train(job, output_dir, role=role, resume=resume, report=run.report, log=run.log,
+                       preview=run.preview)
+        if role == "student" and job.tracking.log_model and result.best_iteration >= 0:
+            from kdray.orchestration.student_model import log_best_student
+
+            log_best_student(run.uri, run.run_id, job, result.best_weights, result.best_iteration)
     except BaseException as err:
         run.end(err)
         raise
