@@ -14,8 +14,6 @@ kdray logged them, or data.preview_images 0), or predictions of other images (an
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,17 +22,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from mlflow.exceptions import MlflowException
 
 from kdray import contract
 from kdray.rendering import Predictions, colorize, read_predictions
-from kdray.reporting.runs import SweepData, open_client
+from kdray.reporting.runs import SweepData, open_client, read_artifact
 from kdray.reporting.tables import method_groups, pair_text
 
 PANEL_INCHES = 2.0  # width of one column
 DPI = 120
 MISSING_GREY = 0.85  # the face of a column with nothing to show
-_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 Fetch = Callable[[str], "Predictions | None"]  # run id -> its best predictions, None when it has none
 
@@ -67,18 +63,7 @@ def fetch_predictions(tracking_uri: str) -> Fetch:
     artifact = f"{contract.PREDICTIONS_ARTIFACT_DIR}/{contract.BEST_PREDICTIONS_FILE}"
 
     def fetch(run_id: str) -> Predictions | None:
-        quiet = os.environ.get(_PROGRESS_BAR)
-        os.environ[_PROGRESS_BAR] = "false"  # MLflow draws a progress bar on stderr for every download
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                return read_predictions(client.download_artifacts(run_id, artifact, tmp))
-        except (MlflowException, OSError, ValueError):
-            return None
-        finally:
-            if quiet is None:
-                del os.environ[_PROGRESS_BAR]
-            else:
-                os.environ[_PROGRESS_BAR] = quiet
+        return read_artifact(client, run_id, artifact, read_predictions, errors=(ValueError,))
 
     return fetch
 

@@ -13,9 +13,11 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 from mlflow import MlflowClient
@@ -25,6 +27,8 @@ from mlflow.exceptions import MlflowException
 from kdray import contract
 from kdray.contract import iou_metric_key, resolve_tracking_uri
 from kdray.errors import ConfigError
+
+T = TypeVar("T")
 
 # run states, as the tables count them
 FINISHED = "finished"  # status FINISHED, not stopped early, with a val/miou: the only runs averaged
@@ -474,20 +478,27 @@ def sweep_teachers(teachers: list[Run], sweep_tags: dict[str, str]) -> list[Run]
     return sorted(done or same, key=lambda r: r.info.start_time or 0)[-1:]
 
 
-def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
-    """A text artifact of a run, or None when it is missing or unreadable."""
+def read_artifact(client: MlflowClient, run_id: str, path: str, read: Callable[[Path], T],
+                  errors: tuple[type[BaseException], ...] = ()) -> T | None:
+    """`read(local copy)` of a run's artifact, or None when it is missing or unreadable (MlflowException, OSError,
+    or one of `errors`). MLflow's per-download progress bar is kept off stderr for the call."""
     quiet = os.environ.get(_PROGRESS_BAR)
     os.environ[_PROGRESS_BAR] = "false"  # MLflow draws a progress bar on stderr for every download
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return Path(client.download_artifacts(run_id, path, tmp)).read_text()
-    except (MlflowException, OSError):
+            return read(Path(client.download_artifacts(run_id, path, tmp)))
+    except (MlflowException, OSError, *errors):
         return None
     finally:
         if quiet is None:
             del os.environ[_PROGRESS_BAR]
         else:
             os.environ[_PROGRESS_BAR] = quiet
+
+
+def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """A text artifact of a run, or None when it is missing or unreadable."""
+    return read_artifact(client, run_id, path, Path.read_text)
 
 
 def read_iou_at(tracking_uri: str, steps: dict[str, int], keys: dict[str, str]) -> dict[str, dict[str, float]]:
