@@ -14,7 +14,7 @@ closed (it takes a quarter of the window on a first visit), the sweep's parent r
 |---|---|
 | runs.png | the experiment's run table (the sweep's parent run and its trials) |
 | parent.png | the sweep's parent run: its description, best mIoU, the best trial's parameters and link |
-| predictions.png | the best trial's `predictions` images, their step slider (the model-metrics tab, filtered) |
+| predictions.png | the best trial's last `predictions` picture (image, ground truth, student, teacher, errors), opened on its Artifacts tab |
 | model.png | the best trial's logged model (the student as an MLflow model) |
 | compare.png | the compare view of the confirmation stage's runs |
 
@@ -91,8 +91,8 @@ def pages(client: MlflowClient, experiment: str, sweep_id: str | None) -> dict[s
     routes = {
         "runs": (f"/experiments/{experiment_id}/runs{view}", parent, expand_row(parent)),
         "parent": (f"/experiments/{experiment_id}/runs/{sweep.info.run_id}{view}", parent, None),
-        "predictions": (f"/experiments/{experiment_id}/runs/{best.info.run_id}/model-metrics{view}", trial,
-                        filter_charts("predictions")),
+        "predictions": (f"/experiments/{experiment_id}/runs/{best.info.run_id}/artifacts{view}", trial,
+                        open_artifact(latest_predictions(client, best.info.run_id))),
         "model": None,
         "compare": ("/compare-runs?runs=" + quote(json.dumps(compared)) + "&experiments="
                     + quote(json.dumps([experiment_id])) + view.replace("?", "&"), "Comparing", None),
@@ -138,15 +138,28 @@ def expand_row(name: str):
     return click
 
 
-def filter_charts(text: str):
-    """Type `text` into a run page's metric-chart search (its model-metrics tab)."""
-    def fill(page) -> None:
-        search = page.get_by_placeholder("Search metric charts")
-        if search.count():
-            search.first.fill(text)
-        else:
-            print(f"no metric-chart search on {page.url}", file=sys.stderr)
-    return fill
+def latest_predictions(client: MlflowClient, run_id: str) -> str | None:
+    """The artifact path of the run's last `predictions` picture (MLflow keeps each step's image under
+    `images/<key>+step+<step>+...png`, next to a compressed copy), or None when it logged none."""
+    key = contract.PREDICTIONS_IMAGE_KEY
+    found = [a.path for a in client.list_artifacts(run_id, "images")
+             if a.path.split("/")[-1].startswith(f"{key}+step+") and a.path.endswith(".png")]
+    return max(found, key=lambda path: int(path.split("/")[-1].split("+")[2]), default=None)
+
+
+def open_artifact(path: str | None):
+    """On a run's Artifacts tab, open the folders down to `path` and select it: the UI previews the image whole
+    (the chart card of an image key in MLflow 3.17 shows the run's parameters over it, not the picture)."""
+    def click(page) -> None:
+        if path is None:
+            print(f"no predictions picture to open on {page.url}", file=sys.stderr)
+            return
+        *folders, name = path.split("/")
+        for folder in folders:
+            page.get_by_text(folder, exact=True).first.click()
+            page.wait_for_timeout(1000)
+        page.get_by_text(name, exact=False).first.click()
+    return click
 
 
 def shrink(path: Path, width: int, colours: int = 128) -> None:

@@ -3,8 +3,9 @@ best evaluation's predictions for the report. Plain numpy and PIL (no torch, no 
 renders at each evaluation, and the report, which composes a sweep's figure from the kept files, share it.
 
     preview_indices(len(val), 4)        -> the job's preview items, e.g. [17, 90, 141, 230]: fixed per job
-    render_predictions(images, labels, student, teacher, palette, ignore_index)
-                                        -> uint8 (H, W, 3), a row per image: image | truth | student | teacher | errors
+    render_predictions(images, labels, student, teacher, palette, ignore_index, titled=True)
+                                        -> uint8 (H, W, 3), a row per image: image | truth | student | teacher | errors,
+                                           under a strip naming the columns
     write_predictions / read_predictions  <output_dir>/best_predictions.npz (kdray.contract.BEST_PREDICTIONS_FILE)
 
 Colours: a class id k is drawn in `palette[k]` (the dataset's, `kdray.data.class_palette`); a pixel of no class
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 PREVIEW_SEED = 21  # which val items a job previews: fixed, so every run and seed of a job shows the same images
 MAX_PANEL_WIDTH = 512  # pixels: wider images are shrunk to this for display
@@ -35,6 +36,8 @@ BACKGROUND = (255, 255, 255)  # the gaps, and the right of a row narrower than t
 IGNORE_COLOUR = (0, 0, 0)  # ground-truth pixels of no class (the ignore value)
 CORRECT_COLOUR, WRONG_COLOUR, UNJUDGED_COLOUR = (0, 0, 0), (255, 0, 0), (128, 128, 128)  # the error map
 FORMAT_VERSION = 1  # of the predictions file
+TITLE_HEIGHT = 20  # pixels: the strip above the first row that names the columns (`titled`)
+TITLE_COLOUR = (0, 0, 0)
 
 
 def preview_indices(length: int, count: int, seed: int = PREVIEW_SEED) -> list[int]:
@@ -139,8 +142,10 @@ def stack(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
 
 def render_predictions(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], student: Sequence[np.ndarray],
                        teacher: Sequence[np.ndarray] | None, palette: Sequence[Sequence[int]],
-                       ignore_index: int) -> np.ndarray:
+                       ignore_index: int, *, titled: bool = False) -> np.ndarray:
     """One row per image: image | ground truth | student | teacher | error map, uint8 (H_total, W_total, 3) RGB.
+    With `titled`, a TITLE_HEIGHT strip above the rows names each column over the first row's panels (`titled_columns`):
+    the picture then explains itself where it is shown alone (the MLflow UI).
 
     images: uint8 (H_i, W_i, 3) RGB (`denormalize`); labels: (H_i, W_i) class ids with `ignore_index`; student and
     teacher: (H_i, W_i) predicted class ids (argmax of the logits at the label's size). `teacher` None (a run without
@@ -166,7 +171,29 @@ def render_predictions(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
         panels += [colorize(rest[0], palette)] if rest else []
         panels.append(error_map(prediction, label, ignore_index))
         rows.append(panels)
-    return stack(rows)
+    picture = stack(rows)
+    if not titled:
+        return picture
+    names = ["image", "ground truth", "student", *(["teacher"] if teacher is not None else []), "errors (red)"]
+    return titled_columns(picture, names, [panel.shape[1] for panel in rows[0]])
+
+
+def titled_columns(picture: np.ndarray, names: Sequence[str], widths: Sequence[int]) -> np.ndarray:
+    """`picture` (uint8 (H, W, 3)) under a TITLE_HEIGHT strip of BACKGROUND in which each name is written (PIL's
+    built-in font, TITLE_COLOUR) centred over its column: columns of `widths` pixels, GAP apart, from the left.
+    A name wider than its column is cut at the column's right edge."""
+    strip = Image.new("RGB", (picture.shape[1], TITLE_HEIGHT), BACKGROUND)
+    font = ImageFont.load_default(size=12)
+    left = 0
+    for name, width in zip(names, widths):
+        cell = Image.new("RGB", (width, TITLE_HEIGHT), BACKGROUND)
+        cell_draw = ImageDraw.Draw(cell)
+        text_width = cell_draw.textlength(name, font=font)
+        cell_draw.text((max(0.0, (width - text_width) / 2), TITLE_HEIGHT / 2), name, fill=TITLE_COLOUR, font=font,
+                       anchor="lm")
+        strip.paste(cell, (left, 0))
+        left += width + GAP
+    return np.concatenate([np.asarray(strip, np.uint8), picture], axis=0)
 
 
 @dataclass(frozen=True)
@@ -195,10 +222,10 @@ class Predictions:
                 and all(np.array_equal(a, b) for a, b in zip(self.images, other.images))
                 and all(np.array_equal(a, b) for a, b in zip(self.labels, other.labels)))
 
-    def render(self) -> np.ndarray:
-        """The rows `render_predictions` draws of these predictions."""
+    def render(self, titled: bool = True) -> np.ndarray:
+        """The rows `render_predictions` draws of these predictions, under the columns' names unless not `titled`."""
         return render_predictions(self.images, self.labels, self.student, self.teacher, self.palette,
-                                  self.ignore_index)
+                                  self.ignore_index, titled=titled)
 
 
 def fit_for_display(image: np.ndarray, *maps: np.ndarray | None) -> tuple[np.ndarray, ...]:

@@ -3,6 +3,8 @@ previews and best-predictions file, and their images in an MLflow store."""
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,9 @@ def test_the_default_palette_is_distinct_and_never_black(count):
     colours = default_palette(count)
     assert len(colours) == count and len(set(colours)) == count and (0, 0, 0) not in colours
     assert default_palette(count) == colours  # a pure function of the count
+    # no class is drawn in the error map's red (class 0, often the background, least of all)
+    hues = [colorsys.rgb_to_hsv(*(c / 255 for c in colour))[0] for colour in colours]
+    assert all(min(h, 1 - h) > 0.03 for h in hues)
 
 
 def test_a_job_gets_its_datasets_palette_or_the_default_for_another_class_count():
@@ -161,6 +166,23 @@ def test_a_two_by_two_row_drawn_by_hand(monkeypatch):
     assert np.array_equal(second_errors, np.array([[BLACK, BLACK], [GREY, BLACK]], np.uint8))
 
 
+def test_a_titled_picture_names_its_columns_above_the_rows(monkeypatch):
+    monkeypatch.setattr(rendering, "MIN_PANEL_WIDTH", 1)
+    image = np.full((40, 80, 3), 7, np.uint8)
+    maps = [np.zeros((40, 80), int)]
+    plain = render_predictions([image], maps, maps, maps, [P0], 255)
+    titled = render_predictions([image], maps, maps, maps, [P0], 255, titled=True)
+    assert titled.shape == (rendering.TITLE_HEIGHT + 40, plain.shape[1], 3)
+    assert np.array_equal(titled[rendering.TITLE_HEIGHT:], plain)  # the rows are unchanged, under the strip
+    strip = titled[:rendering.TITLE_HEIGHT]
+    for column in range(5):  # image, ground truth, student, teacher, errors: each has its name written over it
+        cell = strip[:, column * (80 + GAP):column * (80 + GAP) + 80]
+        assert (cell != 255).any(), f"column {column} has no title"
+    assert (strip[:, 80:80 + GAP] == 255).all()  # nothing written in the gaps
+    without_teacher = render_predictions([image], maps, maps, None, [P0], 255, titled=True)
+    assert without_teacher.shape[1] == 4 * 80 + 3 * GAP
+
+
 def test_small_images_are_enlarged_in_blocks_and_wide_ones_shrunk():
     assert display_size(2, 2) == (128, 128) and display_size(64, 64) == (128, 128) and display_size(100, 100) == (
         100, 100)
@@ -228,9 +250,10 @@ def test_a_distilling_run_previews_at_each_evaluation_and_keeps_its_best(tmp_pat
     result = train(job, tmp_path / "run", progress=False, preview=lambda i, p: pictures.append((i, p)))
     panel = 128  # 32x32 images, enlarged 4x
     assert [i for i, _ in pictures] == [2, 4]
-    for _, picture in pictures:  # 3 rows of image | truth | student | teacher | errors
-        assert picture.dtype == np.uint8 and picture.shape == (3 * panel + 2 * GAP, 5 * panel + 4 * GAP, 3)
-    teacher = np.s_[:, 3 * (panel + GAP):3 * (panel + GAP) + panel]
+    title = rendering.TITLE_HEIGHT
+    for _, picture in pictures:  # the columns' names over 3 rows of image | truth | student | teacher | errors
+        assert picture.dtype == np.uint8 and picture.shape == (title + 3 * panel + 2 * GAP, 5 * panel + 4 * GAP, 3)
+    teacher = np.s_[title:, 3 * (panel + GAP):3 * (panel + GAP) + panel]
     assert np.array_equal(pictures[0][1][teacher], pictures[1][1][teacher])  # the frozen teacher, predicted once
 
     kept = read_predictions(tmp_path / "run" / contract.BEST_PREDICTIONS_FILE)

@@ -201,19 +201,27 @@ def dataset_spec(name: str) -> DatasetSpec:
     raise ConfigError(f"data.dataset: got {name!r}{hint}; registered: {', '.join(DATASETS)}")
 
 
+HUE_START = 0.6  # blue: the hue of class 0 in a generated palette
+RED_HUES = 0.04  # hues this close to 0 (red) are left to the error map
+
+
 def default_palette(count: int) -> Palette:
     """`count` distinct colours for class ids 0..count-1, none black (black marks ignored pixels).
 
-    Colour k has hue (k * phi) mod 1, phi = (sqrt(5) - 1) / 2 (the golden-ratio sequence: each new hue falls in
-    the largest gap left by the previous ones), saturation 0.95 or 0.6 (alternating with k) and value 0.95, 0.75 or
-    0.55 (cycling with k // 2), converted from HSV to 8-bit RGB. A colour that repeats an earlier one (possible only
+    Colour k has hue (HUE_START + k * phi) mod 1, phi = (sqrt(5) - 1) / 2 (the golden-ratio sequence: each new hue
+    falls in the largest gap left by the previous ones). It starts at blue, and a hue within RED_HUES of red (0) is
+    moved on by 2 * RED_HUES: red is the error map's, and class 0 (often the background, the largest area) must not
+    look like errors. Saturation 0.95 or 0.6 (alternating with k), value 0.95, 0.75 or 0.55 (cycling with k // 2),
+    converted from HSV to 8-bit RGB. A colour that repeats an earlier one (possible only
     among hundreds of classes, after rounding) is moved to the next unused one in RGB order.
     """
     phi = (5 ** 0.5 - 1) / 2
     colours: list[tuple[int, int, int]] = []
     used: set[tuple[int, int, int]] = {(0, 0, 0)}
     for k in range(count):
-        hue, saturation, value = (k * phi) % 1.0, (0.95, 0.6)[k % 2], (0.95, 0.75, 0.55)[(k // 2) % 3]
+        hue, saturation, value = (HUE_START + k * phi) % 1.0, (0.95, 0.6)[k % 2], (0.95, 0.75, 0.55)[(k // 2) % 3]
+        if min(hue, 1.0 - hue) < RED_HUES:  # red marks the error map's wrong pixels
+            hue = (hue + 2 * RED_HUES) % 1.0
         r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
         code = (round(255 * r) << 16) | (round(255 * g) << 8) | round(255 * b)
         while ((code >> 16) & 255, (code >> 8) & 255, code & 255) in used:
