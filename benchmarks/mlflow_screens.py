@@ -14,7 +14,7 @@ closed (it takes a quarter of the window on a first visit), the sweep's parent r
 |---|---|
 | runs.png | the experiment's run table (the sweep's parent run and its trials) |
 | parent.png | the sweep's parent run: its description, best mIoU, the best trial's parameters and link |
-| predictions.png | the best trial's last `predictions` picture (image, ground truth, student, teacher, errors), opened on its Artifacts tab |
+| predictions.png | the best trial's last `predictions` picture, opened on its Artifacts tab |
 | model.png | the best trial's logged model (the student as an MLflow model) |
 | compare.png | the compare view of the confirmation stage's runs |
 

@@ -151,7 +151,7 @@ BEST_PREDICTIONS_FILE = "best_predictions.npz"  # the best evaluation's previews
 #   (`kdray.rendering.write_predictions`), written to the run's output folder and logged under:
 PREDICTIONS_ARTIFACT_DIR = "predictions"
 QUALITATIVE_FIGURE = "qualitative.png"  # the sweep report's figure: the previews by each method's best run
-QUALITATIVE_IMAGE_KEY = "qualitative"  # ... also logged with log_image on the sweep's run (step 0)
+QUALITATIVE_IMAGE_KEY = "qualitative"  # ... also logged with log_image on the sweep's run (step: the how-many-th log)
 STUDENT_MODEL_NAME = "student"  # mlflow.pytorch.log_model name of a trial's best student (a LoggedModel)
 MODEL_FAILURE = "kdray.model.failure"  # tag: why the best student could not be logged as an MLflow model
 

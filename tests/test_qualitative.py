@@ -13,6 +13,7 @@ from kdray import contract
 from kdray.rendering import Predictions, write_predictions
 from kdray.reporting import read_sweep, write_report
 from kdray.reporting.qualitative import fetch_predictions, method_columns, write_qualitative
+from kdray.reporting.write import logged_images
 
 ARCHS = {contract.TEACHER_ARCH: "deeplabv3_resnet101", contract.STUDENT_ARCH: "deeplabv3_resnet18",
          contract.PARAMS_M: "13.6000", contract.DATASET: "synthetic"}
@@ -76,6 +77,11 @@ def test_the_figure_is_written_logged_and_says_which_methods_have_no_predictions
     images = [f.path for f in client.list_artifacts(sweep_run, "images")]
     assert any(p.startswith(f"images/{contract.QUALITATIVE_IMAGE_KEY}+step+0+") and p.endswith(".png")
                for p in images)
+    # logged again (kdray report --log): the next step, so the image slider holds each version once
+    write_report(store["uri"], "qual", "q-1", tmp_path / "again", log_artifacts=True)
+    steps = sorted(int(p.split("/")[-1].split("+")[2]) for p in logged_images(client, sweep_run,
+                                                                              contract.QUALITATIVE_IMAGE_KEY))
+    assert steps == [0, 1]
 
 
 def test_columns_follow_the_method_table_and_take_each_methods_best_run(store):

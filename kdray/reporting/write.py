@@ -183,7 +183,8 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     miou_vs_iteration.png, pareto.png when runs logged GFLOPs or latency, for a search sweep
     parallel_coordinates.png and importance.png, and qualitative.png (the preview images predicted by each method's
     best run, `kdray.reporting.qualitative`) when those runs logged predictions; with `log_artifacts` that figure is
-    also logged with log_image (key `qualitative`, step 0) on the sweep's run.
+    also logged with log_image (key `qualitative`) on the sweep's run: step 0 the first time, then one step more
+    each time a report is logged again (`logged_images`), so the image slider holds each version once.
     Raises ConfigError for an unknown store, experiment or sweep, or a bad value or format.
     """
     if value not in VALUES:
@@ -241,14 +242,23 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
         for path in files:
             client.log_artifact(data.sweep_run_id, str(path), contract.REPORT_ARTIFACT_DIR)
         if qualitative is not None and qualitative.path is not None:  # also in the run's image view
+            step = len(logged_images(client, data.sweep_run_id, contract.QUALITATIVE_IMAGE_KEY))
             with Image.open(qualitative.path) as figure:
-                client.log_image(data.sweep_run_id, figure.convert("RGB"), key=contract.QUALITATIVE_IMAGE_KEY, step=0,
-                                 synchronous=True)
+                client.log_image(data.sweep_run_id, figure.convert("RGB"), key=contract.QUALITATIVE_IMAGE_KEY,
+                                 step=step, synchronous=True)
     timings["write"] = time.perf_counter() - start
     return ReportResult(markdown=text, files=tuple(files), tables={t.name: t for t in tables},
                         experiment=experiment, sweep_id=data.sweep_id, sweep_run_id=data.sweep_run_id, value=value,
                         out_dir=out, timings=timings,
                         verdict=_verdict(tables))
+
+
+def logged_images(client, run_id: str, key: str) -> list[str]:
+    """The artifact paths of the images logged on the run under `key` (MLflow 3 keeps each as
+    `images/<key>+step+<step>+timestamp+...png`, next to a compressed copy, which is not counted)."""
+    prefix = f"{key}+step+"
+    return [a.path for a in client.list_artifacts(run_id, "images")
+            if a.path.split("/")[-1].startswith(prefix) and a.path.endswith(".png")]
 
 
 def _verdict(tables: list[Table]) -> str | None:
