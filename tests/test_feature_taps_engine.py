@@ -6,7 +6,7 @@ import torch
 from test_engine import tiny_job
 
 from kdray.engine import RankContext, train
-from kdray.engine.step import TrainStep
+from kdray.engine.step import TrainStep, shared_teacher_forward
 from kdray.errors import ConfigError
 from kdray.models import build_model
 
@@ -61,3 +61,44 @@ def test_training_the_teacher_hooks_no_layer_of_a_job_whose_losses_read_some(tmp
     model = build_model(job.teacher.arch, 8, width=job.teacher.width)
     step = TrainStep.build(job, model, None, LossesConfig(), RankContext())
     assert step.student_taps is None and not any(m._forward_hooks for m in model.modules())
+
+
+def test_one_teacher_forward_serves_steps_that_tap_different_layers_as_their_own_would(tmp_path, teacher_file,
+                                                                                      layer_hint):
+    """The seam of a trial pack: steps sharing a teacher and a batch take their views from one forward, and each
+    trains exactly as it would with its own forward."""
+    jobs = [tiny_job(tmp_path, teacher_file, **{f"losses.{layer_hint}.enabled": True,
+                                               f"losses.{layer_hint}.layer": layer}) for layer in
+            ("backbone.layer2", "backbone.layer3")]
+    jobs.append(tiny_job(tmp_path, teacher_file, **{"losses.kd.enabled": True}))  # no taps at all
+    teacher = build_model(jobs[0].teacher.arch, 8, width=jobs[0].teacher.width).eval().requires_grad_(False)
+
+    def steps():
+        built = []
+        for job in jobs:
+            torch.manual_seed(0)
+            built.append(TrainStep.build(job, build_model(job.student.arch, 8, width=job.student.width), teacher,
+                                         job.losses, RankContext()))
+        return built
+
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4, 32, 32))
+    alone, shared = steps(), steps()
+    expected = []
+    for step in alone:
+        torch.manual_seed(1)
+        expected.append(step(images, labels)[0].item())
+    views = shared_teacher_forward(shared, images)
+    assert [None if taps is None else list(taps) for _, taps in views] == [["backbone.layer2"], ["backbone.layer3"],
+                                                                          None]
+    got = []
+    for step, view in zip(shared, views):
+        torch.manual_seed(1)
+        got.append(step(images, labels, teacher=view)[0].item())
+    assert got == expected
+    for a, b in zip(alone, shared):
+        assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    with pytest.raises(ValueError, match="different teachers"):
+        other = TrainStep.build(jobs[2], build_model(jobs[2].student.arch, 8, width=jobs[2].student.width),
+                                build_model(jobs[2].teacher.arch, 8, width=jobs[2].teacher.width).eval(),
+                                jobs[2].losses, RankContext())
+        shared_teacher_forward([shared[0], other], images)

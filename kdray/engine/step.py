@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,19 +123,23 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def teacher_forward(self, images: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor] | None]:
+        """The frozen teacher's output on a batch and the features this step's losses tap from it
+        (`shared_teacher_forward` of this step alone); (None, None) without a teacher."""
+        return shared_teacher_forward([self], images)[0]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 teacher: tuple[Any, dict[str, torch.Tensor] | None] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One iteration on a batch already on the device; returns the total loss and its named terms (the
-        discriminator's loss among them when it steps), to be read before the next call."""
+        discriminator's loss among them when it steps), to be read before the next call. `teacher`: the
+        `teacher_forward` of this batch when it was run already; by default the step runs it after the student's."""
         if self.job.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.job, self.ctx.device):
             student_out = self.trained(images)
             student_taps = self.student_taps.collect(student_out) if self.student_taps is not None else None
-            teacher_out = teacher_taps = None
-            if self.teacher is not None:
-                with self.teacher_timer(), torch.no_grad():  # its aux head only when a loss reads its logits
-                    teacher_out = self.teacher(images, aux=True) if self.teacher_aux else self.teacher(images)
-                teacher_taps = self.teacher_taps.collect(teacher_out) if self.teacher_taps is not None else None
+        teacher_out, teacher_taps = teacher if teacher is not None else self.teacher_forward(images)
         objective = self.objective
         tensors = objective.step_tensors(student_out, teacher_out, labels, images, student_taps, teacher_taps)
         if not self.checked:
@@ -156,3 +161,33 @@ class TrainStep:
             optimizer.step()
             parts = {**parts, self.objective.owned_label(name): owned_loss.detach()}
         return total, parts
+
+
+TeacherView = tuple[Any, "dict[str, torch.Tensor] | None"]  # a teacher's output and one step's taps of it
+
+
+def shared_teacher_forward(steps: list[TrainStep], images: torch.Tensor) -> list[TeacherView]:
+    """One forward of the teacher the `steps` share, on a batch they share, and each step's view of it: the output
+    (with the aux head's logits when any step's losses read them) and the features that step's losses tap (each
+    step's hooks on the teacher fire in the one forward; each collects its own). Without a teacher, (None, None)
+    for each.
+
+    No grad, the run's precision (`run.amp` of the first step: steps that share a teacher share a run), timed by
+    the first step's `teacher_timer`. The teacher is in eval mode and draws no random numbers, so running it once,
+    before the students' forwards, changes nothing of what each step computes: the shared forward is how a trial
+    pack trains several students against one teacher forward. ValueError when the steps hold different teachers.
+    """
+    if not steps:
+        return []
+    first = steps[0]
+    if any(step.teacher is not first.teacher for step in steps):
+        raise ValueError("shared_teacher_forward: the steps hold different teachers")
+    if first.teacher is None:
+        return [(None, None) for _ in steps]
+    if first.job.run.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    aux = any(step.teacher_aux for step in steps)
+    with autocast_for(first.job, first.ctx.device), first.teacher_timer(), torch.no_grad():
+        output = first.teacher(images, aux=True) if aux else first.teacher(images)
+    return [(output, step.teacher_taps.collect(output) if step.teacher_taps is not None else None)
+            for step in steps]
