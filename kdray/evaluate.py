@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"this job's data.dataset is {job.data.dataset!r}")
     checkpoint = args.checkpoint or (job.teacher.checkpoint if args.role == "teacher" else None)
     if checkpoint is None:
-        raise ConfigError("--checkpoint: not given; name the weights to score (e.g. runs/<job>/<run>/best_student.pt)")
+        raise ConfigError(f"--checkpoint: not given; name the weights to score: a kdray.train run writes "
+                          f"{job.run.output_dir}/{job.name}/student-<time>/best_student.pt, a sweep's trials write "
+                          f"theirs under {job.run.output_dir}/{job.name}/sweeps/; --role teacher scores the job's "
+                          f"teacher.checkpoint without one")
     device = device_of(args.device)
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in scores:
         print(f"{s.metric:<{width}}  {100 * s.miou:6.2f}  {100 * s.pixel_acc:9.2f}  {s.seconds:8.1f}")
     if len(scores) == 1:
-        print("(data.eval_scales=[0.5,0.75,1.0,1.25,1.5,1.75] data.eval_flip=true adds the papers' MS + flip score)")
+        print("('data.eval_scales=[0.5,0.75,1.0,1.25,1.5,1.75]' data.eval_flip=true adds the papers' MS + flip score)")
     return 0
 
 

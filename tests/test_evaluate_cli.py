@@ -117,6 +117,27 @@ def test_bad_input_is_one_line_and_exit_code_2(case, student_file, tmp_path, cap
                 "split alone": "--split: got 'test'",
                 "bad override": "data.eval_scales[0]: got -1.0"}[case]
     assert expected in lines[0]
+    if case == "wrong model":  # what the file is, said as what to change
+        assert lines[0].endswith("The file fits deeplabv3_resnet18@0.125x, the job's student is "
+                                 "deeplabv3_resnet18@0.25x: add student.width=0.125")
+    if case == "no checkpoint":
+        assert "best_student.pt" in lines[0] and "--role teacher scores the job's teacher.checkpoint" in lines[0]
+
+
+def test_the_teachers_weights_scored_as_the_student_point_at_role_teacher(tmp_path, capsys):
+    path = tmp_path / "teacher.pt"
+    torch.save(build_model("deeplabv3_resnet18", 8, width=0.5, aux=False).state_dict(), path)
+    code, _, err = run(["--checkpoint", str(path), *SMALL_VAL], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].endswith("The file fits the job's teacher (deeplabv3_resnet18@0.5x): score it with --role teacher")
+
+
+def test_weights_of_no_model_near_the_job_get_no_hint(tmp_path, capsys):
+    path = tmp_path / "other.pt"
+    torch.save(build_model("pspnet_resnet18", 8, width=0.3, aux=False).state_dict(), path)
+    code, _, err = run(["--checkpoint", str(path), *SMALL_VAL], capsys)
+    assert code == 2 and "does not fit" in err and "The file fits" not in err
 
 
 def test_export_is_refused_for_a_job_that_is_not_cityscapes(student_file, tmp_path, capsys):

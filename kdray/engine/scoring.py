@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from kdray import contract
 from kdray.config import Job
 from kdray.config.schema import DataConfig
+from kdray.contract import arch_label
 from kdray.data import build_dataset, class_names
 from kdray.engine.checkpoint import FILENAME, load_checkpoint
 from kdray.engine.distributed import RankContext
@@ -66,10 +67,46 @@ def load_for_evaluation(job: Job, role: str, path: str | Path, device: torch.dev
     naming the keys that differ otherwise."""
     cfg = job.teacher if role == "teacher" else job.student
     state = read_weights(path, role)
-    model = build_model(cfg.arch, job.data.num_classes, aux=any(k.startswith("auxlayer.") for k in state),
-                        width=cfg.width)
-    load_segmenter_weights(model, path, state=state)
+    aux = any(k.startswith("auxlayer.") for k in state)
+    model = build_model(cfg.arch, job.data.num_classes, aux=aux, width=cfg.width)
+    try:
+        load_segmenter_weights(model, path, state=state)
+    except CheckpointError as exc:
+        hint = fitting_model_hint(job, role, state, aux)
+        raise CheckpointError(f"{exc}. {hint}" if hint else str(exc)) from None
     return model.eval().to(device)
+
+
+# The widths a hint tries for a file that does not fit: the published model and its usual fractions.
+HINT_WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)
+
+
+def fitting_model_hint(job: Job, role: str, state: dict[str, torch.Tensor], aux: bool) -> str | None:
+    """For weights that do not fit the job's `role` model: which model they do fit, said as what to change, or
+    None. Tries the job's other role first (its arch and width: "use --role teacher"), then the role's arch at
+    the usual widths ("set student.width=0.5"). Models are built on the meta device: shapes only, no memory."""
+    other = "student" if role == "teacher" else "teacher"
+    cfg, other_cfg = getattr(job, role), getattr(job, other)
+    n = job.data.num_classes
+    if _fits(state, other_cfg.arch, n, aux, other_cfg.width):
+        return (f"The file fits the job's {other} ({arch_label(other_cfg.arch, other_cfg.width)}): "
+                f"score it with --role {other}")
+    for width in HINT_WIDTHS:
+        if width != cfg.width and _fits(state, cfg.arch, n, aux, width):
+            return (f"The file fits {arch_label(cfg.arch, width)}, the job's {role} is "
+                    f"{arch_label(cfg.arch, cfg.width)}: add {role}.width={width:g}")
+    return None
+
+
+def _fits(state: dict[str, torch.Tensor], arch: str, num_classes: int, aux: bool, width: float) -> bool:
+    """Whether `state` has exactly the keys and shapes of `arch` at `width` (buffers BatchNorm fills itself
+    aside)."""
+    with torch.device("meta"):
+        expected = build_model(arch, num_classes, aux=aux, width=width).state_dict()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    if set(state) - set(expected) or set(expected) - set(state) - optional:
+        return False
+    return all(state[k].shape == v.shape for k, v in expected.items() if k in state)
 
 
 @dataclass(frozen=True)
