@@ -391,8 +391,8 @@ class _TenSecondIterations:
         from kdray.engine.cost import TrainingCost
 
         class Fake(TrainingCost):
-            def training_seconds(self):
-                return per * (self.iterations + (self._current is not None))
+            def training_seconds(self, ongoing=0.0):
+                return per * (self.iterations + (self._current is not None or ongoing > 0))
 
         self.cls = Fake
 

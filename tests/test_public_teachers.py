@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 from kdray.config import job_from_dict
 from kdray.data import eval_transforms
 from kdray.engine import load_teacher
-from kdray.engine.loop import _setup
+from kdray.engine.loop import role_model
 from kdray.errors import CheckpointError
 from kdray.models.public import CIRKD_INPUT, CIRKD_MEAN_BGR_255, PUBLIC_CHECKPOINTS, find_public, mismatches
 
@@ -81,7 +81,7 @@ def test_resnet18_backbone_loads_through_student_backbone_weights(tmp_path, stud
     state = fabricate("resnet18_imagenet", path, extra={"fc.weight": torch.zeros(1000, 512),
                                                         "fc.bias": torch.zeros(1000)})
     j = job(student={"arch": student_arch, "backbone_weights": str(path)}, losses={"ce": {"enabled": True}})
-    model = _setup(j, "student", CPU).model
+    model = role_model(j, "student")[0]
     backbone = model.pretrained.state_dict()
     assert set(backbone) == set(state) - {"fc.weight", "fc.bias"}  # the ImageNet classifier is dropped
     assert torch.equal(backbone["layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
@@ -91,7 +91,7 @@ def test_resnet101_backbone_loads_through_teacher_backbone_weights(tmp_path):
     path = tmp_path / "resnet101-imagenet.pth"
     state = fabricate("resnet101_imagenet", path)
     j = job(teacher={"arch": "deeplabv3_resnet101", "backbone_weights": str(path)})
-    model = _setup(j, "teacher", CPU).model  # how `python -m kdray.teacher` starts a teacher
+    model = role_model(j, "teacher")[0]  # how `python -m kdray.teacher` starts a teacher
     assert torch.equal(model.pretrained.state_dict()["layer3.22.conv2.weight"], state["layer3.22.conv2.weight"])
 
 
@@ -100,12 +100,12 @@ def test_loading_stays_strict(tmp_path):
     fabricate("resnet18_imagenet", path, drop="layer2.0.downsample.1.running_mean")
     j = job(student={"arch": "deeplabv3_resnet18", "backbone_weights": str(path)}, losses={"ce": {"enabled": True}})
     with pytest.raises(CheckpointError, match="1 missing key.*layer2.0.downsample.1.running_mean"):
-        _setup(j, "student", CPU)
+        role_model(j, "student")
     fabricate("resnet18_imagenet", path, extra={"layer5.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="1 unexpected key.*layer5.weight"):
-        _setup(j, "student", CPU)
+        role_model(j, "student")
     with pytest.raises(CheckpointError, match="does not fit the deeplabv3_resnet101 backbone"):  # R18 file, R101
-        _setup(job(teacher={"arch": "deeplabv3_resnet101", "backbone_weights": str(path)}), "teacher", CPU)
+        role_model(job(teacher={"arch": "deeplabv3_resnet101", "backbone_weights": str(path)}), "teacher")
 
 
 def test_recorded_normalisation_reproduces_cirkd_inputs():

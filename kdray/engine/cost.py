@@ -33,9 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdray import contract
 
 __all__ = [
+    "ChargedClock",
     "Latency",
     "TrainingCost",
     "cost_device",
+    "device_meter",
     "evaluation_size",
     "forward_flops",
     "inference_latency",
@@ -371,13 +373,24 @@ class TrainingCost:
         self._synchronize()
         current["teacher"] = (current["teacher"] or 0.0) + self._wall() - start
 
+    @property
+    def times_teacher_next(self) -> bool:
+        """Whether the next recorded iteration is one whose teacher forward is timed (every `teacher_every`-th)."""
+        return self.iterations % self.teacher_every == 0
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (CUDA), so that a wall time read next is the kernels'; nothing on the
+        CPU. For callers timing an iteration themselves (`step()`), as a trial pack does."""
+        self._synchronize()
+
     # -- what has been spent ---------------------------------------------------------------------------------
 
-    def training_seconds(self) -> float:
-        """Wall seconds of the iterations recorded (a loaded state's included), plus, inside `iteration()`, the
-        current one's so far: what a run's time budget (`optim.time_budget_s`) counts."""
+    def training_seconds(self, ongoing: float = 0.0) -> float:
+        """Wall seconds of the iterations recorded (a loaded state's included), plus the current one's so far:
+        inside `iteration()` its own timing, else `ongoing` (the caller's, when it times iterations itself for
+        `step()`). What a run's time budget (`optim.time_budget_s`) counts."""
         current = self._current
-        return self.step_seconds + (self._wall() - current["start"] if current is not None else 0.0)
+        return self.step_seconds + (self._wall() - current["start"] if current is not None else ongoing)
 
     @property
     def s_per_iteration(self) -> float | None:
@@ -438,6 +451,32 @@ class TrainingCost:
         self.step_seconds += float(state["step_seconds"])
         self.timed_step_seconds += float(state["timed_step_seconds"])
         self.teacher_seconds += float(state["teacher_seconds"])
+
+
+class ChargedClock:
+    """A clock that moves only when charged: the device time billed to one member of a trial pack.
+
+    Members share an iteration's data loading and teacher forward, so no process clock is any one member's; the
+    pack measures each stretch with `device_meter` and charges it (split among the members it served, or whole to
+    the member it was for) to the members' clocks, which their `TrainingCost`s read as their wall or CPU clock.
+    Seconds; never negative (ValueError for a negative or non-finite charge)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def charge(self, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"a charge must be a finite number of seconds >= 0, got {seconds!r}")
+        self.seconds += seconds
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def device_meter(device: torch.device | str) -> Callable[[], float]:
+    """The clock `TrainingCost` counts device time with on `device`: wall seconds (`time.perf_counter`) on CUDA,
+    this process's CPU seconds (`time.process_time`) otherwise."""
+    return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
 
 
 def run_cost(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -169,25 +169,26 @@ TeacherView = tuple[Any, "dict[str, torch.Tensor] | None"]  # a teacher's output
 def shared_teacher_forward(steps: list[TrainStep], images: torch.Tensor) -> list[TeacherView]:
     """One forward of the teacher the `steps` share, on a batch they share, and each step's view of it: the output
     (with the aux head's logits when any step's losses read them) and the features that step's losses tap (each
-    step's hooks on the teacher fire in the one forward; each collects its own). Without a teacher, (None, None)
-    for each.
+    step's hooks on the teacher fire in the one forward; each collects its own). A step without a teacher (a CE
+    student among distilled ones) gets (None, None), and so does every step when none has one.
 
     No grad, the run's precision (`run.amp` of the first step: steps that share a teacher share a run), timed by
-    the first step's `teacher_timer`. The teacher is in eval mode and draws no random numbers, so running it once,
-    before the students' forwards, changes nothing of what each step computes: the shared forward is how a trial
-    pack trains several students against one teacher forward. ValueError when the steps hold different teachers.
+    the first distilling step's `teacher_timer`. The teacher is in eval mode and draws no random numbers, so running
+    it once, before the students' forwards, changes nothing of what each step computes: the shared forward is how a
+    trial pack trains several students against one teacher forward. ValueError when the steps hold different
+    teachers.
     """
-    if not steps:
-        return []
-    first = steps[0]
-    if any(step.teacher is not first.teacher for step in steps):
-        raise ValueError("shared_teacher_forward: the steps hold different teachers")
-    if first.teacher is None:
+    distilling = [step for step in steps if step.teacher is not None]
+    if not distilling:
         return [(None, None) for _ in steps]
+    first = distilling[0]
+    if any(step.teacher is not first.teacher for step in distilling):
+        raise ValueError("shared_teacher_forward: the steps hold different teachers")
     if first.job.run.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    aux = any(step.teacher_aux for step in steps)
+    aux = any(step.teacher_aux for step in distilling)
     with autocast_for(first.job, first.ctx.device), first.teacher_timer(), torch.no_grad():
         output = first.teacher(images, aux=True) if aux else first.teacher(images)
-    return [(output, step.teacher_taps.collect(output) if step.teacher_taps is not None else None)
+    return [(None, None) if step.teacher is None
+            else (output, step.teacher_taps.collect(output) if step.teacher_taps is not None else None)
             for step in steps]
