@@ -101,6 +101,28 @@ def test_a_member_stopped_by_its_report_leaves_and_the_others_train_on_as_alone(
         assert_same_weights(weights(tmp_path / name), solo_runs[name][3])
 
 
+def test_decide_compares_the_members_at_each_evaluation_and_stops_whom_it_names(solo_runs, tmp_path):
+    """The pack's halving: at the first evaluation every member has reported before the decision, which stops the
+    worst; the others go on as alone."""
+    calls = []
+
+    def decide(evaluations):
+        calls.append({index: e.iteration for index, e in evaluations.items()})
+        if len(calls) > 1:
+            return set()
+        return {min(evaluations, key=lambda index: (evaluations[index].miou, index))}
+
+    members = [PackMember(job, tmp_path / name) for name, (job, *_) in solo_runs.items()]
+    results = train_pack(members, progress=False, decide=decide)
+    worst = min(range(3), key=lambda i: (solo_runs[list(MEMBERS)[i]][1].history[0]["val/miou"], i))
+    assert calls == [{0: 3, 1: 3, 2: 3}, {i: 6 for i in range(3) if i != worst}]
+    assert [r.stopped for r in results] == [i == worst for i in range(3)]
+    assert results[worst].iterations == 3
+    for i, name in enumerate(MEMBERS):
+        if i != worst:
+            assert_same_weights(weights(tmp_path / name), solo_runs[name][3])
+
+
 def test_a_solo_run_stopped_by_its_report_ends_there(tmp_path, teacher_file):
     job = member_job(tmp_path, teacher_file, {"losses.kd.enabled": True})
     result = train(job, tmp_path / "s", report=lambda e, c: True, progress=False)

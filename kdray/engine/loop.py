@@ -74,6 +74,9 @@ from kdray.models.weights import read_state_dict
 # return on any rank ends the run there (early stopping)
 Report = Callable[[Evaluation, "str | None"], "bool | None"]
 Log = Callable[[dict[str, float]], None]
+# decide(evaluations): every rank, after the evaluations of one iteration of a pack (member index -> Evaluation);
+# the indices of the members that stop there
+Decide = Callable[[dict[int, Evaluation]], "set[int] | list[int]"]
 # preview(iteration, picture): the main rank, after each evaluation; picture is `kdray.rendering.render_predictions`'
 # uint8 (H, W, 3) RGB rows (image | ground truth | student | teacher | errors) of the job's preview images
 Preview = Callable[[int, Any], None]
@@ -216,7 +219,7 @@ def train(job: Job, output_dir: str | Path, *, role: str = "student", ctx: RankC
 
 
 def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankContext | None = None,
-               progress: bool = True, stop_after: int | None = None) -> list[RunResult]:
+               progress: bool = True, stop_after: int | None = None, decide: Decide | None = None) -> list[RunResult]:
     """Train the students of a trial pack together, one `RunResult` each (in `members`' order): one data pipeline
     and one teacher forward per batch (`shared_teacher_forward`), each member with its own student, objective,
     optimizers, loss-owned state, RNG stream, evaluations, checkpoint and callbacks, so that each trains exactly as
@@ -227,7 +230,10 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
     true (`stopped`), when its time budget is spent (`time_budget_reached`) or when a loss of its becomes
     non-finite: alone (one member) that raises NonFiniteLossError as `train` always did; in a larger pack the member
     ends with `failure` set and the others go on. The pack ends when every member has left or at the last
-    iteration. Costs: with one member, the process's clocks as in any run; with more, each member is billed its own
+    iteration. `decide(evaluations)`: called on every rank after the members' evaluations of one iteration (member
+    index -> its Evaluation, after each member's `report`) with the indices of the members to stop there (the
+    union over ranks is taken): a pack's early stopping that compares its members, who reach each evaluation
+    together. Costs: with one member, the process's clocks as in any run; with more, each member is billed its own
     steps, evaluations and checkpoints, and an equal share of what served several (the batch's loading among all
     active members, the teacher forward among those that distil, the setup among all) (`ChargedClock`).
     """
@@ -294,6 +300,7 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
             active[0].cost.synchronize()
         teacher_wall, teacher_device = time.perf_counter() - wall, meter() - device_time
         readers = sum(t.step.teacher is not None for t in active)
+        evaluations: dict[int, Evaluation] = {}
         for t, view in zip(active, views):
             served = t.step.teacher is not None
             shared_wall = data_wall / len(active) + (teacher_wall / readers if served else 0.0)
@@ -301,12 +308,20 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
                 t.clock.charge(data_device / len(active) + (teacher_device / readers if served else 0.0))
             with t.own_rng(), t.charged(meter):
                 try:
-                    t.iteration(i, lr, images, labels, view, shared_wall,
-                                teacher_wall / readers if served and timed else None)
+                    evaluation = t.iteration(i, lr, images, labels, view, shared_wall,
+                                             teacher_wall / readers if served and timed else None)
                 except NonFiniteLossError as exc:
                     if len(members) == 1:
                         raise
                     t.fail(exc)
+                    continue
+            if evaluation is not None:
+                evaluations[trainees.index(t)] = evaluation
+        if decide is not None and evaluations:
+            leaving = set().union(*gather_objects(set(decide(evaluations)), ctx))
+            for index in sorted(leaving):
+                if index in evaluations and trainees[index].running:
+                    trainees[index].leave_stopped()
         active = [t for t in active if t.running]
 
     for t in trainees:
@@ -417,8 +432,9 @@ class _Trainee:
         return self.running
 
     def iteration(self, i: int, lr: float, images: torch.Tensor, labels: torch.Tensor, view: Any,
-                  shared_seconds: float, teacher_seconds: float | None) -> None:
-        """Train iteration `i` on the pack's batch and teacher view; log, evaluate and report when due.
+                  shared_seconds: float, teacher_seconds: float | None) -> Evaluation | None:
+        """Train iteration `i` on the pack's batch and teacher view; log, evaluate and report when due (the
+        evaluation, if one was made, is returned).
         `shared_seconds`: this member's share of the batch's loading and teacher forward (wall),
         `teacher_seconds` its share of the teacher forward when this iteration times it."""
         ctx, cost, budget = self.ctx, self.cost, self.budget
@@ -441,15 +457,22 @@ class _Trainee:
         self._window_images += images.shape[0] * ctx.world_size
         if done % self.job.optim.log_interval == 0 or done == self.stop or self.out_of_time:
             self._log_window(done, lr)
+        evaluation = None
         if done % self.job.optim.eval_interval == 0 or done == self.iterations or self.out_of_time:
-            self.stopped = self._evaluate(done)
+            evaluation, stop = self._evaluate(done)
+            if stop:
+                self.leave_stopped()
         if self.out_of_time:
             self.show.message(f"{self.label}time budget of {budget:g} s (optim.time_budget_s) reached at iteration "
                               f"{done} of {self.iterations}: the run ends here")
             self.stop = done
-        elif self.stopped:
-            self.show.message(f"{self.label}stopped at iteration {done} by its search (early stopping)")
         self.running = not (self.out_of_time or self.stopped) and done < self.stop
+        return evaluation
+
+    def leave_stopped(self) -> None:
+        """End here, stopped by the search (early stopping): no more training, no final scoring."""
+        self.stopped, self.running = True, False
+        self.show.message(f"{self.label}stopped at iteration {self.done} by its search (early stopping)")
 
     def fail(self, exc: NonFiniteLossError) -> None:
         """Leave the pack after a non-finite loss: the run ends failed, the others go on."""
@@ -471,8 +494,9 @@ class _Trainee:
                                    f"{metrics[contract.TRAIN_IMAGES_PER_S]:.0f} img/s")
         self._window, self._window_n, self._window_t, self._window_images = {}, 0, time.perf_counter(), 0
 
-    def _evaluate(self, done: int) -> bool:
-        """Evaluate, keep the best weights, checkpoint, preview and report; whether the report stops this member."""
+    def _evaluate(self, done: int) -> tuple[Evaluation, bool]:
+        """Evaluate, keep the best weights, checkpoint, preview and report: the evaluation, and whether the report
+        stops this member."""
         job, ctx, step, role, device = self.job, self.ctx, self.step, self.role, self.ctx.device
         model = step.model
         result = evaluate(model, self.val_loader, job.data.num_classes, job.data.ignore_index, ctx,
@@ -510,7 +534,7 @@ class _Trainee:
             self.show.message(f"{self.label}eval @ {done}: mIoU {100 * evaluation.miou:.2f}  "
                               f"(best {100 * self.best[0]:.2f} @ {self.best[1]})")
         verdict = self.report(evaluation, checkpoint_dir) if self.report is not None else None
-        return any(gather_objects(bool(verdict), ctx))  # the ranks leave together
+        return evaluation, any(gather_objects(bool(verdict), ctx))  # the ranks leave together
 
     def finish(self) -> None:
         """A complete run (its last iteration, or its time budget, reached): its best weights once more, under the
