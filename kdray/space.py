@@ -20,6 +20,7 @@ A **search** space samples trials with Optuna:
     points_to_evaluate:                        # tried first, e.g. the published defaults
       - {losses.kd.weight: 1.0, losses.kd.temperature: 1.0, losses.i2ckd.enabled: true, losses.i2ckd.weight: 1.0}
     confirm: {top_k: 3, seeds: [0, 1, 2]}     # then the 3 best distinct configurations, at full length, per seed
+    pack_size: 4                               # optional: 4 trials at a time train as one pack (below)
 
 A search may trade several objectives instead of one metric (`objectives:` replaces `metric`/`mode`; any score or
 cost trials report to Tune; no scheduler, as one stops trials by a single metric):
@@ -42,6 +43,13 @@ An **ablation** space runs every row x seed, no sampling:
       - {name: +KD, set: {losses.kd.enabled: true}}
     match: {row: +KD}        # optional: every row gets the device-seconds +KD takes for the job's iterations
     # or match: {device_seconds: 3600}; each row's iterations then follow from its measured s/iteration
+
+`pack_size: K` (either kind; default 1) trains up to K trials at once in one process, as a **trial pack**
+(`kdray.orchestration.pack`): one teacher forward and one data pipeline per batch, each member with its own student,
+losses, evaluations, checkpoint and MLflow run, each training exactly as it would alone. The members may differ in
+`losses.*` keys only: every searched key (or row setting) must be one. A search takes K of Optuna's suggestions at
+once (TPE with the constant liar, so that they spread) and stops members by the scheduler's rule inside the pack
+(its members reach each rung together); an ablation packs the rows of one seed.
 
 Distributions: `uniform: [low, high]`, `loguniform: [low, high]` (low > 0), `int: [low, high]` (inclusive;
 `step`, `log` optional), `choice: [...]`. `if: KEY` makes a knob conditional on an earlier boolean choice
@@ -71,11 +79,13 @@ from kdray.losses.objective import config_formula
 
 _DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _SEARCH_KEYS = {"name", "kind", "metric", "mode", "num_samples", "seed", "scheduler", "overrides", "space",
-                "points_to_evaluate", "max_concurrent_trials", "description", "confirm", "sampler", "objectives"}
+                "points_to_evaluate", "max_concurrent_trials", "description", "confirm", "sampler", "objectives",
+                "pack_size"}
 # What a multi-objective search can trade off: the scores and what a trial costs, all in Tune's results.
 OBJECTIVE_METRICS = contract.TUNE_METRICS + contract.COST_METRICS
 _ABLATION_KEYS = {"name", "kind", "metric", "mode", "seeds", "rows", "overrides", "max_concurrent_trials",
-                  "description", "match"}
+                  "description", "match", "pack_size"}
+PACKED_PREFIX = "losses."  # what the members of one trial pack may differ in
 _MATCH_KEYS = {"device_seconds", "row", "measure"}
 MATCHED_KEYS = ("optim.iterations", "optim.eval_interval")  # what a match sets on each row
 _SCHEDULER_KEYS = {"kind", "grace_period", "reduction_factor", "bracket"}
@@ -147,6 +157,9 @@ class SearchSpace:
     # A multi-objective search's (metric, mode) pairs, the first also `metric`/`mode` (the one Tune and the tables
     # rank by); () for one objective.
     objectives: tuple[tuple[str, str], ...] = ()
+    # Trials trained together as one pack (`kdray.orchestration.pack`): one teacher forward and one data pipeline
+    # for up to pack_size students that differ in their losses only; 1: every trial alone.
+    pack_size: int = 1
 
     @property
     def multi_objective(self) -> bool:
@@ -342,11 +355,39 @@ def _parse(data: dict[str, Any], source: str, where: str, stem: str, job: Job | 
     concurrent = data.get("max_concurrent_trials")
     if concurrent is not None and (not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1):
         raise _err(f"{where}: max_concurrent_trials", f"got {concurrent!r}; expected an integer >= 1")
+    pack_size = data.get("pack_size", 1)
+    if not isinstance(pack_size, int) or isinstance(pack_size, bool) or pack_size < 1:
+        raise _err(f"{where}: pack_size", f"got {pack_size!r}; expected an integer >= 1 (1: each trial alone)")
     common = {"name": name, "kind": kind, "metric": metric, "mode": mode, "overrides": overrides,
-              "max_concurrent_trials": concurrent, "source": source}
+              "max_concurrent_trials": concurrent, "source": source, "pack_size": pack_size}
     if kind == "ablation":
-        return _load_ablation(data, where, job_keys, job, common)
-    return _load_search(data, where, job_keys, job, {**common, "objectives": objectives})
+        space = _load_ablation(data, where, job_keys, job, common)
+    else:
+        space = _load_search(data, where, job_keys, job, {**common, "objectives": objectives})
+    if pack_size > 1:
+        _check_packable(space, where)
+    return space
+
+
+def _check_packable(space: SearchSpace, where: str) -> None:
+    """ConfigError unless the trials of `space` can share packs: they may differ in `losses.*` keys only (a
+    search's searched keys, an ablation's rows; seeds are packed apart), and an ablation is not matched (its rows
+    would train for different iterations)."""
+    why = (f"the trials of one pack (pack_size {space.pack_size}) share data, seed, student, schedule and teacher "
+           f"and differ in {PACKED_PREFIX}* keys only")
+    if space.kind == "search":
+        for d in space.dimensions:
+            if d.kind != "fixed" and not d.key.startswith(PACKED_PREFIX):
+                raise _err(f"{where}: space.{d.key}", f"searched, but {why}: search it with pack_size 1, or fix it")
+        return
+    if space.match is not None:
+        raise _err(f"{where}: match", f"each row trains for its own iterations, but {why}: drop the match, or set "
+                                      "pack_size 1")
+    for i, (name, settings) in enumerate(space.rows):
+        for key in settings:
+            if not key.startswith(PACKED_PREFIX):
+                raise _err(f"{where}: rows[{i}] ({name}).set.{key}", f"set by a row, but {why}: set it in the "
+                                                                      "overrides for every row, or pack_size 1")
 
 
 def _parse_objectives(data: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:

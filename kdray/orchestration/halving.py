@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +50,7 @@ from ray.tune.search.searcher import Searcher
 from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from kdray import contract
+from kdray.orchestration.search import restore_wrapped, save_wrapped
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -576,20 +576,7 @@ class BracketGate(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         """The gate's counters and the wrapped searcher's own save, in one file."""
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = os.path.join(tmp, "searcher.pkl")
-            self.searcher.save(inner)
-            with open(inner, "rb") as f:
-                data = f.read()
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"gate": self.get_state(), "searcher": data}, f)
+        save_wrapped(checkpoint_path, self.get_state(), self.searcher)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            saved = pickle.load(f)
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = os.path.join(tmp, "searcher.pkl")
-            with open(inner, "wb") as f:
-                f.write(saved["searcher"])
-            self.searcher.restore(inner)
-        self.set_state(saved["gate"])
+        self.set_state(restore_wrapped(checkpoint_path, self.searcher))

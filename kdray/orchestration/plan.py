@@ -349,6 +349,10 @@ def dry_run(request: SweepRequest) -> list[str]:
               f"global batch {job.data.batch_size} = {job.run.workers} worker(s) x "
               f"{job.data.batch_size // job.run.workers}"]
     lines += plan_lines(space, job)
+    if space.pack_size > 1:
+        from kdray.orchestration.pack import pack_lines
+
+        lines += pack_lines(space)
     if tune_split_on(job.data):
         t, held = job.data.tune_split, summarize_tune_split(job.data)
         lines.append(f"  tuning split: {100 * t.fraction:g}% of the training split held out ({held.tune_size} "

@@ -31,6 +31,7 @@ import ray.tune
 
 from kdray import contract
 from kdray.engine.progress import Progress, _duration
+from kdray.orchestration.pack import PACK_KEY
 from kdray.space import ROW_KEY, SEED_KEY
 
 Say = Callable[[str], None]
@@ -106,6 +107,9 @@ class TrialLabel:
         from kdray.config import override
         from kdray.losses.objective import method_label
 
+        if PACK_KEY in config:  # a trial pack: its members' labels
+            members = config[PACK_KEY]
+            return f"(pack of {len(members)}: " + "; ".join(self.describe(m) for m in members) + ")"
         try:
             job = override(self.job, self.space.trial_overrides(config))
             return f"{config.get(ROW_KEY) or method_label(job.losses)} seed {job.run.seed}"
@@ -135,7 +139,7 @@ def plain_label(trial) -> str:
 
 def sampled(config: dict[str, Any]) -> str:
     """A search trial's sampled values, `losses.kd.weight=2.31, ...` (ablation rows carry only row and seed)."""
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(config.items()) if k not in (ROW_KEY, SEED_KEY))
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(config.items()) if k not in (ROW_KEY, SEED_KEY, PACK_KEY))
 
 
 class SweepProgress(ray.tune.Callback):

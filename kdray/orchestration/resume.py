@@ -162,7 +162,7 @@ def start_sweep(request: SweepRequest, plan: Plan, tracker: Tracker) -> tuple[di
     if space.kind == "search":
         from kdray.orchestration.sampler import sampler_description
 
-        tags.update(sampler_description(space.seed, space.sampler))
+        tags.update(sampler_description(space.seed, space.sampler, constant_liar=space.pack_size > 1))
     tags[contract.NOTE] = sweep_note(job, space, sweep_id, str(sweep_dir / "report"),
                                      int(tags[contract.TRIALS_PLANNED]), teacher_line(plan))
     parent = tracker.start_run(f"sweep-{sweep_id}", tags)

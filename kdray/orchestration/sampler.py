@@ -13,31 +13,37 @@ from kdray import contract
 SAMPLER_SETTINGS = {"n_startup_trials": 10, "multivariate": False, "group": False, "constant_liar": False}
 
 
-def tpe_sampler(seed: int):
-    """Optuna's TPESampler with `SAMPLER_SETTINGS` and `seed`."""
+def tpe_settings(constant_liar: bool = False) -> dict:
+    """`SAMPLER_SETTINGS`, with the constant liar on for a search that asks for several trials at once (a trial
+    pack's members): the trials still running count as bad, so that the suggestions spread instead of piling up."""
+    return {**SAMPLER_SETTINGS, "constant_liar": constant_liar}
+
+
+def tpe_sampler(seed: int, constant_liar: bool = False):
+    """Optuna's TPESampler with `tpe_settings(constant_liar)` and `seed`."""
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed, **SAMPLER_SETTINGS)
+    return optuna.samplers.TPESampler(seed=seed, **tpe_settings(constant_liar))
 
 
 SAMPLERS = ("tpe", "random")  # the values of a search space's `sampler` key
 
 
-def make_sampler(kind: str, seed: int):
+def make_sampler(kind: str, seed: int, constant_liar: bool = False):
     """The sampler a search space names: `tpe` (`tpe_sampler`) or `random` (Optuna's RandomSampler)."""
     import optuna
 
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return tpe_sampler(seed)
+    return tpe_sampler(seed, constant_liar)
 
 
-def sampler_description(seed: int, kind: str = "tpe") -> dict[str, str]:
+def sampler_description(seed: int, kind: str = "tpe", constant_liar: bool = False) -> dict[str, str]:
     """The sampler's settings as MLflow tags of the sweep run (`kdray.sampler.*`)."""
     import optuna
 
     name = "RandomSampler" if kind == "random" else "TPESampler"
     described = {"name": name, "seed": str(seed), "optuna": optuna.__version__}
     if kind != "random":
-        described.update({key: str(value) for key, value in SAMPLER_SETTINGS.items()})
+        described.update({key: str(value) for key, value in tpe_settings(constant_liar).items()})
     return {f"{contract.SAMPLER_TAG_PREFIX}{key}": value for key, value in described.items()}

@@ -16,6 +16,9 @@ and leaves a trial cut short by Ctrl+C running in the study, so that a resumed s
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import tempfile
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -30,8 +33,8 @@ class KdraySearch(OptunaSearch):
     per objective and a completed trial is told every objective's last value (no intermediate values: Optuna keeps
     none for several objectives)."""
 
-    def __init__(self, *, seed: int, sampler: str = "tpe", **kwargs: Any):
-        super().__init__(sampler=make_sampler(sampler, seed), **kwargs)
+    def __init__(self, *, seed: int, sampler: str = "tpe", constant_liar: bool = False, **kwargs: Any):
+        super().__init__(sampler=make_sampler(sampler, seed, constant_liar), **kwargs)
         self._reported: dict[str, set[int]] = {}  # trial id -> the iterations told as intermediate values
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -87,3 +90,27 @@ def state_counts(study) -> dict[str, int]:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def save_wrapped(path: str, state: dict, searcher) -> None:
+    """A searcher wrapper's save (`kdray.orchestration.halving.BracketGate`, `kdray.orchestration.pack.PackSearch`):
+    its own `state` and the wrapped `searcher`'s own save, in the one file Tune gives it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inner = os.path.join(tmp, "searcher.pkl")
+        searcher.save(inner)
+        with open(inner, "rb") as f:
+            data = f.read()
+    with open(path, "wb") as f:
+        pickle.dump({"wrapper": state, "searcher": data}, f)
+
+
+def restore_wrapped(path: str, searcher) -> dict:
+    """The reverse of `save_wrapped`: restores the wrapped `searcher` and returns the wrapper's own state."""
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        inner = os.path.join(tmp, "searcher.pkl")
+        with open(inner, "wb") as f:
+            f.write(saved["searcher"])
+        searcher.restore(inner)
+    return saved.get("wrapper", saved.get("gate"))

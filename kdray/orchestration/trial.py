@@ -22,7 +22,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from kdray import contract
 from kdray.config import Job, job_from_dict, to_yaml
 from kdray.losses.objective import config_formula
-from kdray.orchestration.outcome import TrialFailed, is_trial_failure, worker_reason
+from kdray.orchestration.outcome import TrialFailed, failure_reason, is_trial_failure, worker_reason
+from kdray.orchestration.pack import is_pack
 from kdray.orchestration.record import (
     active_params,
     append_note,
@@ -80,6 +81,25 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
     """
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = Tracker(sweep.tracking_uri, sweep.experiment)
+    job, run_id = open_trial_run(tracker, config, trial_id, space=space, sweep=sweep, stage_tags=stage_tags)
+    try:
+        result = fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
+                     storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
+    except Exception as err:
+        why = worker_reason(err)
+        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+        raise TrialFailed(why) from err
+    if result.return_value:  # the workers stopped on purpose, and said why
+        why = str(result.return_value)
+        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+        raise TrialFailed(why)
+
+
+def open_trial_run(tracker: Tracker, config: dict[str, Any], trial_id: str, *, space: SearchSpace,
+                   sweep: SweepContext, stage_tags: dict[str, dict[str, str]] | None = None) -> tuple[Job, str]:
+    """A trial's job and its MLflow run (found again on a restart, else created under the sweep's run), with its
+    tags, active params, description, job file and dataset inputs. A config the space cannot build leaves a FAILED
+    run with the reason and raises TrialFailed. `trial_id`: the trial's, or a pack member's (`member_id`)."""
     try:
         job = job_from_dict(sweep.job_data, space.trial_overrides(config), plugin_sources=sweep.plugin_sources)
         tags = trial_tags(job, space, config)
@@ -103,17 +123,7 @@ def run_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepContext
                                                         tracker.experiment_id, sweep.parent_run_id)})
     tracker.log_text(run_id, to_yaml(job), contract.JOB_ARTIFACT)
     log_datasets(tracker, run_id, job.data)
-    try:
-        result = fit(job, role="student", run_id=run_id, tracking_uri=sweep.tracking_uri, name=f"train-{trial_id}",
-                     storage_path=sweep.storage_path, callbacks=[TuneReportCallback()])
-    except Exception as err:
-        why = worker_reason(err)
-        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
-        raise TrialFailed(why) from err
-    if result.return_value:  # the workers stopped on purpose, and said why
-        why = str(result.return_value)
-        tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
-        raise TrialFailed(why)
+    return job, run_id
 
 
 class MlflowStatusCallback(ray.tune.Callback):
@@ -149,6 +159,9 @@ class MlflowStatusCallback(ray.tune.Callback):
             logging.getLogger(__name__).warning("the sweep's best trial was not recorded: %s", err)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if is_pack(trial.config):
+            self._end_members(trial, None)
+            return
         run_id = self._run_id(trial)
         if run_id is None:
             return
@@ -173,6 +186,12 @@ class MlflowStatusCallback(ray.tune.Callback):
         self._record_best()
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        if is_pack(trial.config):
+            error = _trial_error(trial)
+            text = str(error).strip() if error is not None else ""
+            self._end_members(trial, failure_reason(error) if is_trial_failure(error) else
+                              (text.splitlines()[-1] if text else "the pack failed"))
+            return
         run_id = self._run_id(trial)
         if run_id is None:
             return
@@ -185,6 +204,42 @@ class MlflowStatusCallback(ray.tune.Callback):
         if why:
             append_note(self.tracker, run_id, f"Failed: {why[:500]}")
         self.tracker.end_run(run_id, "FAILED")
+
+
+    def _end_members(self, trial, pack_failure: str | None) -> None:
+        """A pack trial ended (`pack_failure`: why it failed, None when it returned): each member's run ends as its
+        state in the pack's last result says (`kdray.orchestration.pack`): complete FINISHED; stopped FINISHED,
+        tagged as a scheduler's stop; failed FAILED; still running KILLED after Ctrl+C, else FAILED with the pack's
+        reason."""
+        from kdray.orchestration.pack import COMPLETE, FAILED, STOPPED, member_id, member_result, members_of
+        from kdray.orchestration.pack import STATE as MEMBER_STATE
+
+        last = trial.last_result or {}
+        for index in range(len(members_of(trial.config))):
+            run_id = self.tracker.find_run(**{contract.SWEEP_ID: self.sweep_id,
+                                              contract.TRIAL_ID: member_id(trial.trial_id, index)})
+            if run_id is None or self.tracker.status(run_id) != "RUNNING":
+                continue  # never created, or ended already (a config its space could not build)
+            part = member_result(last, index)
+            state, done, total = part.get(MEMBER_STATE), part.get(contract.ITERATION, 0), part.get(
+                contract.ITERATIONS_TOTAL, 0)
+            if state == COMPLETE:
+                self.tracker.clear_tag(run_id, contract.FAILURE)
+                self.tracker.end_run(run_id, "FINISHED")
+            elif state == STOPPED:
+                self.tracker.set_tags(run_id, {contract.STOPPED_EARLY: "true", contract.STOPPED_AT: str(int(done))})
+                append_note(self.tracker, run_id, f"Stopped early by its pack's halving at iteration {int(done)} of "
+                                                  f"{int(total)}: its record ends there.")
+                self.tracker.end_run(run_id, "FINISHED")
+            elif state == FAILED or pack_failure is not None or not INTERRUPTED.is_set():
+                why = self.tracker.tags(run_id).get(contract.FAILURE) or pack_failure or \
+                    "the pack ended before this member did"
+                self.tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
+                append_note(self.tracker, run_id, f"Failed: {why[:500]}")
+                self.tracker.end_run(run_id, "FAILED")
+            else:
+                self.tracker.end_run(run_id, "KILLED")  # Ctrl+C: --resume goes on
+        self._record_best()
 
 
 def _trial_error(trial) -> BaseException | str | None:

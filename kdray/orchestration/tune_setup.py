@@ -80,6 +80,10 @@ def pinned_runtime_env() -> dict[str, Any]:
 def param_space(space: SearchSpace) -> dict[str, Any]:
     from ray import tune
 
+    if space.kind == "ablation" and space.pack_size > 1:
+        from kdray.orchestration.pack import PACK_KEY, grid_packs
+
+        return {PACK_KEY: tune.grid_search(grid_packs(space))}
     if space.kind == "ablation":
         rows = [name for name, _ in space.rows]
         return {ROW_KEY: tune.grid_search(rows), SEED_KEY: tune.grid_search(list(space.seeds))}
@@ -102,9 +106,15 @@ def tune_config(space: SearchSpace, job: Job, limit: int, storage: str | None = 
     metric, mode = (space.metric, space.mode) if not space.multi_objective else \
         ([m for m, _ in space.objectives], [d for _, d in space.objectives])
     search = KdraySearch(space=space.define_by_run(), metric=metric, mode=mode, seed=space.seed,
-                         sampler=space.sampler,
+                         sampler=space.sampler, constant_liar=space.pack_size > 1,
                          points_to_evaluate=space.points_to_evaluate or None, study_name=study_name,
                          storage=study_storage(storage) if storage else None)
+    if space.pack_size > 1:  # Optuna proposes each pack's members; its scheduler's rule runs inside the pack
+        from kdray.orchestration.pack import PackSearch, pack_count
+
+        return tune.TuneConfig(metric=space.metric, mode=space.mode,
+                               search_alg=PackSearch(search, space.pack_size, space.num_samples),
+                               num_samples=pack_count(space), max_concurrent_trials=limit)
     scheduler = None
     if space.scheduler.kind == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -307,7 +317,8 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         callbacks = [InterruptWatch(), TimeBudget(), MlflowStatusCallback(plan.uri, plan.experiment, context.sweep_id),
-                     SweepProgress(space.trial_count, space.metric, space.mode, label=TrialLabel(space, plan.base),
+                     SweepProgress(tune_trial_count(space), space.metric, space.mode,
+                                   label=TrialLabel(space, plan.base),
                                    say=say)]
         storage = None
         if space.kind == "search":
@@ -326,20 +337,34 @@ def run_stage(stage: Stage, *, request: SweepRequest, plan: Plan, tracker: Track
             ),
         )
     what = {"search": "search trial(s)", "confirm": "confirmation trial(s)"}.get(stage.name, "trial(s)")
-    say(f"running {space.trial_count} {what}, at most {limit} at a time")
+    packs = f" in {tune_trial_count(space)} pack(s) of up to {space.pack_size}" if space.pack_size > 1 else ""
+    say(f"running {space.trial_count} {what}{packs}, at most {limit} {'pack' if packs else 'trial'}(s) at a time")
     CTRL_C.clear()
     grid = tuner.fit()
     trials, interrupted = summaries(grid, space, plan.base, tracker, context.sweep_id, CTRL_C.is_set(), stage.name)
     return StageResult(trials, interrupted, max(0, space.trial_count - len(trials)), config)
 
 
+def tune_trial_count(space: SearchSpace) -> int:
+    """How many Tune trials a stage's space makes: its trials, or its packs (`pack_size` > 1)."""
+    if space.pack_size > 1:
+        from kdray.orchestration.pack import pack_count
+
+        return pack_count(space)
+    return space.trial_count
+
+
 def stage_trainable(stage: Stage, context):
-    """The Tune trainable of a stage's trials: `run_trial` with the stage's space and tags, one CPU slot."""
+    """The Tune trainable of a stage's trials: `run_trial` (or, with pack_size > 1, `run_pack_trial`) with the
+    stage's space and tags, one CPU slot."""
     from ray import tune
 
-    from kdray.orchestration.trial import run_trial
+    if stage.space.pack_size > 1:
+        from kdray.orchestration.pack_trial import run_pack_trial as trainable
+    else:
+        from kdray.orchestration.trial import run_trial as trainable
 
-    return tune.with_resources(partial(run_trial, space=stage.space, sweep=context, stage_tags=stage.tags),
+    return tune.with_resources(partial(trainable, space=stage.space, sweep=context, stage_tags=stage.tags),
                                {"cpu": TRIAL_CPU})
 
 
@@ -372,9 +397,16 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
     After Ctrl+C, Tune ends the running trials TERMINATED: a trial short of its iterations then counts as
     stopped early only if the scheduler said so first (its run carries STOPPED_EARLY), else as interrupted.
     """
+    from kdray.orchestration.pack import is_pack
+
     out, interrupted = [], ctrl_c
     for trial, result in zip(tune_trials(grid), grid):
         config = trial.config or {}
+        if is_pack(config):
+            members, pending = pack_summaries(trial, result, space, base, tracker, sweep_id, ctrl_c, stage)
+            out += members
+            interrupted = interrupted or pending
+            continue
         job = _trial_job(base, space, config)
         history = result.metrics_dataframe
         series = history[space.metric].dropna().tolist() if history is not None and space.metric in history else []
@@ -409,6 +441,50 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
         out.append(TrialSummary(trial.trial_id, label, int(config.get(SEED_KEY, 0)), params, last, best, done,
                                 status, stage, scored_on(job), values))
     return best_first(out, space.mode), interrupted
+
+
+def pack_summaries(trial, result, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: str, ctrl_c: bool,
+                   stage: str) -> tuple[list[TrialSummary], bool]:
+    """A pack trial's members, each summarised as a solo trial would be (from its part of the pack's results, its
+    state and its run's failure tag), and whether the pack was still pending or running when `fit` returned."""
+    from kdray.orchestration.pack import COMPLETE, STATE, STOPPED, member_id, member_key, member_result, members_of
+    from kdray.orchestration.pack import FAILED as MEMBER_FAILED
+
+    pending = trial.status not in ("TERMINATED", "ERROR")
+    history = result.metrics_dataframe
+    last_result = trial.last_result or {}
+    pack_error = failure_reason(result.error) if trial.status == "ERROR" else None
+    out = []
+    for index, config in enumerate(members_of(trial.config)):
+        mid = member_id(trial.trial_id, index)
+        job = _trial_job(base, space, config)
+        metrics = member_result(last_result, index)
+        column = member_key(index, space.metric)
+        series = history[column].dropna().tolist() if history is not None and column in history else []
+        last = series[-1] if series else float("nan")
+        best = (max(series) if space.mode == "max" else min(series)) if series else float("nan")
+        done = int(metrics.get(contract.ITERATION, 0))
+        state = metrics.get(STATE)
+        if state == COMPLETE:
+            status = FINISHED
+        elif state == STOPPED:
+            status = STOPPED_EARLY
+        elif state == MEMBER_FAILED:
+            run_id = tracker.find_run(**{contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: mid})
+            why = tracker.tags(run_id).get(contract.FAILURE, "") if run_id is not None else ""
+            status = f"{FAILED}: {why or 'the member failed'}"
+        elif pack_error is not None:
+            status = f"{FAILED}: {pack_error}"
+        elif pending or ctrl_c:
+            status = INTERRUPTED if done else NOT_STARTED
+        else:
+            status = f"{FAILED}: the pack ended before this member did"
+        label = config.get(ROW_KEY) or (method_label(job.losses) if job is not None else "?")
+        params = {k: v for k, v in config.items() if k != ROW_KEY}
+        values = tuple(_number(metrics.get(m)) for m, _ in space.objectives) if space.multi_objective else ()
+        out.append(TrialSummary(mid, label, int(config.get(SEED_KEY, job.run.seed if job else 0)), params, last,
+                                best, done, status, stage, scored_on(job), values))
+    return out, pending
 
 
 def _number(value: Any) -> float:

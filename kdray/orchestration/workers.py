@@ -17,6 +17,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,36 @@ from kdray.orchestration.tracking import RunLogger
 SAMPLING_S = 10  # seconds between two samples of a trial's system metrics
 
 
+class RunBridge:
+    """What one run's engine callbacks send to its MLflow run, on the main rank (`logger` None elsewhere: every
+    call is then a no-op): each evaluation's metrics (the iteration their step) and, at a best one, the weights
+    and predictions the engine just wrote into `out_dir`; each preview picture; the training log."""
+
+    def __init__(self, logger: RunLogger | None, out_dir: Path, role: str):
+        self.logger, self.out_dir, self.role = logger, out_dir, role
+
+    def record(self, evaluation: Evaluation) -> None:
+        if self.logger is None:
+            return
+        self.log(evaluation.metrics())
+        if evaluation.is_best:  # the engine just wrote these weights (and the previews' predictions)
+            self.logger.log_artifact(self.out_dir / f"best_{self.role}.pt", contract.BEST_CHECKPOINT_ARTIFACT_DIR)
+            predictions = self.out_dir / contract.BEST_PREDICTIONS_FILE
+            if predictions.is_file():
+                self.logger.log_artifact(predictions, contract.PREDICTIONS_ARTIFACT_DIR)
+        if evaluation.time_budget_reached:  # the run is complete at this iteration
+            self.logger.set_tags({contract.TIME_BUDGET_STOP: str(evaluation.iteration)})
+
+    def preview(self, iteration: int, picture) -> None:
+        if self.logger is not None:
+            self.logger.log_image(picture, contract.PREDICTIONS_IMAGE_KEY, iteration)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            step = int(metrics[contract.ITERATION])
+            self.logger.log_metrics({k: v for k, v in metrics.items() if k != contract.ITERATION}, step)
+
+
 def train_per_worker(config: dict[str, Any]) -> str | None:
     """One worker's run; returns None, or why the run stopped without finishing (every rank alike)."""
     job: Job = config["job"]
@@ -44,32 +75,15 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
     ctx = RankContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if ctx.is_main and config["run_id"] else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kdray-{role}-"))
-
+    bridge = RunBridge(logger, scratch, role)
     reported = []
 
     def report(evaluation: Evaluation, checkpoint_dir: str | None) -> None:
         reported.append(evaluation.iteration)
-        if logger is not None:
-            log(evaluation.metrics())
-            if evaluation.is_best:  # the engine just wrote these weights (and the previews' predictions)
-                logger.log_artifact(scratch / f"best_{role}.pt", contract.BEST_CHECKPOINT_ARTIFACT_DIR)
-                predictions = scratch / contract.BEST_PREDICTIONS_FILE
-                if predictions.is_file():
-                    logger.log_artifact(predictions, contract.PREDICTIONS_ARTIFACT_DIR)
+        bridge.record(evaluation)
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        if evaluation.time_budget_reached and logger is not None:  # the run is complete at this iteration
-            logger.set_tags({contract.TIME_BUDGET_STOP: str(evaluation.iteration)})
         total = evaluation.iteration if evaluation.time_budget_reached else config["iterations"]
         ray.train.report({**evaluation.tune_metrics(), contract.ITERATIONS_TOTAL: total}, checkpoint=checkpoint)
-
-    def preview(iteration: int, picture) -> None:
-        if logger is not None:
-            logger.log_image(picture, contract.PREDICTIONS_IMAGE_KEY, iteration)
-
-    def log(metrics: dict[str, float]) -> None:
-        if logger is not None:
-            step = int(metrics[contract.ITERATION])
-            logger.log_metrics({k: v for k, v in metrics.items() if k != contract.ITERATION}, step)
 
     resume = ray.train.get_checkpoint()
     monitor = None
@@ -80,8 +94,8 @@ def train_per_worker(config: dict[str, Any]) -> str | None:
         with resume.as_directory() if resume is not None else contextlib.nullcontext(None) as resume_dir:
             if resume_dir is not None and logger is not None:
                 logger.set_tags({contract.RESUMED_FROM: str(load_checkpoint(resume_dir)["iteration"])})
-            result = train(job, scratch, role=role, ctx=ctx, report=report, log=log, resume=resume_dir,
-                           progress=False, preview=preview if logger is not None else None)
+            result = train(job, scratch, role=role, ctx=ctx, report=report, log=bridge.log, resume=resume_dir,
+                           progress=False, preview=bridge.preview if logger is not None else None)
         if not reported and result.history:
             # Resumed from the final checkpoint: nothing was left to run, so tell Tune (again, on every rank) where
             # the run ended; otherwise the restored trial would look stopped early.
@@ -144,15 +158,17 @@ def scaling_config(job: Job) -> ScalingConfig:
 
 
 def fit(job: Job, *, role: str, run_id: str | None, tracking_uri: str, name: str, storage_path: str,
-        max_failures: int = 2, callbacks: list | None = None) -> ray.train.Result:
+        max_failures: int = 2, callbacks: list | None = None, per_worker: Callable = train_per_worker,
+        loop_config: dict[str, Any] | None = None) -> ray.train.Result:
     """Run the engine for `job` on Ray Train workers and wait for it. `name` must be stable across restarts:
     a restarted trial finds its checkpoint by it. The result's `return_value` is None, or the reason the run
-    stopped on purpose (see `train_per_worker`)."""
+    stopped on purpose (see `train_per_worker`). `per_worker` and `loop_config` (added to the worker's config):
+    another worker function on the same workers (a trial pack's, `kdray.orchestration.pack_trial`)."""
     iterations = job.teacher_iterations if role == "teacher" else job.optim.iterations
     trainer = TorchTrainer(
-        train_per_worker,
+        per_worker,
         train_loop_config={"job": job, "role": role, "run_id": run_id, "tracking_uri": tracking_uri,
-                           "iterations": iterations},
+                           "iterations": iterations, **(loop_config or {})},
         scaling_config=scaling_config(job),
         torch_config=TorchConfig(backend="nccl" if job.run.gpus_per_worker > 0 else "gloo"),
         run_config=ray.train.RunConfig(
