@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_sweep(request)
     ended = ("stopped by its time budget" if outcome.budget_spent else "interrupted") if outcome.interrupted \
         else "ended"
-    print(f"\nsweep {outcome.sweep_id} {ended} after {outcome.wall_s:.0f} s: {outcome.counts()}; best first:\n")
+    print(f"\nsweep {outcome.sweep_id} {ended} after {outcome.wall_s:.0f} s: {outcome.counts()}; ranked by how far "
+          f"each ran, then its last {outcome.metric}:\n")
     print(summary_table(outcome))
     if outcome.report_markdown:
         print(f"\n{outcome.report_markdown}\nreport files: {outcome.sweep_dir / 'report'}")

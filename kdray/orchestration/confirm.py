@@ -33,6 +33,7 @@ from kdray.config import Job, override
 from kdray.contract import STAGE_CONFIRM
 from kdray.losses.objective import method_label
 from kdray.losses.registry import LOSSES
+from kdray.orchestration.outcome import selection_key
 from kdray.space import SEED_KEY, SearchSpace
 
 CE_ROW = "Student (CE)"
@@ -95,14 +96,13 @@ def candidates(trials: Iterable[Any], top_k: int, mode: str = "max",
     before."""
     if top_k < 1:
         return []
-    sign = -1 if mode == "max" else 1
     scored = [t for t in trials if t.ok and math.isfinite(t.last)]
     behind: dict[str, bool] = {}
     if len(objectives) > 1:
         whole = [t for t in scored if len(t.objectives) == len(objectives) and all(map(math.isfinite, t.objectives))]
         front = pareto_front([t.objectives for t in whole], tuple(m for _, m in objectives))
         behind = {t.trial_id: not on for t, on in zip(whole, front)}
-    scored.sort(key=lambda t: (behind.get(t.trial_id, bool(behind)), -t.iteration, sign * t.last, t.trial_id))
+    scored.sort(key=lambda t: (behind.get(t.trial_id, bool(behind)), *selection_key(t, mode)))
     chosen: list[Candidate] = []
     seen: set[str] = set()
     for t in scored:

@@ -175,10 +175,20 @@ def in_stage_order(trials: list[TrialSummary], mode: str = "max") -> list[TrialS
             *[t for t in trials if t.stage == "confirm"]]
 
 
-def best_first(trials: list[TrialSummary], mode: str = "max") -> list[TrialSummary]:
-    """`trials` sorted by their best value (highest first for mode max), trials without one last; stable."""
+def selection_key(trial: Any, mode: str = "max") -> tuple:
+    """How a search ranks its trials, for its confirmation stage (`kdray.orchestration.confirm.candidates`) and
+    its summary alike: the longer run first (a finished trial before one stopped early), then the last value (the
+    score it was selected by; highest first for mode max), ties by trial id."""
     sign = -1 if mode == "max" else 1
-    return sorted(trials, key=lambda t: (math.isnan(t.best), sign * (t.best if not math.isnan(t.best) else 0)))
+    return -trial.iteration, sign * trial.last, trial.trial_id
+
+
+def best_first(trials: list[TrialSummary], mode: str = "max") -> list[TrialSummary]:
+    """`trials` in the order the search selects by (`selection_key`): those that finished or were stopped early
+    with a finite last value, then the others (failed, interrupted, never scored) in the order they came."""
+    scored = [t.ok and math.isfinite(t.last) for t in trials]
+    ranked = sorted((t for t, ok in zip(trials, scored) if ok), key=lambda t: selection_key(t, mode))
+    return [*ranked, *(t for t, ok in zip(trials, scored) if not ok)]
 
 
 def _fmt(value: Any) -> str:

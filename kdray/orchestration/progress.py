@@ -164,6 +164,7 @@ class SweepProgress(ray.tune.Callback):
         self._started: set[str] = set()
         self._starting = ""  # the trial on_trial_start is about (still PENDING or PAUSED in Tune's list)
         self._ended: dict[str, str] = {}  # trial id -> finished | stopped early | failed | interrupted
+        self._shown: dict[str, Any] = {}  # trial id -> the iteration of its last result line
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment (tuner.pkl)
         state = {**self.__dict__}
@@ -174,6 +175,7 @@ class SweepProgress(ray.tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_starting", "")  # pickled by a kdray from before it was kept
+        self.__dict__.setdefault("_shown", {})
         self.say, self.clock = echo, time.monotonic
 
     # -- the overall count ---------------------------------------------------------------------------------
@@ -231,8 +233,9 @@ class SweepProgress(ray.tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         self._track(trial, result)
-        if self.metric not in result:
-            return
+        if self.metric not in result or self._shown.get(trial.trial_id) == result.get(contract.ITERATION):
+            return  # a pack's closing result repeats its last evaluation's iteration: one line is enough
+        self._shown[trial.trial_id] = result.get(contract.ITERATION)
         value, best = result[self.metric], self._best.get(trial.trial_id)
         text = f"iteration {result.get('iteration', '?')}/{result.get('iterations_total', '?')} "
         text += metric_text(self.metric, value)
