@@ -3,6 +3,8 @@ run; a method whose best run kept none is shown and listed as such, never droppe
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -107,10 +109,44 @@ def test_a_run_that_previewed_other_images_is_not_mixed_in(store, tmp_path):
     width = imread(figure.path).shape[1]
     without_teacher = write_qualitative(data, "last", tmp_path / "b", fetch={runs[("q-1", "CE", 0)]:
                                                                           predictions(0, False)}.get)
-    assert "No run had a teacher's predictions: no teacher column." in without_teacher.notes
+    assert ("No run of the sweep logged the teacher's predictions of these images: no teacher column."
+            in without_teacher.notes)
     assert imread(without_teacher.path).shape[1] < width
 
 
-def test_a_sweep_without_predictions_gets_no_figure(store, tmp_path):
+def test_the_teacher_column_comes_from_another_run_of_the_sweep_when_no_compared_run_distils(store, tmp_path):
+    import pyarrow.compute as pc
+
+    runs = store["runs"]
+    fetched = {runs[("q-1", "CE", 0)]: predictions(0, False), runs[("q-1", "KD", 0)]: predictions(1, True),
+               runs[("q-1", "KD", 1)]: predictions(2, True)}
+    sweep = read_sweep(store["uri"], "qual", "q-1")
+    compared = dataclasses.replace(sweep, runs=sweep.runs.filter(pc.equal(sweep.runs.column("method"), "CE")))
+    alone = write_qualitative(compared, "last", tmp_path / "a", fetch=fetched.get)
+    assert any("no teacher column" in note for note in alone.notes)
+    figure = write_qualitative(compared, "last", tmp_path / "b", fetch=fetched.get, sweep=sweep)
+    assert "ground truth, the teacher" in figure.markdown and not any("teacher column" in n for n in figure.notes)
+    assert imread(figure.path).shape[1] > imread(alone.path).shape[1]
+
+
+def test_an_unreadable_predictions_file_is_said_with_its_reason(store, tmp_path):
+    client, runs = store["client"], store["runs"]
+    junk = tmp_path / contract.BEST_PREDICTIONS_FILE
+    junk.write_text("not an npz")
+    run_id = client.create_run(client.get_experiment_by_name("qual").experiment_id).info.run_id
+    client.log_artifact(run_id, str(junk), contract.PREDICTIONS_ARTIFACT_DIR)
+    reason = fetch_predictions(store["uri"])(run_id)
+    assert isinstance(reason, str) and reason
+    data = read_sweep(store["uri"], "qual", "q-1")
+    fetched = {runs[("q-1", "CE", 0)]: "not a kdray predictions file", runs[("q-1", "KD", 0)]: predictions(1, True)}
+    columns = method_columns(data, "last", fetched.get)
+    assert columns[0].problem == ("the predictions its best run `CE-s0` logged cannot be read: not a kdray "
+                                  "predictions file")
+
+
+def test_a_sweep_without_predictions_gets_no_figure_and_says_why(store, tmp_path):
     result = write_report(store["uri"], "qual", "q-2", tmp_path)
-    assert not (tmp_path / contract.QUALITATIVE_FIGURE).exists() and "### Predictions" not in result.markdown
+    assert not (tmp_path / contract.QUALITATIVE_FIGURE).exists()
+    text = result.markdown
+    assert "### Predictions" in text and "No figure: no method's best run has predictions to show." in text
+    assert "- CE: its best run `CE-s0` logged no predictions." in text

@@ -6,9 +6,11 @@ order of the method table (CE first within each teacher -> student pair; a searc
 a method is the prediction of that method's best run (`kdray.reporting.tables.method_groups`, by the report's
 `--value`) at the run's own best evaluation: the `predictions/best_predictions.npz` artifact every trial run logs
 (`kdray.rendering.write_predictions`), so nothing is run again. The teacher's column comes from a distilling run's
-file (the frozen teacher predicts the same images in every run). A method with nothing to show keeps its column,
-greyed, and the figure's notes say why: no finished run, a best run that logged no predictions (a run from before
-kdray logged them, or data.preview_images 0), or predictions of other images (another split).
+file (the frozen teacher predicts the same images in every run), a compared run's or, when none distils, another run
+of the sweep's. A method with nothing to show keeps its column, greyed, and the figure's notes say why: no finished
+run, a best run that logged no predictions (a run from before kdray logged them, or data.preview_images 0), a file
+that cannot be read (and why), or predictions of other images (another split). When no method has anything to show
+there is no figure, and the report's Predictions section says why for each.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from matplotlib.figure import Figure
 
 from kdray import contract
 from kdray.rendering import Predictions, colorize, read_predictions
-from kdray.reporting.runs import SweepData, open_client, read_artifact
+from kdray.reporting.runs import EARLY_STOPPED, FINISHED, SweepData, open_client, read_artifact
 from kdray.reporting.tables import method_groups, pair_text
 
 PANEL_INCHES = 2.0  # width of one column
 DPI = 120
 MISSING_GREY = 0.85  # the face of a column with nothing to show
 
-Fetch = Callable[[str], "Predictions | None"]  # run id -> its best predictions, None when it has none
+# run id -> its best predictions; None when it logged none; a text saying why when its file is unreadable
+Fetch = Callable[[str], "Predictions | str | None"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,19 @@ class Qualitative:
 
 
 def fetch_predictions(tracking_uri: str) -> Fetch:
-    """A function reading a run's `predictions/best_predictions.npz` artifact (None when the run has none or it is
-    unreadable), through a client of the store."""
+    """A function reading a run's `predictions/best_predictions.npz` artifact through a client of the store: the
+    predictions, None when the run has none, or why the file it has cannot be read."""
     client = open_client(tracking_uri)
     artifact = f"{contract.PREDICTIONS_ARTIFACT_DIR}/{contract.BEST_PREDICTIONS_FILE}"
 
-    def fetch(run_id: str) -> Predictions | None:
-        return read_artifact(client, run_id, artifact, read_predictions, errors=(ValueError,))
+    def read(path: Path) -> Predictions | str:
+        try:
+            return read_predictions(path)
+        except ValueError as err:  # not a predictions file, or one of another layout
+            return str(err)
+
+    def fetch(run_id: str) -> Predictions | str | None:
+        return read_artifact(client, run_id, artifact, read)
 
     return fetch
 
@@ -85,6 +94,9 @@ def method_columns(data: SweepData, value: str, fetch: Fetch) -> list[Column]:
         predictions = fetch(run_id)
         if predictions is None:
             columns.append(Column(label, run_id, shown, None, f"its best run `{shown}` logged no predictions"))
+        elif isinstance(predictions, str):
+            columns.append(Column(label, run_id, shown, None, f"the predictions its best run `{shown}` logged cannot "
+                                                              f"be read: {predictions}"))
         elif reference is not None and not predictions.same_images(reference):
             columns.append(Column(label, run_id, shown, None, f"its best run `{shown}` previewed other images "
                                                               "(another split or dataset)"))
@@ -94,16 +106,31 @@ def method_columns(data: SweepData, value: str, fetch: Fetch) -> list[Column]:
     return columns
 
 
-def teacher_column(columns: list[Column], data: SweepData) -> Column | None:
-    """The teacher's predictions from the first column whose run had a teacher (None when no run did). Labelled
-    with the teacher's arch when the sweep has several."""
-    archs = {a for a in data.runs.column("teacher_arch").to_pylist() if a}
-    for column in columns:
-        if column.predictions is not None and column.predictions.teacher is not None:
-            teacher = dataclasses.replace(column.predictions, student=column.predictions.teacher, teacher=None)
-            arch = dict(zip(data.runs.column("run_id").to_pylist(), data.runs.column("teacher_arch").to_pylist()))
-            label = "Teacher" + (f" ({arch.get(column.run_id)})" if len(archs) > 1 else "")
-            return Column(label, column.run_id, column.run_name, teacher)
+def teacher_column(columns: list[Column], data: SweepData, fetch: Fetch | None = None,
+                   sweep: SweepData | None = None) -> Column | None:
+    """The teacher's predictions from the first column whose run had a teacher; else (with `fetch` and `sweep`) from
+    the first other finished run of the whole sweep that has them for the same images (a search run, when no
+    confirmed method distils: the frozen teacher predicts the same in every run). None when no run has them.
+    Labelled with the teacher's arch when the sweep has several."""
+    shown = [c for c in columns if c.predictions is not None]
+    candidates = [(c.run_id, c.run_name, c.predictions) for c in shown]
+    if fetch is not None and sweep is not None and shown:
+        seen = {c.run_id for c in columns}
+        rows = zip(*(sweep.runs.column(k).to_pylist() for k in ("run_id", "run_name", "state", "teacher_arch")))
+        candidates += [(run_id, name, None) for run_id, name, state, arch in rows
+                       if run_id not in seen and state in (FINISHED, EARLY_STOPPED) and arch]
+    runs = sweep.runs if sweep is not None else data.runs
+    arch = dict(zip(runs.column("run_id").to_pylist(), runs.column("teacher_arch").to_pylist()))
+    several = len({a for a in arch.values() if a}) > 1
+    for run_id, run_name, predictions in candidates:
+        if predictions is None:
+            predictions = fetch(run_id)
+            if not isinstance(predictions, Predictions) or not predictions.same_images(shown[0].predictions):
+                continue
+        if predictions.teacher is not None:
+            teacher = dataclasses.replace(predictions, student=predictions.teacher, teacher=None)
+            label = "Teacher" + (f" ({arch.get(run_id)})" if several else "")
+            return Column(label, run_id, run_name or run_id, teacher)
     return None
 
 
@@ -137,21 +164,27 @@ def draw(columns: list[Column], path: Path) -> Path:
     return path
 
 
-def write_qualitative(data: SweepData, value: str, out: Path, fetch: Fetch | None = None) -> Qualitative:
+def write_qualitative(data: SweepData, value: str, out: Path, fetch: Fetch | None = None,
+                      sweep: SweepData | None = None) -> Qualitative:
     """Write `out/qualitative.png` (contract.QUALITATIVE_FIGURE) when some method's best run logged predictions,
     and return it with its Markdown: a heading, the figure, a caption and a note per column without predictions.
-    `data` holds the runs the method table compares (a search's confirmation stage). Without any predictions in
-    them (runs from before kdray logged them, data.preview_images 0) nothing is written and the Markdown is empty.
+    `data` holds the runs the method table compares (a search's confirmation stage), `sweep` the whole sweep (where
+    the teacher's column may come from when no compared run distils). When no method has predictions to show, no
+    figure is written and the Markdown says why, method by method (nothing at all only when no method has a run).
     `fetch` defaults to reading the runs' artifacts (`fetch_predictions`)."""
-    source = data
-    columns = method_columns(source, value, fetch or fetch_predictions(data.tracking_uri))
+    fetch = fetch or fetch_predictions(data.tracking_uri)
+    columns = method_columns(data, value, fetch)
     shown = [c for c in columns if c.predictions is not None]
     if not shown:
-        return Qualitative(None, "", ())
-    teacher = teacher_column(columns, source)
+        notes = tuple(f"{c.label}: {c.problem}." for c in columns if c.run_id is not None)
+        if not notes:
+            return Qualitative(None, "", ())
+        lines = ["### Predictions", "", "No figure: no method's best run has predictions to show.", ""]
+        return Qualitative(None, "\n".join(lines + [f"- {note}" for note in notes] + [""]), notes)
+    teacher = teacher_column(columns, data, fetch, sweep)
     notes = tuple(f"{c.label}: {c.problem}." for c in columns if c.problem)
     if teacher is None:
-        notes += ("No run had a teacher's predictions: no teacher column.",)
+        notes += ("No run of the sweep logged the teacher's predictions of these images: no teacher column.",)
     path = draw(([teacher] if teacher else []) + columns, out / contract.QUALITATIVE_FIGURE)
     reference = shown[0].predictions
     iterations = ", ".join(f"{c.label} {c.predictions.iteration}" for c in shown)

@@ -211,14 +211,16 @@ def write_report(tracking_uri: str, experiment: str, sweep_id: str | None = None
     start = time.perf_counter()
     images = write_plots(data, search, out, value) if plots else []
     stages = stage_views(data)
-    qualitative = write_qualitative(stages[0] if stages is not None else data, value, out) if plots else None
+    qualitative = write_qualitative(stages[0] if stages is not None else data, value, out, sweep=data) \
+        if plots else None
     timings["plots"] = time.perf_counter() - start
 
     start = time.perf_counter()
     text = report_markdown(data, value, tables, images)
     files = list(images)
-    if qualitative is not None and qualitative.path is not None:
+    if qualitative is not None and qualitative.markdown:  # the figure, or why there is none
         text += "\n" + qualitative.markdown
+    if qualitative is not None and qualitative.path is not None:
         files.append(qualitative.path)
     if "md" in formats:
         (out / "report.md").write_text(text)
