@@ -315,19 +315,11 @@ def _auto_teacher(request: SweepRequest, state: dict[str, Any] | None) -> bool:
 
 
 def check_store(uri: str) -> None:
-    """A tracking server that does not answer is a ConfigError now, not minutes of retries after Ray started."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
+    """The sweep's store, usable (`kdray.store.check_store`): a tracking server that does not answer is a ConfigError
+    now, not minutes of retries after Ray started; a SQLite file may not exist yet (the sweep creates it)."""
+    from kdray.store import check_store as check
 
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as answer:
-            answer.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        why = getattr(err, "reason", err)
-        raise ConfigError(f"tracking URI {uri}: no MLflow server answers there ({why}); start it, or pass "
-                          "another --tracking-uri") from None
+    check(uri)
 
 
 def dry_run(request: SweepRequest) -> list[str]:

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from kdray import contract
 from kdray.contract import iou_metric_key, resolve_tracking_uri
 from kdray.errors import ConfigError
+from kdray.store import check_store
 
 T = TypeVar("T")
 
@@ -79,13 +80,10 @@ def default_tracking_uri() -> str:
 
 
 def open_client(tracking_uri: str) -> MlflowClient:
-    """A client for the store; a SQLite file that does not exist is an error (MLflow would create it empty)."""
+    """A client for the store, checked first (`kdray.store.check_store`: ConfigError for a store that cannot be
+    read; a SQLite file that does not exist is one, as MLflow would create it empty)."""
     tracking_uri = resolve_tracking_uri(tracking_uri)  # as the sweep reads it: a bare path, a relative SQLite file
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise ConfigError(f"no MLflow store at {path} (tracking URI {tracking_uri}): pass --tracking-uri "
-                              "or set MLFLOW_TRACKING_URI to the store the sweep printed")
+    check_store(tracking_uri, must_exist=True)
     return MlflowClient(tracking_uri)
 
 
