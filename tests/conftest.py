@@ -69,3 +69,24 @@ def layer_hint():
     LOSSES.pop("layer_hint_test", None)
 
 
+
+
+def _assert_run_shows_what_it_learnt(client, run, steps):
+    """A trial's run as the MLflow UI shows it: a `predictions` picture at each evaluation step in `steps`, the best
+    evaluation's predictions kept, and the best student logged as a model at its best evaluation."""
+    from kdray import contract
+
+    run_id = run.info.run_id
+    images = [f.path for f in client.list_artifacts(run_id, "images")]
+    assert {int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")} == set(steps)
+    kept = {f.path for f in client.list_artifacts(run_id, contract.PREDICTIONS_ARTIFACT_DIR)}
+    assert kept == {f"{contract.PREDICTIONS_ARTIFACT_DIR}/{contract.BEST_PREDICTIONS_FILE}"}
+    best = max(client.get_metric_history(run_id, contract.VAL_MIOU), key=lambda m: (m.value, -m.step)).step
+    assert [o.step for o in run.outputs.model_outputs] == [best] and contract.MODEL_FAILURE not in run.data.tags
+    assert client.get_logged_model(run.outputs.model_outputs[0].model_id).name == contract.STUDENT_MODEL_NAME
+
+
+@pytest.fixture
+def shows_what_it_learnt():
+    """`check(client, run, steps)`: see `_assert_run_shows_what_it_learnt`."""
+    return _assert_run_shows_what_it_learnt

@@ -243,7 +243,7 @@ TINY = ["data.crop=[32, 32]", "data.synthetic.image_size=32", "data.synthetic.tr
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_packed_search_and_its_confirmation_on_ray(tmp_path, teacher_file):
+def test_a_packed_search_and_its_confirmation_on_ray(tmp_path, teacher_file, shows_what_it_learnt):
     """Three search trials in packs of two (2 + 1), halving inside the pack at its first evaluation, then the
     confirmation (the best configuration and the CE student: one pack). Every member is a trial of its own in the
     summary, the study and MLflow; the stopped one is PRUNED and tagged; no run is left RUNNING."""
@@ -288,5 +288,7 @@ def test_a_packed_search_and_its_confirmation_on_ray(tmp_path, teacher_file):
     for run in runs:  # each member's own evaluations, at its own iterations
         steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
         assert steps == ([2] if run.data.tags[contract.TRIAL_ID] == stopped.trial_id else [2, 4])
+        if steps == [2, 4]:  # a complete member's previews, best predictions and model, from the pack's worker
+            shows_what_it_learnt(client, run, steps)
     tags = client.get_run(outcome.parent_run_id).data.tags
     assert tags[f"{contract.SAMPLER_TAG_PREFIX}constant_liar"] == "True"

@@ -60,7 +60,8 @@ def children(uri: str, experiment: str, sweep_id: str):
                                       f"tags.`{contract.SWEEP_ID}` = '{sweep_id}' and tags.`{contract.KIND}` = 'trial'")
 
 
-def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ray_cluster, tmp_path):
+def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ray_cluster, tmp_path,
+                                                                               shows_what_it_learnt):
     """A search of 4 trials on two workers each, 2 at a time, on a tuning split, under synchronous halving at the
     first evaluation (iteration 2 of 4): the 2 better trials pause at the rung and resume from their checkpoint,
     the other 2 end there (PRUNED in the study). Then the confirmation stage: the best configuration and the
@@ -160,6 +161,7 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
                 assert tags[contract.STOPPED_AT] == "2" and "Stopped early by the scheduler" in tags[contract.NOTE]
         else:  # confirmed on val, trained on the whole training split
             assert run.info.status == "FINISHED" and steps == [2, 4]
+            shows_what_it_learnt(client, run, steps)  # its previews, best predictions and model, from the worker
             assert tags[contract.STAGE] == "confirm" and tags[contract.EVAL_SPLIT] == "val"
             assert run.data.params["data.tune_split.fraction"] == "0.0"
             if tags[contract.ROW] == "Student (CE)":
