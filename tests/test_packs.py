@@ -191,3 +191,15 @@ def test_members_device_seconds_add_up_to_the_packs(solo_runs, tmp_path):
     billed = [m.report.__defaults__[0][-1].cost[contract.TRAIN_DEVICE_SECONDS] for m in members]
     assert all(b > 0 for b in billed)
     assert 0.8 * spent <= sum(billed) <= spent
+
+
+def test_a_pack_that_would_not_fit_its_device_is_refused_with_the_figures():
+    from kdray.engine.loop import pack_memory_verdict
+
+    gib = 2 ** 30
+    # 10 GiB of teacher weights, a peak of 22 GiB over the teacher and the first student: 12 GiB a student
+    assert pack_memory_verdict(4, 22 * gib, 10 * gib, 80 * gib) is None  # 10 + 4 x 12 = 58
+    verdict = pack_memory_verdict(8, 22 * gib, 10 * gib, 80 * gib)  # 10 + 8 x 12 = 106
+    assert verdict == ("a pack of 8 students needs about 106.0 GiB (8 x 12.00 GiB per student, measured on the "
+                       "first, + 10.00 GiB of teacher weights); the device has 80.0 GiB: set pack_size to at most 5")
+    assert "at most 1" in pack_memory_verdict(2, 60 * gib, 10 * gib, 80 * gib)

@@ -64,7 +64,7 @@ from kdray.engine.progress import Progress
 from kdray.engine.scoring import score_best_weights
 from kdray.engine.sliding import window_of
 from kdray.engine.step import TrainStep, autocast_for, shared_teacher_forward
-from kdray.errors import CheckpointError, ConfigError, KdrayError
+from kdray.errors import CheckpointError, ConfigError, KdrayError, ResourceError
 from kdray.losses.inputs import STUDENT_AUX_LOGITS
 from kdray.losses.objective import reads_input
 from kdray.models import Segmenter, build_model, load_segmenter_weights
@@ -233,7 +233,8 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
     iteration. `decide(evaluations)`: called on every rank after the members' evaluations of one iteration (member
     index -> its Evaluation, after each member's `report`) with the indices of the members to stop there (the
     union over ranks is taken): a pack's early stopping that compares its members, who reach each evaluation
-    together. Costs: with one member, the process's clocks as in any run; with more, each member is billed its own
+    together. On a GPU, a pack of several raises ResourceError after its first member's first step when its
+    estimated memory does not fit the device (`pack_memory_verdict`), before the other students allocate theirs. Costs: with one member, the process's clocks as in any run; with more, each member is billed its own
     steps, evaluations and checkpoints, and an equal share of what served several (the batch's loading among all
     active members, the teacher forward among those that distil, the setup among all) (`ChargedClock`).
     """
@@ -317,6 +318,8 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
                     continue
             if evaluation is not None:
                 evaluations[trainees.index(t)] = evaluation
+            if i == start and t is active[0] and len(active) > 1 and device.type == "cuda":
+                check_pack_memory(len(active), teacher, device)  # measured on the first student, before the rest
         if decide is not None and evaluations:
             leaving = set().union(*gather_objects(set(decide(evaluations)), ctx))
             for index in sorted(leaving):
@@ -329,6 +332,33 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
             t.finish()
     wall_s = time.perf_counter() - t_start
     return [t.result(wall_s) for t in trainees]
+
+
+def pack_memory_verdict(students: int, peak_bytes: int, teacher_bytes: int, capacity_bytes: int) -> str | None:
+    """Why a pack of `students` does not fit a device of `capacity_bytes`, or None when it does, on the estimate
+    `teacher_bytes + students x (peak_bytes - teacher_bytes)`: `peak_bytes` is the device's peak over the teacher's
+    forward and one student's step (the first member's first iteration), `teacher_bytes` the teacher's weights. An
+    upper bound: the students' activations do not coexist (each member's step frees its own before the next)."""
+    per_student = max(0, peak_bytes - teacher_bytes)
+    need = teacher_bytes + students * per_student
+    if need <= capacity_bytes:
+        return None
+    fits = max(1, (capacity_bytes - teacher_bytes) // per_student) if per_student else students
+    gib = 2 ** 30
+    return (f"a pack of {students} students needs about {need / gib:.1f} GiB ({students} x {per_student / gib:.2f} GiB "
+            f"per student, measured on the first, + {teacher_bytes / gib:.2f} GiB of teacher weights); the device has "
+            f"{capacity_bytes / gib:.1f} GiB: set pack_size to at most {fits}")
+
+
+def check_pack_memory(students: int, teacher: nn.Module | None, device: torch.device) -> None:
+    """ResourceError (`pack_memory_verdict`) when a pack of `students` would not fit `device` (CUDA), measured after
+    its first member's first step."""
+    teacher_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()]) \
+        if teacher is not None else 0
+    verdict = pack_memory_verdict(students, torch.cuda.max_memory_allocated(device), teacher_bytes,
+                                  torch.cuda.get_device_properties(device).total_memory)
+    if verdict is not None:
+        raise ResourceError(verdict)
 
 
 class _Trainee:
