@@ -292,3 +292,90 @@ def test_a_packed_search_and_its_confirmation_on_ray(tmp_path, teacher_file, sho
             shows_what_it_learnt(client, run, steps)
     tags = client.get_run(outcome.parent_run_id).data.tags
     assert tags[f"{contract.SAMPLER_TAG_PREFIX}constant_liar"] == "True"
+
+
+# --- a pack's worker, restarted from its checkpoint -------------------------------------------------------------------
+
+PACK_JOB = {"name": "pack", "data": {"num_classes": 8, "crop": [32, 32], "batch_size": 4, "eval_batch_size": 8,
+                                     "synthetic": {"image_size": 32, "train_length": 32, "val_length": 8}},
+            "teacher": {"arch": "deeplabv3_resnet18", "width": 0.125},
+            "student": {"arch": "deeplabv3_resnet18", "width": 0.125},
+            "optim": {"iterations": 6, "eval_interval": 3, "log_interval": 3},
+            "run": {"threads": 1, "latency_repeats": 0}, "tracking": {"log_model": False}}
+
+
+class FakeTrain:
+    """Ray Train as `pack_per_worker` sees it on one rank: its checkpoint to resume from, and `report`, which keeps
+    each result and a copy of its checkpoint, and dies (as a killed worker) at the report numbered `die_at`."""
+
+    def __init__(self, keep: Path, resume_from: Path | None = None, die_at: int | None = None):
+        self.keep, self.resume_from, self.die_at = keep, resume_from, die_at
+        self.results, self.checkpoints = [], []
+
+    def install(self, monkeypatch):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        from kdray.orchestration import pack_trial
+
+        context = type("Context", (), {"get_world_rank": lambda self: 0, "get_world_size": lambda self: 1})()
+        monkeypatch.setattr(pack_trial.ray.train, "get_context", lambda: context)
+        monkeypatch.setattr(pack_trial.ray.train.torch, "get_device", lambda: torch.device("cpu"))
+        monkeypatch.setattr(pack_trial.ray.train, "get_checkpoint", lambda: None if self.resume_from is None
+                            else ray.train.Checkpoint.from_directory(str(self.resume_from)))
+        monkeypatch.setattr(pack_trial.ray.train, "report", self.report)
+
+    def report(self, result, checkpoint=None):
+        import shutil
+
+        copy = self.keep / f"report-{len(self.results)}"
+        shutil.copytree(checkpoint.path, copy)
+        self.results.append(dict(result))
+        self.checkpoints.append(copy)
+        if self.die_at is not None and len(self.results) == self.die_at:
+            raise RuntimeError("the worker died")
+
+
+def test_a_pack_worker_restarted_from_its_checkpoint_ends_as_one_never_stopped(tmp_path, teacher_file, monkeypatch):
+    import torch
+
+    from kdray.config import job_from_dict
+    from kdray.orchestration.pack_trial import PACK_FILE, pack_per_worker
+    from kdray.orchestration.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "packs")
+    base = {**PACK_JOB, "teacher": {**PACK_JOB["teacher"], "checkpoint": teacher_file}}
+    jobs = [job_from_dict(base, {}), job_from_dict(base, {"losses.kd.enabled": True, "losses.adversarial.enabled":
+                                                          True})]
+
+    def config(tag):
+        members = [{"index": i, "job": job, "run_id": tracker.trial_run(tag, f"t.m{i}", "p", f"m{i}", {}, {})}
+                   for i, job in enumerate(jobs)]
+        return {"members": members, "unbuilt": [], "halving": None, "metric": contract.VAL_MIOU, "mode": "max",
+                "iterations": 6, "tracking_uri": uri}
+
+    whole = FakeTrain(tmp_path / "whole")
+    whole.install(monkeypatch)
+    assert pack_per_worker(config("whole")) is None
+    assert [r[contract.ITERATION] for r in whole.results] == [3, 6, 6]  # each evaluation, then the pack's end
+    last = whole.results[-1]
+    assert [last[member_key(i, STATE)] for i in range(2)] == [COMPLETE, COMPLETE]
+
+    cut = FakeTrain(tmp_path / "cut", die_at=1)  # dies right after the pack's first report (iteration 3)
+    cut.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="the worker died"):
+        pack_per_worker(config("cut"))
+    saved = yaml.safe_load((cut.checkpoints[0] / PACK_FILE).read_text())
+    assert saved["iteration"] == 3 and set(saved["states"].values()) == {"running"}
+    again = FakeTrain(tmp_path / "again", resume_from=cut.checkpoints[0])
+    again.install(monkeypatch)
+    assert pack_per_worker(config("cut")) is None
+    assert [r[contract.ITERATION] for r in again.results] == [6, 6]
+    for i in range(2):  # every member resumed and ended with the weights of the pack that never stopped
+        ours = torch.load(again.checkpoints[-1] / f"m{i}" / "checkpoint.pt", weights_only=False)["model"]
+        theirs = torch.load(whole.checkpoints[-1] / f"m{i}" / "checkpoint.pt", weights_only=False)["model"]
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    run = tracker.client.get_run(config("cut")["members"][1]["run_id"])
+    assert run.data.tags[contract.RESUMED_FROM] == "3"

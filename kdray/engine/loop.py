@@ -234,9 +234,10 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
     index -> its Evaluation, after each member's `report`) with the indices of the members to stop there (the
     union over ranks is taken): a pack's early stopping that compares its members, who reach each evaluation
     together. On a GPU, a pack of several raises ResourceError after its first member's first step when its
-    estimated memory does not fit the device (`pack_memory_verdict`), before the other students allocate theirs. Costs: with one member, the process's clocks as in any run; with more, each member is billed its own
-    steps, evaluations and checkpoints, and an equal share of what served several (the batch's loading among all
-    active members, the teacher forward among those that distil, the setup among all) (`ChargedClock`).
+    estimated memory does not fit the device (`pack_memory_verdict`), before the other students allocate theirs.
+    Costs: with one member, the process's clocks as in any run; with more, each member is billed its own steps,
+    evaluations and checkpoints, and an equal share of what served several (the batch's loading among all active
+    members, the teacher forward among those that distil, the setup among all) (`ChargedClock`).
     """
     t_start = time.perf_counter()
     ctx = ctx or RankContext.current()

@@ -12,6 +12,7 @@ and the others train on.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -109,6 +110,7 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
     states.update({index: FAILED for index in config["unbuilt"]})
     last: dict[int, dict[str, Any]] = {}  # member index -> its last Tune metrics
     previous: list[Path] = []  # the last checkpoint folder reported (deleted once the next one is)
+    reports = itertools.count()
 
     def report_for(index: int):
         def report(evaluation: Evaluation, checkpoint_dir: str | None) -> None:
@@ -127,7 +129,7 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
             result[config["metric"]] = best
         checkpoint = None
         if ctx.is_main:
-            folder = scratch / f"pack-{iteration}-{len(previous)}"
+            folder = scratch / f"pack-{next(reports)}-at-{iteration}"
             folder.mkdir()
             (folder / PACK_FILE).write_text(json.dumps({"iteration": iteration, "states": states, "last": last}))
             for index in states:
