@@ -285,7 +285,8 @@ def test_a_packed_search_and_its_confirmation_on_ray(tmp_path, teacher_file, sho
     assert len(runs) == 5 and {r.info.status for r in runs} == {"FINISHED"}
     by_trial = {r.data.tags[contract.TRIAL_ID]: r for r in runs}
     assert by_trial[stopped.trial_id].data.tags[contract.STOPPED_EARLY] == "true"
-    for run in runs:  # each member's own evaluations, at its own iterations
+    for run in runs:  # each member's own evaluations, at its own iterations, in one go (no worker restart)
+        assert contract.RESUMED_FROM not in run.data.tags
         steps = [m.step for m in client.get_metric_history(run.info.run_id, contract.VAL_MIOU)]
         assert steps == ([2] if run.data.tags[contract.TRIAL_ID] == stopped.trial_id else [2, 4])
         if steps == [2, 4]:  # a complete member's previews, best predictions and model, from the pack's worker
