@@ -8,6 +8,8 @@ row x seed), each trial a Ray Train run, every trial an MLflow child run of the 
     teacher_run.py  the teacher's training (or scoring) inside a sweep
     tune_setup.py   Ray, the Tuner (Optuna/ASHA or the ablation grid), running the trials, what became of each
     trial.py        one trial: its job, its MLflow run, its Ray Train workers; the MLflow status callback
+    pack.py         trial packs (pack_size): Optuna's members of a pack, the grid's packs, halving inside a pack
+    pack_trial.py   one pack trial: its members' runs, and the workers training them as one engine pack
     outcome.py      trial statuses, failure reasons, the summary table, closing the runs
     record.py       what a run shows in MLflow: active params, searched knobs, dataset inputs, descriptions, and
                     the sweep's best trial on the sweep's run
