@@ -186,10 +186,12 @@ def test_a_pack_search_proposes_members_together_and_tells_the_study_each_one(tm
     trials = {t.number: t for t in search.searcher._ot_study.get_trials(deepcopy=False)}
     assert [trials[i].state.name for i in range(3)] == ["COMPLETE", "PRUNED", "FAIL"]
     assert trials[0].value == 0.7 and trials[1].intermediate_values == {4: 0.2}
-    # a pack that failed as a whole fails the members that had not ended; the saved state restores the packs
-    search.on_trial_complete("p1", {member_key(0, STATE): COMPLETE, member_key(0, contract.ITERATION): 8,
-                                    member_key(0, contract.ITERATIONS_TOTAL): 8,
-                                    member_key(0, contract.VAL_MIOU): 0.4}, error=True)
+    # a pack that failed as a whole fails the members that had not ended (Tune hands its end no result: its last
+    # one counts); the saved state restores the packs
+    search.on_trial_result("p1", {contract.ITERATION: 8, member_key(0, STATE): COMPLETE,
+                                  member_key(0, contract.ITERATION): 8, member_key(0, contract.ITERATIONS_TOTAL): 8,
+                                  member_key(0, contract.VAL_MIOU): 0.4})
+    search.on_trial_complete("p1", None, error=True)
     assert search.trial_states() == {"COMPLETE": 2, "PRUNED": 1, "FAIL": 3, "RUNNING": 1}
     search.save(str(tmp_path / "searcher.pkl"))
     again = pack_search()
@@ -380,3 +382,41 @@ def test_a_pack_worker_restarted_from_its_checkpoint_ends_as_one_never_stopped(t
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     run = tracker.client.get_run(config("cut")["members"][1]["run_id"])
     assert run.data.tags[contract.RESUMED_FROM] == "3"
+
+
+def test_a_member_that_failed_stays_failed_with_its_reason_after_a_restart(tmp_path, teacher_file, monkeypatch):
+    """KD's loss is NaN from the start: the member fails at iteration 1, the pack's first report (iteration 3) says
+    so, the worker dies there; restarted, only the CE member trains on, and the failed one keeps its FAILED state and
+    its reason (its run, reopened by the restarted trial, had lost the tag). A member left alone that fails ends the
+    pack's worker normally, not with an error Ray Train would retry."""
+    from kdray.config import job_from_dict
+    from kdray.losses.kd import PixelwiseKD
+    from kdray.orchestration.pack_trial import pack_per_worker
+    from kdray.orchestration.tracking import Tracker
+
+    original = PixelwiseKD.forward
+    monkeypatch.setattr(PixelwiseKD, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "packs")
+    base = {**PACK_JOB, "teacher": {**PACK_JOB["teacher"], "checkpoint": teacher_file}}
+    jobs = [job_from_dict(base, {}), job_from_dict(base, {"losses.kd.enabled": True})]
+    members = [{"index": i, "job": job, "run_id": tracker.trial_run("s", f"t.m{i}", "p", f"m{i}", {}, {})}
+               for i, job in enumerate(jobs)]
+    config = {"members": members, "unbuilt": [], "halving": None, "metric": contract.VAL_MIOU, "mode": "max",
+              "iterations": 6, "tracking_uri": uri}
+    cut = FakeTrain(tmp_path / "cut", die_at=1)
+    cut.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="the worker died"):
+        pack_per_worker(config)
+    assert cut.results[0][member_key(1, STATE)] == FAILED  # said at the pack's first report, not only at its end
+    tracker.clear_tag(members[1]["run_id"], contract.FAILURE)  # what reopening the trial's runs does
+    again = FakeTrain(tmp_path / "again", resume_from=cut.checkpoints[0])
+    again.install(monkeypatch)
+    assert pack_per_worker(config) is None
+    assert [again.results[-1][member_key(i, STATE)] for i in range(2)] == [COMPLETE, FAILED]
+    assert tracker.tags(members[1]["run_id"])[contract.FAILURE] == "loss term 'kd' is nan at iteration 1"
+
+    alone = FakeTrain(tmp_path / "alone")
+    alone.install(monkeypatch)
+    assert pack_per_worker({**config, "members": members[1:]}) is None
+    assert alone.results[-1][member_key(1, STATE)] == FAILED

@@ -197,9 +197,10 @@ def test_a_pack_that_would_not_fit_its_device_is_refused_with_the_figures():
     from kdray.engine.loop import pack_memory_verdict
 
     gib = 2 ** 30
-    # 10 GiB of teacher weights, a peak of 22 GiB over the teacher and the first student: 12 GiB a student
+    # 10 GiB of weights (teacher and students) before any step; the first step peaks at 22 GiB: 12 GiB a step
     assert pack_memory_verdict(4, 22 * gib, 10 * gib, 80 * gib) is None  # 10 + 4 x 12 = 58
     verdict = pack_memory_verdict(8, 22 * gib, 10 * gib, 80 * gib)  # 10 + 8 x 12 = 106
-    assert verdict == ("a pack of 8 students needs about 106.0 GiB (8 x 12.00 GiB per student, measured on the "
-                       "first, + 10.00 GiB of teacher weights); the device has 80.0 GiB: set pack_size to at most 5")
+    assert verdict == ("a pack of 8 students needs up to 106.0 GiB (10.00 GiB of weights, teacher and students, + "
+                       "8 x 12.00 GiB that a student's step adds, measured on the first); the device has 80.0 GiB: "
+                       "set pack_size to at most 5")
     assert "at most 1" in pack_memory_verdict(2, 60 * gib, 10 * gib, 80 * gib)

@@ -122,7 +122,10 @@ class PackMember:
     `report(evaluation, checkpoint_dir)`: every rank, after each of this member's evaluations; a true return on
     any rank ends this member there (early stopping: its run is `RunResult.stopped`). `log(metrics)`: the main rank,
     every `optim.log_interval` iterations. `preview(iteration, picture)`: the main rank, at each evaluation, with
-    data.preview_images > 0. `resume`: a checkpoint directory of this member's run to continue from."""
+    data.preview_images > 0. `resume`: a checkpoint directory of this member's run to continue from.
+    `left(state, reason)`: every rank, when the member leaves a pack before its end: `stopped` (its report or the
+    pack's decide), `complete` (its time budget ran out: evaluated there, scored at the pack's end) or `failed` (a
+    non-finite loss; `reason` says which), so that the caller's record of the pack says so at once."""
 
     job: Job
     output_dir: str | Path
@@ -130,6 +133,7 @@ class PackMember:
     log: Log | None = None
     preview: Preview | None = None
     resume: str | Path | None = None
+    left: Callable[[str, str | None], None] | None = None
 
 
 def pack_difference(first: Job, other: Job) -> str | None:
@@ -234,7 +238,8 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
     index -> its Evaluation, after each member's `report`) with the indices of the members to stop there (the
     union over ranks is taken): a pack's early stopping that compares its members, who reach each evaluation
     together. On a GPU, a pack of several raises ResourceError after its first member's first step when its
-    estimated memory does not fit the device (`pack_memory_verdict`), before the other students allocate theirs.
+    estimated memory does not fit the device (`pack_memory_verdict`), before the other students' steps allocate
+    their gradients, optimizer state and activations.
     Costs: with one member, the process's clocks as in any run; with more, each member is billed its own steps,
     evaluations and checkpoints, and an equal share of what served several (the batch's loading among all active
     members, the teacher forward among those that distil, the setup among all) (`ChargedClock`).
@@ -281,6 +286,8 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=job.data.loader_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(job.run.seed))
     active = [t for t in trainees if t.begin(stop)]
+    # what the teacher and every student's weights hold on the GPU before any step (the memory check's base)
+    base_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     batches = iter(loader)
     for i in range(start, stop):
         if not active:
@@ -309,6 +316,7 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
             if t.clock is not None:
                 t.clock.charge(data_device / len(active) + (teacher_device / readers if served else 0.0))
             with t.own_rng(), t.charged(meter):
+                evaluation = None
                 try:
                     evaluation = t.iteration(i, lr, images, labels, view, shared_wall,
                                              teacher_wall / readers if served and timed else None)
@@ -316,11 +324,10 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
                     if len(members) == 1:
                         raise
                     t.fail(exc)
-                    continue
+            if i == start and t is active[0] and len(active) > 1 and device.type == "cuda":
+                check_pack_memory(len(active), base_bytes, device)  # measured on the first step, before the others
             if evaluation is not None:
                 evaluations[trainees.index(t)] = evaluation
-            if i == start and t is active[0] and len(active) > 1 and device.type == "cuda":
-                check_pack_memory(len(active), teacher, device)  # measured on the first student, before the rest
         if decide is not None and evaluations:
             leaving = set().union(*gather_objects(set(decide(evaluations)), ctx))
             for index in sorted(leaving):
@@ -335,28 +342,27 @@ def train_pack(members: list[PackMember], *, role: str = "student", ctx: RankCon
     return [t.result(wall_s) for t in trainees]
 
 
-def pack_memory_verdict(students: int, peak_bytes: int, teacher_bytes: int, capacity_bytes: int) -> str | None:
+def pack_memory_verdict(students: int, peak_bytes: int, base_bytes: int, capacity_bytes: int) -> str | None:
     """Why a pack of `students` does not fit a device of `capacity_bytes`, or None when it does, on the estimate
-    `teacher_bytes + students x (peak_bytes - teacher_bytes)`: `peak_bytes` is the device's peak over the teacher's
-    forward and one student's step (the first member's first iteration), `teacher_bytes` the teacher's weights. An
-    upper bound: the students' activations do not coexist (each member's step frees its own before the next)."""
-    per_student = max(0, peak_bytes - teacher_bytes)
-    need = teacher_bytes + students * per_student
+    `base_bytes + students x (peak_bytes - base_bytes)`: `base_bytes` is what the device holds before any step (the
+    teacher's and every student's weights), `peak_bytes` its peak over the first iteration's teacher forward and the
+    first student's step, so `peak - base` is what one student's step adds (its gradients and optimizer state, which
+    stay, and its activations, which go). An upper bound: the students' activations do not coexist."""
+    per_step = max(0, peak_bytes - base_bytes)
+    need = base_bytes + students * per_step
     if need <= capacity_bytes:
         return None
-    fits = max(1, (capacity_bytes - teacher_bytes) // per_student) if per_student else students
+    fits = max(1, (capacity_bytes - base_bytes) // per_step) if per_step else students
     gib = 2 ** 30
-    return (f"a pack of {students} students needs about {need / gib:.1f} GiB ({students} x {per_student / gib:.2f} GiB "
-            f"per student, measured on the first, + {teacher_bytes / gib:.2f} GiB of teacher weights); the device has "
-            f"{capacity_bytes / gib:.1f} GiB: set pack_size to at most {fits}")
+    return (f"a pack of {students} students needs up to {need / gib:.1f} GiB ({base_bytes / gib:.2f} GiB of weights, "
+            f"teacher and students, + {students} x {per_step / gib:.2f} GiB that a student's step adds, measured on "
+            f"the first); the device has {capacity_bytes / gib:.1f} GiB: set pack_size to at most {fits}")
 
 
-def check_pack_memory(students: int, teacher: nn.Module | None, device: torch.device) -> None:
+def check_pack_memory(students: int, base_bytes: int, device: torch.device) -> None:
     """ResourceError (`pack_memory_verdict`) when a pack of `students` would not fit `device` (CUDA), measured after
     its first member's first step."""
-    teacher_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()]) \
-        if teacher is not None else 0
-    verdict = pack_memory_verdict(students, torch.cuda.max_memory_allocated(device), teacher_bytes,
+    verdict = pack_memory_verdict(students, torch.cuda.max_memory_allocated(device), base_bytes,
                                   torch.cuda.get_device_properties(device).total_memory)
     if verdict is not None:
         raise ResourceError(verdict)
@@ -372,7 +378,7 @@ class _Trainee:
         job, device = member.job, ctx.device
         self.job, self.role, self.ctx, self.label = job, role, ctx, label
         self.output_dir = Path(member.output_dir)
-        self.report, self.log, self.preview = member.report, member.log, member.preview
+        self.report, self.log, self.preview, self.left = member.report, member.log, member.preview, member.left
         self.names, self.val_loader, self.clock, self.teacher = names, val_loader, clock, teacher
         torch.manual_seed(job.run.seed)  # identical initial weights on every rank, and for each member as if alone
         model, losses, self.iterations = role_model(job, role)
@@ -497,6 +503,8 @@ class _Trainee:
             self.show.message(f"{self.label}time budget of {budget:g} s (optim.time_budget_s) reached at iteration "
                               f"{done} of {self.iterations}: the run ends here")
             self.stop = done
+            if self.left is not None:
+                self.left("complete", None)
         self.running = not (self.out_of_time or self.stopped) and done < self.stop
         return evaluation
 
@@ -504,11 +512,15 @@ class _Trainee:
         """End here, stopped by the search (early stopping): no more training, no final scoring."""
         self.stopped, self.running = True, False
         self.show.message(f"{self.label}stopped at iteration {self.done} by its search (early stopping)")
+        if self.left is not None:
+            self.left("stopped", None)
 
     def fail(self, exc: NonFiniteLossError) -> None:
         """Leave the pack after a non-finite loss: the run ends failed, the others go on."""
         self.failure, self.running = str(exc), False
         self.show.message(f"{self.label}failed: {exc}")
+        if self.left is not None:
+            self.left("failed", str(exc))
 
     def _log_window(self, done: int, lr: float) -> None:
         window, n = self._window, self._window_n

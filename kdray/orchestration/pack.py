@@ -154,6 +154,7 @@ class PackSearch(Searcher):
         self.searcher = searcher
         self.pack_size, self.num_samples = pack_size, num_samples
         self.members: dict[str, int] = {}  # pack trial id -> its member count
+        self.last: dict[str, dict] = {}  # pack trial id -> its last result (Tune hands none to a failed trial's end)
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     @property
@@ -178,12 +179,16 @@ class PackSearch(Searcher):
         return {PACK_KEY: configs}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.members:
+            self.last[trial_id] = dict(result)
         for index in range(self.members.get(trial_id, 0)):
             part = member_result(result, index)
             if part.get(contract.ITERATION) is not None:
                 self.searcher.on_trial_result(member_id(trial_id, index), part)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        result = result if result is not None else self.last.get(trial_id)
+        self.last.pop(trial_id, None)
         for index in range(self.members.get(trial_id, 0)):
             part = member_result(result, index)
             # a member that ended before its pack failed keeps its end; one without a result never ran

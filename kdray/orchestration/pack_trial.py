@@ -30,7 +30,8 @@ from kdray import contract
 from kdray.contract import Evaluation
 from kdray.engine import PackMember, RankContext, train_pack
 from kdray.engine.cost import cost_device
-from kdray.engine.loop import check_pack
+from kdray.engine.loop import NonFiniteLossError, check_pack
+from kdray.errors import ResourceError
 from kdray.orchestration.outcome import TrialFailed, worker_reason
 from kdray.orchestration.pack import (
     COMPLETE,
@@ -88,12 +89,19 @@ def run_pack_trial(config: dict[str, Any], *, space: SearchSpace, sweep: SweepCo
                                   "metric": space.metric, "mode": space.mode})
     except Exception as err:
         why = worker_reason(err)
-        for m in members:
-            if tracker.status(m["run_id"]) == "RUNNING":
-                tracker.set_tags(m["run_id"], {contract.FAILURE: why[:5000]})
+        _tag_unended(tracker, members, why)
         raise TrialFailed(why) from err
-    if result.return_value:
-        raise TrialFailed(str(result.return_value))
+    if result.return_value:  # the workers stopped on purpose (the pack does not fit its device), and said why
+        why = str(result.return_value)
+        _tag_unended(tracker, members, why)
+        raise TrialFailed(why)
+
+
+def _tag_unended(tracker: Tracker, members: list[dict[str, Any]], why: str) -> None:
+    """The pack's failure, on the runs of its members that had not ended on their own (no failure of their own)."""
+    for m in members:
+        if tracker.status(m["run_id"]) == "RUNNING" and not tracker.tags(m["run_id"]).get(contract.FAILURE):
+            tracker.set_tags(m["run_id"], {contract.FAILURE: why[:5000]})
 
 
 def pack_per_worker(config: dict[str, Any]) -> str | None:
@@ -108,9 +116,22 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
                                      scratch / f"m{m['index']}", "student") for m in members}
     states: dict[int, str] = {m["index"]: RUNNING for m in members}
     states.update({index: FAILED for index in config["unbuilt"]})
+    reasons: dict[int, str] = {}  # member index -> why it failed
     last: dict[int, dict[str, Any]] = {}  # member index -> its last Tune metrics
     previous: list[Path] = []  # the last checkpoint folder reported (deleted once the next one is)
     reports = itertools.count()
+
+    def left_for(index: int):
+        def left(state: str, reason: str | None) -> None:
+            states[index] = state
+            if reason is not None:
+                fail(index, reason)
+        return left
+
+    def fail(index: int, reason: str) -> None:
+        states[index], reasons[index] = FAILED, reason
+        if bridges[index].logger is not None:
+            bridges[index].logger.set_tags({contract.FAILURE: reason[:5000]})
 
     def report_for(index: int):
         def report(evaluation: Evaluation, checkpoint_dir: str | None) -> None:
@@ -131,7 +152,8 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
         if ctx.is_main:
             folder = scratch / f"pack-{next(reports)}-at-{iteration}"
             folder.mkdir()
-            (folder / PACK_FILE).write_text(json.dumps({"iteration": iteration, "states": states, "last": last}))
+            (folder / PACK_FILE).write_text(json.dumps({"iteration": iteration, "states": states, "last": last,
+                                                         "reasons": reasons}))
             for index in states:
                 own = scratch / f"m{index}" / "checkpoint"
                 if own.is_dir():
@@ -152,6 +174,9 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
                 states.update({int(k): v for k, v in saved["states"].items()})
                 last.update({int(k): v for k, v in saved["last"].items()})
                 start = saved["iteration"]
+                for index, reason in saved.get("reasons", {}).items():  # reopened runs lost their failure tag
+                    if int(index) in bridges:
+                        fail(int(index), reason)
             running = [m for m in members if states[m["index"]] == RUNNING]
             for m in running:
                 logger = bridges[m["index"]].logger
@@ -163,7 +188,9 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
             halving = PackHalving(**config["halving"], max_t=total, start=start) if config["halving"] else None
 
             def decide(evaluations: dict[int, Evaluation]) -> set[int]:
-                stop = halving(evaluations) if halving is not None else set()
+                # the pack's rungs are decided at its evaluations, not where a member's time budget ended it
+                regular = {j: e for j, e in evaluations.items() if not e.time_budget_reached and e.iteration < total}
+                stop = halving(regular) if halving is not None and regular else set()
                 for j in stop:
                     states[running[j]["index"]] = STOPPED
                 pack_report(max(e.iteration for e in evaluations.values()))
@@ -173,17 +200,22 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
             if running:
                 pack = [PackMember(m["job"], scratch / f"m{m['index']}", report=report_for(m["index"]),
                                    log=bridges[m["index"]].log, preview=bridges[m["index"]].preview,
-                                   resume=Path(resume_dir) / f"m{m['index']}" if resume_dir is not None else None)
+                                   resume=Path(resume_dir) / f"m{m['index']}" if resume_dir is not None else None,
+                                   left=left_for(m["index"]))
                         for m in running]
-                results = train_pack(pack, ctx=ctx, progress=False, decide=decide)
+                try:
+                    results = train_pack(pack, ctx=ctx, progress=False, decide=decide)
+                except NonFiniteLossError as err:  # the one member left ran into a non-finite loss: it fails alone
+                    fail(running[0]["index"], str(err))
+                    start, running = max(start, err.iteration), []
+                except ResourceError as err:  # the pack does not fit its device: no retry would change that
+                    return str(err)
         ended = start
         for m, result in zip(running, results):
             index, logger = m["index"], bridges[m["index"]].logger
             ended = max(ended, result.iterations)
             if result.failure is not None:
-                states[index] = FAILED
-                if logger is not None:
-                    logger.set_tags({contract.FAILURE: result.failure[:5000]})
+                fail(index, result.failure)
             elif result.stopped:
                 states[index] = STOPPED
             else:
