@@ -645,7 +645,12 @@ def plan_lines(space: SearchSpace, job: Job) -> list[str]:
         s = space.scheduler
         name = "Optuna random sampling" if space.sampler == "random" else "Optuna TPE"
         lines.append(f"  sampler: {name}, seed {space.seed}; {len(space.points_to_evaluate)} point(s) first")
-        if s.kind == "asha":
+        if s.kind != "none" and space.pack_size > 1:
+            lines.append(f"  scheduler: {'ASHA' if s.kind == 'asha' else 'synchronous halving'}'s rule inside each "
+                         f"pack (the pack is the bracket), grace {s.grace_period} evaluation(s) = "
+                         f"{s.grace_period * job.optim.eval_interval} iterations, reduction factor "
+                         f"{s.reduction_factor:g}")
+        elif s.kind == "asha":
             lines.append(f"  scheduler: ASHA, grace {s.grace_period} evaluation(s) = "
                          f"{s.grace_period * job.optim.eval_interval} iterations, "
                          f"reduction factor {s.reduction_factor:g}")

@@ -66,7 +66,7 @@ def test_a_packed_search_and_ablation_load_and_say_their_packs(tmp_path):
     assert packs == [[{ROW_KEY: "CE", SEED_KEY: 0}, {ROW_KEY: "+KD", SEED_KEY: 0}], [{ROW_KEY: "+I2CKD", SEED_KEY: 0}],
                      [{ROW_KEY: "CE", SEED_KEY: 1}, {ROW_KEY: "+KD", SEED_KEY: 1}], [{ROW_KEY: "+I2CKD", SEED_KEY: 1}]]
     assert pack_count(ablation) == 4
-    assert pack_lines(ablation)[1:] == ["    pack 1: seed 0: CE, +KD", "    pack 2: seed 0: +I2CKD",
+    assert pack_lines(ablation)[2:] == ["    pack 1: seed 0: CE, +KD", "    pack 2: seed 0: +I2CKD",
                                         "    pack 3: seed 1: CE, +KD", "    pack 4: seed 1: +I2CKD"]
 
 

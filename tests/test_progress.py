@@ -146,6 +146,31 @@ def test_one_line_per_trial_event_with_count_and_eta():
     ]
 
 
+def test_a_packs_end_says_how_each_member_ended_and_the_tally_counts_members():
+    from kdray.orchestration.pack import PACK_KEY, member_key
+
+    lines, clock = [], Clock()
+    cb = SweepProgress(1, say=lines.append, clock=clock)
+    last = {**result(400, 0.41)}
+    for i, (state, done, miou) in enumerate([("complete", 400, 0.41), ("stopped", 200, 0.2), ("failed", 3, None)]):
+        last.update({member_key(i, "state"): state, member_key(i, "iteration"): done})
+        if miou is not None:
+            last[member_key(i, "val/miou")] = miou
+    pack = FakeTrial("p_00000", {PACK_KEY: [{}, {}, {}]}, last_result=last)
+    cb.on_trial_start(0, [pack], pack)
+    pack.status = "RUNNING"
+    cb.on_trial_result(1, [pack], pack, result(400, 0.41))
+    cb.on_trial_result(2, [pack], pack, result(400, 0.41))  # the pack's closing result: no second line
+    cb.on_trial_complete(3, [pack], pack)
+    pack.status = "TERMINATED"
+    cb.on_experiment_end([pack])
+    assert lines[-2:] == [
+        "[1/1 done, 0 running] trial p_00000: ended: m0 finished (mIoU 41.00%), m1 stopped early at 200 "
+        "(mIoU 20.00%), m2 failed at 3",
+        "[1/1 done] packs ended after 0s: 1 finished, 1 stopped early, 1 failed (members of the packs)"]
+    assert sum("iteration 400/400" in line for line in lines) == 1
+
+
 def test_a_trial_cut_short_by_ctrl_c_is_interrupted_not_stopped_early(monkeypatch):
     lines = []
     cb = SweepProgress(2, say=lines.append, clock=Clock())

@@ -174,5 +174,6 @@ def describe(space: SearchSpace, job: Job) -> str:
                 "(the search's single-seed scores rank the trials: add confirm: {top_k: 3, seeds: [0, 1, 2]})")
     which = f"the top {c.top_k} distinct configuration(s)" if not space.multi_objective else \
         f"up to {c.top_k} distinct configuration(s), those of the Pareto front first (by {space.metric})"
+    packed = f", in packs of up to {space.pack_size} (the rows of one seed)" if space.pack_size > 1 else ""
     return (f"then: confirmation of {which} and the CE-only student, seeds "
-            f"{list(c.seeds)}: {planned_trials(space)} full-length trials{on_val}")
+            f"{list(c.seeds)}: {planned_trials(space)} full-length trials{packed}{on_val}")

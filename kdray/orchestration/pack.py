@@ -81,14 +81,17 @@ def pack_lines(space: SearchSpace) -> list[str]:
     """What --dry-run says of a space's packs (nothing for pack_size 1)."""
     if space.pack_size == 1:
         return []
-    k, n = space.pack_size, pack_count(space)
-    head = (f"  trial packs of {k} (pack_size): {space.trial_count} trial(s) in {n} pack(s), each one Ray Train run "
-            "with one teacher forward and one data pipeline per batch for its members")
+    largest = min(space.pack_size, space.num_samples if space.kind == "search" else len(space.rows))
+    clipped = f" (pack_size {space.pack_size}: no more trials to pack)" if largest < space.pack_size else ""
+    n = pack_count(space)
+    head = (f"  trial packs of up to {largest}{clipped}: {space.trial_count} trial(s) in {n} pack(s), each one Ray "
+            "Train run with one teacher forward and one data pipeline per batch for its members")
     if space.kind == "search":
         stop = {"asha": "ASHA's", "sync_halving": "synchronous halving's"}.get(space.scheduler.kind)
         how = (f"; {stop} rungs are decided inside each pack, on its members" if stop else "")
-        return [head, f"    Optuna proposes each pack's {k} members at once (TPE with the constant liar){how}"]
-    lines = [head]
+        return [head, f"    Optuna proposes each pack's members at once (TPE with the constant liar){how}",
+                "    resources and 'at once' below count packs: a pack asks what one trial asks"]
+    lines = [head, "    resources and 'at once' below count packs: a pack asks what one trial asks"]
     for i, members in enumerate(grid_packs(space)):
         lines.append(f"    pack {i + 1}: seed {members[0][SEED_KEY]}: " + ", ".join(m[ROW_KEY] for m in members))
     return lines

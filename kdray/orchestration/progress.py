@@ -165,6 +165,7 @@ class SweepProgress(ray.tune.Callback):
         self._starting = ""  # the trial on_trial_start is about (still PENDING or PAUSED in Tune's list)
         self._ended: dict[str, str] = {}  # trial id -> finished | stopped early | failed | interrupted
         self._shown: dict[str, Any] = {}  # trial id -> the iteration of its last result line
+        self._members: dict[str, str] = {}  # a pack's member id -> how it ended (finished | stopped early | failed)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment (tuner.pkl)
         state = {**self.__dict__}
@@ -176,6 +177,7 @@ class SweepProgress(ray.tune.Callback):
         self.__dict__.update(state)
         self.__dict__.setdefault("_starting", "")  # pickled by a kdray from before it was kept
         self.__dict__.setdefault("_shown", {})
+        self.__dict__.setdefault("_members", {})
         self.say, self.clock = echo, time.monotonic
 
     # -- the overall count ---------------------------------------------------------------------------------
@@ -246,6 +248,9 @@ class SweepProgress(ray.tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
         self._track(trial, last)
+        if PACK_KEY in (trial.config or {}):
+            self._pack_ended(trials, trial, last)
+            return
         done, total = last.get(contract.ITERATION, 0), last.get(contract.ITERATIONS_TOTAL, 0)
         status = "stopped early" if total and done < total else "finished"
         if status == "stopped early" and interrupted():
@@ -261,6 +266,24 @@ class SweepProgress(ray.tune.Callback):
             text += f", best {metric_text(self.metric, best)}"
         self._say(trials, trial, text)
 
+    def _pack_ended(self, trials: list, trial, last: dict[str, Any]) -> None:
+        """A pack's end: how each member ended (its state in the pack's last result), in one line."""
+        from kdray.orchestration.pack import COMPLETE, STATE, STOPPED, member_result
+
+        self._ended[trial.trial_id] = "finished"
+        self._started.discard(trial.trial_id)
+        parts = []
+        for index in range(len(trial.config[PACK_KEY])):
+            member = member_result(last, index)
+            state, done = member.get(STATE), member.get(contract.ITERATION, 0)
+            status = {COMPLETE: "finished", STOPPED: "stopped early"}.get(state, "failed")
+            self._members[f"{trial.trial_id}.m{index}"] = status
+            where = f" at {done}" if status != "finished" else ""
+            value = member.get(self.metric)
+            shown = f" ({metric_text(self.metric, value)})" if isinstance(value, (int, float)) else ""
+            parts.append(f"m{index} {status}{where}{shown}")
+        self._say(trials, trial, "ended: " + ", ".join(parts))
+
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._ended[trial.trial_id] = "failed"
         self._started.discard(trial.trial_id)
@@ -274,9 +297,13 @@ class SweepProgress(ray.tune.Callback):
         done = tally["finished"] + tally["stopped early"] + tally["failed"]  # after Ctrl+C, the rest did not end
         elapsed = self.clock() - self._t0 if self._t0 is not None else 0.0
         parts = ", ".join(f"{n} {s}" for s, n in tally.items() if n)
+        if self._members:  # packs: what became of their members
+            members = {s: sum(1 for v in self._members.values() if v == s)
+                       for s in ("finished", "stopped early", "failed")}
+            parts = ", ".join(f"{n} {s}" for s, n in members.items() if n) + " (members of the packs)"
         try:
-            self.say(f"[{done}/{max(self.total_trials, done)} done] trials ended after "
-                     f"{_duration(elapsed)}: {parts}")
+            self.say(f"[{done}/{max(self.total_trials, done)} done] {'packs' if self._members else 'trials'} ended "
+                     f"after {_duration(elapsed)}: {parts}")
         except Exception as err:
             logging.getLogger(__name__).debug("progress line failed: %s", err)
 
