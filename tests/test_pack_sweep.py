@@ -221,8 +221,8 @@ def test_a_packs_members_runs_end_as_their_states_say(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "packs")
     ids = [tracker.trial_run("s1", member_id("t1", i), "p", f"m{i}", {}, {}) for i in range(4)]
-    tracker.set_tags(ids[2], {contract.FAILURE: "loss term 'kd' is nan at iteration 3"})
-    last = {contract.ITERATION: 8, contract.ITERATIONS_TOTAL: 8}
+    last = {contract.ITERATION: 8, contract.ITERATIONS_TOTAL: 8,
+            member_key(2, "failure"): "loss term 'kd' is nan at iteration 3"}
     for i, (state, done) in enumerate([(COMPLETE, 8), (STOPPED, 4), (FAILED, 3), ("running", 6)]):
         last.update({member_key(i, STATE): state, member_key(i, contract.ITERATION): done,
                      member_key(i, contract.ITERATIONS_TOTAL): 8})
@@ -232,6 +232,7 @@ def test_a_packs_members_runs_end_as_their_states_say(tmp_path):
     assert tracker.tags(ids[1])[contract.STOPPED_EARLY] == "true" and tracker.tags(ids[1])[contract.STOPPED_AT] == "4"
     assert "Stopped early by its pack's halving at iteration 4 of 8" in tracker.tags(ids[1])[contract.NOTE]
     assert tracker.tags(ids[2])[contract.NOTE] == "Failed: loss term 'kd' is nan at iteration 3"
+    assert tracker.tags(ids[2])[contract.FAILURE] == "loss term 'kd' is nan at iteration 3"
     assert tracker.tags(ids[3])[contract.FAILURE] == "the pack ended before this member did"
 
 
@@ -414,6 +415,7 @@ def test_a_member_that_failed_stays_failed_with_its_reason_after_a_restart(tmp_p
     again.install(monkeypatch)
     assert pack_per_worker(config) is None
     assert [again.results[-1][member_key(i, STATE)] for i in range(2)] == [COMPLETE, FAILED]
+    assert again.results[-1][member_key(1, "failure")] == "loss term 'kd' is nan at iteration 1"
     assert tracker.tags(members[1]["run_id"])[contract.FAILURE] == "loss term 'kd' is nan at iteration 1"
 
     alone = FakeTrain(tmp_path / "alone")

@@ -29,6 +29,7 @@ from kdray.space import ROW_KEY, SEED_KEY, SearchSpace
 
 PACK_KEY = "kdray.pack"  # the config key under which a pack trial carries its members' configs
 STATE = "state"  # a member's key in a pack's results: its state, one of MEMBER_STATES
+FAILURE = "failure"  # ... and, for a failed member, why (one line)
 RUNNING, COMPLETE, STOPPED, FAILED = "running", "complete", "stopped", "failed"
 MEMBER_STATES = (RUNNING, COMPLETE, STOPPED, FAILED)
 

@@ -36,6 +36,7 @@ from kdray.orchestration.outcome import TrialFailed, worker_reason
 from kdray.orchestration.pack import (
     COMPLETE,
     FAILED,
+    FAILURE,
     RUNNING,
     STATE,
     STOPPED,
@@ -144,6 +145,8 @@ def pack_per_worker(config: dict[str, Any]) -> str | None:
         result: dict[str, Any] = {contract.ITERATION: iteration, contract.ITERATIONS_TOTAL: total}
         for index, state in sorted(states.items()):
             result[member_key(index, STATE)] = state
+            if index in reasons:
+                result[member_key(index, FAILURE)] = reasons[index][:5000]
             result.update({member_key(index, k): v for k, v in last.get(index, {}).items()})
         best = best_value([m.get(config["metric"]) for m in last.values()], config["mode"])
         if best is not None:

@@ -159,7 +159,7 @@ class MlflowStatusCallback(ray.tune.Callback):
             logging.getLogger(__name__).warning("the sweep's best trial was not recorded: %s", err)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        if is_pack(trial.config):
+        if is_pack(getattr(trial, "config", None)):
             self._end_members(trial, None)
             return
         run_id = self._run_id(trial)
@@ -186,7 +186,7 @@ class MlflowStatusCallback(ray.tune.Callback):
         self._record_best()
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        if is_pack(trial.config):
+        if is_pack(getattr(trial, "config", None)):
             error = _trial_error(trial)
             text = str(error).strip() if error is not None else ""
             self._end_members(trial, failure_reason(error) if is_trial_failure(error) else
@@ -212,6 +212,7 @@ class MlflowStatusCallback(ray.tune.Callback):
         tagged as a scheduler's stop; failed FAILED; still running KILLED after Ctrl+C, else FAILED with the pack's
         reason."""
         from kdray.orchestration.pack import COMPLETE, FAILED, STOPPED, member_id, member_result, members_of
+        from kdray.orchestration.pack import FAILURE as MEMBER_FAILURE
         from kdray.orchestration.pack import STATE as MEMBER_STATE
 
         last = trial.last_result or {}
@@ -232,8 +233,7 @@ class MlflowStatusCallback(ray.tune.Callback):
                                                   f"{int(total)}: its record ends there.")
                 self.tracker.end_run(run_id, "FINISHED")
             elif state == FAILED or pack_failure is not None or not INTERRUPTED.is_set():
-                why = self.tracker.tags(run_id).get(contract.FAILURE) or pack_failure or \
-                    "the pack ended before this member did"
+                why = part.get(MEMBER_FAILURE) or pack_failure or "the pack ended before this member did"
                 self.tracker.set_tags(run_id, {contract.FAILURE: why[:5000]})
                 append_note(self.tracker, run_id, f"Failed: {why[:500]}")
                 self.tracker.end_run(run_id, "FAILED")

@@ -403,7 +403,7 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
     for trial, result in zip(tune_trials(grid), grid):
         config = trial.config or {}
         if is_pack(config):
-            members, pending = pack_summaries(trial, result, space, base, tracker, sweep_id, ctrl_c, stage)
+            members, pending = pack_summaries(trial, result, space, base, ctrl_c, stage)
             out += members
             interrupted = interrupted or pending
             continue
@@ -443,12 +443,13 @@ def summaries(grid, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: s
     return best_first(out, space.mode), interrupted
 
 
-def pack_summaries(trial, result, space: SearchSpace, base: Job, tracker: Tracker, sweep_id: str, ctrl_c: bool,
-                   stage: str) -> tuple[list[TrialSummary], bool]:
-    """A pack trial's members, each summarised as a solo trial would be (from its part of the pack's results, its
-    state and its run's failure tag), and whether the pack was still pending or running when `fit` returned."""
+def pack_summaries(trial, result, space: SearchSpace, base: Job, ctrl_c: bool, stage: str
+                   ) -> tuple[list[TrialSummary], bool]:
+    """A pack trial's members, each summarised as a solo trial would be (from its part of the pack's results: its
+    state, metrics and failure), and whether the pack was still pending or running when `fit` returned."""
     from kdray.orchestration.pack import COMPLETE, STATE, STOPPED, member_id, member_key, member_result, members_of
     from kdray.orchestration.pack import FAILED as MEMBER_FAILED
+    from kdray.orchestration.pack import FAILURE as MEMBER_FAILURE
 
     pending = trial.status not in ("TERMINATED", "ERROR")
     history = result.metrics_dataframe
@@ -470,9 +471,7 @@ def pack_summaries(trial, result, space: SearchSpace, base: Job, tracker: Tracke
         elif state == STOPPED:
             status = STOPPED_EARLY
         elif state == MEMBER_FAILED:
-            run_id = tracker.find_run(**{contract.SWEEP_ID: sweep_id, contract.TRIAL_ID: mid})
-            why = tracker.tags(run_id).get(contract.FAILURE, "") if run_id is not None else ""
-            status = f"{FAILED}: {why or 'the member failed'}"
+            status = f"{FAILED}: {metrics.get(MEMBER_FAILURE) or 'the member failed'}"
         elif pack_error is not None:
             status = f"{FAILED}: {pack_error}"
         elif pending or ctrl_c:
