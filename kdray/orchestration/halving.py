@@ -37,7 +37,6 @@ again (Tune re-adds it PENDING): still waiting, it waits; promoted, it resumes; 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -47,10 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 from ray.tune.search.searcher import Searcher
-from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from kdray import contract
-from kdray.orchestration.search import restore_wrapped, save_wrapped
+from kdray.orchestration.search import WrappedSearcher
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -477,7 +475,7 @@ class SyncHalving(FIFOScheduler):
                 f"{len(self.stopped)} stopped, {len(self._paused)} paused")
 
 
-class BracketGate(Searcher):
+class BracketGate(WrappedSearcher):
     """A searcher wrapper (like Ray's ConcurrencyLimiter) that proposes bracket b's first trial only once every
     trial of brackets < b has completed, and caps the trials running at once, paused ones not counted.
 
@@ -487,18 +485,15 @@ class BracketGate(Searcher):
     """
 
     def __init__(self, searcher: Searcher, bracket_size: int, max_concurrent: int | None = None):
-        if not isinstance(searcher, Searcher):
-            raise ValueError(f"searcher: got {type(searcher).__name__}; expected a ray.tune Searcher")
         _positive_int("bracket_size", bracket_size)
         _positive_int("max_concurrent", max_concurrent, allow_none=True)
-        self.searcher = searcher
+        super().__init__(searcher)
         self.bracket_size = bracket_size
         self.max_concurrent = max_concurrent
         self.order: dict[str, int] = {}  # trial id -> the order it was proposed in
         self.completed: set[str] = set()
         self.paused: set[str] = set()
         self.last_results: dict[str, dict] = {}
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def running(self) -> int:
         return sum(1 for t in self.order if t not in self.completed and t not in self.paused)
@@ -551,32 +546,5 @@ class BracketGate(Searcher):
         self.max_concurrent = max_concurrent
         return True
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
-        return _set_search_properties_backwards_compatible(self.searcher.set_search_properties, metric, mode,
-                                                           config, **spec)
-
-    @property
-    def metric(self):
-        return self.searcher.metric
-
-    @property
-    def mode(self):
-        return self.searcher.mode
-
     def add_evaluated_point(self, parameters, value, error=False, pruned=False, intermediate_values=None):
         return self.searcher.add_evaluated_point(parameters, value, error, pruned, intermediate_values)
-
-    def get_state(self) -> dict:
-        state = self.__dict__.copy()
-        del state["searcher"]
-        return copy.deepcopy(state)
-
-    def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        """The gate's counters and the wrapped searcher's own save, in one file."""
-        save_wrapped(checkpoint_path, self.get_state(), self.searcher)
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.set_state(restore_wrapped(checkpoint_path, self.searcher))

@@ -16,15 +16,13 @@ each had been its own trial.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 from ray.tune.search.searcher import Searcher
-from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from kdray import contract
-from kdray.orchestration.search import restore_wrapped, save_wrapped
+from kdray.orchestration.search import WrappedSearcher
 from kdray.space import ROW_KEY, SEED_KEY, SearchSpace
 
 PACK_KEY = "kdray.pack"  # the config key under which a pack trial carries its members' configs
@@ -146,7 +144,7 @@ class PackHalving:
         return -value if self.mode == "max" else value
 
 
-class PackSearch(Searcher):
+class PackSearch(WrappedSearcher):
     """A searcher wrapper that proposes packs: each `suggest` asks the wrapped searcher (`KdraySearch`) for up to
     `pack_size` members, under the members' own ids (`member_id`), until `num_samples` members were proposed; and
     hands each pack result to it member by member (`member_result`), so that Optuna's study holds one trial per
@@ -155,11 +153,10 @@ class PackSearch(Searcher):
     def __init__(self, searcher: Searcher, pack_size: int, num_samples: int):
         if pack_size < 1 or num_samples < 1:
             raise ValueError(f"PackSearch: pack_size and num_samples >= 1, got {pack_size}, {num_samples}")
-        self.searcher = searcher
         self.pack_size, self.num_samples = pack_size, num_samples
         self.members: dict[str, int] = {}  # pack trial id -> its member count
         self.last: dict[str, dict] = {}  # pack trial id -> its last result (Tune hands none to a failed trial's end)
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        super().__init__(searcher)
 
     @property
     def proposed(self) -> int:
@@ -199,32 +196,5 @@ class PackSearch(Searcher):
             failed = part.get(STATE) == FAILED or (error and part.get(STATE) not in (COMPLETE, STOPPED))
             self.searcher.on_trial_complete(member_id(trial_id, index), result=part, error=failed)
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
-        return _set_search_properties_backwards_compatible(self.searcher.set_search_properties, metric, mode,
-                                                           config, **spec)
-
-    @property
-    def metric(self):
-        return self.searcher.metric
-
-    @property
-    def mode(self):
-        return self.searcher.mode
-
     def trial_states(self) -> dict[str, int]:
         return self.searcher.trial_states()
-
-    def get_state(self) -> dict:
-        state = self.__dict__.copy()
-        del state["searcher"]
-        return copy.deepcopy(state)
-
-    def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        """The packs proposed so far and the wrapped searcher's own save, in one file."""
-        save_wrapped(checkpoint_path, self.get_state(), self.searcher)
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.set_state(restore_wrapped(checkpoint_path, self.searcher))

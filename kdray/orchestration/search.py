@@ -15,6 +15,7 @@ and leaves a trial cut short by Ctrl+C running in the study, so that a resumed s
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -22,6 +23,8 @@ import tempfile
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.searcher import Searcher
+from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from kdray import contract
 from kdray.orchestration.sampler import make_sampler
@@ -114,3 +117,42 @@ def restore_wrapped(path: str, searcher) -> dict:
             f.write(saved["searcher"])
         searcher.restore(inner)
     return saved.get("wrapper", saved.get("gate"))
+
+
+class WrappedSearcher(Searcher):
+    """A searcher that wraps another (`self.searcher`, as Ray's ConcurrencyLimiter does): the search properties, the
+    metric and mode are the wrapped one's; its own state (every attribute but the wrapped searcher) is saved with the
+    wrapped searcher's own save, in the one file Tune gives it (`save_wrapped`). Subclasses decide what to propose
+    and what to pass on: `kdray.orchestration.halving.BracketGate`, `kdray.orchestration.pack.PackSearch`."""
+
+    def __init__(self, searcher: Searcher):
+        if not isinstance(searcher, Searcher):
+            raise ValueError(f"searcher: got {type(searcher).__name__}; expected a ray.tune Searcher")
+        self.searcher = searcher
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        return _set_search_properties_backwards_compatible(self.searcher.set_search_properties, metric, mode,
+                                                           config, **spec)
+
+    @property
+    def metric(self):
+        return self.searcher.metric
+
+    @property
+    def mode(self):
+        return self.searcher.mode
+
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        save_wrapped(checkpoint_path, self.get_state(), self.searcher)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.set_state(restore_wrapped(checkpoint_path, self.searcher))
