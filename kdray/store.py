@@ -70,14 +70,19 @@ def _check_server(uri: str) -> None:
                           "another --tracking-uri") from None
 
 
-def _check_driver(uri: str) -> None:
-    """The database's Python driver, imported as SQLAlchemy would (nothing is connected)."""
-    import sqlalchemy
+# The Python modules SQLAlchemy's default driver of each database is: any one of them will do.
+DEFAULT_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("MySQLdb", "pymysql"),
+                   "mssql": ("pyodbc", "pymssql")}
 
-    try:
-        sqlalchemy.engine.make_url(uri).get_dialect().import_dbapi()
-    except ModuleNotFoundError as err:
-        raise ConfigError(f"tracking URI {uri}: its database driver is not installed (Python module {err.name}); "
-                          f"install it (pip install {err.name})") from None
-    except Exception as err:  # a malformed URL, an unknown dialect
-        raise ConfigError(f"tracking URI {uri}: not a database URL SQLAlchemy can read ({err})") from None
+
+def _check_driver(uri: str) -> None:
+    """The database's Python driver importable (`postgresql+psycopg2://` names it; else one of the database's
+    `DEFAULT_DRIVERS`); nothing is connected."""
+    import importlib.util
+
+    scheme = uri.split("://", 1)[0].lower()
+    database, _, driver = scheme.partition("+")
+    modules = (driver,) if driver else DEFAULT_DRIVERS[database]
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise ConfigError(f"tracking URI {uri}: its database driver is not installed (Python module "
+                          f"{' or '.join(modules)}); install it (pip install {modules[0]})")
