@@ -668,6 +668,7 @@ def _last_iterations(grid) -> dict[float, int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.long
 def test_through_tune_a_sweep_cut_mid_bracket_and_restored_stops_the_trials_an_uninterrupted_one_stops(tmp_path):
     """The search runs in a subprocess until 3 trials wait on the first rung, gets Ctrl+C (Tune saves its state),
     and is restored here with Tuner.restore(resume_unfinished, resume_errored): the scheduler, fresh from

@@ -1,8 +1,8 @@
 """What a wheel of kdray holds and declares: its dependencies, the `kdray` command, the demo files.
 
-The slow test builds a wheel, installs it outside the source tree, checks the packaged demo sweep whole
-(`--dry-run`) and runs one distillation trial of the demo job from an empty directory (inside
-../shared/bin/loopback-only: it starts a local Ray).
+The slow tests build a wheel and install it outside the source tree; the installed command checks the packaged
+demo sweep whole (`--dry-run`), and (`-m long`, inside ../shared/bin/loopback-only: it starts a local Ray) runs one
+distillation trial of the demo job from an empty directory.
 """
 
 from __future__ import annotations
@@ -78,13 +78,11 @@ def test_kdray_command_and_demo_data_are_declared():
     assert (REPO / "jobs" / "demo.yaml").is_symlink() and (REPO / "search_spaces" / "demo.yaml").is_symlink()
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_wheel_runs_the_demo_sweep_from_an_empty_directory(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from kdray import contract
-
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """kdray built as a wheel and installed into a folder of its own: (the installed `kdray` command, an empty
+    working directory, the environment that imports the installed copy)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     # Build from a copy of the files a wheel is made of, so the build leaves nothing in the source tree.
     source = tmp_path / "source"
     source.mkdir()
@@ -99,7 +97,6 @@ def test_wheel_runs_the_demo_sweep_from_an_empty_directory(tmp_path):
     (wheel,) = wheels.glob("kdray-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
                    capture_output=True, timeout=300)
-
     # PYTHONPATH comes before site-packages and before the editable install's finder (appended to
     # sys.meta_path), so the installed copy is the one imported, by this process and by Ray's workers.
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -110,13 +107,27 @@ def test_wheel_runs_the_demo_sweep_from_an_empty_directory(tmp_path):
                            cwd=work, env=env, capture_output=True, text=True, check=True, timeout=120)
     files = [Path(p) for p in where.stdout.split()]
     assert all(p.is_relative_to(target) for p in files) and all(p.is_file() for p in files[1:]), files
+    return str(target / "bin" / "kdray"), work, env
 
-    # the packaged demo job and space are read and checked whole by the installed command
-    kdray = str(target / "bin" / "kdray")
+
+@pytest.mark.slow
+def test_the_installed_command_reads_and_checks_the_packaged_demo_sweep(installed):
+    kdray, work, env = installed
     dry = subprocess.run([kdray, "sweep", "--dry-run", "--smoke-test"], cwd=work, env=env, capture_output=True,
                          text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     assert "space demo (search)" in dry.stdout and "nothing was started" in dry.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.long
+def test_the_installed_command_runs_a_sweep_from_an_empty_directory(installed):
+    from mlflow.tracking import MlflowClient
+
+    from kdray import contract
+
+    kdray, work, env = installed
     # one distillation trial of the demo job on Ray, and the CE-only row the sweep adds: their workers import the
     # installed copy (the demo teacher is trained first)
     space = work / "one.yaml"
