@@ -614,6 +614,15 @@ def check_scheduler(space: SearchSpace, job: Job, where: str) -> None:
         raise _err(f"{where}: scheduler.grace_period", f"got {s.grace_period} evaluation(s) = "
                    f"{s.grace_period * interval} iterations, which {trials} reach only at their end: the "
                    f"scheduler would never stop one; expected 1..{most}, or scheduler kind none")
+    if space.pack_size > 1:  # the scheduler's rule runs inside each pack: the pack is its bracket
+        if s.bracket is not None:
+            raise _err(f"{where}: scheduler.bracket", f"got {s.bracket} with pack_size {space.pack_size}: a pack is "
+                       "its own bracket (its members reach each rung together); leave bracket out, or set pack_size 1")
+        size = min(space.pack_size, space.num_samples)
+        if size < 2:
+            raise _err(f"{where}: pack_size", f"{s.kind} runs inside each pack, and packs of {size} trial would "
+                       "never stop one; expected a pack_size and num_samples of at least 2, or scheduler kind none")
+        return
     size = min(s.bracket or space.num_samples, space.num_samples) if s.kind == "sync_halving" else space.num_samples
     if size < 2:
         key = "scheduler.bracket" if s.kind == "sync_halving" and space.num_samples > 1 else "num_samples"

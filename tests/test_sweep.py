@@ -62,14 +62,14 @@ def children(uri: str, experiment: str, sweep_id: str):
 
 def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ray_cluster, tmp_path,
                                                                                shows_what_it_learnt):
-    """A search of 2 trials side by side, on a tuning split, under synchronous halving at the first evaluation
-    (iteration 2 of 4): the better trial pauses at the rung and resumes from its checkpoint, the other ends there
-    (PRUNED in the study). Then the confirmation stage: the best configuration and the CE-only student, trained on
+    """A search of 3 trials, 2 at a time, on a tuning split, under synchronous halving at the first evaluation
+    (iteration 2 of 4): the 2 better trials go on (one that reached the rung before the last paused there and
+    resumes from its checkpoint), the other ends there (PRUNED in the study). Then the confirmation stage: the best configuration and the CE-only student, trained on
     the whole training split and scored on val, under the same parent run. (Trials of two Ray Train workers: the
     packed sweep's test, tests/test_pack_sweep.py.)"""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "space.yaml", {
-        "name": "smoke", "num_samples": 2, "seed": 0, "max_concurrent_trials": 2,
+        "name": "smoke", "num_samples": 3, "seed": 0, "max_concurrent_trials": 2,
         "scheduler": {"kind": "sync_halving", "grace_period": 1, "reduction_factor": 2},
         "overrides": {"run.workers": 1, "run.cpus_per_worker": 0.9, "run.threads": 1,
                       "data.tune_split.fraction": 0.25},
@@ -81,20 +81,20 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
                            tracking_uri=uri, train_teacher=True)
     lines = []
     outcome = run_sweep(request, say=lines.append)
-    assert outcome.complete and len(outcome.trials) == 4 and outcome.exit_code == 0, summary_table(outcome)
+    assert outcome.complete and len(outcome.trials) == 5 and outcome.exit_code == 0, summary_table(outcome)
     searched = [t for t in outcome.trials if t.stage == "search"]
     confirmed = [t for t in outcome.trials if t.stage == "confirm"]
-    assert len(searched) == 2 and len(confirmed) == 2
+    assert len(searched) == 3 and len(confirmed) == 2
     # ranked as the confirmation picks: the longer run first, then the last score, ties by trial id
     assert searched == sorted(searched, key=lambda t: (-t.iteration, -t.last, t.trial_id))
     assert all(t.status == "finished" and t.iteration == 4 for t in confirmed)
 
-    # the halving: 1 promoted (paused at iteration 2, resumed, finished), 1 stopped there
+    # the halving: 2 promoted (finished; one at least paused at iteration 2 and resumed), 1 stopped there
     state = json.loads(next(outcome.sweep_dir.glob("tune.sync_halving.json")).read_text())
     number = {n: trial for trial, n in state["numbers"].items()}
     promoted = {number[n] for n in state["promoted"][0][2]}
     stopped = {number[n] for n, _ in state["stopped"]}
-    assert len(promoted) == 1 and len(stopped) == 1 and not promoted & stopped
+    assert len(promoted) == 2 and len(stopped) == 1 and not promoted & stopped
     by_id = {t.trial_id: t for t in searched}
     assert all(by_id[t].status == "finished" for t in promoted)
     # a stopped trial ends at the rung, as the scheduler decided (on this tiny job its workers may train on to
@@ -116,16 +116,16 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
     assert parent.data.tags[contract.STUDY_STORAGE] == storage
     study = optuna.load_study(study_name=f"sweep-{outcome.sweep_id}", storage=storage)
     # the study has the scheduler's decisions: the one it stopped is PRUNED (even if its workers outran the stop)
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "PRUNED"]
-    assert parent.data.tags[contract.STUDY_STATES] == "COMPLETE=1 PRUNED=1"
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert parent.data.tags[contract.STUDY_STATES] == "COMPLETE=2 PRUNED=1"
     assert parent.data.tags[f"{contract.SAMPLER_TAG_PREFIX}name"] == "TPESampler"
     assert parent.data.tags[f"{contract.SAMPLER_TAG_PREFIX}constant_liar"] == "False"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} == {"config/job.yaml",
                                                                                     "config/space.yaml"}
     reported = {a.path for a in client.list_artifacts(parent.info.run_id, contract.REPORT_ARTIFACT_DIR)}
     assert {"report/report.md", "report/miou_vs_iteration.png", "report/pareto.png"} <= reported
-    assert parent.data.tags[contract.TRIALS_PLANNED] == "4"
-    assert len(runs) == 4 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 4
+    assert parent.data.tags[contract.TRIALS_PLANNED] == "5"
+    assert len(runs) == 5 and len({r.data.tags[contract.TRIAL_ID] for r in runs}) == 5
     digests = set()
     for run in runs:
         tags, trial = run.data.tags, run.data.tags[contract.TRIAL_ID]
@@ -188,7 +188,7 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
 
 
 def test_trials_asha_stops_are_pruned_in_the_study_complete_ones_complete(ray_cluster, tmp_path):
-    """Through Tune itself (a trainable reporting x · iteration, ASHA halving from iteration 2, one trial at a
+    """Through Tune itself (a trainable reporting x · iteration, ASHA halving from iteration 2, two trials at a
     time): the trials ASHA stopped end PRUNED in the Optuna study with the evaluations they reached as
     intermediate values, those that ran to iteration 8 COMPLETE with their last score."""
     from functools import partial
@@ -208,7 +208,7 @@ def test_trials_asha_stops_are_pruned_in_the_study_complete_ones_complete(ray_cl
     search = KdraySearch(space=space, metric=contract.VAL_MIOU, mode="max", seed=0)
     scheduler = ASHAScheduler(time_attr=contract.ITERATION, max_t=8, grace_period=2, reduction_factor=2)
     config = tune.TuneConfig(metric=contract.VAL_MIOU, mode="max", search_alg=search, scheduler=scheduler,
-                             num_samples=8, max_concurrent_trials=1)
+                             num_samples=8, max_concurrent_trials=2)
     tune.Tuner(reports_x_times_iteration, tune_config=config,
                run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()
     trials = search._ot_study.get_trials(deepcopy=False)

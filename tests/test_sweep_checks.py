@@ -55,8 +55,14 @@ def teacher(tmp_path) -> str:
     return str(path)
 
 
+def unpacked_demo() -> dict:
+    """The shipped demo space trial by trial (pack_size 1): the checks here are those of any search; a packed
+    one's own are asked for by a `pack_size` change."""
+    return {**yaml.safe_load(Path(DEMO_SPACE).read_text()), "pack_size": 1}
+
+
 def demo_space(tmp_path: Path, **changes) -> str:
-    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data = unpacked_demo()
     data.update(changes)
     return write(tmp_path / "space.yaml", data)
 
@@ -79,7 +85,7 @@ def test_a_metric_trials_do_not_report_is_refused(tmp_path, teacher, metric, hin
 # --- resources of every trial the space can produce --------------------------------------------------------------
 
 def test_a_searched_resource_beyond_this_machine_is_refused_naming_the_key(tmp_path, teacher):
-    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data = unpacked_demo()
     data["space"]["run.cpus_per_worker"] = {"uniform": [0.5, 64.0]}
     del data["points_to_evaluate"]
     space = write(tmp_path / "cpus.yaml", data)
@@ -195,7 +201,7 @@ def test_a_missing_data_root_stops_the_sweep_before_ray_and_mlflow(tmp_path, tea
 
 
 def test_a_searched_key_that_breaks_the_inputs_is_named(tmp_path, teacher):
-    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data = unpacked_demo()
     data["space"]["data.num_classes"] = {"choice": [8, 5]}
     del data["points_to_evaluate"]
     space = write(tmp_path / "classes.yaml", data)
@@ -206,7 +212,7 @@ def test_a_searched_key_that_breaks_the_inputs_is_named(tmp_path, teacher):
 def test_a_searched_size_a_loss_refuses_is_named_with_the_point(tmp_path, teacher):
     """A loss's own construction check (CIRKD: more contrast slots than the queue holds) fails the dry run with
     the space point that makes it, like the inputs' checks."""
-    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data = unpacked_demo()
     data["space"]["losses.cirkd.enabled"] = True  # a plain value: fixed
     data["space"]["losses.cirkd.pixel_memory_size"] = {"choice": [20000, 100]}
     del data["points_to_evaluate"]
@@ -517,7 +523,7 @@ def test_resume_continues_interrupted_sweeps_only(tmp_path):
 
 
 def test_a_choice_of_1e_minus_4_is_a_number(tmp_path, teacher):
-    data = yaml.safe_load(Path(DEMO_SPACE).read_text())
+    data = unpacked_demo()
     data["space"]["losses.kd.weight"] = {"choice": ["1e-4", "1e-2"]}  # as YAML 1.1 reads `[1e-4, 1e-2]`
     data["points_to_evaluate"][0]["losses.kd.weight"] = 0.0001
     space = write(tmp_path / "choice.yaml", data)
@@ -650,6 +656,24 @@ def test_a_scheduler_that_would_never_stop_a_trial_is_refused(tmp_path, teacher,
         dry_run(request(space, *overrides, f"teacher.checkpoint={teacher}"))
     # one evaluation less in the grace period is a scheduler that can act; a smoke test is not held to it
     dry_run(request(space, *overrides, f"teacher.checkpoint={teacher}", smoke_test=True))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"pack_size": 3, "scheduler": {"kind": "sync_halving", "grace_period": 1, "bracket": 6}},
+     r"scheduler.bracket: got 6 with pack_size 3: a pack is its own bracket .* leave bracket out, or set pack_size 1"),
+    ({"pack_size": 3, "num_samples": 1, "points_to_evaluate": [], "confirm": None,
+      "scheduler": {"kind": "asha", "grace_period": 1}},
+     r"pack_size: asha runs inside each pack, and packs of 1 trial would never stop one"),
+])
+def test_a_packed_search_whose_scheduler_could_not_act_inside_its_packs_is_refused(tmp_path, teacher, changes,
+                                                                                   message):
+    space = demo_space(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=rf"space.yaml: {message}"):
+        dry_run(request(space, f"teacher.checkpoint={teacher}"))
+    # the pack is the bracket: without one, packs of 3 halve
+    ok = demo_space(tmp_path, pack_size=3, scheduler={"kind": "sync_halving", "grace_period": 1})
+    assert any("inside each pack (the pack is the bracket)" in line
+               for line in dry_run(request(ok, f"teacher.checkpoint={teacher}")))
 
 
 def test_asha_over_a_single_trial_is_refused(tmp_path, teacher):
