@@ -581,6 +581,7 @@ def _seeded_search(tmp_path, name: str):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.long  # one rung of it on kdray's own trials: tests/test_sweep.py's search test
 def test_through_tune_the_promoted_resume_from_their_rung_and_the_stopped_are_pruned(tmp_path):
     """One seeded search through Tune (run-to-run sameness is the restore test's: a cut and restored run against
     an uncut one)."""
