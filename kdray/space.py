@@ -49,7 +49,8 @@ An **ablation** space runs every row x seed, no sampling:
 losses, evaluations, checkpoint and MLflow run, each training exactly as it would alone. The members may differ in
 `losses.*` keys only: every searched key (or row setting) must be one. A search takes K of Optuna's suggestions at
 once (TPE with the constant liar, so that they spread) and stops members by the scheduler's rule inside the pack
-(its members reach each rung together); an ablation packs the rows of one seed.
+(its members reach each rung together: the pack is the bracket, so `scheduler.bracket` is refused with packs); an
+ablation packs the rows of one seed.
 
 Distributions: `uniform: [low, high]`, `loguniform: [low, high]` (low > 0), `int: [low, high]` (inclusive;
 `step`, `log` optional), `choice: [...]`. `if: KEY` makes a knob conditional on an earlier boolean choice
@@ -599,8 +600,9 @@ def _parse_scheduler(spec: Any, where: str) -> Scheduler:
 def check_scheduler(space: SearchSpace, job: Job, where: str) -> None:
     """ConfigError (naming `where`, the space file) for a search whose scheduler could never stop a trial of
     `job` (the job with the space's overrides): a grace period that reaches the trials' last iteration, or a
-    bracket or search of one trial, which it has nothing to compare with. Such a setting is a mistake, not a
-    choice: `scheduler: {kind: none}` says "no early stopping"."""
+    bracket, pack or search of one trial, which it has nothing to compare with; and a `bracket` given to a packed
+    search, whose packs are its brackets. Such a setting is a mistake, not a choice: `scheduler: {kind: none}`
+    says "no early stopping"."""
     s = space.scheduler
     if space.kind != "search" or s.kind == "none":
         return

@@ -64,9 +64,9 @@ def test_a_search_under_sync_halving_then_its_confirmation_recorded_in_mlflow(ra
                                                                                shows_what_it_learnt):
     """A search of 3 trials, 2 at a time, on a tuning split, under synchronous halving at the first evaluation
     (iteration 2 of 4): the 2 better trials go on (one that reached the rung before the last paused there and
-    resumes from its checkpoint), the other ends there (PRUNED in the study). Then the confirmation stage: the best configuration and the CE-only student, trained on
-    the whole training split and scored on val, under the same parent run. (Trials of two Ray Train workers: the
-    packed sweep's test, tests/test_pack_sweep.py.)"""
+    resumes from its checkpoint), the other ends there (PRUNED in the study). Then the confirmation stage: the
+    best configuration and the CE-only student, trained on the whole training split and scored on val, under the
+    same parent run. (Trials of two Ray Train workers: the packed sweep's test, tests/test_pack_sweep.py.)"""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write(tmp_path / "space.yaml", {
         "name": "smoke", "num_samples": 3, "seed": 0, "max_concurrent_trials": 2,
