@@ -620,10 +620,9 @@ def check_scheduler(space: SearchSpace, job: Job, where: str) -> None:
         if s.bracket is not None:
             raise _err(f"{where}: scheduler.bracket", f"got {s.bracket} with pack_size {space.pack_size}: a pack is "
                        "its own bracket (its members reach each rung together); leave bracket out, or set pack_size 1")
-        size = min(space.pack_size, space.num_samples)
-        if size < 2:
-            raise _err(f"{where}: pack_size", f"{s.kind} runs inside each pack, and packs of {size} trial would "
-                       "never stop one; expected a pack_size and num_samples of at least 2, or scheduler kind none")
+        if space.num_samples < 2:  # (a last pack of one, after full ones, trains to its end: the others halve)
+            raise _err(f"{where}: num_samples", f"got {space.num_samples}: {s.kind} runs inside each pack, and a pack "
+                       "of 1 trial would never stop one; expected at least 2, or scheduler kind none")
         return
     size = min(s.bracket or space.num_samples, space.num_samples) if s.kind == "sync_halving" else space.num_samples
     if size < 2:

@@ -663,7 +663,7 @@ def test_a_scheduler_that_would_never_stop_a_trial_is_refused(tmp_path, teacher,
      r"scheduler.bracket: got 6 with pack_size 3: a pack is its own bracket .* leave bracket out, or set pack_size 1"),
     ({"pack_size": 3, "num_samples": 1, "points_to_evaluate": [], "confirm": None,
       "scheduler": {"kind": "asha", "grace_period": 1}},
-     r"pack_size: asha runs inside each pack, and packs of 1 trial would never stop one"),
+     r"num_samples: got 1: asha runs inside each pack, and a pack of 1 trial would never stop one"),
 ])
 def test_a_packed_search_whose_scheduler_could_not_act_inside_its_packs_is_refused(tmp_path, teacher, changes,
                                                                                    message):
